@@ -1,0 +1,77 @@
+// The one include of every kernel file. It selects the target:
+//  - nvcc: the CUDA runtime and its fp16/bf16 headers; launchers named cdcl_cuda_*;
+//  - host C++ compiler with CDCL_EMULATE: the emulator (emu/emu.h); launchers named cdcl_emu_*.
+// Everything after this include is shared, line for line, by both targets.
+#pragma once
+
+#include "include/cdcl.h"
+
+#ifdef CDCL_EMULATE
+#include "emu/emu.h"
+#define CDCL_PREFIX(name) cdcl_emu_##name
+// Kernels and helpers live in a target-specific namespace so that the two builds of the same
+// source can be linked into one library without symbol clashes.
+#define CDCL_NAMESPACE cdcl_emu_kernels
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define CDCL_PREFIX(name) cdcl_cuda_##name
+#define CDCL_NAMESPACE cdcl_cuda_kernels
+#define CDCL_SHARED(T, name, dims) __shared__ T name dims
+#define CDCL_DYNAMIC_SHARED(T, name)                            \
+    extern __shared__ __align__(16) unsigned char cdcl_dyn_smem_[]; \
+    T* name = reinterpret_cast<T*>(cdcl_dyn_smem_)
+#define CDCL_LAUNCH(kernel, grid, block, smem, stream, ...)                                        \
+    (kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__),          \
+     cudaGetLastError() == cudaSuccess ? (int)CDCL_OK : (int)CDCL_ERR_LAUNCH)
+#endif
+
+#define CDCL_API extern "C"
+
+namespace CDCL_NAMESPACE {
+
+// ---- storage types: f32 / f16 / bf16 in memory, f32 in registers -----------------------------
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Calls f.template operator()<T>() with T the storage type named by `dtype`.
+template <typename F>
+__host__ int dispatch_float_dtype(int dtype, F&& f) {
+    switch (dtype) {
+        case CDCL_DTYPE_F32: return f(float{});
+        case CDCL_DTYPE_F16: return f(__half{});
+        case CDCL_DTYPE_BF16: return f(__nv_bfloat16{});
+        default: return CDCL_ERR_UNSUPPORTED_DTYPE;
+    }
+}
+
+// ---- device error record ---------------------------------------------------------------------
+__device__ __forceinline__ void raise_error(cdcl_error_record* err, int slot, unsigned position, int value) {
+    if (err) {
+        const unsigned long long key = ((unsigned long long)position << 32) | (unsigned long long)(unsigned)value;
+        atomicMin(&err->first[slot], key);
+    }
+}
+
+// True when an earlier kernel of the same op recorded bad data: the op then writes nothing.
+__device__ __forceinline__ bool error_raised(const cdcl_error_record* err) {
+    if (!err) return false;
+    for (int i = 0; i < CDCL_ERRSLOT_COUNT; ++i)
+        if (err->first[i] != CDCL_NO_ERROR) return true;
+    return false;
+}
+
+__host__ __device__ __forceinline__ unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
+
+}  // namespace CDCL_NAMESPACE

@@ -1,0 +1,389 @@
+// Dataset-specific batch normalisation (DSBN) over NHWC activations: every sample n carries a
+// dataset index d = dataset[n], and normalisation uses the statistics and the gamma/beta slice
+// of its own dataset. A batch that mixes datasets is one launch sequence.
+//
+// Training forward:  validate -> stats_partial -> stats_finalize -> apply
+// Inference forward: validate -> infer
+// Backward:          validate -> backward_partial -> backward_finalize -> backward_dx
+//
+// Reductions are deterministic: every partial sum has a fixed owner and a fixed merge order,
+// no floating-point atomics. The design and the cost model are in docs/kernels.md.
+#include "cdcl_device.cuh"
+
+namespace CDCL_NAMESPACE {
+
+// A chunk is up to kChunkPixels consecutive pixels of one sample; its per-channel partials are
+// the unit of the fixed-order reduction. Blocks are 32 channels x 8 pixel rows: consecutive
+// threads read consecutive channels (coalesced in NHWC), 8 rows give each block 256 threads.
+constexpr int kChunkPixels = 256;
+constexpr int kChanPerBlock = 32;
+constexpr int kRows = 8;
+constexpr int kElemThreads = 256;
+constexpr unsigned kMaxElemBlocks = 1024;  // grid-stride beyond: ~262k threads fill an H100
+
+struct Geometry {
+    long long hw;      // pixels per sample
+    int chunks;        // chunks per sample
+    long long total;   // n * hw * c elements
+};
+
+__host__ __device__ __forceinline__ Geometry geometry(const cdcl_dsbn_params& p) {
+    Geometry g;
+    g.hw = (long long)p.h * p.w;
+    g.chunks = (int)((g.hw + kChunkPixels - 1) / kChunkPixels);
+    g.total = (long long)p.n * g.hw * p.c;
+    return g;
+}
+
+// The single definition of the normalised-and-affine value: forward output and the backward's
+// recomputed ReLU mask come from the same expression, so they agree bit for bit.
+__device__ __forceinline__ float affine(float x, float mean, float invstd, float gamma, float beta) {
+    return fmaf((x - mean) * invstd, gamma, beta);
+}
+
+// Chan et al.'s pairwise update: merges (nb, mean_b, m2_b) into (na, mean_a, m2_a).
+__device__ __forceinline__ void chan_merge(float& na, float& mean_a, float& m2_a, float nb, float mean_b, float m2_b) {
+    if (nb == 0.0f) return;
+    const float n = na + nb;
+    const float delta = mean_b - mean_a;
+    const float f = nb / n;
+    mean_a = fmaf(delta, f, mean_a);
+    m2_a = m2_a + m2_b + delta * delta * na * f;
+    na = n;
+}
+
+// Dataset of sample n, or -1 when it is out of range (the validate kernel reports it).
+__device__ __forceinline__ int dataset_of(const cdcl_dsbn_params& p, int n) {
+    const int d = p.dataset[n];
+    return (d >= 0 && d < p.num_datasets) ? d : -1;
+}
+
+__global__ void dsbn_validate(const cdcl_dsbn_params p, int training) {
+    const int t = (int)threadIdx.x;
+    for (int n = t; n < p.n; n += (int)blockDim.x) {
+        const int d = p.dataset[n];
+        if (d < 0 || d >= p.num_datasets) raise_error(p.err, CDCL_ERRSLOT_DATASET_INDEX, (unsigned)n, d);
+    }
+    // Training statistics need more than one value per channel (PyTorch refuses too): only a
+    // 1x1 input can give a dataset a single value.
+    if (training && (long long)p.h * p.w == 1) {
+        for (int d = t; d < p.num_datasets; d += (int)blockDim.x) {
+            int count = 0;
+            for (int n = 0; n < p.n; ++n) count += (p.dataset[n] == d);
+            if (count == 1) raise_error(p.err, CDCL_ERRSLOT_TOO_FEW_VALUES, (unsigned)d, 1);
+        }
+    }
+}
+
+// Per (chunk, channel): count, mean and M2 of x (Welford per thread, Chan across the 8 rows).
+template <typename T>
+__global__ void dsbn_stats_partial(const cdcl_dsbn_params p) {
+    if (error_raised(p.err)) return;
+    const Geometry g = geometry(p);
+    const int chunk = (int)blockIdx.x;
+    const int n = chunk / g.chunks;
+    const long long pix0 = (long long)(chunk % g.chunks) * kChunkPixels;
+    const long long pix1 = pix0 + kChunkPixels < g.hw ? pix0 + kChunkPixels : g.hw;
+    const int c = (int)(blockIdx.y * kChanPerBlock + threadIdx.x);
+    const T* x = static_cast<const T*>(p.x);
+
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    if (c < p.c) {
+        for (long long pix = pix0 + threadIdx.y; pix < pix1; pix += kRows) {
+            const float v = to_f32(x[((long long)n * g.hw + pix) * p.c + c]);
+            cnt += 1.0f;
+            const float delta = v - mean;
+            mean += delta / cnt;
+            m2 = fmaf(delta, v - mean, m2);
+        }
+    }
+    CDCL_SHARED(float, s_cnt, [kRows][kChanPerBlock]);
+    CDCL_SHARED(float, s_mean, [kRows][kChanPerBlock]);
+    CDCL_SHARED(float, s_m2, [kRows][kChanPerBlock]);
+    s_cnt[threadIdx.y][threadIdx.x] = cnt;
+    s_mean[threadIdx.y][threadIdx.x] = mean;
+    s_m2[threadIdx.y][threadIdx.x] = m2;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.c) {
+        for (int r = 1; r < kRows; ++r)
+            chan_merge(cnt, mean, m2, s_cnt[r][threadIdx.x], s_mean[r][threadIdx.x], s_m2[r][threadIdx.x]);
+        const long long slot = (long long)chunk * p.c + c;
+        const long long parts = (long long)p.n * g.chunks * p.c;
+        p.workspace[slot] = mean;
+        p.workspace[parts + slot] = m2;
+    }
+}
+
+// Per (dataset, channel): merges the chunk partials of that dataset's samples in sample order,
+// writes mean and 1/sqrt(var + eps), and moves the running statistics of present datasets.
+__global__ void dsbn_stats_finalize(const cdcl_dsbn_params p) {
+    if (error_raised(p.err)) return;
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= p.num_datasets * p.c) return;
+    const int d = i / p.c, c = i % p.c;
+    const Geometry g = geometry(p);
+    const long long parts = (long long)p.n * g.chunks * p.c;
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int n = 0; n < p.n; ++n) {
+        if (dataset_of(p, n) != d) continue;
+        for (int j = 0; j < g.chunks; ++j) {
+            const long long rest = g.hw - (long long)j * kChunkPixels;
+            const float nb = (float)(rest < kChunkPixels ? rest : kChunkPixels);
+            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+            chan_merge(cnt, mean, m2, nb, p.workspace[slot], p.workspace[parts + slot]);
+        }
+    }
+    if (cnt == 0.0f) {  // dataset absent from the batch: its running statistics stay as they are
+        p.save_mean[i] = 0.0f;
+        p.save_invstd[i] = 0.0f;
+        return;
+    }
+    const float var = m2 / cnt;
+    p.save_mean[i] = mean;
+    p.save_invstd[i] = rsqrtf(var + p.eps);
+    const float unbiased = cnt > 1.0f ? m2 / (cnt - 1.0f) : var;
+    p.running_mean[i] = fmaf(p.momentum, mean - p.running_mean[i], p.running_mean[i]);
+    p.running_var[i] = fmaf(p.momentum, unbiased - p.running_var[i], p.running_var[i]);
+}
+
+template <typename T>
+__global__ void dsbn_apply(const cdcl_dsbn_params p) {
+    if (error_raised(p.err)) return;
+    const Geometry g = geometry(p);
+    const T* x = static_cast<const T*>(p.x);
+    T* y = static_cast<T*>(p.y);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
+        const int c = (int)(e % p.c);
+        const int d = dataset_of(p, (int)(e / (g.hw * p.c)));
+        if (d < 0) continue;
+        const int s = d * p.c + c;
+        float v = affine(to_f32(x[e]), p.save_mean[s], p.save_invstd[s], p.gamma[s], p.beta[s]);
+        if (p.relu) v = fmaxf(v, 0.0f);
+        y[e] = from_f32<T>(v);
+    }
+}
+
+template <typename T>
+__global__ void dsbn_infer(const cdcl_dsbn_params p) {
+    if (error_raised(p.err)) return;
+    const Geometry g = geometry(p);
+    const T* x = static_cast<const T*>(p.x);
+    T* y = static_cast<T*>(p.y);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
+        const int c = (int)(e % p.c);
+        const int d = dataset_of(p, (int)(e / (g.hw * p.c)));
+        if (d < 0) continue;
+        const int s = d * p.c + c;
+        float v = affine(to_f32(x[e]), p.running_mean[s], rsqrtf(p.running_var[s] + p.eps), p.gamma[s], p.beta[s]);
+        if (p.relu) v = fmaxf(v, 0.0f);
+        y[e] = from_f32<T>(v);
+    }
+}
+
+// The statistics a backward pass normalises with: the saved batch statistics (training) or the
+// running statistics (inference / frozen BN).
+struct NormStats {
+    float mean, invstd;
+};
+__device__ __forceinline__ NormStats norm_stats(const cdcl_dsbn_params& p, int s, bool training) {
+    if (training) return NormStats{p.save_mean[s], p.save_invstd[s]};
+    return NormStats{p.running_mean[s], rsqrtf(p.running_var[s] + p.eps)};
+}
+
+// The upstream gradient after the ReLU mask, recomputing the forward output from x.
+__device__ __forceinline__ float masked_grad(const cdcl_dsbn_params& p, float dy, float x, NormStats st, int s) {
+    if (!p.relu) return dy;
+    return affine(x, st.mean, st.invstd, p.gamma[s], p.beta[s]) > 0.0f ? dy : 0.0f;
+}
+
+// Per (chunk, channel): sum of g and of g * xhat, in a fixed order (8 row partials in shared
+// memory, merged by row 0).
+template <typename T>
+__global__ void dsbn_backward_partial(const cdcl_dsbn_params p, int training) {
+    if (error_raised(p.err)) return;
+    const Geometry g = geometry(p);
+    const int chunk = (int)blockIdx.x;
+    const int n = chunk / g.chunks;
+    const long long pix0 = (long long)(chunk % g.chunks) * kChunkPixels;
+    const long long pix1 = pix0 + kChunkPixels < g.hw ? pix0 + kChunkPixels : g.hw;
+    const int c = (int)(blockIdx.y * kChanPerBlock + threadIdx.x);
+    const int d = dataset_of(p, n);
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    if (c < p.c && d >= 0) {
+        const int s = d * p.c + c;
+        const NormStats st = norm_stats(p, s, training != 0);
+        for (long long pix = pix0 + threadIdx.y; pix < pix1; pix += kRows) {
+            const long long e = ((long long)n * g.hw + pix) * p.c + c;
+            const float xv = to_f32(x[e]);
+            const float gv = masked_grad(p, to_f32(dy[e]), xv, st, s);
+            sum_g += gv;
+            sum_gx = fmaf(gv, (xv - st.mean) * st.invstd, sum_gx);
+        }
+    }
+    CDCL_SHARED(float, s_g, [kRows][kChanPerBlock]);
+    CDCL_SHARED(float, s_gx, [kRows][kChanPerBlock]);
+    s_g[threadIdx.y][threadIdx.x] = sum_g;
+    s_gx[threadIdx.y][threadIdx.x] = sum_gx;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.c) {
+        for (int r = 1; r < kRows; ++r) {
+            sum_g += s_g[r][threadIdx.x];
+            sum_gx += s_gx[r][threadIdx.x];
+        }
+        const long long slot = (long long)chunk * p.c + c;
+        const long long parts = (long long)p.n * g.chunks * p.c;
+        p.workspace[slot] = sum_g;
+        p.workspace[parts + slot] = sum_gx;
+    }
+}
+
+// Per (dataset, channel): dbeta = sum g, dgamma = sum g * xhat over that dataset's chunks in
+// sample order. Absent datasets get exact zeros.
+__global__ void dsbn_backward_finalize(const cdcl_dsbn_params p) {
+    if (error_raised(p.err)) return;
+    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= p.num_datasets * p.c) return;
+    const int d = i / p.c, c = i % p.c;
+    const Geometry g = geometry(p);
+    const long long parts = (long long)p.n * g.chunks * p.c;
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (int n = 0; n < p.n; ++n) {
+        if (dataset_of(p, n) != d) continue;
+        for (int j = 0; j < g.chunks; ++j) {
+            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+            sum_g += p.workspace[slot];
+            sum_gx += p.workspace[parts + slot];
+        }
+    }
+    p.dbeta[i] = sum_g;
+    p.dgamma[i] = sum_gx;
+    if (c == 0) {
+        int samples = 0;
+        for (int n = 0; n < p.n; ++n) samples += (dataset_of(p, n) == d);
+        p.workspace[2 * parts + d] = samples ? 1.0f / ((float)samples * (float)g.hw) : 0.0f;
+    }
+}
+
+// dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M) with batch statistics (M values per
+// channel of the sample's dataset); with frozen statistics the mean and variance are constants
+// and dx = gamma * invstd * g.
+template <typename T>
+__global__ void dsbn_backward_dx(const cdcl_dsbn_params p, int training) {
+    if (error_raised(p.err)) return;
+    const Geometry g = geometry(p);
+    const T* x = static_cast<const T*>(p.x);
+    const T* dy = static_cast<const T*>(p.dy);
+    T* dx = static_cast<T*>(p.dx);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
+        const int c = (int)(e % p.c);
+        const int n = (int)(e / (g.hw * p.c));
+        const int d = dataset_of(p, n);
+        if (d < 0) continue;
+        const int s = d * p.c + c;
+        const NormStats st = norm_stats(p, s, training != 0);
+        const float xv = to_f32(x[e]);
+        const float gv = masked_grad(p, to_f32(dy[e]), xv, st, s);
+        const float k = p.gamma[s] * st.invstd;
+        float v;
+        if (training) {
+            // 1/M, M = every value of dataset d (its samples times the pixels per sample),
+            // left by dsbn_backward_finalize after the partials.
+            const float inv_m = p.workspace[2 * (long long)p.n * g.chunks * p.c + d];
+            const float xhat = (xv - st.mean) * st.invstd;
+            v = k * (gv - p.dbeta[s] * inv_m - xhat * p.dgamma[s] * inv_m);
+        } else {
+            v = k * gv;
+        }
+        dx[e] = from_f32<T>(v);
+    }
+}
+
+__host__ inline unsigned elem_blocks(const cdcl_dsbn_params& p) {
+    const long long total = geometry(p).total;
+    const long long b = (total + kElemThreads - 1) / kElemThreads;
+    return (unsigned)(b < 1 ? 1 : (b > kMaxElemBlocks ? kMaxElemBlocks : b));
+}
+
+__host__ inline bool params_ok(const cdcl_dsbn_params* p) {
+    return p && p->n > 0 && p->h > 0 && p->w > 0 && p->c > 0 && p->num_datasets > 0 && p->dataset && p->x &&
+           p->err && (long long)p->n * geometry(*p).chunks <= 2147483647LL &&
+           (long long)p->num_datasets * p->c <= 2147483647LL;
+}
+
+__host__ inline dim3 partial_grid(const cdcl_dsbn_params& p) {
+    return dim3((unsigned)(p.n * geometry(p).chunks), ceil_div((unsigned)p.c, kChanPerBlock), 1);
+}
+
+__host__ inline unsigned table_blocks(const cdcl_dsbn_params& p) {
+    return ceil_div((unsigned)(p.num_datasets * p.c), kElemThreads);
+}
+
+}  // namespace CDCL_NAMESPACE
+
+using namespace CDCL_NAMESPACE;
+
+CDCL_API size_t CDCL_PREFIX(dsbn_workspace_bytes)(const cdcl_dsbn_params* p) {
+    if (!p || p->n <= 0 || p->h <= 0 || p->w <= 0 || p->c <= 0) return 0;
+    // Two partials per (chunk, channel), then 1/M per dataset.
+    return (2 * (size_t)p->n * (size_t)geometry(*p).chunks * (size_t)p->c + (size_t)(p->num_datasets > 0 ? p->num_datasets : 0)) *
+           sizeof(float);
+}
+
+CDCL_API int32_t CDCL_PREFIX(dsbn_forward_train)(const cdcl_dsbn_params* pp, void* stream) {
+    if (!params_ok(pp) || !pp->y || !pp->gamma || !pp->beta || !pp->running_mean || !pp->running_var ||
+        !pp->save_mean || !pp->save_invstd || !pp->workspace)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        return st;
+    });
+}
+
+CDCL_API int32_t CDCL_PREFIX(dsbn_forward_infer)(const cdcl_dsbn_params* pp, void* stream) {
+    if (!params_ok(pp) || !pp->y || !pp->gamma || !pp->beta || !pp->running_mean || !pp->running_var)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_infer<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        return st;
+    });
+}
+
+static int32_t dsbn_backward(const cdcl_dsbn_params* pp, void* stream, int training) {
+    if (!params_ok(pp) || !pp->dy || !pp->dx || !pp->gamma || !pp->beta || !pp->dgamma || !pp->dbeta ||
+        !pp->workspace)
+        return CDCL_ERR_INVALID_PARAMS;
+    if (training ? (!pp->save_mean || !pp->save_invstd) : (!pp->running_mean || !pp->running_var))
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
+        if (st == CDCL_OK)
+            st = CDCL_LAUNCH(dsbn_backward_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, training);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_dx<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p, training);
+        return st;
+    });
+}
+
+CDCL_API int32_t CDCL_PREFIX(dsbn_backward_train)(const cdcl_dsbn_params* pp, void* stream) {
+    return dsbn_backward(pp, stream, 1);
+}
+
+CDCL_API int32_t CDCL_PREFIX(dsbn_backward_infer)(const cdcl_dsbn_params* pp, void* stream) {
+    return dsbn_backward(pp, stream, 0);
+}

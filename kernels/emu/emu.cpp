@@ -1,0 +1,624 @@
+// The emulator runtime: launches, the per-block fiber scheduler and its rule checks, shared
+// memory, and the C entry points of cdcl.h's "Emulator runtime" section.
+#include "emu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "../include/cdcl.h"
+#include "fiber.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CDCL_EMU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define CDCL_EMU_ASAN 0
+#endif
+
+struct cdcl_emu_stream {
+    uint64_t seed = 0;
+    uint32_t threads = 0;
+    std::mutex mu;  // a stream runs one launch at a time, as a CUDA stream does
+    std::string last_error;
+};
+
+namespace cdcl_emu {
+
+thread_local ThreadCtx* tls_ctx = nullptr;
+
+namespace {
+
+// CUDA's limits for compute capability 8.x/9.x without opt-in attributes.
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr size_t kSharedLimit = 48 * 1024;
+// ASan's instrumented frames are several times larger.
+constexpr size_t kStackBytes = CDCL_EMU_ASAN ? 256 * 1024 : 64 * 1024;
+// Shared-memory allocations are separated by poisoned red zones under ASan, so an
+// out-of-bounds shared access is reported too.
+constexpr size_t kRedZone = CDCL_EMU_ASAN ? 32 : 0;
+constexpr size_t kArenaBytes = kSharedLimit + 64 * kRedZone + 256;
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() {  // splitmix64
+        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    uint32_t below(uint32_t n) { return (uint32_t)(next() % n); }
+};
+
+uint64_t hash_str(const char* s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; ++s) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+enum class FState { Ready, Barrier, Warp, Exited };
+
+struct Block;
+
+struct Fiber {
+    ThreadCtx ctx{};
+    Context context;
+    FiberStack stack;
+    Block* block = nullptr;
+    FState state = FState::Ready;
+    unsigned linear = 0, lane = 0, warp = 0;
+    const char* file = nullptr;  // where it waits
+    int line = 0;
+    Collective kind = Collective::SyncWarp;
+    unsigned mask = 0;
+    uint64_t value = 0;
+    uint64_t* gathered = nullptr;  // the waiting lane's result buffer (on its own stack)
+    void* asan_fake = nullptr;
+};
+
+struct LaunchState {
+    const char* name;
+    dim3 grid, block;
+    size_t dyn_smem;
+    KernelThunk thunk;
+    uint64_t seed;
+    std::vector<uint32_t> order;
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex fault_mu;
+    size_t fault_pos = SIZE_MAX;
+    std::string fault;
+};
+
+// One worker's block-execution state, reused for every block the worker runs in a launch.
+struct Block {
+    LaunchState* launch = nullptr;
+    uint3 idx{};
+    unsigned total = 0;
+    std::vector<Fiber> fibers;
+    std::vector<uint32_t> ready;
+    Context sched;
+    Rng rng{0};
+    unsigned exited = 0;
+    int first_exited = -1;
+    unsigned barrier_count = 0;
+    const char* barrier_file = nullptr;
+    int barrier_line = 0;
+    bool faulted = false;
+    std::string fault;
+    std::unique_ptr<char[]> arena_mem, dyn_mem;
+    char* arena = nullptr;
+    char* dyn = nullptr;
+    size_t arena_used = 0;  // arena bytes handed out, red zones included
+    size_t smem_bytes = 0;  // static shared memory as CUDA counts it
+    std::vector<std::pair<const void*, void*>> shared_map;
+    void* sched_fake = nullptr;
+    const void* sched_bottom = nullptr;
+    size_t sched_size = 0;
+};
+
+thread_local Block* tls_block = nullptr;
+thread_local Fiber* tls_fiber = nullptr;
+
+// ---- stack pool: stacks outlive the short-lived worker threads -------------------------------
+std::mutex g_stack_mu;
+std::vector<FiberStack> g_stacks;
+
+FiberStack acquire_stack() {
+    {
+        std::lock_guard<std::mutex> lk(g_stack_mu);
+        if (!g_stacks.empty()) {
+            FiberStack s = g_stacks.back();
+            g_stacks.pop_back();
+            return s;
+        }
+    }
+    return stack_alloc(kStackBytes);
+}
+void release_stack(FiberStack s) {
+    std::lock_guard<std::mutex> lk(g_stack_mu);
+    g_stacks.push_back(s);
+}
+
+// ---- ASan fiber annotations -------------------------------------------------------------------
+inline void asan_start(void** fake, const void* bottom, size_t size) {
+#if CDCL_EMU_ASAN
+    __sanitizer_start_switch_fiber(fake, bottom, size);
+#else
+    (void)fake, (void)bottom, (void)size;
+#endif
+}
+inline void asan_finish(void* fake, const void** bottom_old, size_t* size_old) {
+#if CDCL_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake, bottom_old, size_old);
+#else
+    (void)fake, (void)bottom_old, (void)size_old;
+#endif
+}
+
+std::string where(const Block& b, const Fiber& f) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", b.launch->name, b.idx.x, b.idx.y,
+                  b.idx.z, f.ctx.thread_idx.x, f.ctx.thread_idx.y, f.ctx.thread_idx.z);
+    return buf;
+}
+
+std::string site(const char* file, int line) {
+    const char* base = file ? std::strrchr(file, '/') : nullptr;
+    return std::string(base ? base + 1 : (file ? file : "?")) + ":" + std::to_string(line);
+}
+
+const char* collective_name(Collective k) {
+    switch (k) {
+        case Collective::SyncWarp: return "__syncwarp";
+        case Collective::Shfl: return "__shfl*_sync";
+        case Collective::Ballot: return "__ballot/__any/__all_sync";
+    }
+    return "?";
+}
+
+void block_fault(Block& b, const std::string& msg) {
+    if (!b.faulted) {
+        b.faulted = true;
+        b.fault = msg;
+    }
+}
+
+// Switches from the running fiber back to its block's scheduler.
+void yield_to_scheduler(Fiber& f, bool final_exit) {
+    Block& b = *f.block;
+    asan_start(final_exit ? nullptr : &f.asan_fake, b.sched_bottom, b.sched_size);
+    context_switch(f.context, b.sched);
+    asan_finish(f.asan_fake, &b.sched_bottom, &b.sched_size);
+}
+
+void fiber_entry(void* arg) {
+    Fiber& f = *static_cast<Fiber*>(arg);
+    Block& b = *f.block;
+    asan_finish(nullptr, &b.sched_bottom, &b.sched_size);
+    b.launch->thunk.call(b.launch->thunk.closure);
+    f.state = FState::Exited;
+    yield_to_scheduler(f, true);
+    std::abort();  // an exited fiber is never resumed
+}
+
+void resume(Block& b, Fiber& f) {
+    tls_fiber = &f;
+    tls_ctx = &f.ctx;
+    asan_start(&b.sched_fake, f.stack.base, f.stack.size);
+    context_switch(b.sched, f.context);
+    asan_finish(b.sched_fake, nullptr, nullptr);
+    tls_fiber = nullptr;
+    tls_ctx = nullptr;
+}
+
+// A lane of `f`'s warp that waits in a collective whose mask names `f`, if any.
+Fiber* collective_waiting_on(Block& b, const Fiber& f) {
+    const unsigned base = f.warp * 32;
+    for (unsigned l = 0; l < 32 && base + l < b.total; ++l) {
+        Fiber& o = b.fibers[base + l];
+        if (&o != &f && o.state == FState::Warp && (o.mask & (1u << f.lane))) return &o;
+    }
+    return nullptr;
+}
+
+void on_exit(Block& b, Fiber& f) {
+    if (b.barrier_count > 0) {
+        block_fault(b, where(b, f) + ": exited while " + std::to_string(b.barrier_count) +
+                           " thread(s) of the block wait at __syncthreads (" + site(b.barrier_file, b.barrier_line) +
+                           "): every thread of the block must reach every barrier");
+        return;
+    }
+    if (Fiber* o = collective_waiting_on(b, f)) {
+        block_fault(b, where(b, f) + ": exited while lane " + std::to_string(o->lane) + " waits in " +
+                           collective_name(o->kind) + " (" + site(o->file, o->line) +
+                           ") with a mask that names it (partial-mask collective)");
+        return;
+    }
+    if (b.first_exited < 0) b.first_exited = (int)f.linear;
+    ++b.exited;
+}
+
+void on_barrier(Block& b, Fiber& f) {
+    if (b.exited > 0) {
+        const Fiber& e = b.fibers[(size_t)b.first_exited];
+        block_fault(b, where(b, f) + ": reached __syncthreads (" + site(f.file, f.line) + ") after thread (" +
+                           std::to_string(e.ctx.thread_idx.x) + "," + std::to_string(e.ctx.thread_idx.y) + "," +
+                           std::to_string(e.ctx.thread_idx.z) +
+                           ") exited: an early return before a barrier leaves the barrier short of threads");
+        return;
+    }
+    if (Fiber* o = collective_waiting_on(b, f)) {
+        block_fault(b, where(b, f) + ": waits at __syncthreads (" + site(f.file, f.line) + ") while lane " +
+                           std::to_string(o->lane) + " waits for it in " + collective_name(o->kind) + " (" +
+                           site(o->file, o->line) + "): partial-mask collective");
+        return;
+    }
+    if (b.barrier_count > 0 && (b.barrier_line != f.line || std::strcmp(b.barrier_file, f.file) != 0)) {
+        block_fault(b, where(b, f) + ": waits at __syncthreads (" + site(f.file, f.line) +
+                           ") while other threads wait at a different __syncthreads (" +
+                           site(b.barrier_file, b.barrier_line) + "): divergent barrier");
+        return;
+    }
+    b.barrier_file = f.file;
+    b.barrier_line = f.line;
+    if (++b.barrier_count == b.total) {
+        for (unsigned i = 0; i < b.total; ++i) {
+            b.fibers[i].state = FState::Ready;
+            b.ready.push_back(i);
+        }
+        b.barrier_count = 0;
+    }
+}
+
+void on_warp(Block& b, Fiber& f) {
+    const unsigned base = f.warp * 32;
+    if (!(f.mask & (1u << f.lane))) {
+        block_fault(b, where(b, f) + ": calls " + std::string(collective_name(f.kind)) + " (" + site(f.file, f.line) +
+                           ") with a mask that does not name its own lane " + std::to_string(f.lane));
+        return;
+    }
+    bool complete = true;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(f.mask & (1u << l))) continue;
+        if (base + l >= b.total) {
+            block_fault(b, where(b, f) + ": " + collective_name(f.kind) + " (" + site(f.file, f.line) +
+                               ") names lane " + std::to_string(l) + ", which does not exist in a block of " +
+                               std::to_string(b.total) + " threads");
+            return;
+        }
+        Fiber& o = b.fibers[base + l];
+        switch (o.state) {
+            case FState::Exited:
+                block_fault(b, where(b, f) + ": " + collective_name(f.kind) + " (" + site(f.file, f.line) +
+                                   ") names lane " + std::to_string(l) + ", which has exited (partial-mask collective)");
+                return;
+            case FState::Barrier:
+                block_fault(b, where(b, f) + ": " + collective_name(f.kind) + " (" + site(f.file, f.line) +
+                                   ") names lane " + std::to_string(l) + ", which waits at __syncthreads (" +
+                                   site(o.file, o.line) + ") (partial-mask collective)");
+                return;
+            case FState::Warp:
+                if (o.kind != f.kind || o.mask != f.mask) {
+                    block_fault(b, where(b, f) + ": " + collective_name(f.kind) + " (" + site(f.file, f.line) +
+                                       ") meets lane " + std::to_string(l) + " in " + collective_name(o.kind) + " (" +
+                                       site(o.file, o.line) + ") with another kind or mask");
+                    return;
+                }
+                break;
+            case FState::Ready: complete = false; break;
+        }
+    }
+    if (!complete) return;
+    uint64_t values[32] = {0};
+    for (unsigned l = 0; l < 32; ++l)
+        if (f.mask & (1u << l)) values[l] = b.fibers[base + l].value;
+    for (unsigned l = 0; l < 32; ++l) {
+        if (!(f.mask & (1u << l))) continue;
+        Fiber& o = b.fibers[base + l];
+        std::memcpy(o.gathered, values, sizeof values);
+        o.state = FState::Ready;
+        b.ready.push_back(base + l);
+    }
+}
+
+void diagnose_deadlock(Block& b) {
+    for (Fiber& f : b.fibers) {
+        if (f.state == FState::Warp || f.state == FState::Barrier) {
+            block_fault(b, where(b, f) + ": deadlock: waits at " +
+                               (f.state == FState::Barrier ? std::string("__syncthreads") : collective_name(f.kind)) +
+                               " (" + site(f.file, f.line) + ") and no thread of the block can run");
+            return;
+        }
+    }
+    block_fault(b, "kernel `" + std::string(b.launch->name) + "`: scheduler found no runnable thread");
+}
+
+void run_block(Block& b, uint32_t linear_block) {
+    LaunchState& L = *b.launch;
+    const dim3 g = L.grid, bd = L.block;
+    b.idx = uint3{linear_block % g.x, (linear_block / g.x) % g.y, linear_block / (g.x * g.y)};
+    b.rng = Rng{L.seed ^ (0xD1B54A32D192ED03ull * (linear_block + 1))};
+    b.exited = 0;
+    b.first_exited = -1;
+    b.barrier_count = 0;
+    b.barrier_file = nullptr;
+    b.faulted = false;
+    b.fault.clear();
+    b.arena_used = 0;
+    b.smem_bytes = 0;
+    b.shared_map.clear();
+    std::memset(b.dyn, 0xFF, L.dyn_smem);
+#if CDCL_EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(b.arena, kArenaBytes);
+    ASAN_POISON_MEMORY_REGION(b.arena, kArenaBytes);
+    ASAN_UNPOISON_MEMORY_REGION(b.dyn, L.dyn_smem);
+#endif
+    b.ready.clear();
+    for (unsigned i = 0; i < b.total; ++i) {
+        Fiber& f = b.fibers[i];
+        f.block = &b;
+        f.linear = i;
+        f.lane = i % 32;
+        f.warp = i / 32;
+        f.state = FState::Ready;
+        f.ctx.thread_idx = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
+        f.ctx.block_idx = b.idx;
+        f.ctx.block_dim = bd;
+        f.ctx.grid_dim = g;
+        f.asan_fake = nullptr;
+#if CDCL_EMU_ASAN
+        // A stack reused after an aborted block may still carry the old frames' red zones.
+        ASAN_UNPOISON_MEMORY_REGION(f.stack.base, f.stack.size);
+#endif
+        context_init(f.context, f.stack, &fiber_entry, &f);
+        b.ready.push_back(i);
+    }
+    tls_block = &b;
+    while (!b.faulted) {
+        if (b.ready.empty()) {
+            if (b.exited != b.total) diagnose_deadlock(b);
+            break;
+        }
+        const uint32_t k = b.rng.below((uint32_t)b.ready.size());
+        const uint32_t i = b.ready[k];
+        b.ready[k] = b.ready.back();
+        b.ready.pop_back();
+        Fiber& f = b.fibers[i];
+        resume(b, f);
+        if (b.faulted) break;
+        switch (f.state) {
+            case FState::Exited: on_exit(b, f); break;
+            case FState::Barrier: on_barrier(b, f); break;
+            case FState::Warp: on_warp(b, f); break;
+            case FState::Ready: b.ready.push_back(i); break;
+        }
+    }
+    tls_block = nullptr;
+}
+
+void worker(LaunchState& L) {
+    Block b;
+    b.launch = &L;
+    b.total = L.block.x * L.block.y * L.block.z;
+    b.fibers.resize(b.total);
+    for (Fiber& f : b.fibers) f.stack = acquire_stack();
+    bool stacks_ok = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.stack.base != nullptr; });
+    b.arena_mem.reset(new char[kArenaBytes + 128]);
+    b.arena = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.arena_mem.get()) + 127) & ~uintptr_t(127));
+    b.dyn_mem.reset(new char[L.dyn_smem + 128]);
+    b.dyn = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(b.dyn_mem.get()) + 127) & ~uintptr_t(127));
+    if (!stacks_ok) {
+        std::lock_guard<std::mutex> lk(L.fault_mu);
+        L.fault = std::string("kernel `") + L.name + "`: could not map fiber stacks";
+        L.fault_pos = 0;
+        L.failed = true;
+    }
+    while (stacks_ok && !L.failed.load()) {
+        const size_t pos = L.next.fetch_add(1);
+        if (pos >= L.order.size()) break;
+        run_block(b, L.order[pos]);
+        if (b.faulted) {
+            std::lock_guard<std::mutex> lk(L.fault_mu);
+            if (pos < L.fault_pos) {
+                L.fault_pos = pos;
+                L.fault = b.fault;
+            }
+            L.failed = true;
+        }
+    }
+#if CDCL_EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(b.arena, kArenaBytes);
+#endif
+    for (Fiber& f : b.fibers)
+        if (f.stack.base) release_stack(f.stack);
+}
+
+std::string config_error(const char* name, dim3 grid, dim3 block, size_t smem) {
+    const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+    char buf[320];
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || block.x == 0 || block.y == 0 || block.z == 0 ||
+        threads > kMaxThreadsPerBlock || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.y > 65535 ||
+        grid.z > 65535 || grid.x > 2147483647u) {
+        std::snprintf(buf, sizeof buf,
+                      "kernel `%s`: invalid configuration argument (grid (%u,%u,%u), block (%u,%u,%u): blocks hold "
+                      "1..1024 threads, no dimension may be zero)",
+                      name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        return buf;
+    }
+    if (smem > kSharedLimit) {
+        std::snprintf(buf, sizeof buf, "kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu-byte limit", name,
+                      smem, kSharedLimit);
+        return buf;
+    }
+    return std::string();
+}
+
+}  // namespace
+
+[[noreturn]] void fault(const char* file, int line, const char* what) {
+    Fiber* f = tls_fiber;
+    if (!f) {
+        std::fprintf(stderr, "cdcl emulator: %s (%s) outside a kernel\n", what, site(file, line).c_str());
+        std::abort();
+    }
+    Block& b = *f->block;
+    block_fault(b, where(b, *f) + ": " + what + " (" + site(file, line) + ")");
+    f->state = FState::Exited;
+    yield_to_scheduler(*f, true);
+    std::abort();
+}
+
+void syncthreads(const char* file, int line) {
+    Fiber& f = *tls_fiber;
+    f.state = FState::Barrier;
+    f.file = file;
+    f.line = line;
+    yield_to_scheduler(f, false);
+}
+
+void warp_collective(Collective kind, unsigned mask, uint64_t value, const char* file, int line, uint64_t gathered[32]) {
+    Fiber& f = *tls_fiber;
+    f.state = FState::Warp;
+    f.kind = kind;
+    f.mask = mask;
+    f.value = value;
+    f.file = file;
+    f.line = line;
+    f.gathered = gathered;
+    yield_to_scheduler(f, false);
+}
+
+unsigned lane_id() { return tls_fiber->lane; }
+
+void* shared_static(const void* key, size_t bytes, size_t align, const char* file, int line) {
+    Block& b = *tls_block;
+    for (auto& e : b.shared_map)
+        if (e.first == key) return e.second;
+    const size_t cuda_bytes = (b.smem_bytes + align - 1) / align * align + bytes;
+    const size_t off = (b.arena_used + kRedZone + align - 1) / align * align;
+    if (cuda_bytes + b.launch->dyn_smem > kSharedLimit || off + bytes > kArenaBytes) {
+        char msg[200];
+        std::snprintf(msg, sizeof msg,
+                      "too much shared memory: %zu bytes static (with this declaration's %zu) + %zu dynamic exceed the "
+                      "%zu-byte limit",
+                      cuda_bytes, bytes, b.launch->dyn_smem, kSharedLimit);
+        fault(file, line, msg);
+    }
+    b.smem_bytes = cuda_bytes;
+    void* p = b.arena + off;
+#if CDCL_EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(p, bytes);
+#endif
+    std::memset(p, 0xFF, bytes);
+    b.arena_used = off + bytes;
+    b.shared_map.emplace_back(key, p);
+    return p;
+}
+
+void* shared_dynamic() { return tls_block->dyn; }
+
+int launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem, void* stream, KernelThunk thunk) {
+    cdcl_emu_stream* s = static_cast<cdcl_emu_stream*>(stream);
+    if (!s) return CDCL_ERR_INVALID_PARAMS;
+    std::lock_guard<std::mutex> lk(s->mu);
+    s->last_error.clear();
+    std::string err = config_error(kernel_name, grid, block, dynamic_smem);
+    if (!err.empty()) {
+        s->last_error = err;
+        return CDCL_ERR_LAUNCH;
+    }
+    LaunchState L;
+    L.name = kernel_name;
+    L.grid = grid;
+    L.block = block;
+    L.dyn_smem = dynamic_smem;
+    L.thunk = thunk;
+    L.seed = s->seed ^ hash_str(kernel_name);
+    const size_t nblocks = (size_t)grid.x * grid.y * grid.z;
+    L.order.resize(nblocks);
+    for (size_t i = 0; i < nblocks; ++i) L.order[i] = (uint32_t)i;
+    Rng rng{L.seed};
+    for (size_t i = nblocks; i > 1; --i) std::swap(L.order[i - 1], L.order[rng.next() % i]);
+
+    size_t workers = s->threads ? s->threads : std::max(1u, std::thread::hardware_concurrency());
+    workers = std::min(workers, nblocks);
+    std::vector<std::thread> pool;
+    for (size_t i = 1; i < workers; ++i) pool.emplace_back([&L] { worker(L); });
+    worker(L);
+    for (auto& t : pool) t.join();
+    if (L.failed) {
+        s->last_error = L.fault;
+        return CDCL_ERR_LAUNCH;
+    }
+    return CDCL_OK;
+}
+
+}  // namespace cdcl_emu
+
+// ---- C entry points -------------------------------------------------------------------------
+
+extern "C" cdcl_emu_stream* cdcl_emu_stream_create(uint64_t seed, uint32_t threads) {
+    cdcl_emu_stream* s = new (std::nothrow) cdcl_emu_stream();
+    if (s) {
+        s->seed = seed;
+        s->threads = threads;
+    }
+    return s;
+}
+
+extern "C" void cdcl_emu_stream_destroy(cdcl_emu_stream* s) { delete s; }
+
+extern "C" size_t cdcl_emu_stream_last_error(const cdcl_emu_stream* s, char* buf, size_t len) {
+    if (!s) return 0;
+    const std::string& e = s->last_error;
+    if (buf && len) {
+        size_t n = std::min(len - 1, e.size());
+        std::memcpy(buf, e.data(), n);
+        buf[n] = 0;
+    }
+    return e.size();
+}
+
+extern "C" void* cdcl_emu_malloc(size_t bytes) {
+    void* p = nullptr;
+    // Exactly `bytes` (not rounded up), so AddressSanitizer sees the true end of the buffer.
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return nullptr;
+    return p;
+}
+
+extern "C" void cdcl_emu_free(void* p) { std::free(p); }
+
+namespace {
+struct PingPong {
+    cdcl_emu::Context main, fiber;
+    uint64_t iters;
+};
+void ping_pong_entry(void* arg) {
+    PingPong& pp = *static_cast<PingPong*>(arg);
+    for (;;) cdcl_emu::context_switch(pp.fiber, pp.main);
+}
+}  // namespace
+
+extern "C" double cdcl_emu_fiber_switch_ns(uint64_t iters) {
+    PingPong pp;
+    pp.iters = iters;
+    cdcl_emu::FiberStack st = cdcl_emu::stack_alloc(64 * 1024);
+    if (!st.base || iters == 0) return -1.0;
+    cdcl_emu::context_init(pp.fiber, st, &ping_pong_entry, &pp);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (uint64_t i = 0; i < iters; ++i) cdcl_emu::context_switch(pp.main, pp.fiber);
+    const auto t1 = std::chrono::steady_clock::now();
+    cdcl_emu::stack_free(st);
+    return std::chrono::duration<double, std::nano>(t1 - t0).count() / (2.0 * (double)iters);
+}

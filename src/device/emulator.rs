@@ -1,0 +1,152 @@
+//! The emulator's host side: its stream object, its memory, and its diagnostics (the fiber
+//! switch cost and the self-test kernels that show each strictness rule firing).
+
+use std::ffi::c_void;
+use std::ptr::NonNull;
+
+use super::{Device, EmulatorConfig};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::tensor::{DType, Tensor};
+
+/// Owns a `cdcl_emu_stream`: the seed and worker count of the device, plus the message of its
+/// last failed launch. The C side serialises launches on it with a mutex.
+pub(crate) struct EmuStream {
+    raw: NonNull<ffi::cdcl_emu_stream>,
+    config: EmulatorConfig,
+}
+
+// SAFETY: the C stream object is only touched by launches, which hold its internal mutex, and by
+// `last_error`, which is called right after a launch on the same thread while the mutex has been
+// released; the object itself has no thread affinity.
+unsafe impl Send for EmuStream {}
+// SAFETY: see `Send`; shared access goes through the C side's mutex.
+unsafe impl Sync for EmuStream {}
+
+impl EmuStream {
+    pub(crate) fn new(config: EmulatorConfig) -> Result<Self> {
+        // SAFETY: plain constructor; returns null on allocation failure, handled below.
+        let raw = unsafe { ffi::cdcl_emu_stream_create(config.seed, config.threads) };
+        let raw = NonNull::new(raw).ok_or(Error::OutOfMemory { bytes: 64 })?;
+        Ok(EmuStream { raw, config })
+    }
+
+    pub(crate) fn config(&self) -> EmulatorConfig {
+        self.config
+    }
+
+    pub(crate) fn as_stream_ptr(&self) -> *mut c_void {
+        self.raw.as_ptr().cast()
+    }
+
+    /// The message of the last failed launch on this stream.
+    pub(crate) fn last_error(&self) -> String {
+        let mut buf = vec![0u8; 1024];
+        // SAFETY: `raw` is live; the callee writes at most `buf.len()` bytes, NUL-terminated.
+        let n = unsafe { ffi::cdcl_emu_stream_last_error(self.raw.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len()).min(n);
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+}
+
+impl Drop for EmuStream {
+    fn drop(&mut self) {
+        // SAFETY: created by cdcl_emu_stream_create and destroyed once.
+        unsafe { ffi::cdcl_emu_stream_destroy(self.raw.as_ptr()) }
+    }
+}
+
+/// Average cost of one fiber switch in nanoseconds, measured over `iters` round trips
+/// (each round trip is two switches). Used by the emulator benchmark.
+pub fn fiber_switch_ns(iters: u64) -> f64 {
+    // SAFETY: self-contained measurement on a private stack.
+    unsafe { ffi::cdcl_emu_fiber_switch_ns(iters.max(1)) }
+}
+
+/// Kernels that break (or exercise) the CUDA rules on purpose, to show the emulator's checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfTest {
+    /// Half a block waits at one `__syncthreads`, half at another.
+    DivergentSyncthreads,
+    /// Thread 0 returns, the others wait at a barrier.
+    EarlyReturnThenBarrier,
+    /// Half a warp calls `__shfl_sync` with the full mask.
+    PartialMaskShuffle,
+    /// Threads read shared memory that nobody wrote (needs an output of 64 floats).
+    PoisonedSharedRead,
+    /// 256 threads write one shared word; thread 0 reports the survivor (output of 1 float).
+    SharedRace,
+    /// Writes one float past the end of the output: only under the `asan` feature, where
+    /// AddressSanitizer aborts the process with a report.
+    OutOfBoundsWrite,
+    /// A block of 2048 threads.
+    BlockTooLarge,
+    /// 64 KiB of static shared memory.
+    TooMuchShared,
+    /// A correct warp-shuffle reduction: output[b] = 1 + 2 + ... + n for each of 4 blocks
+    /// (n = output length capped at 256, output of at least 4 floats).
+    WarpReduce,
+    /// A launch with a zero grid dimension.
+    ZeroGrid,
+    /// Every warp collective once, used correctly (output of 256 floats).
+    Collectives,
+}
+
+/// Runs a self-test kernel writing `out` (f32). The launch result is returned as is: a rule
+/// break is an [`Error::EmulatorFault`].
+pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
+    if out.dtype() != DType::F32 {
+        return Err(Error::DTypeMismatch { what: "self-test output", expected: DType::F32, got: out.dtype() });
+    }
+    let need = match which {
+        SelfTest::PoisonedSharedRead => 64,
+        SelfTest::Collectives => 256,
+        SelfTest::WarpReduce => 4,
+        SelfTest::DivergentSyncthreads | SelfTest::EarlyReturnThenBarrier | SelfTest::PartialMaskShuffle => 32,
+        SelfTest::TooMuchShared => 32,
+        _ => 1,
+    };
+    if out.numel() < need {
+        return Err(Error::InvalidShape {
+            what: "self-test output",
+            shape: out.shape().to_vec(),
+            reason: format!("needs at least {need} elements"),
+        });
+    }
+    if which == SelfTest::OutOfBoundsWrite && !cfg!(feature = "asan") {
+        return Err(Error::InvalidArgument(
+            "the out-of-bounds self-test only runs under the `asan` feature, where it is caught".into(),
+        ));
+    }
+    let device: Device = out.device().clone();
+    let stream = match &*device.inner {
+        super::Backend::Emulator(s) => s,
+        super::Backend::Cuda(_) => {
+            return Err(Error::InvalidArgument("self-tests run on the emulator only".into()));
+        }
+    };
+    let code = match which {
+        SelfTest::DivergentSyncthreads => ffi::CDCL_SELFTEST_DIVERGENT_SYNCTHREADS,
+        SelfTest::EarlyReturnThenBarrier => ffi::CDCL_SELFTEST_EARLY_RETURN_THEN_BARRIER,
+        SelfTest::PartialMaskShuffle => ffi::CDCL_SELFTEST_PARTIAL_MASK_SHUFFLE,
+        SelfTest::PoisonedSharedRead => ffi::CDCL_SELFTEST_POISONED_SHARED_READ,
+        SelfTest::SharedRace => ffi::CDCL_SELFTEST_SHARED_RACE,
+        SelfTest::OutOfBoundsWrite => ffi::CDCL_SELFTEST_OUT_OF_BOUNDS_WRITE,
+        SelfTest::BlockTooLarge => ffi::CDCL_SELFTEST_BLOCK_TOO_LARGE,
+        SelfTest::TooMuchShared => ffi::CDCL_SELFTEST_TOO_MUCH_SHARED,
+        SelfTest::WarpReduce => ffi::CDCL_SELFTEST_WARP_REDUCE,
+        SelfTest::ZeroGrid => ffi::CDCL_SELFTEST_ZERO_GRID,
+        SelfTest::Collectives => ffi::CDCL_SELFTEST_COLLECTIVES,
+    };
+    let n = out.numel().min(256) as i32;
+    let ptr = out.buffer_mut().as_mut_ptr().cast::<f32>();
+    // SAFETY: `out` is an emulator buffer of at least `need` floats, which covers every write of
+    // the self-test kernels except OutOfBoundsWrite, which is only allowed under ASan, where the
+    // write past the end is caught before it lands.
+    let status = unsafe { ffi::cdcl_emu_run_selftest(code as i32, ptr, n, stream.as_stream_ptr()) };
+    if status == ffi::CDCL_OK as i32 {
+        Ok(())
+    } else {
+        Err(Error::EmulatorFault { kernel: format!("{which:?}"), message: stream.last_error() })
+    }
+}

@@ -1,0 +1,143 @@
+//! The emulator's strictness rules, each shown firing on a kernel that breaks it
+//! (kernels/emu/selftest.cu), and the collectives shown correct on kernels that use them right.
+
+use cdcl::device::emulator::{run_selftest, SelfTest};
+use cdcl::{Device, EmulatorConfig, Error, Tensor};
+
+fn device(seed: u64) -> Device {
+    Device::emulator_with(EmulatorConfig { seed, threads: 1 }).unwrap()
+}
+
+fn run(which: SelfTest, n: usize, seed: u64) -> (cdcl::Result<()>, Vec<f32>) {
+    let dev = device(seed);
+    let mut out = Tensor::zeros(&dev, &[n], cdcl::DType::F32).unwrap();
+    let r = run_selftest(which, &mut out);
+    (r, out.to_vec::<f32>().unwrap())
+}
+
+fn fault_message(which: SelfTest, n: usize) -> String {
+    match run(which, n, 0).0 {
+        Err(Error::EmulatorFault { message, .. }) => message,
+        other => panic!("{which:?}: expected an emulator fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn divergent_syncthreads_is_a_fault_naming_both_barriers() {
+    let m = fault_message(SelfTest::DivergentSyncthreads, 32);
+    assert!(m.contains("divergent barrier"), "{m}");
+    assert!(m.contains("kernel `divergent_syncthreads`") && m.contains("block (0,0,0)") && m.contains("thread ("), "{m}");
+    assert!(m.matches("selftest.cu:").count() == 2, "both barrier sites named: {m}");
+}
+
+#[test]
+fn early_return_then_barrier_is_a_fault_whatever_the_schedule() {
+    for seed in 0..8 {
+        let (r, _) = run(SelfTest::EarlyReturnThenBarrier, 32, seed);
+        let m = match r {
+            Err(Error::EmulatorFault { message, .. }) => message,
+            other => panic!("seed {seed}: expected a fault, got {other:?}"),
+        };
+        assert!(m.contains("__syncthreads") && m.contains("exited"), "seed {seed}: {m}");
+    }
+}
+
+#[test]
+fn partial_mask_shuffle_is_a_fault() {
+    let m = fault_message(SelfTest::PartialMaskShuffle, 32);
+    assert!(m.contains("partial-mask"), "{m}");
+    assert!(m.contains("__shfl"), "{m}");
+}
+
+#[test]
+fn poisoned_shared_memory_reaches_the_output_as_nan() {
+    let (r, out) = run(SelfTest::PoisonedSharedRead, 64, 0);
+    r.unwrap();
+    assert!(out[..32].iter().all(|&v| v == 1.0), "written half intact: {out:?}");
+    assert!(out[32..].iter().all(|v| v.is_nan()), "unwritten half must read as NaN poison: {out:?}");
+}
+
+#[test]
+fn a_racy_kernel_changes_its_result_with_the_seed() {
+    let results: std::collections::BTreeSet<u32> =
+        (0..6).map(|seed| run(SelfTest::SharedRace, 1, seed).1[0] as u32).collect();
+    assert!(results.len() > 1, "the survivor of the race should depend on the seed, got {results:?}");
+    // The same seed reproduces the same interleaving.
+    assert_eq!(run(SelfTest::SharedRace, 1, 3).1, run(SelfTest::SharedRace, 1, 3).1);
+}
+
+#[test]
+fn launch_configuration_limits_fail_as_cuda_does() {
+    let m = fault_message(SelfTest::BlockTooLarge, 4);
+    assert!(m.contains("invalid configuration"), "{m}");
+    let m = fault_message(SelfTest::ZeroGrid, 4);
+    assert!(m.contains("invalid configuration"), "{m}");
+    let m = fault_message(SelfTest::TooMuchShared, 32);
+    assert!(m.contains("too much shared memory"), "{m}");
+}
+
+#[test]
+fn warp_shuffle_reduction_is_correct_on_every_seed() {
+    for seed in 0..4 {
+        let (r, out) = run(SelfTest::WarpReduce, 200, seed);
+        r.unwrap();
+        // 4 blocks each sum 1..=200.
+        assert_eq!(&out[..4], &[20100.0; 4], "seed {seed}");
+    }
+}
+
+#[test]
+fn every_collective_matches_cuda_semantics() {
+    let (r, out) = run(SelfTest::Collectives, 256, 1);
+    r.unwrap();
+    for lane in 0..32usize {
+        let l = lane as f32;
+        assert_eq!(out[lane], 5.0, "shfl idx");
+        assert_eq!(out[32 + lane], if lane >= 3 { l - 3.0 } else { l }, "shfl up");
+        // width 8: lanes whose in-segment index + 3 leaves the segment keep their value.
+        assert_eq!(out[64 + lane], if lane % 8 + 3 < 8 { l + 3.0 } else { l }, "shfl down width 8");
+        assert_eq!(out[96 + lane], (lane ^ 1) as f32, "shfl xor width 16");
+        assert_eq!(out[128 + lane], 11.0, "ballot popcount of lanes divisible by 3");
+        assert_eq!(out[160 + lane], 1.0, "any");
+        assert_eq!(out[192 + lane], 0.0, "all (lane 31 says no)");
+        assert_eq!(out[224 + lane], if lane < 16 { 0.0 } else { 16.0 }, "half-warp masks");
+    }
+}
+
+#[test]
+fn out_of_bounds_selftest_is_refused_without_asan() {
+    if cfg!(feature = "asan") {
+        return;
+    }
+    let (r, _) = run(SelfTest::OutOfBoundsWrite, 4, 0);
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+}
+
+/// Under `--features asan`, a child process runs the out-of-bounds kernel and must die with an
+/// AddressSanitizer heap-buffer-overflow report.
+#[test]
+fn out_of_bounds_write_is_caught_by_address_sanitizer() {
+    if !cfg!(feature = "asan") {
+        eprintln!("not built with --features asan: the ASan run in CI covers this");
+        return;
+    }
+    if std::env::var_os("CDCL_ASAN_CHILD").is_some() {
+        let _ = run(SelfTest::OutOfBoundsWrite, 4, 0);
+        return; // not reached under ASan
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "out_of_bounds_write_is_caught_by_address_sanitizer", "--nocapture", "--test-threads=1"])
+        .env("CDCL_ASAN_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the child should have been stopped by ASan; stderr:\n{stderr}");
+    assert!(stderr.contains("AddressSanitizer") && stderr.contains("heap-buffer-overflow"), "{stderr}");
+}
+
+#[test]
+fn fiber_switch_is_measured() {
+    let ns = cdcl::device::emulator::fiber_switch_ns(10_000);
+    assert!(ns.is_finite() && ns > 0.0, "{ns}");
+}
