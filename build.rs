@@ -15,13 +15,22 @@ use std::process::Command;
 const DEFAULT_ARCHS: &str = "80,86,89,90";
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernels = manifest.join("kernels");
 
     println!("cargo:rustc-check-cfg=cfg(cdcl_cuda)");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "CDCL_CUDA_ARCHS", "CDCL_NO_CUDA", "CDCL_ASAN"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "CDCL_CUDA_ARCHS",
+        "CDCL_NO_CUDA",
+        "CDCL_ASAN",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -31,7 +40,10 @@ fn main() {
     let report_dir = out.join("nvcc-report");
     let _ = fs::remove_dir_all(&report_dir);
     fs::create_dir_all(&report_dir).expect("create the nvcc report directory in OUT_DIR");
-    println!("cargo:rustc-env=CDCL_NVCC_REPORT_DIR={}", report_dir.display());
+    println!(
+        "cargo:rustc-env=CDCL_NVCC_REPORT_DIR={}",
+        report_dir.display()
+    );
 
     if env::var_os("CDCL_NO_CUDA").is_some() {
         println!("cargo:warning=CDCL_NO_CUDA is set: building the emulator only (Device::cuda will return Error::CudaNotBuilt)");
@@ -125,7 +137,11 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
     fs::create_dir_all(&obj_dir).expect("create the CUDA object directory in OUT_DIR");
     let mut objects = Vec::new();
     for cu in cu_files {
-        let stem = cu.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel").to_string();
+        let stem = cu
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("kernel")
+            .to_string();
         let obj = obj_dir.join(format!("{stem}.o"));
         let mut cmd = Command::new(nvcc);
         cmd.arg("-c")
@@ -136,11 +152,22 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
             .arg("-O3")
             .arg("-I")
             .arg(kernels)
-            .args(["-Xcompiler", "-fPIC", "-Xptxas", "-v", "-Xptxas", "-warn-spills", "-Xptxas", "-warn-lmem-usage"]);
+            .args([
+                "-Xcompiler",
+                "-fPIC",
+                "-Xptxas",
+                "-v",
+                "-Xptxas",
+                "-warn-spills",
+                "-Xptxas",
+                "-warn-lmem-usage",
+            ]);
         for a in &archs {
             cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
         }
-        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+        cmd.arg(format!(
+            "-gencode=arch=compute_{newest},code=compute_{newest}"
+        ));
         let output = cmd
             .output()
             .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
@@ -168,7 +195,12 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
         .iter()
         .map(|d| root.join(d))
         .find(|d| d.join("libcudart_static.a").is_file())
-        .unwrap_or_else(|| fail(&format!("libcudart_static.a not found next to {}", nvcc.display())));
+        .unwrap_or_else(|| {
+            fail(&format!(
+                "libcudart_static.a not found next to {}",
+                nvcc.display()
+            ))
+        });
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=static=cudart_static");
     for lib in ["dl", "rt", "pthread"] {
