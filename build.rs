@@ -86,8 +86,10 @@ fn build_emulator(kernels: &Path, cu_files: &[PathBuf]) {
         .extra_warnings(true);
     if asan_enabled() {
         b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
-        // The Rust binaries then need the ASan runtime linked first.
-        println!("cargo:rustc-link-arg=-fsanitize=address");
+        // rustc links with -nodefaultlibs, so gcc's -fsanitize=address would not add the runtime:
+        // name it. It is not first in the library list; kernels/emu/emu.cpp's
+        // __asan_default_options turns that check off.
+        println!("cargo:rustc-link-lib=dylib=asan");
     }
     for f in cu_files {
         b.file(f);
