@@ -15,22 +15,13 @@ use std::process::Command;
 const DEFAULT_ARCHS: &str = "80,86,89,90";
 
 fn main() {
-    let manifest =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernels = manifest.join("kernels");
 
     println!("cargo:rustc-check-cfg=cfg(cdcl_cuda)");
     println!("cargo:rerun-if-changed=kernels");
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "PATH",
-        "CDCL_CUDA_ARCHS",
-        "CDCL_NO_CUDA",
-        "CDCL_ASAN",
-    ] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "CDCL_CUDA_ARCHS", "CDCL_NO_CUDA", "CDCL_ASAN"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -40,10 +31,7 @@ fn main() {
     let report_dir = out.join("nvcc-report");
     let _ = fs::remove_dir_all(&report_dir);
     fs::create_dir_all(&report_dir).expect("create the nvcc report directory in OUT_DIR");
-    println!(
-        "cargo:rustc-env=CDCL_NVCC_REPORT_DIR={}",
-        report_dir.display()
-    );
+    println!("cargo:rustc-env=CDCL_NVCC_REPORT_DIR={}", report_dir.display());
 
     if env::var_os("CDCL_NO_CUDA").is_some() {
         println!("cargo:warning=CDCL_NO_CUDA is set: building the emulator only (Device::cuda will return Error::CudaNotBuilt)");
@@ -58,9 +46,8 @@ fn main() {
 }
 
 fn list_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut files: Vec<PathBuf> =
+        fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     files.retain(|p| p.extension().is_some_and(|e| e == ext));
     files.sort();
     files
@@ -139,40 +126,24 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
     fs::create_dir_all(&obj_dir).expect("create the CUDA object directory in OUT_DIR");
     let mut objects = Vec::new();
     for cu in cu_files {
-        let stem = cu
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("kernel")
-            .to_string();
+        let stem = cu.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel").to_string();
         let obj = obj_dir.join(format!("{stem}.o"));
         let mut cmd = Command::new(nvcc);
-        cmd.arg("-c")
-            .arg(cu)
-            .arg("-o")
-            .arg(&obj)
-            .arg("-std=c++17")
-            .arg("-O3")
-            .arg("-I")
-            .arg(kernels)
-            .args([
-                "-Xcompiler",
-                "-fPIC",
-                "-Xptxas",
-                "-v",
-                "-Xptxas",
-                "-warn-spills",
-                "-Xptxas",
-                "-warn-lmem-usage",
-            ]);
+        cmd.arg("-c").arg(cu).arg("-o").arg(&obj).arg("-std=c++17").arg("-O3").arg("-I").arg(kernels).args([
+            "-Xcompiler",
+            "-fPIC",
+            "-Xptxas",
+            "-v",
+            "-Xptxas",
+            "-warn-spills",
+            "-Xptxas",
+            "-warn-lmem-usage",
+        ]);
         for a in &archs {
             cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
         }
-        cmd.arg(format!(
-            "-gencode=arch=compute_{newest},code=compute_{newest}"
-        ));
-        let output = cmd
-            .output()
-            .unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
+        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+        let output = cmd.output().unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
         let mut report = String::from_utf8_lossy(&output.stdout).into_owned();
         report.push_str(&String::from_utf8_lossy(&output.stderr));
         fs::write(report_dir.join(format!("{stem}.txt")), &report).expect("write the nvcc report");
@@ -197,12 +168,7 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
         .iter()
         .map(|d| root.join(d))
         .find(|d| d.join("libcudart_static.a").is_file())
-        .unwrap_or_else(|| {
-            fail(&format!(
-                "libcudart_static.a not found next to {}",
-                nvcc.display()
-            ))
-        });
+        .unwrap_or_else(|| fail(&format!("libcudart_static.a not found next to {}", nvcc.display())));
     println!("cargo:rustc-link-search=native={}", lib_dir.display());
     println!("cargo:rustc-link-lib=static=cudart_static");
     for lib in ["dl", "rt", "pthread"] {

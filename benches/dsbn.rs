@@ -72,7 +72,9 @@ fn bench_reference(c: &mut Criterion, shape: [usize; 4]) {
     g.throughput(Throughput::Elements(n as u64));
     let id = format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
     g.bench_function(BenchmarkId::new("forward_train", &id), |b| {
-        b.iter(|| refd::dsbn_forward_train(x.view(), &ds, ones.view(), zeros.view(), zeros.view(), ones.view(), &cfg).unwrap())
+        b.iter(|| {
+            refd::dsbn_forward_train(x.view(), &ds, ones.view(), zeros.view(), zeros.view(), ones.view(), &cfg).unwrap()
+        })
     });
     g.bench_function(BenchmarkId::new("backward_train", &id), |b| {
         b.iter(|| refd::dsbn_backward_train(x.view(), x.view(), &ds, ones.view(), zeros.view(), &cfg).unwrap())

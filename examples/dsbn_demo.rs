@@ -62,8 +62,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let to64 = |a: &Array4<f32>| a.mapv(f64::from);
     let (ones, zeros) = (Array2::<f64>::ones((d, c)), Array2::<f64>::zeros((d, c)));
     let cfg = refd::DsbnConfig { relu: true, ..refd::DsbnConfig::default() };
-    let want = refd::dsbn_forward_train(to64(&x_host).view(), &datasets, ones.view(), zeros.view(), zeros.view(), ones.view(), &cfg)?;
-    let want_g = refd::dsbn_backward_train(to64(&dy_host).view(), to64(&x_host).view(), &datasets, ones.view(), zeros.view(), &cfg)?;
+    let want = refd::dsbn_forward_train(
+        to64(&x_host).view(),
+        &datasets,
+        ones.view(),
+        zeros.view(),
+        zeros.view(),
+        ones.view(),
+        &cfg,
+    )?;
+    let want_g = refd::dsbn_backward_train(
+        to64(&dy_host).view(),
+        to64(&x_host).view(),
+        &datasets,
+        ones.view(),
+        zeros.view(),
+        &cfg,
+    )?;
     let max_diff = |got: &ndarray::ArrayD<f32>, want: &[f64]| {
         got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max)
     };

@@ -12,43 +12,22 @@ use crate::tensor::DType;
 pub enum Error {
     /// A tensor's shape differs from the one the op needs.
     #[error("shape mismatch for {what}: expected {expected:?}, got {got:?}")]
-    ShapeMismatch {
-        what: &'static str,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { what: &'static str, expected: Vec<usize>, got: Vec<usize> },
     /// A shape the op cannot take at all (wrong rank, a zero or too large dimension).
     #[error("invalid shape {shape:?} for {what}: {reason}")]
-    InvalidShape {
-        what: &'static str,
-        shape: Vec<usize>,
-        reason: String,
-    },
+    InvalidShape { what: &'static str, shape: Vec<usize>, reason: String },
     /// A tensor's element type differs from the one the op needs.
     #[error("dtype mismatch for {what}: expected {expected}, got {got}")]
-    DTypeMismatch {
-        what: &'static str,
-        expected: DType,
-        got: DType,
-    },
+    DTypeMismatch { what: &'static str, expected: DType, got: DType },
     /// The op has no kernel for this element type.
     #[error("unsupported dtype {dtype} for {what}")]
     UnsupportedDType { what: &'static str, dtype: DType },
     /// A sample's dataset index is negative or not below the number of datasets.
     #[error("dataset index {index} of sample {sample} is out of range: there are {num_datasets} datasets")]
-    DatasetIndexOutOfRange {
-        sample: usize,
-        index: i64,
-        num_datasets: usize,
-    },
+    DatasetIndexOutOfRange { sample: usize, index: i64, num_datasets: usize },
     /// A label that is neither a class of its dataset's head nor the ignore label 255.
     #[error("invalid label {label} for dataset {dataset} at element {position}: valid labels are 0..{num_classes} and 255 (ignore)")]
-    InvalidLabel {
-        dataset: usize,
-        label: i64,
-        position: usize,
-        num_classes: usize,
-    },
+    InvalidLabel { dataset: usize, label: i64, position: usize, num_classes: usize },
     /// Training batch statistics of a dataset with a single value per channel (PyTorch refuses too).
     #[error("batch statistics need more than one value per channel in training; dataset {dataset} has {count}")]
     TooFewValues { dataset: usize, count: usize },
@@ -69,11 +48,7 @@ pub enum Error {
     CudaNotBuilt,
     /// A CUDA driver or runtime call failed.
     #[error("CUDA error {code} in {kernel}: {message}")]
-    Cuda {
-        code: i32,
-        kernel: String,
-        message: String,
-    },
+    Cuda { code: i32, kernel: String, message: String },
     /// The emulator stopped a kernel that broke a CUDA rule (or was misconfigured).
     #[error("emulator fault in {kernel}: {message}")]
     EmulatorFault { kernel: String, message: String },

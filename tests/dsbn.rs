@@ -35,27 +35,11 @@ struct Case {
 }
 
 fn case_strategy(max_c: usize) -> impl Strategy<Value = Case> {
-    (
-        1usize..=9,
-        1usize..=17,
-        1usize..=17,
-        1usize..=max_c,
-        1usize..=4,
-        any::<bool>(),
-        any::<u64>(),
+    (1usize..=9, 1usize..=17, 1usize..=17, 1usize..=max_c, 1usize..=4, any::<bool>(), any::<u64>()).prop_flat_map(
+        |(n, h, w, c, d, relu, seed)| {
+            proptest::collection::vec(0..d, n).prop_map(move |datasets| Case { n, h, w, c, d, relu, datasets, seed })
+        },
     )
-        .prop_flat_map(|(n, h, w, c, d, relu, seed)| {
-            proptest::collection::vec(0..d, n).prop_map(move |datasets| Case {
-                n,
-                h,
-                w,
-                c,
-                d,
-                relu,
-                datasets,
-                seed,
-            })
-        })
 }
 
 /// Host data of one case, already rounded to the storage type (so the reference sees exactly
@@ -89,22 +73,10 @@ fn make_data(k: &Case, dtype: DType) -> Data {
     Data {
         x: quantize(&x, dtype),
         dy: quantize(&dy, dtype),
-        gamma: quantize(
-            &(0..dc).map(|_| r.uniform(0.5, 1.5)).collect::<Vec<_>>(),
-            DType::F32,
-        ),
-        beta: quantize(
-            &(0..dc).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<_>>(),
-            DType::F32,
-        ),
-        rmean: quantize(
-            &(0..dc).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<_>>(),
-            DType::F32,
-        ),
-        rvar: quantize(
-            &(0..dc).map(|_| r.uniform(0.5, 2.0)).collect::<Vec<_>>(),
-            DType::F32,
-        ),
+        gamma: quantize(&(0..dc).map(|_| r.uniform(0.5, 1.5)).collect::<Vec<_>>(), DType::F32),
+        beta: quantize(&(0..dc).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<_>>(), DType::F32),
+        rmean: quantize(&(0..dc).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<_>>(), DType::F32),
+        rvar: quantize(&(0..dc).map(|_| r.uniform(0.5, 2.0)).collect::<Vec<_>>(), DType::F32),
     }
 }
 
@@ -140,17 +112,10 @@ fn view2<'a>(k: &Case, v: &'a [f64]) -> ArrayView2<'a, f64> {
 }
 
 fn opts(k: &Case) -> DsbnOptions {
-    DsbnOptions {
-        relu: k.relu,
-        ..DsbnOptions::default()
-    }
+    DsbnOptions { relu: k.relu, ..DsbnOptions::default() }
 }
 fn cfg(k: &Case) -> refd::DsbnConfig {
-    refd::DsbnConfig {
-        eps: 1e-5,
-        momentum: 0.1,
-        relu: k.relu,
-    }
+    refd::DsbnConfig { eps: 1e-5, momentum: 0.1, relu: k.relu }
 }
 
 /// Pre-activation values of the reference forward (before ReLU).
@@ -160,8 +125,7 @@ fn preactivation(k: &Case, data: &Data, mean: &Array2<f64>, invstd: &Array2<f64>
         .map(|e| {
             let c = e % k.c;
             let d = k.datasets[e / (hw * k.c)];
-            (data.x[e] - mean[[d, c]]) * invstd[[d, c]] * data.gamma[d * k.c + c]
-                + data.beta[d * k.c + c]
+            (data.x[e] - mean[[d, c]]) * invstd[[d, c]] * data.gamma[d * k.c + c] + data.beta[d * k.c + c]
         })
         .collect()
 }
@@ -194,27 +158,12 @@ fn check_training(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     let want = match reference {
         Err(refd::ReferenceError::TooFewValues { dataset, count }) => {
             return match result {
-                Err(Error::TooFewValues {
-                    dataset: d2,
-                    count: c2,
-                }) if d2 == dataset && c2 == count => {
+                Err(Error::TooFewValues { dataset: d2, count: c2 }) if d2 == dataset && c2 == count => {
                     // Nothing written: running statistics as they were.
-                    assert_close(
-                        "running_mean after error",
-                        &host(&inp.state.running_mean),
-                        &data.rmean,
-                        |_| 0.0,
-                    )?;
-                    assert_close(
-                        "running_var after error",
-                        &host(&inp.state.running_var),
-                        &data.rvar,
-                        |_| 0.0,
-                    )
+                    assert_close("running_mean after error", &host(&inp.state.running_mean), &data.rmean, |_| 0.0)?;
+                    assert_close("running_var after error", &host(&inp.state.running_var), &data.rvar, |_| 0.0)
                 }
-                other => Err(format!(
-                    "expected TooFewValues {{ dataset: {dataset}, count: {count} }}, got {other:?}"
-                )),
+                other => Err(format!("expected TooFewValues {{ dataset: {dataset}, count: {count} }}, got {other:?}")),
             };
         }
         Err(e) => return Err(format!("reference failed: {e}")),
@@ -225,20 +174,12 @@ fn check_training(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     let present: Vec<bool> = want.counts.iter().map(|&m| m > 0).collect();
 
     let wy: Vec<f64> = want.y.iter().copied().collect();
-    assert_close("y", &host(&y), &wy, |i| {
-        1e-4 * (1.0 + wy[i].abs()) + 2.0 * u * wy[i].abs()
-    })?;
+    assert_close("y", &host(&y), &wy, |i| 1e-4 * (1.0 + wy[i].abs()) + 2.0 * u * wy[i].abs())?;
 
-    let (wmean, winv): (Vec<f64>, Vec<f64>) = (
-        want.mean.iter().copied().collect(),
-        want.invstd.iter().copied().collect(),
-    );
-    assert_close("saved mean", &host(&saved.mean), &wmean, |i| {
-        1e-5 * (1.0 + wmean[i].abs())
-    })?;
-    assert_close("saved invstd", &host(&saved.invstd), &winv, |i| {
-        1e-5 * winv[i]
-    })?;
+    let (wmean, winv): (Vec<f64>, Vec<f64>) =
+        (want.mean.iter().copied().collect(), want.invstd.iter().copied().collect());
+    assert_close("saved mean", &host(&saved.mean), &wmean, |i| 1e-5 * (1.0 + wmean[i].abs()))?;
+    assert_close("saved invstd", &host(&saved.invstd), &winv, |i| 1e-5 * winv[i])?;
     let wrm: Vec<f64> = want.running_mean.iter().copied().collect();
     let wrv: Vec<f64> = want.running_var.iter().copied().collect();
     // Absent datasets: running statistics bit for bit unchanged (tolerance 0).
@@ -246,9 +187,7 @@ fn check_training(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     assert_close("running_mean", &host(&inp.state.running_mean), &wrm, |i| {
         absent_exact(i, 1e-5 * (1.0 + wrm[i].abs()))
     })?;
-    assert_close("running_var", &host(&inp.state.running_var), &wrv, |i| {
-        absent_exact(i, 1e-5 * (1.0 + wrv[i].abs()))
-    })?;
+    assert_close("running_var", &host(&inp.state.running_var), &wrv, |i| absent_exact(i, 1e-5 * (1.0 + wrv[i].abs())))?;
 
     // Backward, with dy zeroed where the ReLU mask is ambiguous.
     let pre = preactivation(k, &data, &want.mean, &want.invstd);
@@ -265,18 +204,7 @@ fn check_training(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
         &cfg(k),
     )
     .map_err(|e| format!("reference backward failed: {e}"))?;
-    check_grads(
-        k,
-        dtype,
-        &data,
-        &pre,
-        &want.mean,
-        &want.invstd,
-        &want.counts,
-        &grads,
-        &wg,
-        true,
-    )
+    check_grads(k, dtype, &data, &pre, &want.mean, &want.invstd, &want.counts, &grads, &wg, true)
 }
 
 /// Tolerances of the backward from the conditioning of each sum: S = sum |g| (1 + |xhat|) over
@@ -297,15 +225,7 @@ fn check_grads(
 ) -> Result<(), String> {
     let hw = k.h * k.w;
     let mut s = vec![0.0f64; k.d * k.c];
-    let g: Vec<f64> = (0..data.dy.len())
-        .map(|e| {
-            if !k.relu || pre[e] > 0.0 {
-                data.dy[e]
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    let g: Vec<f64> = (0..data.dy.len()).map(|e| if !k.relu || pre[e] > 0.0 { data.dy[e] } else { 0.0 }).collect();
     let xhat = |e: usize| {
         let (c, d) = (e % k.c, k.datasets[e / (hw * k.c)]);
         (data.x[e] - mean[[d, c]]) * invstd[[d, c]]
@@ -325,11 +245,7 @@ fn check_grads(
         let (c, d) = (e % k.c, k.datasets[e / (hw * k.c)]);
         let sidx = d * k.c + c;
         let scale = data.gamma[sidx].abs() * invstd[[d, c]];
-        let group = if training {
-            s[sidx] / counts[d] as f64 * (1.0 + xhat(e).abs())
-        } else {
-            0.0
-        };
+        let group = if training { s[sidx] / counts[d] as f64 * (1.0 + xhat(e).abs()) } else { 0.0 };
         1e-4 * scale * (g[e].abs() + group) + 1e-7 + 2.0 * u * wdx[e].abs()
     })
 }
@@ -337,8 +253,7 @@ fn check_grads(
 fn check_inference(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     let mut data = make_data(k, dtype);
     let inp = upload(dev, k, &data, dtype);
-    let y = dsbn::forward_infer(&inp.x, &inp.datasets, &inp.state, &opts(k))
-        .map_err(|e| e.to_string())?;
+    let y = dsbn::forward_infer(&inp.x, &inp.datasets, &inp.state, &opts(k)).map_err(|e| e.to_string())?;
     let want = refd::dsbn_forward_infer(
         view4(k, &data.x),
         &k.datasets,
@@ -352,26 +267,15 @@ fn check_inference(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     let wy: Vec<f64> = want.iter().copied().collect();
     let u = unit_roundoff(dtype);
     // One pass, no reductions: a few roundings of f32 arithmetic.
-    assert_close("inference y", &host(&y), &wy, |i| {
-        1e-5 * (1.0 + wy[i].abs()) + 2.0 * u * wy[i].abs()
-    })?;
+    assert_close("inference y", &host(&y), &wy, |i| 1e-5 * (1.0 + wy[i].abs()) + 2.0 * u * wy[i].abs())?;
 
     let mean = Array2::from_shape_vec((k.d, k.c), data.rmean.clone()).unwrap();
-    let invstd = mean
-        .clone()
-        .into_shape_with_order((k.d, k.c))
-        .unwrap()
-        .mapv(|_| 0.0)
-        + Array2::from_shape_vec(
-            (k.d, k.c),
-            data.rvar.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect(),
-        )
-        .unwrap();
+    let invstd = mean.clone().into_shape_with_order((k.d, k.c)).unwrap().mapv(|_| 0.0)
+        + Array2::from_shape_vec((k.d, k.c), data.rvar.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect()).unwrap();
     let pre = preactivation(k, &data, &mean, &invstd);
     zero_ambiguous(&mut data.dy, &pre, k.relu);
     let dy = tensor(dev, &[k.n, k.h, k.w, k.c], &data.dy, dtype);
-    let grads = dsbn::backward_infer(&dy, &inp.x, &inp.datasets, &inp.state, &opts(k))
-        .map_err(|e| e.to_string())?;
+    let grads = dsbn::backward_infer(&dy, &inp.x, &inp.datasets, &inp.state, &opts(k)).map_err(|e| e.to_string())?;
     let wg = refd::dsbn_backward_infer(
         view4(k, &data.dy),
         view4(k, &data.x),
@@ -383,26 +287,11 @@ fn check_inference(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
         &cfg(k),
     )
     .map_err(|e| e.to_string())?;
-    check_grads(
-        k,
-        dtype,
-        &data,
-        &pre,
-        &mean,
-        &invstd,
-        &[],
-        &grads,
-        &wg,
-        false,
-    )
+    check_grads(k, dtype, &data, &pre, &mean, &invstd, &[], &grads, &wg, false)
 }
 
 fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig {
-        seed: 0,
-        threads: 0,
-    })
-    .unwrap()
+    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
 }
 
 proptest! {
@@ -453,16 +342,7 @@ fn named_dataset_mixes() {
     ];
     for (i, &(n, h, w, c, ds)) in mixes.iter().enumerate() {
         for relu in [false, true] {
-            let k = Case {
-                n,
-                h,
-                w,
-                c,
-                d: 4,
-                relu,
-                datasets: ds.to_vec(),
-                seed: 1000 + i as u64,
-            };
+            let k = Case { n, h, w, c, d: 4, relu, datasets: ds.to_vec(), seed: 1000 + i as u64 };
             check_training(&k, DType::F32, &dev).unwrap_or_else(|e| panic!("{k:?}: {e}"));
             check_inference(&k, DType::F32, &dev).unwrap_or_else(|e| panic!("{k:?}: {e}"));
         }
@@ -471,63 +351,28 @@ fn named_dataset_mixes() {
 
 fn run_all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
     let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
-    let k = Case {
-        n: 7,
-        h: 13,
-        w: 11,
-        c: 45,
-        d: 3,
-        relu: true,
-        datasets: vec![0, 2, 2, 0, 0, 2, 0],
-        seed: 7,
-    };
+    let k = Case { n: 7, h: 13, w: 11, c: 45, d: 3, relu: true, datasets: vec![0, 2, 2, 0, 0, 2, 0], seed: 7 };
     let data = make_data(&k, DType::F32);
     let mut inp = upload(&dev, &k, &data, DType::F32);
     let (y, saved) = dsbn::forward_train(&inp.x, &inp.datasets, &mut inp.state, &opts(&k)).unwrap();
-    let g = dsbn::backward_train(
-        &inp.dy,
-        &inp.x,
-        &inp.datasets,
-        &inp.state,
-        &saved,
-        &opts(&k),
-    )
-    .unwrap();
+    let g = dsbn::backward_train(&inp.dy, &inp.x, &inp.datasets, &inp.state, &saved, &opts(&k)).unwrap();
     let yi = dsbn::forward_infer(&inp.x, &inp.datasets, &inp.state, &opts(&k)).unwrap();
-    [
-        &y,
-        &saved.mean,
-        &saved.invstd,
-        &inp.state.running_mean,
-        &inp.state.running_var,
-        &g.dx,
-        &g.dgamma,
-        &g.dbeta,
-        &yi,
-    ]
-    .iter()
-    .map(|t| common::bits(t))
-    .collect()
+    [&y, &saved.mean, &saved.invstd, &inp.state.running_mean, &inp.state.running_var, &g.dx, &g.dgamma, &g.dbeta, &yi]
+        .iter()
+        .map(|t| common::bits(t))
+        .collect()
 }
 
 #[test]
 fn bitwise_identical_across_emulator_seeds_and_thread_counts() {
     let base = run_all_bits(0, 1);
     for (seed, threads) in [(1, 2), (0xDEAD_BEEF, 0), (42, 1)] {
-        assert!(
-            run_all_bits(seed, threads) == base,
-            "seed {seed}, threads {threads} changed the bits"
-        );
+        assert!(run_all_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
     }
 }
 
 fn small_inputs(dev: &Device) -> (Tensor, Tensor, DsbnState) {
-    let x = Tensor::from_slice(
-        dev,
-        &[2, 2, 2, 3],
-        &(0..24).map(|i| i as f32 * 0.25).collect::<Vec<_>>(),
-    )
-    .unwrap();
+    let x = Tensor::from_slice(dev, &[2, 2, 2, 3], &(0..24).map(|i| i as f32 * 0.25).collect::<Vec<_>>()).unwrap();
     let ds = Tensor::from_slice(dev, &[2], &[0i32, 1]).unwrap();
     (x, ds, DsbnState::new(dev, 2, 3).unwrap())
 }
@@ -542,11 +387,7 @@ fn dataset_index_out_of_range_is_a_typed_error_and_nothing_is_written() {
         let err = dsbn::forward_train(&x, &ds, &mut state, &DsbnOptions::default()).unwrap_err();
         assert_eq!(
             err,
-            Error::DatasetIndexOutOfRange {
-                sample: first_bad,
-                index: bad[first_bad] as i64,
-                num_datasets: 2
-            }
+            Error::DatasetIndexOutOfRange { sample: first_bad, index: bad[first_bad] as i64, num_datasets: 2 }
         );
         assert_eq!(state.running_mean.to_vec::<f32>().unwrap(), vec![0.0; 6]);
         assert_eq!(state.running_var.to_vec::<f32>().unwrap(), vec![1.0; 6]);
@@ -567,57 +408,26 @@ fn wrong_shapes_dtypes_and_options_are_typed_errors() {
     let (x, ds, mut state) = small_inputs(&dev);
     let o = DsbnOptions::default();
     let x3 = Tensor::zeros(&dev, &[2, 2, 6], DType::F32).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&x3, &ds, &mut state, &o),
-        Err(Error::InvalidShape { .. })
-    ));
+    assert!(matches!(dsbn::forward_train(&x3, &ds, &mut state, &o), Err(Error::InvalidShape { .. })));
     let xi = Tensor::zeros(&dev, &[2, 2, 2, 3], DType::I32).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&xi, &ds, &mut state, &o),
-        Err(Error::UnsupportedDType { .. })
-    ));
+    assert!(matches!(dsbn::forward_train(&xi, &ds, &mut state, &o), Err(Error::UnsupportedDType { .. })));
     let ds_f = Tensor::zeros(&dev, &[2], DType::F32).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&x, &ds_f, &mut state, &o),
-        Err(Error::DTypeMismatch { .. })
-    ));
+    assert!(matches!(dsbn::forward_train(&x, &ds_f, &mut state, &o), Err(Error::DTypeMismatch { .. })));
     let ds3 = Tensor::zeros(&dev, &[3], DType::I32).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&x, &ds3, &mut state, &o),
-        Err(Error::ShapeMismatch { .. })
-    ));
+    assert!(matches!(dsbn::forward_train(&x, &ds3, &mut state, &o), Err(Error::ShapeMismatch { .. })));
     let mut wrong_c = DsbnState::new(&dev, 2, 4).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&x, &ds, &mut wrong_c, &o),
-        Err(Error::ShapeMismatch { .. })
-    ));
-    for bad in [
-        DsbnOptions { eps: 0.0, ..o },
-        DsbnOptions { eps: f32::NAN, ..o },
-        DsbnOptions { momentum: 1.5, ..o },
-    ] {
-        assert!(matches!(
-            dsbn::forward_train(&x, &ds, &mut state, &bad),
-            Err(Error::InvalidArgument(_))
-        ));
+    assert!(matches!(dsbn::forward_train(&x, &ds, &mut wrong_c, &o), Err(Error::ShapeMismatch { .. })));
+    for bad in [DsbnOptions { eps: 0.0, ..o }, DsbnOptions { eps: f32::NAN, ..o }, DsbnOptions { momentum: 1.5, ..o }] {
+        assert!(matches!(dsbn::forward_train(&x, &ds, &mut state, &bad), Err(Error::InvalidArgument(_))));
     }
     let zero = Tensor::zeros(&dev, &[0, 2, 2, 3], DType::F32).unwrap();
-    assert!(matches!(
-        dsbn::forward_infer(&zero, &ds, &state, &o),
-        Err(Error::InvalidShape { .. })
-    ));
+    assert!(matches!(dsbn::forward_infer(&zero, &ds, &state, &o), Err(Error::InvalidShape { .. })));
     let other = emulator();
     let ds_other = Tensor::from_slice(&other, &[2], &[0i32, 1]).unwrap();
-    assert!(matches!(
-        dsbn::forward_train(&x, &ds_other, &mut state, &o),
-        Err(Error::DeviceMismatch { .. })
-    ));
+    assert!(matches!(dsbn::forward_train(&x, &ds_other, &mut state, &o), Err(Error::DeviceMismatch { .. })));
     let (_, saved) = dsbn::forward_train(&x, &ds, &mut state, &o).unwrap();
     let dy16 = Tensor::zeros(&dev, &[2, 2, 2, 3], DType::F16).unwrap();
-    assert!(matches!(
-        dsbn::backward_train(&dy16, &x, &ds, &state, &saved, &o),
-        Err(Error::DTypeMismatch { .. })
-    ));
+    assert!(matches!(dsbn::backward_train(&dy16, &x, &ds, &state, &saved, &o), Err(Error::DTypeMismatch { .. })));
 }
 
 #[test]
@@ -625,10 +435,7 @@ fn cuda_without_a_driver_is_a_typed_error() {
     match Device::cuda(0) {
         Ok(dev) => eprintln!("a GPU is present: {}", dev.name()),
         Err(e) => assert!(
-            matches!(
-                e,
-                Error::CudaNotBuilt | Error::NoDriver | Error::NoDevice { .. }
-            ),
+            matches!(e, Error::CudaNotBuilt | Error::NoDriver | Error::NoDevice { .. }),
             "unexpected error without a GPU: {e:?}"
         ),
     }

@@ -27,15 +27,10 @@ fn divergent_syncthreads_is_a_fault_naming_both_barriers() {
     let m = fault_message(SelfTest::DivergentSyncthreads, 32);
     assert!(m.contains("divergent barrier"), "{m}");
     assert!(
-        m.contains("kernel `divergent_syncthreads`")
-            && m.contains("block (0,0,0)")
-            && m.contains("thread ("),
+        m.contains("kernel `divergent_syncthreads`") && m.contains("block (0,0,0)") && m.contains("thread ("),
         "{m}"
     );
-    assert!(
-        m.matches("selftest.cu:").count() == 2,
-        "both barrier sites named: {m}"
-    );
+    assert!(m.matches("selftest.cu:").count() == 2, "both barrier sites named: {m}");
 }
 
 #[test]
@@ -46,10 +41,7 @@ fn early_return_then_barrier_is_a_fault_whatever_the_schedule() {
             Err(Error::EmulatorFault { message, .. }) => message,
             other => panic!("seed {seed}: expected a fault, got {other:?}"),
         };
-        assert!(
-            m.contains("__syncthreads") && m.contains("exited"),
-            "seed {seed}: {m}"
-        );
+        assert!(m.contains("__syncthreads") && m.contains("exited"), "seed {seed}: {m}");
     }
 }
 
@@ -64,30 +56,17 @@ fn partial_mask_shuffle_is_a_fault() {
 fn poisoned_shared_memory_reaches_the_output_as_nan() {
     let (r, out) = run(SelfTest::PoisonedSharedRead, 64, 0);
     r.unwrap();
-    assert!(
-        out[..32].iter().all(|&v| v == 1.0),
-        "written half intact: {out:?}"
-    );
-    assert!(
-        out[32..].iter().all(|v| v.is_nan()),
-        "unwritten half must read as NaN poison: {out:?}"
-    );
+    assert!(out[..32].iter().all(|&v| v == 1.0), "written half intact: {out:?}");
+    assert!(out[32..].iter().all(|v| v.is_nan()), "unwritten half must read as NaN poison: {out:?}");
 }
 
 #[test]
 fn a_racy_kernel_changes_its_result_with_the_seed() {
-    let results: std::collections::BTreeSet<u32> = (0..6)
-        .map(|seed| run(SelfTest::SharedRace, 1, seed).1[0] as u32)
-        .collect();
-    assert!(
-        results.len() > 1,
-        "the survivor of the race should depend on the seed, got {results:?}"
-    );
+    let results: std::collections::BTreeSet<u32> =
+        (0..6).map(|seed| run(SelfTest::SharedRace, 1, seed).1[0] as u32).collect();
+    assert!(results.len() > 1, "the survivor of the race should depend on the seed, got {results:?}");
     // The same seed reproduces the same interleaving.
-    assert_eq!(
-        run(SelfTest::SharedRace, 1, 3).1,
-        run(SelfTest::SharedRace, 1, 3).1
-    );
+    assert_eq!(run(SelfTest::SharedRace, 1, 3).1, run(SelfTest::SharedRace, 1, 3).1);
 }
 
 #[test]
@@ -117,30 +96,14 @@ fn every_collective_matches_cuda_semantics() {
     for lane in 0..32usize {
         let l = lane as f32;
         assert_eq!(out[lane], 5.0, "shfl idx");
-        assert_eq!(
-            out[32 + lane],
-            if lane >= 3 { l - 3.0 } else { l },
-            "shfl up"
-        );
+        assert_eq!(out[32 + lane], if lane >= 3 { l - 3.0 } else { l }, "shfl up");
         // width 8: lanes whose in-segment index + 3 leaves the segment keep their value.
-        assert_eq!(
-            out[64 + lane],
-            if lane % 8 + 3 < 8 { l + 3.0 } else { l },
-            "shfl down width 8"
-        );
+        assert_eq!(out[64 + lane], if lane % 8 + 3 < 8 { l + 3.0 } else { l }, "shfl down width 8");
         assert_eq!(out[96 + lane], (lane ^ 1) as f32, "shfl xor width 16");
-        assert_eq!(
-            out[128 + lane],
-            11.0,
-            "ballot popcount of lanes divisible by 3"
-        );
+        assert_eq!(out[128 + lane], 11.0, "ballot popcount of lanes divisible by 3");
         assert_eq!(out[160 + lane], 1.0, "any");
         assert_eq!(out[192 + lane], 0.0, "all (lane 31 says no)");
-        assert_eq!(
-            out[224 + lane],
-            if lane < 16 { 0.0 } else { 16.0 },
-            "half-warp masks"
-        );
+        assert_eq!(out[224 + lane], if lane < 16 { 0.0 } else { 16.0 }, "half-warp masks");
     }
 }
 
@@ -167,24 +130,13 @@ fn out_of_bounds_write_is_caught_by_address_sanitizer() {
     }
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "out_of_bounds_write_is_caught_by_address_sanitizer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "out_of_bounds_write_is_caught_by_address_sanitizer", "--nocapture", "--test-threads=1"])
         .env("CDCL_ASAN_CHILD", "1")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "the child should have been stopped by ASan; stderr:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("AddressSanitizer") && stderr.contains("heap-buffer-overflow"),
-        "{stderr}"
-    );
+    assert!(!out.status.success(), "the child should have been stopped by ASan; stderr:\n{stderr}");
+    assert!(stderr.contains("AddressSanitizer") && stderr.contains("heap-buffer-overflow"), "{stderr}");
 }
 
 #[test]

@@ -27,12 +27,7 @@ fn parse(report: &str) -> Vec<Entry> {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let mut parts = rest.split('\'');
             let function = parts.next().unwrap_or_default().to_string();
-            let arch = rest
-                .rsplit("for '")
-                .next()
-                .unwrap_or_default()
-                .trim_end_matches('\'')
-                .to_string();
+            let arch = rest.rsplit("for '").next().unwrap_or_default().trim_end_matches('\'').to_string();
             entries.push(Entry {
                 function,
                 arch,
@@ -59,9 +54,8 @@ fn parse(report: &str) -> Vec<Entry> {
 #[test]
 fn every_kernel_compiles_cleanly_without_spills_or_local_memory() {
     let dir = Path::new(env!("CDCL_NVCC_REPORT_DIR"));
-    let mut reports: Vec<_> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut reports: Vec<_> =
+        std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     reports.retain(|p| p.extension().is_some_and(|e| e == "txt") && !p.ends_with("archs.txt"));
     reports.sort();
     if reports.is_empty() {
@@ -78,25 +72,16 @@ fn every_kernel_compiles_cleanly_without_spills_or_local_memory() {
         .split(',')
         .map(|a| format!("sm_{}", a.trim()))
         .collect();
-    assert!(
-        archs.contains("sm_80") && archs.contains("sm_90"),
-        "build must cover sm_80 and sm_90: {archs:?}"
-    );
+    assert!(archs.contains("sm_80") && archs.contains("sm_90"), "build must cover sm_80 and sm_90: {archs:?}");
     let mut failures = Vec::new();
     for path in &reports {
         let text = std::fs::read_to_string(path).unwrap();
         let name = path.file_stem().unwrap().to_string_lossy();
-        for line in text
-            .lines()
-            .filter(|l| l.to_ascii_lowercase().contains("warning"))
-        {
+        for line in text.lines().filter(|l| l.to_ascii_lowercase().contains("warning")) {
             failures.push(format!("{name}: {line}"));
         }
         let entries = parse(&text);
-        assert!(
-            !entries.is_empty(),
-            "{name}: the report lists no kernel; is -Xptxas -v still passed?"
-        );
+        assert!(!entries.is_empty(), "{name}: the report lists no kernel; is -Xptxas -v still passed?");
         let seen: BTreeSet<String> = entries.iter().map(|e| e.arch.clone()).collect();
         for arch in &archs {
             if !seen.contains(arch) {
@@ -104,12 +89,7 @@ fn every_kernel_compiles_cleanly_without_spills_or_local_memory() {
             }
         }
         for e in &entries {
-            println!(
-                "{name:>12} {:<6} regs {:>3?}  {}",
-                e.arch,
-                e.registers.unwrap_or(0),
-                e.function
-            );
+            println!("{name:>12} {:<6} regs {:>3?}  {}", e.arch, e.registers.unwrap_or(0), e.function);
             if e.stack_frame != 0 || e.spill_stores != 0 || e.spill_loads != 0 {
                 failures.push(format!(
                     "{name}: {} on {}: {} bytes stack frame, {} spill stores, {} spill loads",
@@ -118,11 +98,7 @@ fn every_kernel_compiles_cleanly_without_spills_or_local_memory() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "ptxas report problems:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "ptxas report problems:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -133,13 +109,5 @@ fn parser_reads_the_ptxas_format() {
                   ptxas info    : Used 40 registers, used 1 barriers, 3072 bytes smem";
     let e = parse(sample);
     assert_eq!(e.len(), 1);
-    assert_eq!(
-        (
-            e[0].arch.as_str(),
-            e[0].stack_frame,
-            e[0].spill_stores,
-            e[0].registers
-        ),
-        ("sm_90", 8, 4, Some(40))
-    );
+    assert_eq!((e[0].arch.as_str(), e[0].stack_frame, e[0].spill_stores, e[0].registers), ("sm_90", 8, 4, Some(40)));
 }

@@ -35,12 +35,7 @@ impl SplitMix64 {
     }
 }
 
-fn rand4(
-    rng: &mut SplitMix64,
-    shape: (usize, usize, usize, usize),
-    lo: f64,
-    hi: f64,
-) -> Array4<f64> {
+fn rand4(rng: &mut SplitMix64, shape: (usize, usize, usize, usize), lo: f64, hi: f64) -> Array4<f64> {
     Array4::from_shape_simple_fn(shape, || rng.uniform(lo, hi))
 }
 
@@ -73,8 +68,7 @@ impl Problem {
                 for wi in 0..w {
                     for ci in 0..c {
                         let ds = datasets[ni];
-                        x[[ni, hi, wi, ci]] =
-                            offset[[ds, ci]] + scale[[ds, ci]] * x[[ni, hi, wi, ci]];
+                        x[[ni, hi, wi, ci]] = offset[[ds, ci]] + scale[[ds, ci]] * x[[ni, hi, wi, ci]];
                     }
                 }
             }
@@ -89,14 +83,7 @@ impl Problem {
         let beta = rand2(&mut rng, (d, c), -0.5, 0.5);
         let running_mean = rand2(&mut rng, (d, c), -1.0, 1.0);
         let running_var = rand2(&mut rng, (d, c), 0.5, 2.0);
-        Problem {
-            x,
-            datasets: datasets.to_vec(),
-            gamma,
-            beta,
-            running_mean,
-            running_var,
-        }
+        Problem { x, datasets: datasets.to_vec(), gamma, beta, running_mean, running_var }
     }
 
     fn train(&self, cfg: &DsbnConfig) -> Result<DsbnTrainOutput, ReferenceError> {
@@ -123,26 +110,11 @@ impl Problem {
         )
     }
 
-    fn backward_train(
-        &self,
-        dy: &Array4<f64>,
-        cfg: &DsbnConfig,
-    ) -> Result<DsbnGrads, ReferenceError> {
-        dsbn_backward_train(
-            dy.view(),
-            self.x.view(),
-            &self.datasets,
-            self.gamma.view(),
-            self.beta.view(),
-            cfg,
-        )
+    fn backward_train(&self, dy: &Array4<f64>, cfg: &DsbnConfig) -> Result<DsbnGrads, ReferenceError> {
+        dsbn_backward_train(dy.view(), self.x.view(), &self.datasets, self.gamma.view(), self.beta.view(), cfg)
     }
 
-    fn backward_infer(
-        &self,
-        dy: &Array4<f64>,
-        cfg: &DsbnConfig,
-    ) -> Result<DsbnGrads, ReferenceError> {
+    fn backward_infer(&self, dy: &Array4<f64>, cfg: &DsbnConfig) -> Result<DsbnGrads, ReferenceError> {
         dsbn_backward_infer(
             dy.view(),
             self.x.view(),
@@ -157,9 +129,7 @@ impl Problem {
 
     /// The samples of dataset `d` alone, as a problem with a single dataset (D = 1).
     fn only_dataset(&self, d: usize) -> Problem {
-        let idx: Vec<usize> = (0..self.datasets.len())
-            .filter(|&n| self.datasets[n] == d)
-            .collect();
+        let idx: Vec<usize> = (0..self.datasets.len()).filter(|&n| self.datasets[n] == d).collect();
         Problem {
             x: self.x.select(Axis(0), &idx),
             datasets: vec![0; idx.len()],
@@ -172,11 +142,7 @@ impl Problem {
 }
 
 fn cfg(eps: f64, momentum: f64, relu: bool) -> DsbnConfig {
-    DsbnConfig {
-        eps,
-        momentum,
-        relu,
-    }
+    DsbnConfig { eps, momentum, relu }
 }
 
 fn assert_close(actual: f64, expected: f64, rel: f64, what: &str) {
@@ -292,10 +258,7 @@ fn grad_check(mode: Mode, relu: bool, seed: u64) {
         let pre = forward_y(&p, mode, &c_pre);
         let clamped = pre.iter().filter(|&&v| v <= 0.0).count();
         let frac = clamped as f64 / pre.len() as f64;
-        assert!(
-            (0.1..=0.9).contains(&frac),
-            "ReLU mask is trivial (clamped fraction {frac}); pick another seed"
-        );
+        assert!((0.1..=0.9).contains(&frac), "ReLU mask is trivial (clamped fraction {frac}); pick another seed");
     }
 
     let mut checked = 0usize;
@@ -342,9 +305,7 @@ fn grad_check(mode: Mode, relu: bool, seed: u64) {
         skipped * 10 <= total,
         "{mode:?} relu={relu}: too many elements skipped near the ReLU kink ({skipped}/{total})"
     );
-    eprintln!(
-        "{mode:?} relu={relu}: checked {checked}, skipped {skipped}, max rel err {max_err:e}"
-    );
+    eprintln!("{mode:?} relu={relu}: checked {checked}, skipped {skipped}, max rel err {max_err:e}");
 }
 
 #[test]
@@ -385,61 +346,28 @@ fn hand_computed_example() {
     let rm = Array2::from_shape_vec((2, 1), vec![0.0, 10.0]).unwrap();
     let rv = Array2::from_shape_vec((2, 1), vec![1.0, 1.0]).unwrap();
     let run = |relu: bool| {
-        dsbn_forward_train(
-            x.view(),
-            &[0, 1],
-            gamma.view(),
-            beta.view(),
-            rm.view(),
-            rv.view(),
-            &cfg(0.0, 0.5, relu),
-        )
-        .unwrap()
+        dsbn_forward_train(x.view(), &[0, 1], gamma.view(), beta.view(), rm.view(), rv.view(), &cfg(0.0, 0.5, relu))
+            .unwrap()
     };
     // Dataset 0: values {1, 3}: mean 2, biased var 1, unbiased 2, xhat {-1, 1}.
     // Dataset 1: values {2, 6}: mean 4, biased var 4, unbiased 8, xhat {-1, 1}.
     let out = run(false);
-    assert_eq!(
-        out.y.iter().copied().collect::<Vec<_>>(),
-        vec![-1.5, 2.5, -4.0, 2.0]
-    );
+    assert_eq!(out.y.iter().copied().collect::<Vec<_>>(), vec![-1.5, 2.5, -4.0, 2.0]);
     assert_eq!(out.mean.iter().copied().collect::<Vec<_>>(), vec![2.0, 4.0]);
     assert_eq!(out.var.iter().copied().collect::<Vec<_>>(), vec![1.0, 4.0]);
-    assert_eq!(
-        out.invstd.iter().copied().collect::<Vec<_>>(),
-        vec![1.0, 0.5]
-    );
-    assert_eq!(
-        out.running_mean.iter().copied().collect::<Vec<_>>(),
-        vec![1.0, 7.0]
-    );
-    assert_eq!(
-        out.running_var.iter().copied().collect::<Vec<_>>(),
-        vec![1.5, 4.5]
-    );
+    assert_eq!(out.invstd.iter().copied().collect::<Vec<_>>(), vec![1.0, 0.5]);
+    assert_eq!(out.running_mean.iter().copied().collect::<Vec<_>>(), vec![1.0, 7.0]);
+    assert_eq!(out.running_var.iter().copied().collect::<Vec<_>>(), vec![1.5, 4.5]);
     assert_eq!(out.counts, vec![2, 2]);
     let out = run(true);
-    assert_eq!(
-        out.y.iter().copied().collect::<Vec<_>>(),
-        vec![0.0, 2.5, 0.0, 2.0]
-    );
+    assert_eq!(out.y.iter().copied().collect::<Vec<_>>(), vec![0.0, 2.5, 0.0, 2.0]);
 
     // Inference with running stats (0, 1) and (10, 1), eps = 0:
     // y = (x - rm) / sqrt(rv) * gamma + beta.
-    let y = dsbn_forward_infer(
-        x.view(),
-        &[0, 1],
-        gamma.view(),
-        beta.view(),
-        rm.view(),
-        rv.view(),
-        &cfg(0.0, 0.5, false),
-    )
-    .unwrap();
-    assert_eq!(
-        y.iter().copied().collect::<Vec<_>>(),
-        vec![2.5, 6.5, -25.0, -13.0]
-    );
+    let y =
+        dsbn_forward_infer(x.view(), &[0, 1], gamma.view(), beta.view(), rm.view(), rv.view(), &cfg(0.0, 0.5, false))
+            .unwrap();
+    assert_eq!(y.iter().copied().collect::<Vec<_>>(), vec![2.5, 6.5, -25.0, -13.0]);
 }
 
 #[test]
@@ -488,25 +416,10 @@ fn per_dataset_statistics_and_output_moments() {
 
             assert_close(out.mean[[ds, ci]], mean_x, 1e-12, &format!("mean, {what}"));
             assert_close(out.var[[ds, ci]], var_x, 1e-12, &format!("var, {what}"));
-            assert_close(
-                out.invstd[[ds, ci]],
-                1.0 / (var_x + eps).sqrt(),
-                1e-12,
-                &format!("invstd, {what}"),
-            );
-            assert_close(
-                mean_y,
-                p.beta[[ds, ci]],
-                1e-12,
-                &format!("output mean, {what}"),
-            );
+            assert_close(out.invstd[[ds, ci]], 1.0 / (var_x + eps).sqrt(), 1e-12, &format!("invstd, {what}"));
+            assert_close(mean_y, p.beta[[ds, ci]], 1e-12, &format!("output mean, {what}"));
             let g = p.gamma[[ds, ci]];
-            assert_close(
-                var_y,
-                g * g * var_x / (var_x + eps),
-                1e-12,
-                &format!("output variance, {what}"),
-            );
+            assert_close(var_y, g * g * var_x / (var_x + eps), 1e-12, &format!("output variance, {what}"));
             assert_close(
                 out.running_mean[[ds, ci]],
                 (1.0 - momentum) * p.running_mean[[ds, ci]] + momentum * mean_x,
@@ -515,8 +428,7 @@ fn per_dataset_statistics_and_output_moments() {
             );
             assert_close(
                 out.running_var[[ds, ci]],
-                (1.0 - momentum) * p.running_var[[ds, ci]]
-                    + momentum * var_x * m as f64 / (m as f64 - 1.0),
+                (1.0 - momentum) * p.running_var[[ds, ci]] + momentum * var_x * m as f64 / (m as f64 - 1.0),
                 1e-12,
                 &format!("running var, {what}"),
             );
@@ -537,16 +449,8 @@ fn absent_dataset_is_untouched() {
         let out = p.train(&cfg(1e-5, 0.25, relu)).unwrap();
         assert_eq!(out.counts, vec![8, 0, 8]);
         for ci in 0..3 {
-            assert_eq!(
-                out.running_mean[[1, ci]].to_bits(),
-                p.running_mean[[1, ci]].to_bits(),
-                "running_mean[1, {ci}]"
-            );
-            assert_eq!(
-                out.running_var[[1, ci]].to_bits(),
-                p.running_var[[1, ci]].to_bits(),
-                "running_var[1, {ci}]"
-            );
+            assert_eq!(out.running_mean[[1, ci]].to_bits(), p.running_mean[[1, ci]].to_bits(), "running_mean[1, {ci}]");
+            assert_eq!(out.running_var[[1, ci]].to_bits(), p.running_var[[1, ci]].to_bits(), "running_var[1, {ci}]");
             assert_eq!(out.mean[[1, ci]], 0.0);
             assert_eq!(out.var[[1, ci]], 0.0);
             assert_eq!(out.invstd[[1, ci]], 0.0);
@@ -576,48 +480,16 @@ fn single_sample_dataset_uses_own_stats() {
         let mixed = p.train(&c).unwrap();
         let single = alone.train(&c).unwrap();
         let what = format!("relu={relu}");
-        assert_close4(
-            mixed.y.slice(s![1..2, .., .., ..]),
-            single.y.view(),
-            1e-13,
-            &what,
-        );
-        assert_close2(
-            mixed.mean.slice(s![2..3, ..]),
-            single.mean.view(),
-            1e-13,
-            &what,
-        );
-        assert_close2(
-            mixed.var.slice(s![2..3, ..]),
-            single.var.view(),
-            1e-13,
-            &what,
-        );
-        assert_close2(
-            mixed.running_var.slice(s![2..3, ..]),
-            single.running_var.view(),
-            1e-13,
-            &what,
-        );
+        assert_close4(mixed.y.slice(s![1..2, .., .., ..]), single.y.view(), 1e-13, &what);
+        assert_close2(mixed.mean.slice(s![2..3, ..]), single.mean.view(), 1e-13, &what);
+        assert_close2(mixed.var.slice(s![2..3, ..]), single.var.view(), 1e-13, &what);
+        assert_close2(mixed.running_var.slice(s![2..3, ..]), single.running_var.view(), 1e-13, &what);
 
         let dy = rand4(&mut SplitMix64(9), p.x.dim(), -1.0, 1.0);
         let gm = p.backward_train(&dy, &c).unwrap();
-        let gs = alone
-            .backward_train(&dy.slice(s![1..2, .., .., ..]).to_owned(), &c)
-            .unwrap();
-        assert_close4(
-            gm.dx.slice(s![1..2, .., .., ..]),
-            gs.dx.view(),
-            1e-13,
-            &what,
-        );
-        assert_close2(
-            gm.dgamma.slice(s![2..3, ..]),
-            gs.dgamma.view(),
-            1e-13,
-            &what,
-        );
+        let gs = alone.backward_train(&dy.slice(s![1..2, .., .., ..]).to_owned(), &c).unwrap();
+        assert_close4(gm.dx.slice(s![1..2, .., .., ..]), gs.dx.view(), 1e-13, &what);
+        assert_close2(gm.dgamma.slice(s![2..3, ..]), gs.dgamma.view(), 1e-13, &what);
         assert_close2(gm.dbeta.slice(s![2..3, ..]), gs.dbeta.view(), 1e-13, &what);
     }
 }
@@ -652,47 +524,17 @@ fn mixed_batch_equals_separate_batches() {
             let rows = s![ds..ds + 1, ..];
 
             assert_eq!(mixed.counts[ds], sep.counts[0], "{what}");
-            assert_close4(
-                mixed.y.select(Axis(0), &idx).view(),
-                sep.y.view(),
-                1e-13,
-                &what,
-            );
+            assert_close4(mixed.y.select(Axis(0), &idx).view(), sep.y.view(), 1e-13, &what);
             assert_close2(mixed.mean.slice(rows), sep.mean.view(), 1e-13, &what);
             assert_close2(mixed.var.slice(rows), sep.var.view(), 1e-13, &what);
             assert_close2(mixed.invstd.slice(rows), sep.invstd.view(), 1e-13, &what);
-            assert_close2(
-                mixed.running_mean.slice(rows),
-                sep.running_mean.view(),
-                1e-13,
-                &what,
-            );
-            assert_close2(
-                mixed.running_var.slice(rows),
-                sep.running_var.view(),
-                1e-13,
-                &what,
-            );
-            assert_close4(
-                mixed_infer.select(Axis(0), &idx).view(),
-                sep_infer.view(),
-                1e-13,
-                &what,
-            );
-            assert_close4(
-                gm.dx.select(Axis(0), &idx).view(),
-                gs.dx.view(),
-                1e-13,
-                &what,
-            );
+            assert_close2(mixed.running_mean.slice(rows), sep.running_mean.view(), 1e-13, &what);
+            assert_close2(mixed.running_var.slice(rows), sep.running_var.view(), 1e-13, &what);
+            assert_close4(mixed_infer.select(Axis(0), &idx).view(), sep_infer.view(), 1e-13, &what);
+            assert_close4(gm.dx.select(Axis(0), &idx).view(), gs.dx.view(), 1e-13, &what);
             assert_close2(gm.dgamma.slice(rows), gs.dgamma.view(), 1e-13, &what);
             assert_close2(gm.dbeta.slice(rows), gs.dbeta.view(), 1e-13, &what);
-            assert_close4(
-                gim.dx.select(Axis(0), &idx).view(),
-                gis.dx.view(),
-                1e-13,
-                &what,
-            );
+            assert_close4(gim.dx.select(Axis(0), &idx).view(), gis.dx.view(), 1e-13, &what);
             assert_close2(gim.dgamma.slice(rows), gis.dgamma.view(), 1e-13, &what);
             assert_close2(gim.dbeta.slice(rows), gis.dbeta.view(), 1e-13, &what);
         }
@@ -739,10 +581,7 @@ fn train_dx_sums_to_zero_per_group() {
     }
     for ((ds, ci), s) in sums.indexed_iter() {
         assert!(scale[[ds, ci]] > 0.1, "dx is trivially zero");
-        assert!(
-            s.abs() <= 1e-12 * scale[[ds, ci]],
-            "sum of dx[{ds}, {ci}] = {s:e}"
-        );
+        assert!(s.abs() <= 1e-12 * scale[[ds, ci]], "sum of dx[{ds}, {ci}] = {s:e}");
     }
 }
 
@@ -752,10 +591,7 @@ fn too_few_values_per_channel_is_an_error() {
     // H = W = 1: a dataset with one sample has one value per channel.
     let p = Problem::new(71, &[0, 1], (1, 1, 3), 2);
     let dy = Array4::<f64>::ones(p.x.dim());
-    let expected = ReferenceError::TooFewValues {
-        dataset: 0,
-        count: 1,
-    };
+    let expected = ReferenceError::TooFewValues { dataset: 0, count: 1 };
     assert_eq!(p.train(&c).unwrap_err(), expected);
     assert_eq!(p.backward_train(&dy, &c).unwrap_err(), expected);
     // Inference needs no batch statistics.
@@ -763,14 +599,9 @@ fn too_few_values_per_channel_is_an_error() {
     assert!(p.backward_infer(&dy, &c).is_ok());
 
     let p = Problem::new(72, &[0, 0, 1], (1, 1, 3), 2);
-    let expected = ReferenceError::TooFewValues {
-        dataset: 1,
-        count: 1,
-    };
+    let expected = ReferenceError::TooFewValues { dataset: 1, count: 1 };
     assert_eq!(p.train(&c).unwrap_err(), expected);
-    assert!(expected
-        .to_string()
-        .contains("more than 1 value per channel"));
+    assert!(expected.to_string().contains("more than 1 value per channel"));
 
     // Two samples of one dataset (the other absent) are fine, as is one sample with H * W > 1.
     let p = Problem::new(73, &[1, 1], (1, 1, 3), 2);
@@ -786,11 +617,7 @@ fn out_of_range_dataset_is_an_error() {
     let mut bad = p.clone();
     bad.datasets = vec![0, 3, 1];
     let dy = Array4::<f64>::ones(p.x.dim());
-    let expected = ReferenceError::DatasetOutOfRange {
-        sample: 1,
-        index: 3,
-        num_datasets: 3,
-    };
+    let expected = ReferenceError::DatasetOutOfRange { sample: 1, index: 3, num_datasets: 3 };
     assert_eq!(bad.train(&c).unwrap_err(), expected);
     assert_eq!(bad.infer(&c).unwrap_err(), expected);
     assert_eq!(bad.backward_train(&dy, &c).unwrap_err(), expected);

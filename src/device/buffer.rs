@@ -47,11 +47,7 @@ impl DeviceBuffer {
                 Backend::Cuda(c) => Mem::Cuda(c.alloc_zeroed(len)?),
             }
         };
-        Ok(DeviceBuffer {
-            device: device.clone(),
-            len,
-            mem,
-        })
+        Ok(DeviceBuffer { device: device.clone(), len, mem })
     }
 
     /// Size in bytes.
@@ -129,10 +125,7 @@ impl DeviceBuffer {
         if n == self.len {
             Ok(())
         } else {
-            Err(Error::InvalidArgument(format!(
-                "host copy of {n} bytes into a device buffer of {} bytes",
-                self.len
-            )))
+            Err(Error::InvalidArgument(format!("host copy of {n} bytes into a device buffer of {} bytes", self.len)))
         }
     }
 }
@@ -149,11 +142,6 @@ impl Drop for DeviceBuffer {
 
 impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DeviceBuffer({} bytes on {})",
-            self.len,
-            self.device.name()
-        )
+        write!(f, "DeviceBuffer({} bytes on {})", self.len, self.device.name())
     }
 }

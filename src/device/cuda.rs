@@ -16,11 +16,7 @@ pub(crate) struct CudaBackend {
 }
 
 fn driver_error(e: DriverError, what: &str) -> Error {
-    Error::Cuda {
-        code: e.0 as i32,
-        kernel: what.to_string(),
-        message: format!("{e:?}"),
-    }
+    Error::Cuda { code: e.0 as i32, kernel: what.to_string(), message: format!("{e:?}") }
 }
 
 impl CudaBackend {
@@ -34,13 +30,9 @@ impl CudaBackend {
         }
         let count = CudaContext::device_count().map_err(|e| driver_error(e, "cuDeviceGetCount"))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::NoDevice {
-                ordinal,
-                count: count.max(0) as usize,
-            });
+            return Err(Error::NoDevice { ordinal, count: count.max(0) as usize });
         }
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| driver_error(e, "cuDevicePrimaryCtxRetain"))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error(e, "cuDevicePrimaryCtxRetain"))?;
         // One stream per device: ordering is the stream's, so cudarc's cross-stream events are
         // not needed.
         // SAFETY: no CudaSlice exists yet on this context.
@@ -55,20 +47,12 @@ impl CudaBackend {
     }
 
     pub(crate) fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error(e, "cuStreamSynchronize"))
+        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
     }
 
     pub(crate) fn alloc_zeroed(&self, len: usize) -> Result<CudaMem> {
-        let slice = self
-            .stream
-            .alloc_zeros::<u8>(len)
-            .map_err(|_| Error::OutOfMemory { bytes: len })?;
-        Ok(CudaMem {
-            slice,
-            stream: self.stream.clone(),
-        })
+        let slice = self.stream.alloc_zeros::<u8>(len).map_err(|_| Error::OutOfMemory { bytes: len })?;
+        Ok(CudaMem { slice, stream: self.stream.clone() })
     }
 
     /// The raw stream for our launchers (a `cudaStream_t` is a `CUstream`).
@@ -85,21 +69,13 @@ pub(crate) struct CudaMem {
 
 impl CudaMem {
     pub(crate) fn copy_from_host(&mut self, src: &[u8]) -> Result<()> {
-        self.stream
-            .memcpy_htod(src, &mut self.slice)
-            .map_err(|e| driver_error(e, "cuMemcpyHtoDAsync"))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error(e, "cuStreamSynchronize"))
+        self.stream.memcpy_htod(src, &mut self.slice).map_err(|e| driver_error(e, "cuMemcpyHtoDAsync"))?;
+        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
     }
 
     pub(crate) fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
-        self.stream
-            .memcpy_dtoh(&self.slice, dst)
-            .map_err(|e| driver_error(e, "cuMemcpyDtoHAsync"))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error(e, "cuStreamSynchronize"))
+        self.stream.memcpy_dtoh(&self.slice, dst).map_err(|e| driver_error(e, "cuMemcpyDtoHAsync"))?;
+        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
     }
 
     pub(crate) fn device_ptr(&self) -> u64 {

@@ -43,9 +43,7 @@ impl EmuStream {
     pub(crate) fn last_error(&self) -> String {
         let mut buf = vec![0u8; 1024];
         // SAFETY: `raw` is live; the callee writes at most `buf.len()` bytes, NUL-terminated.
-        let n = unsafe {
-            ffi::cdcl_emu_stream_last_error(self.raw.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let n = unsafe { ffi::cdcl_emu_stream_last_error(self.raw.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len()).min(n);
         String::from_utf8_lossy(&buf[..end]).into_owned()
     }
@@ -98,19 +96,13 @@ pub enum SelfTest {
 /// break is an [`Error::EmulatorFault`].
 pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
     if out.dtype() != DType::F32 {
-        return Err(Error::DTypeMismatch {
-            what: "self-test output",
-            expected: DType::F32,
-            got: out.dtype(),
-        });
+        return Err(Error::DTypeMismatch { what: "self-test output", expected: DType::F32, got: out.dtype() });
     }
     let need = match which {
         SelfTest::PoisonedSharedRead => 64,
         SelfTest::Collectives => 256,
         SelfTest::WarpReduce => 4,
-        SelfTest::DivergentSyncthreads
-        | SelfTest::EarlyReturnThenBarrier
-        | SelfTest::PartialMaskShuffle => 32,
+        SelfTest::DivergentSyncthreads | SelfTest::EarlyReturnThenBarrier | SelfTest::PartialMaskShuffle => 32,
         SelfTest::TooMuchShared => 32,
         _ => 1,
     };
@@ -123,17 +115,14 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
     }
     if which == SelfTest::OutOfBoundsWrite && !cfg!(feature = "asan") {
         return Err(Error::InvalidArgument(
-            "the out-of-bounds self-test only runs under the `asan` feature, where it is caught"
-                .into(),
+            "the out-of-bounds self-test only runs under the `asan` feature, where it is caught".into(),
         ));
     }
     let device: Device = out.device().clone();
     let stream = match &*device.inner {
         super::Backend::Emulator(s) => s,
         super::Backend::Cuda(_) => {
-            return Err(Error::InvalidArgument(
-                "self-tests run on the emulator only".into(),
-            ));
+            return Err(Error::InvalidArgument("self-tests run on the emulator only".into()));
         }
     };
     let code = match which {
@@ -158,9 +147,6 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
     if status == ffi::CDCL_OK as i32 {
         Ok(())
     } else {
-        Err(Error::EmulatorFault {
-            kernel: format!("{which:?}"),
-            message: stream.last_error(),
-        })
+        Err(Error::EmulatorFault { kernel: format!("{which:?}"), message: stream.last_error() })
     }
 }

@@ -42,14 +42,7 @@ impl Device {
             Backend::Emulator(s) => {
                 // SAFETY: see the contract above; the emulator runs the launch synchronously.
                 let st = unsafe { (launcher.emu)(params, s.as_stream_ptr()) };
-                (
-                    st,
-                    if st == ffi::CDCL_ERR_LAUNCH as i32 {
-                        s.last_error()
-                    } else {
-                        String::new()
-                    },
-                )
+                (st, if st == ffi::CDCL_ERR_LAUNCH as i32 { s.last_error() } else { String::new() })
             }
             Backend::Cuda(c) => {
                 #[cfg(cdcl_cuda)]
@@ -68,7 +61,9 @@ impl Device {
         match status as u32 {
             ffi::CDCL_OK => Ok(()),
             ffi::CDCL_ERR_LAUNCH => Err(match self.kind() {
-                super::DeviceKind::Emulator => Error::EmulatorFault { kernel: launcher.name.into(), message: stream_msg },
+                super::DeviceKind::Emulator => {
+                    Error::EmulatorFault { kernel: launcher.name.into(), message: stream_msg }
+                }
                 super::DeviceKind::Cuda => Error::Cuda {
                     code: status,
                     kernel: launcher.name.into(),
@@ -118,10 +113,7 @@ impl DeviceErrorRecord {
         for (slot, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
             let key = u64::from_ne_bytes(chunk.try_into().expect("8-byte chunk"));
             if key != ffi::NO_ERROR {
-                *slot = Some(DeviceFault {
-                    position: (key >> 32) as u32,
-                    value: key as u32 as i32,
-                });
+                *slot = Some(DeviceFault { position: (key >> 32) as u32, value: key as u32 as i32 });
             }
         }
         Ok(out)
@@ -129,10 +121,7 @@ impl DeviceErrorRecord {
 }
 
 /// Calls a launcher's workspace-size function.
-pub(crate) fn workspace_bytes<P>(
-    size_fn: unsafe extern "C" fn(*const P) -> usize,
-    params: &P,
-) -> usize {
+pub(crate) fn workspace_bytes<P>(size_fn: unsafe extern "C" fn(*const P) -> usize, params: &P) -> usize {
     // SAFETY: the size functions only read scalar fields of the Params they are given, which is a
     // valid reference here; they compute the same value in both builds, so the emulator's is used.
     unsafe { size_fn(params) }

@@ -40,16 +40,10 @@ impl EmulatorConfig {
     /// The settings `Device::emulator()` uses: `CDCL_EMU_SEED` (default 0) and
     /// `CDCL_EMU_THREADS` (default 0, every core) from the environment.
     pub fn from_env() -> Self {
-        let parse = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
+        let parse = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
         EmulatorConfig {
             seed: parse("CDCL_EMU_SEED").unwrap_or(0),
-            threads: parse("CDCL_EMU_THREADS")
-                .map(|t| t.min(u32::MAX as u64) as u32)
-                .unwrap_or(0),
+            threads: parse("CDCL_EMU_THREADS").map(|t| t.min(u32::MAX as u64) as u32).unwrap_or(0),
         }
     }
 }
@@ -82,18 +76,14 @@ impl Device {
 
     /// The CPU emulator with explicit settings.
     pub fn emulator_with(config: EmulatorConfig) -> Result<Device> {
-        Ok(Device {
-            inner: Arc::new(Backend::Emulator(emulator::EmuStream::new(config)?)),
-        })
+        Ok(Device { inner: Arc::new(Backend::Emulator(emulator::EmuStream::new(config)?)) })
     }
 
     /// The CUDA GPU with this ordinal. Returns a typed error, never panics, when the crate was
     /// built without nvcc ([`Error::CudaNotBuilt`]), there is no driver ([`Error::NoDriver`]) or
     /// no such GPU ([`Error::NoDevice`]).
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device {
-            inner: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)),
-        })
+        Ok(Device { inner: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)) })
     }
 
     /// The first GPU if there is one, else the emulator.
@@ -112,11 +102,7 @@ impl Device {
     /// A human-readable name: the GPU's name, or the emulator with its seed.
     pub fn name(&self) -> String {
         match &*self.inner {
-            Backend::Emulator(s) => format!(
-                "cpu-emulator(seed={}, threads={})",
-                s.config().seed,
-                s.config().threads
-            ),
+            Backend::Emulator(s) => format!("cpu-emulator(seed={}, threads={})", s.config().seed, s.config().threads),
             Backend::Cuda(c) => c.name(),
         }
     }
@@ -143,10 +129,7 @@ impl Device {
         if self.same_device(other) {
             Ok(())
         } else {
-            Err(Error::DeviceMismatch {
-                first: self.name(),
-                second: other.name(),
-            })
+            Err(Error::DeviceMismatch { first: self.name(), second: other.name() })
         }
     }
 }

@@ -27,8 +27,7 @@ pub struct cdcl_error_record {
 const _: () = {
     ["Size of cdcl_error_record"][::std::mem::size_of::<cdcl_error_record>() - 32usize];
     ["Alignment of cdcl_error_record"][::std::mem::align_of::<cdcl_error_record>() - 8usize];
-    ["Offset of field: cdcl_error_record::first"]
-        [::std::mem::offset_of!(cdcl_error_record, first) - 0usize];
+    ["Offset of field: cdcl_error_record::first"][::std::mem::offset_of!(cdcl_error_record, first) - 0usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -68,42 +67,28 @@ const _: () = {
     ["Offset of field: cdcl_dsbn_params::c"][::std::mem::offset_of!(cdcl_dsbn_params, c) - 12usize];
     ["Offset of field: cdcl_dsbn_params::num_datasets"]
         [::std::mem::offset_of!(cdcl_dsbn_params, num_datasets) - 16usize];
-    ["Offset of field: cdcl_dsbn_params::dtype"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dtype) - 20usize];
-    ["Offset of field: cdcl_dsbn_params::relu"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, relu) - 24usize];
-    ["Offset of field: cdcl_dsbn_params::eps"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, eps) - 28usize];
-    ["Offset of field: cdcl_dsbn_params::momentum"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, momentum) - 32usize];
-    ["Offset of field: cdcl_dsbn_params::dataset"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dataset) - 40usize];
+    ["Offset of field: cdcl_dsbn_params::dtype"][::std::mem::offset_of!(cdcl_dsbn_params, dtype) - 20usize];
+    ["Offset of field: cdcl_dsbn_params::relu"][::std::mem::offset_of!(cdcl_dsbn_params, relu) - 24usize];
+    ["Offset of field: cdcl_dsbn_params::eps"][::std::mem::offset_of!(cdcl_dsbn_params, eps) - 28usize];
+    ["Offset of field: cdcl_dsbn_params::momentum"][::std::mem::offset_of!(cdcl_dsbn_params, momentum) - 32usize];
+    ["Offset of field: cdcl_dsbn_params::dataset"][::std::mem::offset_of!(cdcl_dsbn_params, dataset) - 40usize];
     ["Offset of field: cdcl_dsbn_params::x"][::std::mem::offset_of!(cdcl_dsbn_params, x) - 48usize];
     ["Offset of field: cdcl_dsbn_params::y"][::std::mem::offset_of!(cdcl_dsbn_params, y) - 56usize];
-    ["Offset of field: cdcl_dsbn_params::dy"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dy) - 64usize];
-    ["Offset of field: cdcl_dsbn_params::dx"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dx) - 72usize];
-    ["Offset of field: cdcl_dsbn_params::gamma"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, gamma) - 80usize];
-    ["Offset of field: cdcl_dsbn_params::beta"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, beta) - 88usize];
+    ["Offset of field: cdcl_dsbn_params::dy"][::std::mem::offset_of!(cdcl_dsbn_params, dy) - 64usize];
+    ["Offset of field: cdcl_dsbn_params::dx"][::std::mem::offset_of!(cdcl_dsbn_params, dx) - 72usize];
+    ["Offset of field: cdcl_dsbn_params::gamma"][::std::mem::offset_of!(cdcl_dsbn_params, gamma) - 80usize];
+    ["Offset of field: cdcl_dsbn_params::beta"][::std::mem::offset_of!(cdcl_dsbn_params, beta) - 88usize];
     ["Offset of field: cdcl_dsbn_params::running_mean"]
         [::std::mem::offset_of!(cdcl_dsbn_params, running_mean) - 96usize];
     ["Offset of field: cdcl_dsbn_params::running_var"]
         [::std::mem::offset_of!(cdcl_dsbn_params, running_var) - 104usize];
-    ["Offset of field: cdcl_dsbn_params::save_mean"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, save_mean) - 112usize];
+    ["Offset of field: cdcl_dsbn_params::save_mean"][::std::mem::offset_of!(cdcl_dsbn_params, save_mean) - 112usize];
     ["Offset of field: cdcl_dsbn_params::save_invstd"]
         [::std::mem::offset_of!(cdcl_dsbn_params, save_invstd) - 120usize];
-    ["Offset of field: cdcl_dsbn_params::dgamma"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dgamma) - 128usize];
-    ["Offset of field: cdcl_dsbn_params::dbeta"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, dbeta) - 136usize];
-    ["Offset of field: cdcl_dsbn_params::workspace"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, workspace) - 144usize];
-    ["Offset of field: cdcl_dsbn_params::err"]
-        [::std::mem::offset_of!(cdcl_dsbn_params, err) - 152usize];
+    ["Offset of field: cdcl_dsbn_params::dgamma"][::std::mem::offset_of!(cdcl_dsbn_params, dgamma) - 128usize];
+    ["Offset of field: cdcl_dsbn_params::dbeta"][::std::mem::offset_of!(cdcl_dsbn_params, dbeta) - 136usize];
+    ["Offset of field: cdcl_dsbn_params::workspace"][::std::mem::offset_of!(cdcl_dsbn_params, workspace) - 144usize];
+    ["Offset of field: cdcl_dsbn_params::err"][::std::mem::offset_of!(cdcl_dsbn_params, err) - 152usize];
 };
 impl Default for cdcl_dsbn_params {
     fn default() -> Self {
@@ -121,52 +106,28 @@ unsafe extern "C" {
     pub fn cdcl_emu_dsbn_workspace_bytes(p: *const cdcl_dsbn_params) -> usize;
 }
 unsafe extern "C" {
-    pub fn cdcl_cuda_dsbn_forward_train(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_cuda_dsbn_forward_train(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_emu_dsbn_forward_train(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_emu_dsbn_forward_train(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_cuda_dsbn_forward_infer(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_cuda_dsbn_forward_infer(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_emu_dsbn_forward_infer(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_emu_dsbn_forward_infer(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_cuda_dsbn_backward_train(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_cuda_dsbn_backward_train(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_emu_dsbn_backward_train(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_emu_dsbn_backward_train(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_cuda_dsbn_backward_infer(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_cuda_dsbn_backward_infer(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
-    pub fn cdcl_emu_dsbn_backward_infer(
-        p: *const cdcl_dsbn_params,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_emu_dsbn_backward_infer(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 #[repr(C)]
 #[derive(Debug)]
@@ -208,10 +169,5 @@ pub const CDCL_SELFTEST_ZERO_GRID: cdcl_emu_selftest = 9;
 pub const CDCL_SELFTEST_COLLECTIVES: cdcl_emu_selftest = 10;
 pub type cdcl_emu_selftest = ::std::os::raw::c_uint;
 unsafe extern "C" {
-    pub fn cdcl_emu_run_selftest(
-        which: i32,
-        out: *mut f32,
-        n: i32,
-        stream: *mut ::std::os::raw::c_void,
-    ) -> i32;
+    pub fn cdcl_emu_run_selftest(which: i32, out: *mut f32, n: i32, stream: *mut ::std::os::raw::c_void) -> i32;
 }

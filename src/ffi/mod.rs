@@ -3,13 +3,7 @@
 //!
 //! `cdcl_emu_*` symbols are always linked (the emulator build of the kernels); `cdcl_cuda_*`
 //! symbols only exist when build.rs found nvcc, which it reports as `cfg(cdcl_cuda)`.
-#![allow(
-    non_camel_case_types,
-    non_upper_case_globals,
-    non_snake_case,
-    dead_code,
-    missing_docs
-)]
+#![allow(non_camel_case_types, non_upper_case_globals, non_snake_case, dead_code, missing_docs)]
 #![allow(clippy::all)]
 
 mod bindings;

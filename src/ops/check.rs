@@ -8,11 +8,7 @@ pub(crate) fn dtype(what: &'static str, t: &Tensor, expected: DType) -> Result<(
     if t.dtype() == expected {
         Ok(())
     } else {
-        Err(Error::DTypeMismatch {
-            what,
-            expected,
-            got: t.dtype(),
-        })
+        Err(Error::DTypeMismatch { what, expected, got: t.dtype() })
     }
 }
 
@@ -20,31 +16,19 @@ pub(crate) fn shape(what: &'static str, t: &Tensor, expected: &[usize]) -> Resul
     if t.shape() == expected {
         Ok(())
     } else {
-        Err(Error::ShapeMismatch {
-            what,
-            expected: expected.to_vec(),
-            got: t.shape().to_vec(),
-        })
+        Err(Error::ShapeMismatch { what, expected: expected.to_vec(), got: t.shape().to_vec() })
     }
 }
 
 pub(crate) fn same_device(device: &Device, tensors: &[&Tensor]) -> Result<()> {
-    tensors
-        .iter()
-        .try_for_each(|t| device.check_same(t.device()))
+    tensors.iter().try_for_each(|t| device.check_same(t.device()))
 }
 
 /// A 4-D NHWC activation with every dimension in 1..=i32::MAX and an element count whose
 /// linear index fits in i64 (what the kernels index with).
 pub(crate) fn nhwc(what: &'static str, t: &Tensor) -> Result<[usize; 4]> {
     let s = t.shape();
-    let bad = |reason: &str| {
-        Err(Error::InvalidShape {
-            what,
-            shape: s.to_vec(),
-            reason: reason.into(),
-        })
-    };
+    let bad = |reason: &str| Err(Error::InvalidShape { what, shape: s.to_vec(), reason: reason.into() });
     if s.len() != 4 {
         return bad("expected 4 dimensions, NHWC");
     }
@@ -61,8 +45,6 @@ pub(crate) fn finite_positive(what: &str, v: f32) -> Result<()> {
     if v.is_finite() && v > 0.0 {
         Ok(())
     } else {
-        Err(Error::InvalidArgument(format!(
-            "{what} must be finite and positive, got {v}"
-        )))
+        Err(Error::InvalidArgument(format!("{what} must be finite and positive, got {v}")))
     }
 }

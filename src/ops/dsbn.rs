@@ -28,11 +28,7 @@ pub struct DsbnOptions {
 
 impl Default for DsbnOptions {
     fn default() -> Self {
-        DsbnOptions {
-            eps: 1e-5,
-            momentum: 0.1,
-            relu: false,
-        }
+        DsbnOptions { eps: 1e-5, momentum: 0.1, relu: false }
     }
 }
 
@@ -52,10 +48,7 @@ pub struct DsbnState {
 impl DsbnState {
     /// PyTorch's initial state for `num_datasets` datasets: γ = 1, β = 0, μ = 0, σ² = 1.
     pub fn new(device: &Device, num_datasets: usize, channels: usize) -> Result<Self> {
-        if num_datasets == 0
-            || channels == 0
-            || num_datasets.saturating_mul(channels) > i32::MAX as usize
-        {
+        if num_datasets == 0 || channels == 0 || num_datasets.saturating_mul(channels) > i32::MAX as usize {
             return Err(Error::InvalidShape {
                 what: "DSBN state",
                 shape: vec![num_datasets, channels],
@@ -121,18 +114,10 @@ struct Checked {
     d: usize,
 }
 
-fn check_common(
-    x: &Tensor,
-    datasets: &Tensor,
-    state: &DsbnState,
-    opts: &DsbnOptions,
-) -> Result<Checked> {
+fn check_common(x: &Tensor, datasets: &Tensor, state: &DsbnState, opts: &DsbnOptions) -> Result<Checked> {
     let [n, h, w, c] = check::nhwc("DSBN input", x)?;
     if !x.dtype().is_float() {
-        return Err(Error::UnsupportedDType {
-            what: "DSBN input",
-            dtype: x.dtype(),
-        });
+        return Err(Error::UnsupportedDType { what: "DSBN input", dtype: x.dtype() });
     }
     check::dtype("dataset indices", datasets, DType::I32)?;
     check::shape("dataset indices", datasets, &[n])?;
@@ -153,22 +138,10 @@ fn check_common(
         check::dtype(what, t, DType::F32)?;
         check::shape(what, t, &[d, c])?;
     }
-    check::same_device(
-        x.device(),
-        &[
-            datasets,
-            &state.gamma,
-            &state.beta,
-            &state.running_mean,
-            &state.running_var,
-        ],
-    )?;
+    check::same_device(x.device(), &[datasets, &state.gamma, &state.beta, &state.running_mean, &state.running_var])?;
     check::finite_positive("eps", opts.eps)?;
     if !(opts.momentum.is_finite() && (0.0..=1.0).contains(&opts.momentum)) {
-        return Err(Error::InvalidArgument(format!(
-            "momentum must be in [0, 1], got {}",
-            opts.momentum
-        )));
+        return Err(Error::InvalidArgument(format!("momentum must be in [0, 1], got {}", opts.momentum)));
     }
     Ok(Checked { n, h, w, c, d })
 }
@@ -199,10 +172,7 @@ fn base_params(
 }
 
 fn workspace(device: &Device, p: &ffi::cdcl_dsbn_params) -> Result<DeviceBuffer> {
-    DeviceBuffer::zeroed(
-        device,
-        workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, p),
-    )
+    DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, p))
 }
 
 /// Turns what the kernels found on the device into typed errors.
@@ -216,10 +186,7 @@ fn device_errors(record: &DeviceErrorRecord, g: &Checked) -> Result<()> {
         });
     }
     if let Some(f) = faults[ffi::CDCL_ERRSLOT_TOO_FEW_VALUES as usize] {
-        return Err(Error::TooFewValues {
-            dataset: f.position as usize,
-            count: f.value.max(0) as usize,
-        });
+        return Err(Error::TooFewValues { dataset: f.position as usize, count: f.value.max(0) as usize });
     }
     Ok(())
 }
@@ -260,12 +227,7 @@ pub fn forward_train(
 
 /// Inference forward: normalise with the running statistics of each sample's dataset, γ/β,
 /// optional ReLU, in one pass. Nothing is updated.
-pub fn forward_infer(
-    x: &Tensor,
-    datasets: &Tensor,
-    state: &DsbnState,
-    opts: &DsbnOptions,
-) -> Result<Tensor> {
+pub fn forward_infer(x: &Tensor, datasets: &Tensor, state: &DsbnState, opts: &DsbnOptions) -> Result<Tensor> {
     let g = check_common(x, datasets, state, opts)?;
     let device = x.device();
     let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
@@ -324,10 +286,7 @@ pub fn backward_train(
 ) -> Result<DsbnGrads> {
     let g = check_common(x, datasets, state, opts)?;
     check_backward(dy, x)?;
-    for (what, t) in [
-        ("DSBN saved mean", &saved.mean),
-        ("DSBN saved invstd", &saved.invstd),
-    ] {
+    for (what, t) in [("DSBN saved mean", &saved.mean), ("DSBN saved invstd", &saved.invstd)] {
         check::dtype(what, t, DType::F32)?;
         check::shape(what, t, &[g.d, g.c])?;
     }

@@ -52,18 +52,12 @@ impl fmt::Display for ReferenceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReferenceError::Shape(msg) => write!(f, "shape mismatch: {msg}"),
-            ReferenceError::DatasetOutOfRange {
-                sample,
-                index,
-                num_datasets,
-            } => write!(
-                f,
-                "sample {sample} has dataset index {index}, but there are only {num_datasets} datasets"
-            ),
-            ReferenceError::TooFewValues { dataset, count } => write!(
-                f,
-                "expected more than 1 value per channel when training, but dataset {dataset} has {count}"
-            ),
+            ReferenceError::DatasetOutOfRange { sample, index, num_datasets } => {
+                write!(f, "sample {sample} has dataset index {index}, but there are only {num_datasets} datasets")
+            }
+            ReferenceError::TooFewValues { dataset, count } => {
+                write!(f, "expected more than 1 value per channel when training, but dataset {dataset} has {count}")
+            }
         }
     }
 }
@@ -85,11 +79,7 @@ pub struct DsbnConfig {
 impl Default for DsbnConfig {
     /// PyTorch's defaults: `eps = 1e-5`, `momentum = 0.1`, and no ReLU.
     fn default() -> Self {
-        DsbnConfig {
-            eps: 1e-5,
-            momentum: 0.1,
-            relu: false,
-        }
+        DsbnConfig { eps: 1e-5, momentum: 0.1, relu: false }
     }
 }
 
@@ -161,11 +151,7 @@ fn check_inputs(
     }
     for (sample, &index) in datasets.iter().enumerate() {
         if index >= d {
-            return Err(ReferenceError::DatasetOutOfRange {
-                sample,
-                index,
-                num_datasets: d,
-            });
+            return Err(ReferenceError::DatasetOutOfRange { sample, index, num_datasets: d });
         }
     }
     Ok(Dims { n, h, w, c, d })
@@ -174,11 +160,7 @@ fn check_inputs(
 /// Checks that the output gradient `dy` has the shape of `x`.
 fn check_same_shape(dy: &ArrayView4<f64>, x: &ArrayView4<f64>) -> Result<(), ReferenceError> {
     if dy.dim() != x.dim() {
-        return Err(ReferenceError::Shape(format!(
-            "dy has shape {:?}, but x has shape {:?}",
-            dy.shape(),
-            x.shape()
-        )));
+        return Err(ReferenceError::Shape(format!("dy has shape {:?}, but x has shape {:?}", dy.shape(), x.shape())));
     }
     Ok(())
 }
@@ -203,12 +185,7 @@ struct BatchStats {
 /// Computes per-(dataset, channel) mean, biased variance and `1/sqrt(var + eps)` from the
 /// definition, in two passes. Absent datasets get zeros. Fails with `TooFewValues` for the first
 /// (lowest-index) present dataset with fewer than two values per channel.
-fn batch_stats(
-    x: &ArrayView4<f64>,
-    datasets: &[usize],
-    dims: Dims,
-    eps: f64,
-) -> Result<BatchStats, ReferenceError> {
+fn batch_stats(x: &ArrayView4<f64>, datasets: &[usize], dims: Dims, eps: f64) -> Result<BatchStats, ReferenceError> {
     let Dims { n, h, w, c, d } = dims;
 
     let mut samples = vec![0usize; d];
@@ -219,10 +196,7 @@ fn batch_stats(
     for ds in 0..d {
         counts[ds] = samples[ds] * h * w;
         if samples[ds] > 0 && counts[ds] < 2 {
-            return Err(ReferenceError::TooFewValues {
-                dataset: ds,
-                count: counts[ds],
-            });
+            return Err(ReferenceError::TooFewValues { dataset: ds, count: counts[ds] });
         }
     }
 
@@ -273,12 +247,7 @@ fn batch_stats(
         }
     }
 
-    Ok(BatchStats {
-        mean,
-        var,
-        invstd,
-        counts,
-    })
+    Ok(BatchStats { mean, var, invstd, counts })
 }
 
 /// Training-mode forward pass.
@@ -308,12 +277,7 @@ pub fn dsbn_forward_train(
     let dims = check_inputs(
         &x,
         datasets,
-        &[
-            ("gamma", &gamma),
-            ("beta", &beta),
-            ("running_mean", &running_mean),
-            ("running_var", &running_var),
-        ],
+        &[("gamma", &gamma), ("beta", &beta), ("running_mean", &running_mean), ("running_var", &running_var)],
     )?;
     let Dims { n, h, w, c, d } = dims;
     let stats = batch_stats(&x, datasets, dims, cfg.eps)?;
@@ -324,8 +288,7 @@ pub fn dsbn_forward_train(
         for hi in 0..h {
             for wi in 0..w {
                 for ci in 0..c {
-                    let xhat =
-                        (x[[ni, hi, wi, ci]] - stats.mean[[ds, ci]]) * stats.invstd[[ds, ci]];
+                    let xhat = (x[[ni, hi, wi, ci]] - stats.mean[[ds, ci]]) * stats.invstd[[ds, ci]];
                     let v = xhat * gamma[[ds, ci]] + beta[[ds, ci]];
                     y[[ni, hi, wi, ci]] = if cfg.relu { relu(v) } else { v };
                 }
@@ -342,10 +305,8 @@ pub fn dsbn_forward_train(
         }
         for ci in 0..c {
             let unbiased = stats.var[[ds, ci]] * m as f64 / (m - 1) as f64;
-            new_mean[[ds, ci]] =
-                (1.0 - cfg.momentum) * running_mean[[ds, ci]] + cfg.momentum * stats.mean[[ds, ci]];
-            new_var[[ds, ci]] =
-                (1.0 - cfg.momentum) * running_var[[ds, ci]] + cfg.momentum * unbiased;
+            new_mean[[ds, ci]] = (1.0 - cfg.momentum) * running_mean[[ds, ci]] + cfg.momentum * stats.mean[[ds, ci]];
+            new_var[[ds, ci]] = (1.0 - cfg.momentum) * running_var[[ds, ci]] + cfg.momentum * unbiased;
         }
     }
 
@@ -379,12 +340,7 @@ pub fn dsbn_forward_infer(
     let Dims { n, h, w, c, .. } = check_inputs(
         &x,
         datasets,
-        &[
-            ("gamma", &gamma),
-            ("beta", &beta),
-            ("running_mean", &running_mean),
-            ("running_var", &running_var),
-        ],
+        &[("gamma", &gamma), ("beta", &beta), ("running_mean", &running_mean), ("running_var", &running_var)],
     )?;
 
     let mut y = Array4::<f64>::zeros((n, h, w, c));
@@ -393,8 +349,8 @@ pub fn dsbn_forward_infer(
         for hi in 0..h {
             for wi in 0..w {
                 for ci in 0..c {
-                    let xhat = (x[[ni, hi, wi, ci]] - running_mean[[ds, ci]])
-                        / (running_var[[ds, ci]] + cfg.eps).sqrt();
+                    let xhat =
+                        (x[[ni, hi, wi, ci]] - running_mean[[ds, ci]]) / (running_var[[ds, ci]] + cfg.eps).sqrt();
                     let v = xhat * gamma[[ds, ci]] + beta[[ds, ci]];
                     y[[ni, hi, wi, ci]] = if cfg.relu { relu(v) } else { v };
                 }
@@ -476,10 +432,8 @@ pub fn dsbn_backward_train(
             for wi in 0..w {
                 for ci in 0..c {
                     let scale = gamma[[ds, ci]] * stats.invstd[[ds, ci]] / m;
-                    dx[[ni, hi, wi, ci]] = scale
-                        * (m * g[[ni, hi, wi, ci]]
-                            - dbeta[[ds, ci]]
-                            - xhat[[ni, hi, wi, ci]] * dgamma[[ds, ci]]);
+                    dx[[ni, hi, wi, ci]] =
+                        scale * (m * g[[ni, hi, wi, ci]] - dbeta[[ds, ci]] - xhat[[ni, hi, wi, ci]] * dgamma[[ds, ci]]);
                 }
             }
         }
@@ -511,12 +465,7 @@ pub fn dsbn_backward_infer(
     let Dims { n, h, w, c, d } = check_inputs(
         &x,
         datasets,
-        &[
-            ("gamma", &gamma),
-            ("beta", &beta),
-            ("running_mean", &running_mean),
-            ("running_var", &running_var),
-        ],
+        &[("gamma", &gamma), ("beta", &beta), ("running_mean", &running_mean), ("running_var", &running_var)],
     )?;
     check_same_shape(&dy, &x)?;
 

@@ -95,32 +95,22 @@ pub struct Tensor {
 }
 
 fn numel_of(shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::InvalidShape {
-            what: "tensor",
-            shape: shape.to_vec(),
-            reason: "element count overflows usize".into(),
-        })
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| Error::InvalidShape {
+        what: "tensor",
+        shape: shape.to_vec(),
+        reason: "element count overflows usize".into(),
+    })
 }
 
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let bytes =
-            numel_of(shape)?
-                .checked_mul(dtype.size())
-                .ok_or_else(|| Error::InvalidShape {
-                    what: "tensor",
-                    shape: shape.to_vec(),
-                    reason: "byte size overflows usize".into(),
-                })?;
-        Ok(Tensor {
-            buf: DeviceBuffer::zeroed(device, bytes)?,
+        let bytes = numel_of(shape)?.checked_mul(dtype.size()).ok_or_else(|| Error::InvalidShape {
+            what: "tensor",
             shape: shape.to_vec(),
-            dtype,
-        })
+            reason: "byte size overflows usize".into(),
+        })?;
+        Ok(Tensor { buf: DeviceBuffer::zeroed(device, bytes)?, shape: shape.to_vec(), dtype })
     }
 
     /// A tensor filled with one value.
@@ -145,25 +135,16 @@ impl Tensor {
     }
 
     /// Copies an ndarray (any memory layout) to the device.
-    pub fn from_array<T: Element, D: Dimension>(
-        device: &Device,
-        array: ArrayView<'_, T, D>,
-    ) -> Result<Tensor> {
+    pub fn from_array<T: Element, D: Dimension>(device: &Device, array: ArrayView<'_, T, D>) -> Result<Tensor> {
         let std = array.as_standard_layout();
-        let data = std
-            .as_slice()
-            .expect("standard layout arrays are contiguous");
+        let data = std.as_slice().expect("standard layout arrays are contiguous");
         Self::from_slice(device, array.shape(), data)
     }
 
     /// Copies the tensor to the host as a flat row-major vector.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
-            return Err(Error::DTypeMismatch {
-                what: "tensor read-back",
-                expected: self.dtype,
-                got: T::DTYPE,
-            });
+            return Err(Error::DTypeMismatch { what: "tensor read-back", expected: self.dtype, got: T::DTYPE });
         }
         let mut v = vec![T::zeroed(); self.numel()];
         self.buf.copy_to_host(bytemuck::cast_slice_mut(&mut v))?;
@@ -179,11 +160,7 @@ impl Tensor {
     /// Overwrites the tensor's contents from host data of the same length and type.
     pub fn copy_from_slice<T: Element>(&mut self, data: &[T]) -> Result<()> {
         if T::DTYPE != self.dtype {
-            return Err(Error::DTypeMismatch {
-                what: "tensor write",
-                expected: self.dtype,
-                got: T::DTYPE,
-            });
+            return Err(Error::DTypeMismatch { what: "tensor write", expected: self.dtype, got: T::DTYPE });
         }
         if data.len() != self.numel() {
             return Err(Error::ShapeMismatch {
@@ -201,11 +178,7 @@ impl Tensor {
         self.buf.copy_to_host(&mut bytes)?;
         let mut buf = DeviceBuffer::zeroed(self.buf.device(), bytes.len())?;
         buf.copy_from_host(&bytes)?;
-        Ok(Tensor {
-            buf,
-            shape: self.shape.clone(),
-            dtype: self.dtype,
-        })
+        Ok(Tensor { buf, shape: self.shape.clone(), dtype: self.dtype })
     }
 
     /// The dimensions, outermost first.
@@ -248,12 +221,6 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Tensor({:?}, {}, {})",
-            self.shape,
-            self.dtype,
-            self.buf.device().name()
-        )
+        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype, self.buf.device().name())
     }
 }

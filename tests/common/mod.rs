@@ -46,19 +46,9 @@ pub fn quantize(v: &[f64], dtype: DType) -> Vec<f64> {
 /// A float tensor of `dtype` holding `v` (rounded to the storage type).
 pub fn tensor(dev: &Device, shape: &[usize], v: &[f64], dtype: DType) -> Tensor {
     match dtype {
-        DType::F32 => {
-            Tensor::from_slice(dev, shape, &v.iter().map(|&x| x as f32).collect::<Vec<_>>())
-        }
-        DType::F16 => Tensor::from_slice(
-            dev,
-            shape,
-            &v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>(),
-        ),
-        DType::BF16 => Tensor::from_slice(
-            dev,
-            shape,
-            &v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>(),
-        ),
+        DType::F32 => Tensor::from_slice(dev, shape, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+        DType::F16 => Tensor::from_slice(dev, shape, &v.iter().map(|&x| f16::from_f64(x)).collect::<Vec<_>>()),
+        DType::BF16 => Tensor::from_slice(dev, shape, &v.iter().map(|&x| bf16::from_f64(x)).collect::<Vec<_>>()),
         _ => panic!("not a float dtype"),
     }
     .unwrap()
@@ -67,24 +57,9 @@ pub fn tensor(dev: &Device, shape: &[usize], v: &[f64], dtype: DType) -> Tensor 
 /// Any float tensor back to f64 on the host.
 pub fn host(t: &Tensor) -> Vec<f64> {
     match t.dtype() {
-        DType::F32 => t
-            .to_vec::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-        DType::F16 => t
-            .to_vec::<f16>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x.to_f64())
-            .collect(),
-        DType::BF16 => t
-            .to_vec::<bf16>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x.to_f64())
-            .collect(),
+        DType::F32 => t.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect(),
+        DType::F16 => t.to_vec::<f16>().unwrap().into_iter().map(|x| x.to_f64()).collect(),
+        DType::BF16 => t.to_vec::<bf16>().unwrap().into_iter().map(|x| x.to_f64()).collect(),
         d => panic!("not a float dtype: {d}"),
     }
 }
@@ -107,12 +82,7 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
 }
 
 /// Asserts |got[i] - want[i]| <= tol(i) for every i; the message names the worst element.
-pub fn assert_close(
-    what: &str,
-    got: &[f64],
-    want: &[f64],
-    tol: impl Fn(usize) -> f64,
-) -> Result<(), String> {
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize) -> f64) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!("{what}: length {} vs {}", got.len(), want.len()));
     }
