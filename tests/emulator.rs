@@ -144,3 +144,56 @@ fn fiber_switch_is_measured() {
     let ns = cdcl::device::emulator::fiber_switch_ns(10_000);
     assert!(ns.is_finite() && ns > 0.0, "{ns}");
 }
+
+#[test]
+fn atomics_and_dynamic_shared_memory() {
+    for seed in 0..3 {
+        let (r, out) = run(SelfTest::AtomicsDynamicShared, 8, seed);
+        r.unwrap();
+        let sum = (512 * 513 / 2) as f32;
+        // The float sum of integers below 2^24 is exact in any order.
+        assert_eq!(out, vec![sum, sum, 511.0, 0.0, 1.0, 16.0, 128.0, 128.0], "seed {seed}");
+    }
+}
+
+/// The emulator's 16-bit conversions against the `half` crate (an independent
+/// round-to-nearest-even implementation): every f16/bf16 bit pattern back to f32, and f32
+/// values around every rounding boundary (ties, subnormals, overflow, NaN, infinities).
+#[test]
+fn half_and_bfloat16_conversions_round_to_nearest_even() {
+    use cdcl::device::emulator::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
+    use half::{bf16, f16};
+    for b in 0..=u16::MAX {
+        let (h, bf) = (f16::from_bits(b), bf16::from_bits(b));
+        let same = |a: f32, e: f32| (a.is_nan() && e.is_nan()) || a.to_bits() == e.to_bits();
+        assert!(same(f16_bits_to_f32(b), h.to_f32()), "f16 {b:#06x}");
+        assert!(same(bf16_bits_to_f32(b), bf.to_f32()), "bf16 {b:#06x}");
+        // Every 16-bit value, its neighbours one f32 ulp away, and the midpoints to the next.
+        for v in [h.to_f32(), bf.to_f32()] {
+            if !v.is_finite() {
+                continue;
+            }
+            let up = f32::from_bits(v.to_bits() + 1);
+            let mid_h = (v as f64 + f16::from_bits(b.wrapping_add(1)).to_f64()) / 2.0;
+            let mid_b = (v as f64 + bf16::from_bits(b.wrapping_add(1)).to_f64()) / 2.0;
+            for x in [v, up, -v, mid_h as f32, mid_b as f32, f32::from_bits(v.to_bits().wrapping_sub(1))] {
+                let (gh, eh) = (f32_to_f16_bits(x), f16::from_f32(x).to_bits());
+                assert!(
+                    gh == eh || (f16::from_bits(gh).is_nan() && f16::from_bits(eh).is_nan()),
+                    "f16({x:e}): {gh:#06x} vs {eh:#06x}"
+                );
+                let (gb, eb) = (f32_to_bf16_bits(x), bf16::from_f32(x).to_bits());
+                assert!(
+                    gb == eb || (bf16::from_bits(gb).is_nan() && bf16::from_bits(eb).is_nan()),
+                    "bf16({x:e}): {gb:#06x} vs {eb:#06x}"
+                );
+            }
+        }
+    }
+    for x in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 65504.0, 65519.99, 65520.0, 1e-8, 2.9802322e-8, 5.9604645e-8]
+    {
+        assert_eq!(f32_to_f16_bits(x), f16::from_f32(x).to_bits(), "{x:e}");
+        assert_eq!(f32_to_bf16_bits(x), bf16::from_f32(x).to_bits(), "{x:e}");
+    }
+    assert!(f16::from_bits(f32_to_f16_bits(f32::NAN)).is_nan() && bf16::from_bits(f32_to_bf16_bits(f32::NAN)).is_nan());
+}

@@ -83,9 +83,54 @@ __global__ void collectives(float* out) {
     out[7 * 32 + lane] = __shfl_sync(half_mask, v, lane < 16 ? 0 : 16);
 }
 
+// Correct code: atomics from every thread of 2 blocks into global memory, and a block-local
+// histogram in dynamic shared memory. out[0] = sum of 1..512 (int atomicAdd), out[1] = the same
+// in float, out[2] = max thread id, out[3] = min, out[4] = number of successful CAS claims (1),
+// out[5] = 8 + 8 (atomicExch returns the previous value), out[6..8] = shared histogram of
+// block 0 (threads by tid % 2).
+__global__ void atomics_dynamic_shared(float* out, int* scratch) {
+    CDCL_DYNAMIC_SHARED(int, hist);
+    const int tid = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (threadIdx.x < 2) hist[threadIdx.x] = 0;
+    __syncthreads();
+    atomicAdd(&hist[threadIdx.x % 2], 1);
+    atomicAdd(&scratch[0], tid + 1);
+    atomicAdd(&out[1], (float)(tid + 1));
+    atomicMax(&scratch[1], tid);
+    atomicMin(&scratch[2], tid);
+    if (atomicCAS(&scratch[3], 0, tid + 1) == 0) atomicAdd(&scratch[4], 1);
+    __syncthreads();
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        out[6] = (float)hist[0];
+        out[7] = (float)hist[1];
+    }
+}
+
+__global__ void atomics_finish(float* out, int* scratch) {
+    out[0] = (float)scratch[0];
+    out[2] = (float)scratch[1];
+    out[3] = (float)scratch[2];
+    out[4] = (float)scratch[4];
+    const int prev = atomicExch(&scratch[5], 8);
+    out[5] = (float)(prev + scratch[5]);
+}
+
 }  // namespace CDCL_NAMESPACE
 
 using namespace CDCL_NAMESPACE;
+
+CDCL_API uint16_t cdcl_emu_f32_to_f16_bits(float v) { return __float2half_rn(v).bits; }
+CDCL_API float cdcl_emu_f16_bits_to_f32(uint16_t b) { return __half2float(__half{b}); }
+CDCL_API uint16_t cdcl_emu_f32_to_bf16_bits(float v) { return __float2bfloat16_rn(v).bits; }
+CDCL_API float cdcl_emu_bf16_bits_to_f32(uint16_t b) { return __bfloat162float(__nv_bfloat16{b}); }
+
+static int32_t run_atomics(float* out, void* stream) {
+    int scratch[6] = {0, -1, 1 << 30, 0, 0, 8};
+    for (int i = 0; i < 8; ++i) out[i] = 0.0f;
+    int st = CDCL_LAUNCH(atomics_dynamic_shared, dim3(2), dim3(256), 2 * sizeof(int), stream, out, scratch);
+    if (st == CDCL_OK) st = CDCL_LAUNCH(atomics_finish, dim3(1), dim3(1), 0, stream, out, scratch);
+    return st;
+}
 
 CDCL_API int32_t cdcl_emu_run_selftest(int32_t which, float* out, int32_t n, void* stream) {
     switch (which) {
@@ -101,6 +146,7 @@ CDCL_API int32_t cdcl_emu_run_selftest(int32_t which, float* out, int32_t n, voi
         case CDCL_SELFTEST_WARP_REDUCE: return CDCL_LAUNCH(warp_reduce, dim3(4), dim3(256), 0, stream, out, n);
         case CDCL_SELFTEST_ZERO_GRID: return CDCL_LAUNCH(warp_reduce, dim3(0), dim3(32), 0, stream, out, n);
         case CDCL_SELFTEST_COLLECTIVES: return CDCL_LAUNCH(collectives, dim3(1), dim3(32), 0, stream, out);
+        case CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED: return run_atomics(out, stream);
         default: return CDCL_ERR_INVALID_PARAMS;
     }
 }

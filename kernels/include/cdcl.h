@@ -132,11 +132,19 @@ typedef enum cdcl_emu_selftest {
     CDCL_SELFTEST_TOO_MUCH_SHARED = 7,
     CDCL_SELFTEST_WARP_REDUCE = 8,
     CDCL_SELFTEST_ZERO_GRID = 9,
-    CDCL_SELFTEST_COLLECTIVES = 10
+    CDCL_SELFTEST_COLLECTIVES = 10,
+    CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED = 11
 } cdcl_emu_selftest;
 
 /* Runs one self-test kernel writing `out` (n floats, emulator memory). */
 int32_t cdcl_emu_run_selftest(int32_t which, float* out, int32_t n, void* stream);
+
+/* The emulator's f32 <-> f16 / bf16 conversions, exposed so tests can compare them bit for bit
+   with an independent implementation. */
+uint16_t cdcl_emu_f32_to_f16_bits(float v);
+float cdcl_emu_f16_bits_to_f32(uint16_t bits);
+uint16_t cdcl_emu_f32_to_bf16_bits(float v);
+float cdcl_emu_bf16_bits_to_f32(uint16_t bits);
 
 #ifdef __cplusplus
 }

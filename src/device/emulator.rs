@@ -90,6 +90,9 @@ pub enum SelfTest {
     ZeroGrid,
     /// Every warp collective once, used correctly (output of 256 floats).
     Collectives,
+    /// Integer and float atomics from 512 threads and a histogram in dynamic shared memory
+    /// (output of 8 floats; see kernels/emu/selftest.cu for the expected values).
+    AtomicsDynamicShared,
 }
 
 /// Runs a self-test kernel writing `out` (f32). The launch result is returned as is: a rule
@@ -102,6 +105,7 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::PoisonedSharedRead => 64,
         SelfTest::Collectives => 256,
         SelfTest::WarpReduce => 4,
+        SelfTest::AtomicsDynamicShared => 8,
         SelfTest::DivergentSyncthreads | SelfTest::EarlyReturnThenBarrier | SelfTest::PartialMaskShuffle => 32,
         SelfTest::TooMuchShared => 32,
         _ => 1,
@@ -137,6 +141,7 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::WarpReduce => ffi::CDCL_SELFTEST_WARP_REDUCE,
         SelfTest::ZeroGrid => ffi::CDCL_SELFTEST_ZERO_GRID,
         SelfTest::Collectives => ffi::CDCL_SELFTEST_COLLECTIVES,
+        SelfTest::AtomicsDynamicShared => ffi::CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED,
     };
     let n = out.numel().min(256) as i32;
     let ptr = out.buffer_mut().as_mut_ptr().cast::<f32>();
@@ -149,4 +154,28 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
     } else {
         Err(Error::EmulatorFault { kernel: format!("{which:?}"), message: stream.last_error() })
     }
+}
+
+/// The emulator's `__float2half_rn` (round to nearest even), as bits.
+pub fn f32_to_f16_bits(v: f32) -> u16 {
+    // SAFETY: pure function of its argument.
+    unsafe { ffi::cdcl_emu_f32_to_f16_bits(v) }
+}
+
+/// The emulator's `__half2float`.
+pub fn f16_bits_to_f32(bits: u16) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { ffi::cdcl_emu_f16_bits_to_f32(bits) }
+}
+
+/// The emulator's `__float2bfloat16_rn` (round to nearest even), as bits.
+pub fn f32_to_bf16_bits(v: f32) -> u16 {
+    // SAFETY: pure function of its argument.
+    unsafe { ffi::cdcl_emu_f32_to_bf16_bits(v) }
+}
+
+/// The emulator's `__bfloat162float`.
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { ffi::cdcl_emu_bf16_bits_to_f32(bits) }
 }

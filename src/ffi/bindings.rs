@@ -167,7 +167,20 @@ pub const CDCL_SELFTEST_TOO_MUCH_SHARED: cdcl_emu_selftest = 7;
 pub const CDCL_SELFTEST_WARP_REDUCE: cdcl_emu_selftest = 8;
 pub const CDCL_SELFTEST_ZERO_GRID: cdcl_emu_selftest = 9;
 pub const CDCL_SELFTEST_COLLECTIVES: cdcl_emu_selftest = 10;
+pub const CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED: cdcl_emu_selftest = 11;
 pub type cdcl_emu_selftest = ::std::os::raw::c_uint;
 unsafe extern "C" {
     pub fn cdcl_emu_run_selftest(which: i32, out: *mut f32, n: i32, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_f32_to_f16_bits(v: f32) -> u16;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_f16_bits_to_f32(bits: u16) -> f32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_f32_to_bf16_bits(v: f32) -> u16;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_bf16_bits_to_f32(bits: u16) -> f32;
 }
