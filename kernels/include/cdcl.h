@@ -90,6 +90,38 @@ typedef struct cdcl_dsbn_params {
 } cdcl_dsbn_params;
 
 /* ------------------------------------------------------------------------------------------ */
+/* Convolution as implicit GEMM: x NHWC [n,h,w,c], weights KRSC [k,r,s,c], y NHWC [n,p,q,k].   */
+/* p = (h + 2*pad_h - dil_h*(r-1) - 1) / stride_h + 1, likewise q.                             */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_conv_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t c;
+    int32_t k;
+    int32_t r;
+    int32_t s;
+    int32_t p;
+    int32_t q;
+    int32_t stride_h;
+    int32_t stride_w;
+    int32_t pad_h;
+    int32_t pad_w;
+    int32_t dil_h;
+    int32_t dil_w;
+    int32_t dtype;       /* storage of x, w, y, dy, dx, dw: F32 for now */
+    const void* x;       /* forward, filter gradient */
+    const void* weight;  /* forward, data gradient */
+    const float* bias;   /* forward, optional (null: none) */
+    void* y;             /* forward output */
+    const void* dy;      /* data / filter gradient input, [n,p,q,k] */
+    void* dx;            /* data gradient output */
+    void* dweight;       /* filter gradient output, KRSC */
+    float* dbias;        /* filter-gradient launcher, optional: sum of dy over n,p,q */
+    float* workspace;    /* cdcl_*_conv_workspace_bytes() bytes */
+} cdcl_conv_params;
+
+/* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
 /* ------------------------------------------------------------------------------------------ */
 #define CDCL_DECLARE_BOTH(ret, name, args) \
@@ -101,6 +133,10 @@ CDCL_DECLARE_BOTH(int32_t, dsbn_forward_train, (const cdcl_dsbn_params* p, void*
 CDCL_DECLARE_BOTH(int32_t, dsbn_forward_infer, (const cdcl_dsbn_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, dsbn_backward_train, (const cdcl_dsbn_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, dsbn_backward_infer, (const cdcl_dsbn_params* p, void* stream))
+CDCL_DECLARE_BOTH(size_t, conv_workspace_bytes, (const cdcl_conv_params* p))
+CDCL_DECLARE_BOTH(int32_t, conv_forward, (const cdcl_conv_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, conv_backward_data, (const cdcl_conv_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, conv_backward_filter, (const cdcl_conv_params* p, void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

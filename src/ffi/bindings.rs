@@ -99,6 +99,74 @@ impl Default for cdcl_dsbn_params {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_conv_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub k: i32,
+    pub r: i32,
+    pub s: i32,
+    pub p: i32,
+    pub q: i32,
+    pub stride_h: i32,
+    pub stride_w: i32,
+    pub pad_h: i32,
+    pub pad_w: i32,
+    pub dil_h: i32,
+    pub dil_w: i32,
+    pub dtype: i32,
+    pub x: *const ::std::os::raw::c_void,
+    pub weight: *const ::std::os::raw::c_void,
+    pub bias: *const f32,
+    pub y: *mut ::std::os::raw::c_void,
+    pub dy: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+    pub dweight: *mut ::std::os::raw::c_void,
+    pub dbias: *mut f32,
+    pub workspace: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_conv_params"][::std::mem::size_of::<cdcl_conv_params>() - 136usize];
+    ["Alignment of cdcl_conv_params"][::std::mem::align_of::<cdcl_conv_params>() - 8usize];
+    ["Offset of field: cdcl_conv_params::n"][::std::mem::offset_of!(cdcl_conv_params, n) - 0usize];
+    ["Offset of field: cdcl_conv_params::h"][::std::mem::offset_of!(cdcl_conv_params, h) - 4usize];
+    ["Offset of field: cdcl_conv_params::w"][::std::mem::offset_of!(cdcl_conv_params, w) - 8usize];
+    ["Offset of field: cdcl_conv_params::c"][::std::mem::offset_of!(cdcl_conv_params, c) - 12usize];
+    ["Offset of field: cdcl_conv_params::k"][::std::mem::offset_of!(cdcl_conv_params, k) - 16usize];
+    ["Offset of field: cdcl_conv_params::r"][::std::mem::offset_of!(cdcl_conv_params, r) - 20usize];
+    ["Offset of field: cdcl_conv_params::s"][::std::mem::offset_of!(cdcl_conv_params, s) - 24usize];
+    ["Offset of field: cdcl_conv_params::p"][::std::mem::offset_of!(cdcl_conv_params, p) - 28usize];
+    ["Offset of field: cdcl_conv_params::q"][::std::mem::offset_of!(cdcl_conv_params, q) - 32usize];
+    ["Offset of field: cdcl_conv_params::stride_h"][::std::mem::offset_of!(cdcl_conv_params, stride_h) - 36usize];
+    ["Offset of field: cdcl_conv_params::stride_w"][::std::mem::offset_of!(cdcl_conv_params, stride_w) - 40usize];
+    ["Offset of field: cdcl_conv_params::pad_h"][::std::mem::offset_of!(cdcl_conv_params, pad_h) - 44usize];
+    ["Offset of field: cdcl_conv_params::pad_w"][::std::mem::offset_of!(cdcl_conv_params, pad_w) - 48usize];
+    ["Offset of field: cdcl_conv_params::dil_h"][::std::mem::offset_of!(cdcl_conv_params, dil_h) - 52usize];
+    ["Offset of field: cdcl_conv_params::dil_w"][::std::mem::offset_of!(cdcl_conv_params, dil_w) - 56usize];
+    ["Offset of field: cdcl_conv_params::dtype"][::std::mem::offset_of!(cdcl_conv_params, dtype) - 60usize];
+    ["Offset of field: cdcl_conv_params::x"][::std::mem::offset_of!(cdcl_conv_params, x) - 64usize];
+    ["Offset of field: cdcl_conv_params::weight"][::std::mem::offset_of!(cdcl_conv_params, weight) - 72usize];
+    ["Offset of field: cdcl_conv_params::bias"][::std::mem::offset_of!(cdcl_conv_params, bias) - 80usize];
+    ["Offset of field: cdcl_conv_params::y"][::std::mem::offset_of!(cdcl_conv_params, y) - 88usize];
+    ["Offset of field: cdcl_conv_params::dy"][::std::mem::offset_of!(cdcl_conv_params, dy) - 96usize];
+    ["Offset of field: cdcl_conv_params::dx"][::std::mem::offset_of!(cdcl_conv_params, dx) - 104usize];
+    ["Offset of field: cdcl_conv_params::dweight"][::std::mem::offset_of!(cdcl_conv_params, dweight) - 112usize];
+    ["Offset of field: cdcl_conv_params::dbias"][::std::mem::offset_of!(cdcl_conv_params, dbias) - 120usize];
+    ["Offset of field: cdcl_conv_params::workspace"][::std::mem::offset_of!(cdcl_conv_params, workspace) - 128usize];
+};
+impl Default for cdcl_conv_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 unsafe extern "C" {
     pub fn cdcl_cuda_dsbn_workspace_bytes(p: *const cdcl_dsbn_params) -> usize;
 }
@@ -128,6 +196,30 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_dsbn_backward_infer(p: *const cdcl_dsbn_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_conv_workspace_bytes(p: *const cdcl_conv_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_conv_workspace_bytes(p: *const cdcl_conv_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_conv_forward(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_conv_forward(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_conv_backward_data(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_conv_backward_data(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_conv_backward_filter(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_conv_backward_filter(p: *const cdcl_conv_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 #[repr(C)]
 #[derive(Debug)]

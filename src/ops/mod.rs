@@ -2,4 +2,5 @@
 //! turn the kernels' device error record into typed errors.
 
 mod check;
+pub mod conv;
 pub mod dsbn;

@@ -7,4 +7,5 @@
 //! can be tested against an independent, obviously-correct implementation. They are not meant to
 //! be used on a hot path.
 
+pub mod conv;
 pub mod dsbn;

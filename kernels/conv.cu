@@ -1,0 +1,304 @@
+// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA), any stride,
+// padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
+//   forward:          M = N*P*Q, N = K, K = R*S*C   (A = im2col(x), B = w^T)
+//   data gradient:    M = N*H*W, N = C, K = R*S*K   (A = the strided gather of dy, B = w)
+//   filter gradient:  M = K,     N = R*S*C, K = N*P*Q (A = dy^T, B = im2col(x)), split over the
+//                     reduction into fixed slices summed in a fixed order (deterministic split-K)
+// The im2col matrices are never formed: each problem's loader computes the source element of a
+// (row, reduction) pair on the fly and returns 0 outside the image. Design and model:
+// docs/kernels.md.
+#include "cdcl_device.cuh"
+
+namespace CDCL_NAMESPACE {
+
+// 64x64 output tile per block of 256 threads, 4x4 outputs per thread, 16-deep reduction steps,
+// double-buffered through shared memory with one barrier per step.
+constexpr int kBM = 64;
+constexpr int kBN = 64;
+constexpr int kBK = 16;
+constexpr int kThreads = 256;
+constexpr int kPad = 4;  // row padding of the shared tiles (bank spreading)
+// Split-K of the filter gradient: slices of this many reduction rows (N*P*Q), at most kMaxSplit.
+constexpr long long kSplitRows = 8192;
+constexpr int kMaxSplit = 32;
+
+__host__ __device__ __forceinline__ int conv_split(const cdcl_conv_params& p) {
+    const long long rows = (long long)p.n * p.p * p.q;
+    long long s = (rows + kSplitRows - 1) / kSplitRows;
+    return (int)(s < 1 ? 1 : (s > kMaxSplit ? kMaxSplit : s));
+}
+
+// ---- the three problems: sizes, loaders, epilogues -------------------------------------------
+
+struct ConvForward {
+    const cdcl_conv_params& p;
+    __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
+    __device__ int cols() const { return p.k; }
+    __device__ int depth() const { return p.r * p.s * p.c; }
+    __device__ float a(long long m, int kk) const {
+        const int q = (int)(m % p.q);
+        const long long t = m / p.q;
+        const int pp = (int)(t % p.p), n = (int)(t / p.p);
+        const int c = kk % p.c, rs = kk / p.c, s = rs % p.s, r = rs / p.s;
+        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
+        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
+        if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
+        return static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c];
+    }
+    __device__ float b(int kk, int col) const {
+        return static_cast<const float*>(p.weight)[(long long)col * depth() + kk];
+    }
+    __device__ void store(long long m, int col, float v, int) const {
+        if (p.bias) v += p.bias[col];
+        static_cast<float*>(p.y)[m * p.k + col] = v;
+    }
+};
+
+struct ConvBackwardData {
+    const cdcl_conv_params& p;
+    __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
+    __device__ int cols() const { return p.c; }
+    __device__ int depth() const { return p.r * p.s * p.k; }
+    // dx[n,h,w,c] = sum over (r, s, k) of dy[n, p, q, k] * w[k, r, s, c] where
+    // h = p*stride - pad + r*dil: only offsets that land on the stride grid contribute.
+    __device__ float a(long long m, int kk) const {
+        const int w = (int)(m % p.w);
+        const long long t = m / p.w;
+        const int h = (int)(t % p.h), n = (int)(t / p.h);
+        const int k = kk % p.k, rs = kk / p.k, s = rs % p.s, r = rs / p.s;
+        const int hp = h + p.pad_h - r * p.dil_h;
+        const int wp = w + p.pad_w - s * p.dil_w;
+        if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return 0.0f;
+        const int pp = hp / p.stride_h, q = wp / p.stride_w;
+        if (pp >= p.p || q >= p.q) return 0.0f;
+        return static_cast<const float*>(p.dy)[(((long long)n * p.p + pp) * p.q + q) * p.k + k];
+    }
+    __device__ float b(int kk, int col) const {
+        const int k = kk % p.k, rs = kk / p.k;
+        return static_cast<const float*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col];
+    }
+    __device__ void store(long long m, int col, float v, int) const {
+        static_cast<float*>(p.dx)[m * p.c + col] = v;
+    }
+};
+
+struct ConvBackwardFilter {
+    const cdcl_conv_params& p;
+    __device__ long long rows() const { return p.k; }
+    __device__ int cols() const { return p.r * p.s * p.c; }
+    __device__ long long reduction() const { return (long long)p.n * p.p * p.q; }
+    __device__ float a(long long m, long long j) const {  // dy^T
+        return static_cast<const float*>(p.dy)[j * p.k + m];
+    }
+    __device__ float b(long long j, int col) const {  // im2col(x)
+        const int q = (int)(j % p.q);
+        const long long t = j / p.q;
+        const int pp = (int)(t % p.p), n = (int)(t / p.p);
+        const int c = col % p.c, rs = col / p.c, s = rs % p.s, r = rs / p.s;
+        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
+        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
+        if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
+        return static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c];
+    }
+    __device__ void store(long long m, int col, float v, int slice) const {
+        const long long i = m * cols() + col;
+        if (conv_split(p) == 1)
+            static_cast<float*>(p.dweight)[i] = v;
+        else
+            p.workspace[(long long)slice * p.k * cols() + i] = v;
+    }
+};
+
+template <class Prob>
+__device__ __forceinline__ long long depth_of(const Prob& prob) {
+    return prob.depth();
+}
+template <>
+__device__ __forceinline__ long long depth_of<ConvBackwardFilter>(const ConvBackwardFilter& prob) {
+    return prob.reduction();
+}
+
+// The shared mainloop. Tile loads put 16 consecutive threads on 16 consecutive reduction
+// indices, which for the forward's A (channels of one pixel) and B (one filter) are contiguous
+// in memory. blockIdx.z selects a reduction slice of `slice_len` (the whole depth unless split).
+template <class Prob>
+__global__ void __launch_bounds__(kThreads) implicit_gemm(const cdcl_conv_params p, long long slice_len) {
+    const Prob prob{p};
+    const long long rows = prob.rows();
+    const int cols = prob.cols();
+    const long long depth = depth_of(prob);
+    const long long m0 = (long long)blockIdx.x * kBM;
+    const int n0 = (int)blockIdx.y * kBN;
+    const long long k_begin = (long long)blockIdx.z * slice_len;
+    const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
+    const int t = (int)threadIdx.x;
+    const int lk = t % kBK, lrow = t / kBK;  // loader: reduction index, first row/col
+    const int tx = t % 16, ty = t / 16;      // compute: 4 rows ty + 16i, 4 cols tx + 16j
+
+    CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
+    CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
+    float ra[4], rb[4];
+    auto load = [&](long long kt) {
+        const long long kk = kt + lk;
+        for (int i = 0; i < 4; ++i) {
+            const long long m = m0 + lrow + 16 * i;
+            const int col = n0 + lrow + 16 * i;
+            ra[i] = (kk < k_end && m < rows) ? prob.a(m, kk) : 0.0f;
+            rb[i] = (kk < k_end && col < cols) ? prob.b(kk, col) : 0.0f;
+        }
+    };
+    auto stash = [&](int buf) {
+        for (int i = 0; i < 4; ++i) {
+            As[buf][lk][lrow + 16 * i] = ra[i];
+            Bs[buf][lk][lrow + 16 * i] = rb[i];
+        }
+    };
+
+    float acc[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+    if (tiles > 0) {
+        load(k_begin);
+        stash(0);
+    }
+    __syncthreads();
+    for (long long tile = 0; tile < tiles; ++tile) {
+        const int cur = (int)(tile & 1);
+        const bool more = tile + 1 < tiles;
+        if (more) load(k_begin + (tile + 1) * kBK);  // global loads overlap the math below
+        for (int kk = 0; kk < kBK; ++kk) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        if (more) stash(cur ^ 1);
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i) {
+        const long long m = m0 + ty + 16 * i;
+        for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx + 16 * j;
+            if (m < rows && col < cols) prob.store(m, col, acc[i][j], (int)blockIdx.z);
+        }
+    }
+}
+
+// dweight = sum of the split-K slices in slice order.
+__global__ void conv_filter_reduce(const cdcl_conv_params p, int split) {
+    const long long total = (long long)p.k * p.r * p.s * p.c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        float v = 0.0f;
+        for (int z = 0; z < split; ++z) v += p.workspace[(long long)z * total + i];
+        static_cast<float*>(p.dweight)[i] = v;
+    }
+}
+
+// dbias[k] = sum of dy over n, p, q: 32 filters x 8 rows per block over a chunk of 1024 rows,
+// fixed-order row merge in shared memory; then chunks summed in order by conv_bias_finalize.
+constexpr int kBiasRows = 1024;
+__global__ void conv_bias_partial(const cdcl_conv_params p, float* partial) {
+    const long long rows = (long long)p.n * p.p * p.q;
+    const long long r0 = (long long)blockIdx.x * kBiasRows;
+    const long long r1 = r0 + kBiasRows < rows ? r0 + kBiasRows : rows;
+    const int k = (int)(blockIdx.y * 32 + threadIdx.x);
+    float sum = 0.0f;
+    if (k < p.k)
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) sum += static_cast<const float*>(p.dy)[r * p.k + k];
+    CDCL_SHARED(float, s_sum, [8][32]);
+    s_sum[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && k < p.k) {
+        for (int y = 1; y < 8; ++y) sum += s_sum[y][threadIdx.x];
+        partial[(long long)blockIdx.x * p.k + k] = sum;
+    }
+}
+
+__global__ void conv_bias_finalize(const cdcl_conv_params p, const float* partial, int chunks) {
+    const int k = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (k >= p.k) return;
+    float sum = 0.0f;
+    for (int i = 0; i < chunks; ++i) sum += partial[(long long)i * p.k + k];
+    p.dbias[k] = sum;
+}
+
+__host__ inline int bias_chunks(const cdcl_conv_params& p) {
+    const long long rows = (long long)p.n * p.p * p.q;
+    return (int)((rows + kBiasRows - 1) / kBiasRows);
+}
+
+__host__ inline bool conv_params_ok(const cdcl_conv_params* p) {
+    if (!p || p->n <= 0 || p->h <= 0 || p->w <= 0 || p->c <= 0 || p->k <= 0 || p->r <= 0 || p->s <= 0) return false;
+    if (p->stride_h <= 0 || p->stride_w <= 0 || p->dil_h <= 0 || p->dil_w <= 0 || p->pad_h < 0 || p->pad_w < 0) return false;
+    const long long ph = ((long long)p->h + 2LL * p->pad_h - (long long)p->dil_h * (p->r - 1) - 1) / p->stride_h + 1;
+    const long long pw = ((long long)p->w + 2LL * p->pad_w - (long long)p->dil_w * (p->s - 1) - 1) / p->stride_w + 1;
+    if (ph != p->p || pw != p->q || ph <= 0 || pw <= 0) return false;
+    // Grid limits: y and z below 65536 blocks.
+    const long long rsc = (long long)p->r * p->s * p->c;
+    return (p->k + kBN - 1) / kBN < 65536 && (p->c + kBN - 1) / kBN < 65536 && (rsc + kBN - 1) / kBN < 65536 &&
+           rsc <= 2147483647LL && (long long)p->r * p->s * p->k <= 2147483647LL;
+}
+
+__host__ inline dim3 gemm_grid(long long rows, long long cols, int split) {
+    return dim3((unsigned)((rows + kBM - 1) / kBM), (unsigned)((cols + kBN - 1) / kBN), (unsigned)split);
+}
+
+}  // namespace CDCL_NAMESPACE
+
+using namespace CDCL_NAMESPACE;
+
+CDCL_API size_t CDCL_PREFIX(conv_workspace_bytes)(const cdcl_conv_params* p) {
+    if (!conv_params_ok(p)) return 0;
+    const int split = conv_split(*p);
+    const size_t filter = split > 1 ? (size_t)split * p->k * p->r * p->s * p->c : 0;
+    const size_t bias = (size_t)bias_chunks(*p) * p->k;
+    return (filter > bias ? filter : bias) * sizeof(float);
+}
+
+CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* stream) {
+    if (!conv_params_ok(pp) || !pp->x || !pp->weight || !pp->y) return CDCL_ERR_INVALID_PARAMS;
+    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    const cdcl_conv_params p = *pp;
+    const long long rows = (long long)p.n * p.p * p.q;
+    const long long depth = (long long)p.r * p.s * p.c;
+    return CDCL_LAUNCH(implicit_gemm<ConvForward>, gemm_grid(rows, p.k, 1), dim3(kThreads), 0, stream, p, depth);
+}
+
+CDCL_API int32_t CDCL_PREFIX(conv_backward_data)(const cdcl_conv_params* pp, void* stream) {
+    if (!conv_params_ok(pp) || !pp->dy || !pp->weight || !pp->dx) return CDCL_ERR_INVALID_PARAMS;
+    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    const cdcl_conv_params p = *pp;
+    const long long rows = (long long)p.n * p.h * p.w;
+    const long long depth = (long long)p.r * p.s * p.k;
+    return CDCL_LAUNCH(implicit_gemm<ConvBackwardData>, gemm_grid(rows, p.c, 1), dim3(kThreads), 0, stream, p, depth);
+}
+
+CDCL_API int32_t CDCL_PREFIX(conv_backward_filter)(const cdcl_conv_params* pp, void* stream) {
+    if (!conv_params_ok(pp) || !pp->dy || !pp->x || !pp->dweight) return CDCL_ERR_INVALID_PARAMS;
+    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    const cdcl_conv_params p = *pp;
+    const int split = conv_split(p);
+    if ((split > 1 || p.dbias) && !p.workspace) return CDCL_ERR_INVALID_PARAMS;
+    const long long reduction = (long long)p.n * p.p * p.q;
+    const long long slice = (reduction + split - 1) / split;
+    const long long rsc = (long long)p.r * p.s * p.c;
+    int st = CDCL_LAUNCH(implicit_gemm<ConvBackwardFilter>, gemm_grid(p.k, rsc, split), dim3(kThreads), 0, stream, p, slice);
+    if (st == CDCL_OK && split > 1) {
+        const long long total = p.k * rsc;
+        const unsigned blocks = (unsigned)((total + 255) / 256 < 1024 ? (total + 255) / 256 : 1024);
+        st = CDCL_LAUNCH(conv_filter_reduce, dim3(blocks), dim3(256), 0, stream, p, split);
+    }
+    if (st == CDCL_OK && p.dbias) {
+        // The workspace is free again once the filter reduction has consumed it (same stream).
+        const int chunks = bias_chunks(p);
+        st = CDCL_LAUNCH(conv_bias_partial, dim3((unsigned)chunks, ceil_div((unsigned)p.k, 32)), dim3(32, 8), 0, stream, p,
+                         p.workspace);
+        if (st == CDCL_OK)
+            st = CDCL_LAUNCH(conv_bias_finalize, dim3(ceil_div((unsigned)p.k, 256)), dim3(256), 0, stream, p,
+                             (const float*)p.workspace, chunks);
+    }
+    return st;
+}

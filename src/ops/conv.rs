@@ -1,0 +1,251 @@
+//! 2-D convolution (cross-correlation, as PyTorch's `conv2d`) over NHWC activations and KRSC
+//! weights as implicit GEMM: forward with optional bias, data gradient, and filter gradient with
+//! optional bias gradient (deterministic split-K). f32 storage; the f16/bf16 tensor-core path
+//! and the fused DSBN epilogue/prologue are not built yet and report `UnsupportedDType`.
+//!
+//! Kernels: `kernels/conv.cu`. Reference: [`crate::reference::conv`].
+
+use crate::device::{launcher, workspace_bytes, DeviceBuffer, Launcher};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::ops::check;
+use crate::tensor::{DType, Tensor};
+
+/// Stride, zero padding and dilation of a convolution, (height, width) each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Step between output positions (≥ 1).
+    pub stride: (usize, usize),
+    /// Zeros added on each side.
+    pub padding: (usize, usize),
+    /// Spacing between filter taps (≥ 1); the dilated ResNet uses 2 and 4.
+    pub dilation: (usize, usize),
+}
+
+impl Default for ConvGeometry {
+    fn default() -> Self {
+        ConvGeometry { stride: (1, 1), padding: (0, 0), dilation: (1, 1) }
+    }
+}
+
+impl ConvGeometry {
+    /// Same stride, padding and dilation on both axes.
+    pub fn square(stride: usize, padding: usize, dilation: usize) -> Self {
+        ConvGeometry { stride: (stride, stride), padding: (padding, padding), dilation: (dilation, dilation) }
+    }
+
+    /// Output (P, Q) for an H×W input and an R×S filter, or an error when the dilated filter
+    /// does not fit in the padded input.
+    pub fn output_size(&self, h: usize, w: usize, r: usize, s: usize) -> Result<(usize, usize)> {
+        if self.stride.0 == 0 || self.stride.1 == 0 || self.dilation.0 == 0 || self.dilation.1 == 0 {
+            return Err(Error::InvalidArgument(format!("stride and dilation must be at least 1: {self:?}")));
+        }
+        let axis = |len: usize, pad: usize, dil: usize, taps: usize, stride: usize| -> Option<usize> {
+            let span = dil.checked_mul(taps.checked_sub(1)?)?.checked_add(1)?;
+            let padded = len.checked_add(pad.checked_mul(2)?)?;
+            (padded >= span).then(|| (padded - span) / stride + 1)
+        };
+        match (
+            axis(h, self.padding.0, self.dilation.0, r, self.stride.0),
+            axis(w, self.padding.1, self.dilation.1, s, self.stride.1),
+        ) {
+            (Some(p), Some(q)) if p <= i32::MAX as usize && q <= i32::MAX as usize => Ok((p, q)),
+            _ => Err(Error::InvalidShape {
+                what: "convolution",
+                shape: vec![h, w, r, s],
+                reason: format!("a {r}x{s} filter with {self:?} does not fit a {h}x{w} input"),
+            }),
+        }
+    }
+}
+
+const FORWARD: Launcher<ffi::cdcl_conv_params> = launcher!(conv_forward: cdcl_emu_conv_forward, cdcl_cuda_conv_forward);
+const BACKWARD_DATA: Launcher<ffi::cdcl_conv_params> =
+    launcher!(conv_backward_data: cdcl_emu_conv_backward_data, cdcl_cuda_conv_backward_data);
+const BACKWARD_FILTER: Launcher<ffi::cdcl_conv_params> =
+    launcher!(conv_backward_filter: cdcl_emu_conv_backward_filter, cdcl_cuda_conv_backward_filter);
+
+fn f32_only(what: &'static str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 => Ok(()),
+        dtype => Err(Error::UnsupportedDType { what, dtype }),
+    }
+}
+
+fn filter_shape(weight: &Tensor) -> Result<[usize; 4]> {
+    let s = weight.shape();
+    if s.len() != 4 || s.contains(&0) || s.iter().any(|&d| d > i32::MAX as usize) {
+        return Err(Error::InvalidShape {
+            what: "convolution weight",
+            shape: s.to_vec(),
+            reason: "expected 4 dimensions KRSC, each at least 1".into(),
+        });
+    }
+    Ok([s[0], s[1], s[2], s[3]])
+}
+
+/// Sizes and geometry in the kernels' Params form.
+#[allow(clippy::too_many_arguments)]
+fn params(
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    r: usize,
+    s: usize,
+    g: &ConvGeometry,
+) -> Result<ffi::cdcl_conv_params> {
+    let (p, q) = g.output_size(h, w, r, s)?;
+    let fits = |v: usize| v <= i32::MAX as usize;
+    let all = [g.stride.0, g.stride.1, g.padding.0, g.padding.1, g.dilation.0, g.dilation.1];
+    if !all.iter().copied().all(fits) || r * s * c > i32::MAX as usize || r * s * k > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("convolution too large for 32-bit indexing: {g:?}")));
+    }
+    Ok(ffi::cdcl_conv_params {
+        n: n as i32,
+        h: h as i32,
+        w: w as i32,
+        c: c as i32,
+        k: k as i32,
+        r: r as i32,
+        s: s as i32,
+        p: p as i32,
+        q: q as i32,
+        stride_h: g.stride.0 as i32,
+        stride_w: g.stride.1 as i32,
+        pad_h: g.padding.0 as i32,
+        pad_w: g.padding.1 as i32,
+        dil_h: g.dilation.0 as i32,
+        dil_w: g.dilation.1 as i32,
+        dtype: DType::F32.to_ffi(),
+        ..Default::default()
+    })
+}
+
+/// `y = conv2d(x, weight) + bias`: x `[N, H, W, C]`, weight `[K, R, S, C]`, bias `[K]` f32,
+/// returns `[N, P, Q, K]`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geometry: &ConvGeometry) -> Result<Tensor> {
+    let [n, h, w, c] = check::nhwc("convolution input", x)?;
+    let [k, r, s, wc] = filter_shape(weight)?;
+    f32_only("convolution input", x)?;
+    check::dtype("convolution weight", weight, x.dtype())?;
+    if wc != c {
+        return Err(Error::ShapeMismatch {
+            what: "convolution weight",
+            expected: vec![k, r, s, c],
+            got: weight.shape().to_vec(),
+        });
+    }
+    check::same_device(x.device(), &[weight])?;
+    if let Some(b) = bias {
+        check::dtype("convolution bias", b, DType::F32)?;
+        check::shape("convolution bias", b, &[k])?;
+        check::same_device(x.device(), &[b])?;
+    }
+    let mut p = params(n, h, w, c, k, r, s, geometry)?;
+    let mut y = Tensor::zeros(x.device(), &[n, p.p as usize, p.q as usize, k], x.dtype())?;
+    p.x = x.ptr();
+    p.weight = weight.ptr();
+    p.bias = bias.map_or(std::ptr::null(), |b| b.ptr().cast());
+    p.y = y.ptr_mut();
+    x.device().launch(&FORWARD, &p)?;
+    Ok(y)
+}
+
+/// Gradient of [`conv2d`] with respect to its input: `dy` `[N, P, Q, K]`, the weight, and the
+/// input's spatial size (several input sizes give the same output size when the stride is > 1).
+pub fn conv2d_backward_data(
+    dy: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    geometry: &ConvGeometry,
+) -> Result<Tensor> {
+    let [n, p_out, q_out, k] = check::nhwc("convolution output gradient", dy)?;
+    let [wk, r, s, c] = filter_shape(weight)?;
+    f32_only("convolution output gradient", dy)?;
+    check::dtype("convolution weight", weight, dy.dtype())?;
+    check::same_device(dy.device(), &[weight])?;
+    if wk != k {
+        return Err(Error::ShapeMismatch {
+            what: "convolution weight",
+            expected: vec![k, r, s, c],
+            got: weight.shape().to_vec(),
+        });
+    }
+    let (h, w) = input_hw;
+    if h == 0 || w == 0 {
+        return Err(Error::InvalidShape {
+            what: "convolution input size",
+            shape: vec![h, w],
+            reason: "must be at least 1x1".into(),
+        });
+    }
+    let mut p = params(n, h, w, c, k, r, s, geometry)?;
+    if (p.p as usize, p.q as usize) != (p_out, q_out) {
+        return Err(Error::ShapeMismatch {
+            what: "convolution output gradient",
+            expected: vec![n, p.p as usize, p.q as usize, k],
+            got: dy.shape().to_vec(),
+        });
+    }
+    let mut dx = Tensor::zeros(dy.device(), &[n, h, w, c], dy.dtype())?;
+    p.dy = dy.ptr();
+    p.weight = weight.ptr();
+    p.dx = dx.ptr_mut();
+    dy.device().launch(&BACKWARD_DATA, &p)?;
+    Ok(dx)
+}
+
+/// Filter (and optionally bias) gradients of a convolution.
+#[derive(Debug)]
+pub struct ConvFilterGrads {
+    /// Gradient with respect to the weight, `[K, R, S, C]`.
+    pub dweight: Tensor,
+    /// Gradient with respect to the bias, `[K]` f32, when requested.
+    pub dbias: Option<Tensor>,
+}
+
+/// Gradient of [`conv2d`] with respect to the weight (`[K, R, S]` taken from `filter_krs`) and,
+/// with `with_bias`, the bias. The reduction over N·P·Q is split into fixed slices summed in a
+/// fixed order: the same bits on every run.
+pub fn conv2d_backward_filter(
+    dy: &Tensor,
+    x: &Tensor,
+    filter_krs: (usize, usize, usize),
+    with_bias: bool,
+    geometry: &ConvGeometry,
+) -> Result<ConvFilterGrads> {
+    let [n, h, w, c] = check::nhwc("convolution input", x)?;
+    let [dn, p_out, q_out, k] = check::nhwc("convolution output gradient", dy)?;
+    f32_only("convolution input", x)?;
+    check::dtype("convolution output gradient", dy, x.dtype())?;
+    check::same_device(x.device(), &[dy])?;
+    let (fk, r, s) = filter_krs;
+    if fk != k || r == 0 || s == 0 {
+        return Err(Error::ShapeMismatch {
+            what: "convolution filter",
+            expected: vec![k, r.max(1), s.max(1), c],
+            got: vec![fk, r, s, c],
+        });
+    }
+    let mut p = params(n, h, w, c, k, r, s, geometry)?;
+    if (dn, p_out, q_out) != (n, p.p as usize, p.q as usize) {
+        return Err(Error::ShapeMismatch {
+            what: "convolution output gradient",
+            expected: vec![n, p.p as usize, p.q as usize, k],
+            got: dy.shape().to_vec(),
+        });
+    }
+    let device = x.device();
+    let mut dweight = Tensor::zeros(device, &[k, r, s, c], x.dtype())?;
+    let mut dbias = if with_bias { Some(Tensor::zeros(device, &[k], DType::F32)?) } else { None };
+    p.x = x.ptr();
+    p.dy = dy.ptr();
+    p.dweight = dweight.ptr_mut();
+    p.dbias = dbias.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut().cast());
+    let mut ws = DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_conv_workspace_bytes, &p))?;
+    p.workspace = ws.as_mut_ptr().cast();
+    device.launch(&BACKWARD_FILTER, &p)?;
+    Ok(ConvFilterGrads { dweight, dbias })
+}

@@ -1,0 +1,264 @@
+//! Convolution kernels (implicit GEMM) through the emulator against the direct f64 reference
+//! (`cdcl::reference::conv`): random sizes (tiny and odd included), channel counts 1..80,
+//! filters 1/3/7, stride 1-2, padding 0-3, dilation 1-4; forward with and without bias, data
+//! gradient, filter and bias gradients; gradient check of the reference by finite differences;
+//! bitwise determinism across emulator seeds; typed errors.
+//!
+//! Tolerances. Each output is a dot product of D = R*S*C (forward), R*S*K (data gradient) or
+//! N*P*Q (filter gradient) terms accumulated in f32 with FMAs in a fixed order (plus the split-K
+//! and bias sums): the standard bound is |err| <= gamma_D * sum|a*b| with gamma_D = D*u/(1-D*u),
+//! u = 2^-24. `sum|a*b|` is the reference run on |x| and |w|. On top of that element-wise bound
+//! every result must satisfy the acceptance criterion max|err| <= 1e-4 * max|reference|.
+
+mod common;
+
+use cdcl::ops::conv::{self, ConvGeometry};
+use cdcl::reference::conv as rconv;
+use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
+use common::{assert_close, host, tensor, Rng};
+use ndarray::{Array1, Array4, ArrayView4};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    r: usize,
+    s: usize,
+    geom: ConvGeometry,
+    bias: bool,
+    seed: u64,
+}
+
+impl Case {
+    fn spec(&self) -> rconv::ConvSpec {
+        rconv::ConvSpec { stride: self.geom.stride, padding: self.geom.padding, dilation: self.geom.dilation }
+    }
+    fn out(&self) -> (usize, usize) {
+        self.spec().output_size(self.h, self.w, self.r, self.s).unwrap()
+    }
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        1usize..=3,
+        prop_oneof![Just(1usize), Just(3), Just(7)],
+        (1usize..=2, 0usize..=3, 1usize..=4),
+        (0usize..=9, 0usize..=9),
+        (1usize..=80, 1usize..=80),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(n, r, (stride, pad, dil), (eh, ew), (c, k), bias, seed)| {
+            // Big filters get fewer channels so one case stays well under a second.
+            let (c, k) = if r == 7 { (c % 12 + 1, k % 24 + 1) } else { (c, k) };
+            let span = dil * (r - 1) + 1;
+            let min = span.saturating_sub(2 * pad).max(1);
+            let geom = ConvGeometry::square(stride, pad, dil);
+            Case { n, h: min + eh, w: min + ew, c, k, r, s: r, geom, bias, seed }
+        })
+}
+
+struct Host {
+    x: Vec<f64>,
+    w: Vec<f64>,
+    b: Vec<f64>,
+    dy: Vec<f64>,
+}
+
+fn make(k: &Case) -> Host {
+    let mut rng = Rng(k.seed);
+    let (p, q) = k.out();
+    let mut v = |len: usize| -> Vec<f64> { (0..len).map(|_| rng.normal() as f32 as f64).collect() };
+    Host { x: v(k.n * k.h * k.w * k.c), w: v(k.k * k.r * k.s * k.c), b: v(k.k), dy: v(k.n * p * q * k.k) }
+}
+
+fn a4<'a>(v: &'a [f64], d: (usize, usize, usize, usize)) -> ArrayView4<'a, f64> {
+    ArrayView4::from_shape(d, v).unwrap()
+}
+
+fn abs(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+fn gamma(d: usize) -> f64 {
+    let u = 2f64.powi(-24);
+    (d as f64 + 2.0) * u / (1.0 - (d as f64 + 2.0) * u)
+}
+
+fn check(what: &str, got: &[f64], want: &[f64], magnitude: &[f64], depth: usize) -> Result<(), String> {
+    assert_close(what, got, want, |i| gamma(depth) * magnitude[i] + 1e-30)?;
+    let max_ref = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let max_err = got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
+    if max_err > 1e-4 * max_ref.max(1e-30) {
+        return Err(format!("{what}: max error {max_err:e} > 1e-4 * max|ref| {max_ref:e}"));
+    }
+    Ok(())
+}
+
+fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
+    let hst = make(k);
+    let (p, q) = k.out();
+    let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, k.r, k.s, k.c), (k.n, p, q, k.k));
+    let x = tensor(dev, &[k.n, k.h, k.w, k.c], &hst.x, DType::F32);
+    let w = tensor(dev, &[k.k, k.r, k.s, k.c], &hst.w, DType::F32);
+    let b = tensor(dev, &[k.k], &hst.b, DType::F32);
+    let dy = tensor(dev, &[k.n, p, q, k.k], &hst.dy, DType::F32);
+    let spec = k.spec();
+    let bias = Array1::from(hst.b.clone());
+
+    let y = conv::conv2d(&x, &w, k.bias.then_some(&b), &k.geom).map_err(|e| e.to_string())?;
+    let want = rconv::conv2d(a4(&hst.x, xd), a4(&hst.w, wd), k.bias.then(|| bias.view()), &spec);
+    let absb = Array1::from(abs(&hst.b));
+    let mag = rconv::conv2d(a4(&abs(&hst.x), xd), a4(&abs(&hst.w), wd), k.bias.then(|| absb.view()), &spec);
+    check("forward", &host(&y), want.as_slice().unwrap(), mag.as_slice().unwrap(), k.r * k.s * k.c)?;
+
+    let wg = rconv::conv2d_backward(a4(&hst.dy, yd), a4(&hst.x, xd), a4(&hst.w, wd), &spec);
+    let mg = rconv::conv2d_backward(a4(&abs(&hst.dy), yd), a4(&abs(&hst.x), xd), a4(&abs(&hst.w), wd), &spec);
+    let dx = conv::conv2d_backward_data(&dy, &w, (k.h, k.w), &k.geom).map_err(|e| e.to_string())?;
+    check("data gradient", &host(&dx), wg.dx.as_slice().unwrap(), mg.dx.as_slice().unwrap(), k.r * k.s * k.k)?;
+    let fg = conv::conv2d_backward_filter(&dy, &x, (k.k, k.r, k.s), k.bias, &k.geom).map_err(|e| e.to_string())?;
+    let npq = k.n * p * q;
+    check("filter gradient", &host(&fg.dweight), wg.dw.as_slice().unwrap(), mg.dw.as_slice().unwrap(), npq)?;
+    match (&fg.dbias, k.bias) {
+        (Some(db), true) => {
+            check("bias gradient", &host(db), wg.dbias.as_slice().unwrap(), mg.dbias.as_slice().unwrap(), npq)?
+        }
+        (None, false) => {}
+        _ => return Err("bias gradient presence does not follow the request".into()),
+    }
+    Ok(())
+}
+
+fn emulator() -> Device {
+    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv_matches_reference(k in case_strategy()) {
+        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Shapes of the dilated ResNet and PSPNet at toy sizes, plus a filter-gradient reduction long
+/// enough to be split into several slices (N*P*Q > 8192).
+#[test]
+fn network_shapes() {
+    let dev = emulator();
+    let cases = [
+        (2, 17, 17, 3, 16, 7, 2, 3, 1), // stem: 7x7 stride 2
+        (2, 9, 9, 16, 16, 3, 1, 2, 2),  // layer3: dilation 2
+        (1, 9, 9, 16, 8, 3, 1, 4, 4),   // layer4: dilation 4
+        (2, 9, 9, 33, 65, 1, 1, 0, 1),  // 1x1 projection, odd channels
+        (3, 64, 48, 2, 3, 3, 1, 1, 1),  // N*P*Q = 9216: split-K of the filter gradient
+    ];
+    for (i, &(n, h, w, c, k, r, stride, pad, dil)) in cases.iter().enumerate() {
+        let case =
+            Case { n, h, w, c, k, r, s: r, geom: ConvGeometry::square(stride, pad, dil), bias: true, seed: i as u64 };
+        run_case(&case, &dev).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    }
+}
+
+fn all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
+    let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+    let k =
+        Case { n: 3, h: 60, w: 50, c: 5, k: 7, r: 3, s: 3, geom: ConvGeometry::square(1, 2, 2), bias: true, seed: 9 };
+    let hst = make(&k);
+    let (p, q) = k.out();
+    let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &hst.x, DType::F32);
+    let w = tensor(&dev, &[k.k, k.r, k.s, k.c], &hst.w, DType::F32);
+    let b = tensor(&dev, &[k.k], &hst.b, DType::F32);
+    let dy = tensor(&dev, &[k.n, p, q, k.k], &hst.dy, DType::F32);
+    let y = conv::conv2d(&x, &w, Some(&b), &k.geom).unwrap();
+    let dx = conv::conv2d_backward_data(&dy, &w, (k.h, k.w), &k.geom).unwrap();
+    let g = conv::conv2d_backward_filter(&dy, &x, (k.k, k.r, k.s), true, &k.geom).unwrap();
+    [&y, &dx, &g.dweight, g.dbias.as_ref().unwrap()].iter().map(|t| common::bits(t)).collect()
+}
+
+#[test]
+fn bitwise_identical_across_emulator_seeds() {
+    let base = all_bits(0, 1);
+    for (seed, threads) in [(1, 2), (77, 0), (0xFEED, 1)] {
+        assert!(all_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
+    }
+}
+
+/// Central differences on the f64 reference: L = sum(y * g) for a fixed g, so dL/dθ is what the
+/// reference backward returns. Truncation O(h^2) vanishes for a function linear in each input,
+/// leaving rounding ~1e-16/h: 1e-7 relative is far above it and far below any indexing mistake.
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let spec = rconv::ConvSpec { stride: (2, 1), padding: (1, 2), dilation: (2, 1) };
+    let (n, h, w, c, k, r, s) = (2, 6, 5, 3, 4, 3, 2);
+    let (p, q) = spec.output_size(h, w, r, s).unwrap();
+    let mut rng = Rng(3);
+    let mut v = |len: usize| -> Vec<f64> { (0..len).map(|_| rng.normal()).collect() };
+    let (x, wt, b, g) = (v(n * h * w * c), v(k * r * s * c), v(k), v(n * p * q * k));
+    let loss = |x: &[f64], wt: &[f64], b: &[f64]| -> f64 {
+        let bias = Array1::from(b.to_vec());
+        let y = rconv::conv2d(a4(x, (n, h, w, c)), a4(wt, (k, r, s, c)), Some(bias.view()), &spec);
+        y.iter().zip(&g).map(|(a, b)| a * b).sum()
+    };
+    let grads = rconv::conv2d_backward(a4(&g, (n, p, q, k)), a4(&x, (n, h, w, c)), a4(&wt, (k, r, s, c)), &spec);
+    let hstep = 1e-6;
+    let numeric = |which: usize, i: usize| {
+        let (mut xs, mut ws, mut bs) = (x.clone(), wt.clone(), b.clone());
+        let bump = |v: &mut Vec<f64>, d: f64| v[i] += d;
+        let eval = |d: f64, xs: &mut Vec<f64>, ws: &mut Vec<f64>, bs: &mut Vec<f64>| {
+            match which {
+                0 => bump(xs, d),
+                1 => bump(ws, d),
+                _ => bump(bs, d),
+            }
+            let l = loss(xs, ws, bs);
+            match which {
+                0 => bump(xs, -d),
+                1 => bump(ws, -d),
+                _ => bump(bs, -d),
+            }
+            l
+        };
+        (eval(hstep, &mut xs, &mut ws, &mut bs) - eval(-hstep, &mut xs, &mut ws, &mut bs)) / (2.0 * hstep)
+    };
+    for (which, analytic) in
+        [(0, grads.dx.as_slice().unwrap()), (1, grads.dw.as_slice().unwrap()), (2, grads.dbias.as_slice().unwrap())]
+    {
+        for (i, &a) in analytic.iter().enumerate() {
+            let num = numeric(which, i);
+            assert!(
+                (num - a).abs() <= 1e-7 * a.abs().max(1.0),
+                "param {which} element {i}: numeric {num} analytic {a}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let dev = emulator();
+    let x = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::F32).unwrap();
+    let w = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::F32).unwrap();
+    let g = ConvGeometry::default();
+    let w_bad_c = Tensor::zeros(&dev, &[4, 3, 3, 2], DType::F32).unwrap();
+    assert!(matches!(conv::conv2d(&x, &w_bad_c, None, &g), Err(Error::ShapeMismatch { .. })));
+    let w_big = Tensor::zeros(&dev, &[4, 7, 7, 3], DType::F32).unwrap();
+    assert!(matches!(conv::conv2d(&x, &w_big, None, &g), Err(Error::InvalidShape { .. })));
+    assert!(matches!(conv::conv2d(&x, &w, None, &ConvGeometry::square(0, 0, 1)), Err(Error::InvalidArgument(_))));
+    let x16 = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::F16).unwrap();
+    assert!(matches!(conv::conv2d(&x16, &w, None, &g), Err(Error::UnsupportedDType { .. })));
+    let bias_bad = Tensor::zeros(&dev, &[5], DType::F32).unwrap();
+    assert!(matches!(conv::conv2d(&x, &w, Some(&bias_bad), &g), Err(Error::ShapeMismatch { .. })));
+    let dy_bad = Tensor::zeros(&dev, &[1, 4, 3, 4], DType::F32).unwrap();
+    assert!(matches!(conv::conv2d_backward_data(&dy_bad, &w, (5, 5), &g), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(
+        conv::conv2d_backward_filter(&dy_bad, &x, (4, 3, 3), false, &g),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let _ = Array4::<f64>::zeros((1, 1, 1, 1));
+}
