@@ -12,12 +12,15 @@
 // Kernels and helpers live in a target-specific namespace so that the two builds of the same
 // source can be linked into one library without symbol clashes.
 #define CDCL_NAMESPACE cdcl_emu_kernels
+#define CDCL_UNROLL
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define CDCL_PREFIX(name) cdcl_cuda_##name
 #define CDCL_NAMESPACE cdcl_cuda_kernels
+// Register arrays indexed by loop counters must be fully unrolled or they land in local memory.
+#define CDCL_UNROLL _Pragma("unroll")
 #define CDCL_SHARED(T, name, dims) __shared__ T name dims
 #define CDCL_DYNAMIC_SHARED(T, name)                            \
     extern __shared__ __align__(16) unsigned char cdcl_dyn_smem_[]; \

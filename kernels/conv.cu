@@ -28,6 +28,28 @@ __host__ __device__ __forceinline__ int conv_split(const cdcl_conv_params& p) {
     return (int)(s < 1 ? 1 : (s > kMaxSplit ? kMaxSplit : s));
 }
 
+// ---- fused DSBN: prologue (previous block's BN + ReLU on load), epilogues -----------------------
+
+// The same expression as kernels/dsbn.cu's affine(): fused and unfused chains agree bit for bit.
+__device__ __forceinline__ float bn_affine(float x, float mean, float invstd, float gamma, float beta) {
+    return fmaf((x - mean) * invstd, gamma, beta);
+}
+
+__device__ __forceinline__ int sample_dataset(const cdcl_conv_params& p, int n) {
+    const int d = p.dataset[n];
+    return (d >= 0 && d < p.num_datasets) ? d : -1;
+}
+
+// An in-image input element as the convolution sees it: raw, or through the prologue.
+__device__ __forceinline__ float input_value(const cdcl_conv_params& p, int n, int c, float raw) {
+    if (!p.pro_mean) return raw;
+    const int d = sample_dataset(p, n);
+    if (d < 0) return 0.0f;
+    const int s = d * p.c + c;
+    const float v = bn_affine(raw, p.pro_mean[s], p.pro_invstd[s], p.pro_gamma[s], p.pro_beta[s]);
+    return p.pro_relu ? fmaxf(v, 0.0f) : v;
+}
+
 // ---- the three problems: sizes, loaders, epilogues -------------------------------------------
 
 struct ConvForward {
@@ -43,15 +65,29 @@ struct ConvForward {
         const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
         const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c];
+        return input_value(p, n, c, static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]);
     }
     __device__ float b(int kk, int col) const {
         return static_cast<const float*>(p.weight)[(long long)col * depth() + kk];
     }
-    __device__ void store(long long m, int col, float v, int) const {
+    // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
+    // dataset; the inference epilogue knows its sample without a division).
+    __device__ long long segment() const { return (p.stats || p.epi_mean) ? (long long)p.p * p.q : 0; }
+    // The value written to y: conv + bias, then the inference epilogue if any. `sample` is the
+    // tile's sample when rows are tiled per sample.
+    __device__ float finish(long long sample, long long m, int col, float v) const {
         if (p.bias) v += p.bias[col];
-        static_cast<float*>(p.y)[m * p.k + col] = v;
+        if (p.epi_mean) {
+            const int d = sample_dataset(p, (int)sample);
+            if (d < 0) return 0.0f;
+            const int s = d * p.k + col;
+            v = bn_affine(v, p.epi_mean[s], rsqrtf(p.epi_var[s] + p.epi_eps), p.epi_gamma[s], p.epi_beta[s]);
+            if (p.residual) v += static_cast<const float*>(p.residual)[m * p.k + col];
+            if (p.epi_relu) v = fmaxf(v, 0.0f);
+        }
+        return v;
     }
+    __device__ void store(long long m, int col, float v, int) const { static_cast<float*>(p.y)[m * p.k + col] = v; }
 };
 
 struct ConvBackwardData {
@@ -77,9 +113,9 @@ struct ConvBackwardData {
         const int k = kk % p.k, rs = kk / p.k;
         return static_cast<const float*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col];
     }
-    __device__ void store(long long m, int col, float v, int) const {
-        static_cast<float*>(p.dx)[m * p.c + col] = v;
-    }
+    __device__ long long segment() const { return 0; }
+    __device__ float finish(long long, long long, int, float v) const { return v; }
+    __device__ void store(long long m, int col, float v, int) const { static_cast<float*>(p.dx)[m * p.c + col] = v; }
 };
 
 struct ConvBackwardFilter {
@@ -98,8 +134,10 @@ struct ConvBackwardFilter {
         const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
         const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c];
+        return input_value(p, n, c, static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]);
     }
+    __device__ long long segment() const { return 0; }
+    __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ void store(long long m, int col, float v, int slice) const {
         const long long i = m * cols() + col;
         if (conv_split(p) == 1)
@@ -118,16 +156,60 @@ __device__ __forceinline__ long long depth_of<ConvBackwardFilter>(const ConvBack
     return prob.reduction();
 }
 
+// Training epilogue: per channel of the tile, the mean and M2 of its (up to 64) valid rows, in a
+// fixed order: Welford over 16 rows in each of 4 groups, then Chan merges of the groups in
+// order. Written in kernels/dsbn.cu's partial layout for its finalize kernel.
+// `vals` holds the tile's outputs, staged by the caller before a barrier.
+__device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const float (*vals)[kBN + 1], long long m0,
+                                                long long rows, int n0, int cols, unsigned tile) {
+    CDCL_SHARED(float, g_cnt, [4][kBN]);
+    CDCL_SHARED(float, g_mean, [4][kBN]);
+    CDCL_SHARED(float, g_m2, [4][kBN]);
+    const int t = (int)threadIdx.x;
+    const int col = t % kBN, grp = t / kBN;
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int r = grp * 16; r < grp * 16 + 16 && m0 + r < rows; ++r) {
+        const float v = vals[r][col];
+        cnt += 1.0f;
+        const float delta = v - mean;
+        mean += delta / cnt;
+        m2 = fmaf(delta, v - mean, m2);
+    }
+    g_cnt[grp][col] = cnt;
+    g_mean[grp][col] = mean;
+    g_m2[grp][col] = m2;
+    __syncthreads();
+    if (grp == 0 && n0 + col < cols) {
+        for (int g = 1; g < 4; ++g) {
+            const float nb = g_cnt[g][col];
+            if (nb == 0.0f) continue;
+            const float n = cnt + nb, delta = g_mean[g][col] - mean, f = nb / n;
+            mean = fmaf(delta, f, mean);
+            m2 = m2 + g_m2[g][col] + delta * delta * cnt * f;
+            cnt = n;
+        }
+        const long long parts = (long long)p.n * (((long long)p.p * p.q + kBM - 1) / kBM) * p.k;
+        const long long slot = (long long)tile * p.k + n0 + col;
+        p.stats[slot] = mean;
+        p.stats[parts + slot] = m2;
+    }
+}
+
 // The shared mainloop. Tile loads put 16 consecutive threads on 16 consecutive reduction
 // indices, which for the forward's A (channels of one pixel) and B (one filter) are contiguous
 // in memory. blockIdx.z selects a reduction slice of `slice_len` (the whole depth unless split).
 template <class Prob>
-__global__ void __launch_bounds__(kThreads) implicit_gemm(const cdcl_conv_params p, long long slice_len) {
+__global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_params p, long long slice_len) {
     const Prob prob{p};
-    const long long rows = prob.rows();
     const int cols = prob.cols();
     const long long depth = depth_of(prob);
-    const long long m0 = (long long)blockIdx.x * kBM;
+    // Rows are tiled flat, or per segment (one sample's P*Q rows) when the epilogue needs
+    // tiles that do not straddle samples.
+    const long long seg = prob.segment();
+    const long long tiles_per_seg = seg > 0 ? (seg + kBM - 1) / kBM : 0;
+    const long long seg_idx = seg > 0 ? blockIdx.x / tiles_per_seg : 0;
+    const long long m0 = seg > 0 ? seg_idx * seg + (blockIdx.x % tiles_per_seg) * kBM : (long long)blockIdx.x * kBM;
+    const long long rows = seg > 0 ? (seg_idx + 1) * seg : prob.rows();  // end of this tile's rows
     const int n0 = (int)blockIdx.y * kBN;
     const long long k_begin = (long long)blockIdx.z * slice_len;
     const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
@@ -177,12 +259,26 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm(const cdcl_conv_params
         if (more) stash(cur ^ 1);
         __syncthreads();
     }
+    CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + ty + 16 * i;
+        CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
-            if (m < rows && col < cols) prob.store(m, col, acc[i][j], (int)blockIdx.z);
+            if (m < rows && col < cols) {
+                acc[i][j] = prob.finish(seg_idx, m, col, acc[i][j]);
+                prob.store(m, col, acc[i][j], (int)blockIdx.z);
+            }
         }
+    }
+    if (p.stats && seg > 0) {
+        CDCL_SHARED(float, vals, [kBM][kBN + 1]);
+        CDCL_UNROLL
+        for (int i = 0; i < 4; ++i)
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = acc[i][j];
+        __syncthreads();
+        tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
     }
 }
 
@@ -262,9 +358,16 @@ CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* str
     if (!conv_params_ok(pp) || !pp->x || !pp->weight || !pp->y) return CDCL_ERR_INVALID_PARAMS;
     if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
     const cdcl_conv_params p = *pp;
-    const long long rows = (long long)p.n * p.p * p.q;
+    if ((p.pro_mean || p.epi_mean || p.stats) && (!p.dataset || p.num_datasets <= 0)) return CDCL_ERR_INVALID_PARAMS;
+    if (p.pro_mean && (!p.pro_invstd || !p.pro_gamma || !p.pro_beta)) return CDCL_ERR_INVALID_PARAMS;
+    if (p.epi_mean && (!p.epi_var || !p.epi_gamma || !p.epi_beta)) return CDCL_ERR_INVALID_PARAMS;
+    const long long pq = (long long)p.p * p.q;
+    // Training statistics: one row tile never straddles two samples.
+    const long long row_tiles = (p.stats || p.epi_mean) ? p.n * ((pq + kBM - 1) / kBM) : (p.n * pq + kBM - 1) / kBM;
+    if (row_tiles > 2147483647LL) return CDCL_ERR_INVALID_PARAMS;
+    const dim3 grid((unsigned)row_tiles, (unsigned)((p.k + kBN - 1) / kBN), 1);
     const long long depth = (long long)p.r * p.s * p.c;
-    return CDCL_LAUNCH(implicit_gemm<ConvForward>, gemm_grid(rows, p.k, 1), dim3(kThreads), 0, stream, p, depth);
+    return CDCL_LAUNCH(implicit_gemm<ConvForward>, grid, dim3(kThreads), 0, stream, p, depth);
 }
 
 CDCL_API int32_t CDCL_PREFIX(conv_backward_data)(const cdcl_conv_params* pp, void* stream) {
@@ -282,6 +385,8 @@ CDCL_API int32_t CDCL_PREFIX(conv_backward_filter)(const cdcl_conv_params* pp, v
     const cdcl_conv_params p = *pp;
     const int split = conv_split(p);
     if ((split > 1 || p.dbias) && !p.workspace) return CDCL_ERR_INVALID_PARAMS;
+    if (p.pro_mean && (!p.dataset || p.num_datasets <= 0 || !p.pro_invstd || !p.pro_gamma || !p.pro_beta))
+        return CDCL_ERR_INVALID_PARAMS;
     const long long reduction = (long long)p.n * p.p * p.q;
     const long long slice = (reduction + split - 1) / split;
     const long long rsc = (long long)p.r * p.s * p.c;

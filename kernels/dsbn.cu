@@ -23,6 +23,7 @@ constexpr unsigned kMaxElemBlocks = 1024;  // grid-stride beyond: ~262k threads 
 
 struct Geometry {
     long long hw;      // pixels per sample
+    int chunk;         // pixels per chunk: kChunkPixels, or the producer's tile (conv epilogue: 64)
     int chunks;        // chunks per sample
     long long total;   // n * hw * c elements
 };
@@ -30,7 +31,8 @@ struct Geometry {
 __host__ __device__ __forceinline__ Geometry geometry(const cdcl_dsbn_params& p) {
     Geometry g;
     g.hw = (long long)p.h * p.w;
-    g.chunks = (int)((g.hw + kChunkPixels - 1) / kChunkPixels);
+    g.chunk = p.chunk_pixels > 0 ? p.chunk_pixels : kChunkPixels;
+    g.chunks = (int)((g.hw + g.chunk - 1) / g.chunk);
     g.total = (long long)p.n * g.hw * p.c;
     return g;
 }
@@ -82,8 +84,8 @@ __global__ void dsbn_stats_partial(const cdcl_dsbn_params p) {
     const Geometry g = geometry(p);
     const int chunk = (int)blockIdx.x;
     const int n = chunk / g.chunks;
-    const long long pix0 = (long long)(chunk % g.chunks) * kChunkPixels;
-    const long long pix1 = pix0 + kChunkPixels < g.hw ? pix0 + kChunkPixels : g.hw;
+    const long long pix0 = (long long)(chunk % g.chunks) * g.chunk;
+    const long long pix1 = pix0 + g.chunk < g.hw ? pix0 + g.chunk : g.hw;
     const int c = (int)(blockIdx.y * kChanPerBlock + threadIdx.x);
     const T* x = static_cast<const T*>(p.x);
 
@@ -127,8 +129,8 @@ __global__ void dsbn_stats_finalize(const cdcl_dsbn_params p) {
     for (int n = 0; n < p.n; ++n) {
         if (dataset_of(p, n) != d) continue;
         for (int j = 0; j < g.chunks; ++j) {
-            const long long rest = g.hw - (long long)j * kChunkPixels;
-            const float nb = (float)(rest < kChunkPixels ? rest : kChunkPixels);
+            const long long rest = g.hw - (long long)j * g.chunk;
+            const float nb = (float)(rest < g.chunk ? rest : g.chunk);
             const long long slot = ((long long)n * g.chunks + j) * p.c + c;
             chan_merge(cnt, mean, m2, nb, p.workspace[slot], p.workspace[parts + slot]);
         }
@@ -159,6 +161,7 @@ __global__ void dsbn_apply(const cdcl_dsbn_params p) {
         if (d < 0) continue;
         const int s = d * p.c + c;
         float v = affine(to_f32(x[e]), p.save_mean[s], p.save_invstd[s], p.gamma[s], p.beta[s]);
+        if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[e]);
         if (p.relu) v = fmaxf(v, 0.0f);
         y[e] = from_f32<T>(v);
     }
@@ -177,6 +180,7 @@ __global__ void dsbn_infer(const cdcl_dsbn_params p) {
         if (d < 0) continue;
         const int s = d * p.c + c;
         float v = affine(to_f32(x[e]), p.running_mean[s], rsqrtf(p.running_var[s] + p.eps), p.gamma[s], p.beta[s]);
+        if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[e]);
         if (p.relu) v = fmaxf(v, 0.0f);
         y[e] = from_f32<T>(v);
     }
@@ -192,10 +196,14 @@ __device__ __forceinline__ NormStats norm_stats(const cdcl_dsbn_params& p, int s
     return NormStats{p.running_mean[s], rsqrtf(p.running_var[s] + p.eps)};
 }
 
-// The upstream gradient after the ReLU mask, recomputing the forward output from x.
-__device__ __forceinline__ float masked_grad(const cdcl_dsbn_params& p, float dy, float x, NormStats st, int s) {
+// The upstream gradient after the ReLU mask, recomputing the forward output (normalised x plus
+// the residual, if any) with the forward's own expressions.
+template <typename T>
+__device__ __forceinline__ float masked_grad(const cdcl_dsbn_params& p, float dy, float x, NormStats st, int s, long long e) {
     if (!p.relu) return dy;
-    return affine(x, st.mean, st.invstd, p.gamma[s], p.beta[s]) > 0.0f ? dy : 0.0f;
+    float v = affine(x, st.mean, st.invstd, p.gamma[s], p.beta[s]);
+    if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[e]);
+    return v > 0.0f ? dy : 0.0f;
 }
 
 // Per (chunk, channel): sum of g and of g * xhat, in a fixed order (8 row partials in shared
@@ -206,8 +214,8 @@ __global__ void dsbn_backward_partial(const cdcl_dsbn_params p, int training) {
     const Geometry g = geometry(p);
     const int chunk = (int)blockIdx.x;
     const int n = chunk / g.chunks;
-    const long long pix0 = (long long)(chunk % g.chunks) * kChunkPixels;
-    const long long pix1 = pix0 + kChunkPixels < g.hw ? pix0 + kChunkPixels : g.hw;
+    const long long pix0 = (long long)(chunk % g.chunks) * g.chunk;
+    const long long pix1 = pix0 + g.chunk < g.hw ? pix0 + g.chunk : g.hw;
     const int c = (int)(blockIdx.y * kChanPerBlock + threadIdx.x);
     const int d = dataset_of(p, n);
     const T* x = static_cast<const T*>(p.x);
@@ -220,7 +228,7 @@ __global__ void dsbn_backward_partial(const cdcl_dsbn_params p, int training) {
         for (long long pix = pix0 + threadIdx.y; pix < pix1; pix += kRows) {
             const long long e = ((long long)n * g.hw + pix) * p.c + c;
             const float xv = to_f32(x[e]);
-            const float gv = masked_grad(p, to_f32(dy[e]), xv, st, s);
+            const float gv = masked_grad<T>(p, to_f32(dy[e]), xv, st, s, e);
             sum_g += gv;
             sum_gx = fmaf(gv, (xv - st.mean) * st.invstd, sum_gx);
         }
@@ -288,7 +296,8 @@ __global__ void dsbn_backward_dx(const cdcl_dsbn_params p, int training) {
         const int s = d * p.c + c;
         const NormStats st = norm_stats(p, s, training != 0);
         const float xv = to_f32(x[e]);
-        const float gv = masked_grad(p, to_f32(dy[e]), xv, st, s);
+        const float gv = masked_grad<T>(p, to_f32(dy[e]), xv, st, s, e);
+        if (p.dresidual) static_cast<T*>(p.dresidual)[e] = from_f32<T>(gv);  // the residual branch's gradient
         const float k = p.gamma[s] * st.invstd;
         float v;
         if (training) {
@@ -386,4 +395,35 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_backward_train)(const cdcl_dsbn_params* pp, vo
 
 CDCL_API int32_t CDCL_PREFIX(dsbn_backward_infer)(const cdcl_dsbn_params* pp, void* stream) {
     return dsbn_backward(pp, stream, 0);
+}
+
+// Statistics from partials a producer already wrote into the workspace in this file's layout
+// (the convolution's training epilogue: chunk_pixels = its 64-row tile): validate, finalize.
+CDCL_API int32_t CDCL_PREFIX(dsbn_stats_from_partials)(const cdcl_dsbn_params* pp, void* stream) {
+    if (!params_ok(pp) || !pp->running_mean || !pp->running_var || !pp->save_mean || !pp->save_invstd || !pp->workspace)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
+    if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+    return st;
+}
+
+// The apply pass alone, with saved statistics (and optional residual): y = relu?(BN(x) + r).
+CDCL_API int32_t CDCL_PREFIX(dsbn_apply)(const cdcl_dsbn_params* pp, void* stream) {
+    if (!params_ok(pp) || !pp->y || !pp->gamma || !pp->beta || !pp->save_mean || !pp->save_invstd)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        return st;
+    });
+}
+
+// Dataset indices only: for fused consumers (the convolution's epilogues) that read them.
+CDCL_API int32_t CDCL_PREFIX(dsbn_validate_indices)(const cdcl_dsbn_params* pp, void* stream) {
+    if (!pp || pp->n <= 0 || pp->num_datasets <= 0 || !pp->dataset || !pp->err) return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_dsbn_params p = *pp;
+    return CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
 }

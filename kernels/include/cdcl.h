@@ -87,6 +87,13 @@ typedef struct cdcl_dsbn_params {
     float* dbeta;
     float* workspace; /* cdcl_*_dsbn_workspace_bytes() bytes, any content */
     cdcl_error_record* err;
+    /* Pixels per statistics chunk: 0 = the kernels' own (256); the convolution's training
+       epilogue writes partials for 64-pixel chunks (CDCL_CONV_STATS_CHUNK). */
+    int32_t chunk_pixels;
+    /* Optional, like x: added after the affine transform, before the ReLU (ResNet's
+       BN + residual + ReLU); backward reads it for the mask and writes dresidual = masked dy. */
+    const void* residual;
+    void* dresidual;
 } cdcl_dsbn_params;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -119,7 +126,38 @@ typedef struct cdcl_conv_params {
     void* dweight;       /* filter gradient output, KRSC */
     float* dbias;        /* filter-gradient launcher, optional: sum of dy over n,p,q */
     float* workspace;    /* cdcl_*_conv_workspace_bytes() bytes */
+
+    /* Prologue (forward and filter gradient): the input is read as
+       relu?(fma((x - pro_mean[d,c]) * pro_invstd[d,c], pro_gamma[d,c], pro_beta[d,c])) with
+       d = dataset[n]: the previous block's DSBN + ReLU applied on load, never written.
+       Padding stays zero. Off when pro_mean is null. */
+    const int32_t* dataset; /* [n], needed by the prologue and the epilogues */
+    int32_t num_datasets;
+    int32_t pro_relu;
+    const float* pro_mean;
+    const float* pro_invstd;
+    const float* pro_gamma;
+    const float* pro_beta;
+
+    /* Training epilogue (forward): with stats non-null, output tiles are aligned to samples and
+       each (64-row tile, channel) writes the mean and M2 of y into stats in the DSBN partial
+       layout: [2][n * ceil(p*q/64)][k] (means, then M2s). */
+    float* stats;
+
+    /* Inference epilogue (forward): with epi_mean non-null,
+       y = relu?(fma((conv - mean) * rsqrt(var + eps), gamma, beta) [+ residual]) per sample's
+       dataset, from the running statistics. */
+    const float* epi_mean;
+    const float* epi_var;
+    const float* epi_gamma;
+    const float* epi_beta;
+    float epi_eps;
+    int32_t epi_relu;
+    const void* residual; /* like y, optional */
 } cdcl_conv_params;
+
+/* Rows of the convolution's output tiles: the statistics chunk of its training epilogue. */
+#define CDCL_CONV_STATS_CHUNK 64
 
 /* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
@@ -133,6 +171,9 @@ CDCL_DECLARE_BOTH(int32_t, dsbn_forward_train, (const cdcl_dsbn_params* p, void*
 CDCL_DECLARE_BOTH(int32_t, dsbn_forward_infer, (const cdcl_dsbn_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, dsbn_backward_train, (const cdcl_dsbn_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, dsbn_backward_infer, (const cdcl_dsbn_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, dsbn_stats_from_partials, (const cdcl_dsbn_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, dsbn_apply, (const cdcl_dsbn_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, dsbn_validate_indices, (const cdcl_dsbn_params* p, void* stream))
 CDCL_DECLARE_BOTH(size_t, conv_workspace_bytes, (const cdcl_conv_params* p))
 CDCL_DECLARE_BOTH(int32_t, conv_forward, (const cdcl_conv_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, conv_backward_data, (const cdcl_conv_params* p, void* stream))

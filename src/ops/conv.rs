@@ -123,9 +123,91 @@ fn params(
     })
 }
 
+/// The previous block's DSBN (+ ReLU) applied to the convolution's input as it is loaded:
+/// `relu?(fma((x − mean[d,c])·invstd[d,c], γ[d,c], β[d,c]))`, d = the sample's dataset. Tables
+/// are `[D, C_in]` f32.
+pub(crate) struct Prologue<'a> {
+    pub(crate) datasets: &'a Tensor,
+    pub(crate) mean: &'a Tensor,
+    pub(crate) invstd: &'a Tensor,
+    pub(crate) gamma: &'a Tensor,
+    pub(crate) beta: &'a Tensor,
+    pub(crate) relu: bool,
+}
+
+/// Inference epilogue: `relu?(BN_running(conv) + residual)` per sample's dataset.
+pub(crate) struct InferEpilogue<'a> {
+    pub(crate) datasets: &'a Tensor,
+    pub(crate) mean: &'a Tensor,
+    pub(crate) var: &'a Tensor,
+    pub(crate) gamma: &'a Tensor,
+    pub(crate) beta: &'a Tensor,
+    pub(crate) eps: f32,
+    pub(crate) relu: bool,
+    pub(crate) residual: Option<&'a Tensor>,
+}
+
+/// What a fused forward adds around the plain convolution.
+#[derive(Default)]
+pub(crate) struct Fusion<'a> {
+    pub(crate) prologue: Option<Prologue<'a>>,
+    /// Training epilogue: per-(sample tile, channel) statistics partials of the output, with
+    /// the dataset indices and the number of datasets of the DSBN that consumes them.
+    pub(crate) stats: Option<(&'a mut DeviceBuffer, &'a Tensor, usize)>,
+    pub(crate) epilogue: Option<InferEpilogue<'a>>,
+}
+
+fn check_table(what: &'static str, t: &Tensor, shape: &[usize], x: &Tensor) -> Result<()> {
+    check::dtype(what, t, DType::F32)?;
+    check::shape(what, t, shape)?;
+    check::same_device(x.device(), &[t])
+}
+
+fn set_datasets(p: &mut ffi::cdcl_conv_params, datasets: &Tensor, num_datasets: usize, x: &Tensor) -> Result<()> {
+    check::dtype("dataset indices", datasets, DType::I32)?;
+    check::shape("dataset indices", datasets, &[p.n as usize])?;
+    check::same_device(x.device(), &[datasets])?;
+    if num_datasets == 0 || num_datasets > i32::MAX as usize {
+        return Err(Error::InvalidArgument(format!("number of datasets out of range: {num_datasets}")));
+    }
+    p.dataset = datasets.ptr().cast();
+    p.num_datasets = num_datasets as i32;
+    Ok(())
+}
+
+fn set_prologue(p: &mut ffi::cdcl_conv_params, pro: &Prologue<'_>, x: &Tensor) -> Result<()> {
+    let d = pro.mean.shape().first().copied().unwrap_or(0);
+    let shape = [d, p.c as usize];
+    for (what, t) in [
+        ("prologue mean", pro.mean),
+        ("prologue invstd", pro.invstd),
+        ("prologue gamma", pro.gamma),
+        ("prologue beta", pro.beta),
+    ] {
+        check_table(what, t, &shape, x)?;
+    }
+    set_datasets(p, pro.datasets, d, x)?;
+    p.pro_mean = pro.mean.ptr().cast();
+    p.pro_invstd = pro.invstd.ptr().cast();
+    p.pro_gamma = pro.gamma.ptr().cast();
+    p.pro_beta = pro.beta.ptr().cast();
+    p.pro_relu = pro.relu as i32;
+    Ok(())
+}
+
 /// `y = conv2d(x, weight) + bias`: x `[N, H, W, C]`, weight `[K, R, S, C]`, bias `[K]` f32,
 /// returns `[N, P, Q, K]`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geometry: &ConvGeometry) -> Result<Tensor> {
+    conv2d_fused(x, weight, bias, geometry, Fusion::default())
+}
+
+pub(crate) fn conv2d_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geometry: &ConvGeometry,
+    fusion: Fusion<'_>,
+) -> Result<Tensor> {
     let [n, h, w, c] = check::nhwc("convolution input", x)?;
     let [k, r, s, wc] = filter_shape(weight)?;
     f32_only("convolution input", x)?;
@@ -144,7 +226,40 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geometry: &Con
         check::same_device(x.device(), &[b])?;
     }
     let mut p = params(n, h, w, c, k, r, s, geometry)?;
-    let mut y = Tensor::zeros(x.device(), &[n, p.p as usize, p.q as usize, k], x.dtype())?;
+    let out_shape = [n, p.p as usize, p.q as usize, k];
+    if let Some(pro) = &fusion.prologue {
+        set_prologue(&mut p, pro, x)?;
+    }
+    if let Some(epi) = &fusion.epilogue {
+        let d = epi.mean.shape().first().copied().unwrap_or(0);
+        for (what, t) in
+            [("BN running mean", epi.mean), ("BN running var", epi.var), ("BN gamma", epi.gamma), ("BN beta", epi.beta)]
+        {
+            check_table(what, t, &[d, k], x)?;
+        }
+        set_datasets(&mut p, epi.datasets, d, x)?;
+        if let Some(r) = epi.residual {
+            check::dtype("residual", r, x.dtype())?;
+            check::shape("residual", r, &out_shape)?;
+            check::same_device(x.device(), &[r])?;
+            p.residual = r.ptr();
+        }
+        p.epi_mean = epi.mean.ptr().cast();
+        p.epi_var = epi.var.ptr().cast();
+        p.epi_gamma = epi.gamma.ptr().cast();
+        p.epi_beta = epi.beta.ptr().cast();
+        p.epi_eps = epi.eps;
+        p.epi_relu = epi.relu as i32;
+    }
+    if let Some((stats, datasets, num_datasets)) = fusion.stats {
+        set_datasets(&mut p, datasets, num_datasets, x)?;
+        let need = crate::ops::dsbn::partials_bytes(out_shape, p.num_datasets as usize, STATS_CHUNK);
+        if stats.len() < need {
+            return Err(Error::InvalidArgument("statistics partials buffer too small".into()));
+        }
+        p.stats = stats.as_mut_ptr().cast();
+    }
+    let mut y = Tensor::zeros(x.device(), &out_shape, x.dtype())?;
     p.x = x.ptr();
     p.weight = weight.ptr();
     p.bias = bias.map_or(std::ptr::null(), |b| b.ptr().cast());
@@ -152,6 +267,9 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, geometry: &Con
     x.device().launch(&FORWARD, &p)?;
     Ok(y)
 }
+
+/// Rows per output tile of the convolution = pixels per statistics chunk of its epilogue.
+pub(crate) const STATS_CHUNK: usize = ffi::CDCL_CONV_STATS_CHUNK as usize;
 
 /// Gradient of [`conv2d`] with respect to its input: `dy` `[N, P, Q, K]`, the weight, and the
 /// input's spatial size (several input sizes give the same output size when the stride is > 1).
@@ -216,6 +334,19 @@ pub fn conv2d_backward_filter(
     with_bias: bool,
     geometry: &ConvGeometry,
 ) -> Result<ConvFilterGrads> {
+    conv2d_backward_filter_fused(dy, x, filter_krs, with_bias, geometry, None)
+}
+
+/// [`conv2d_backward_filter`] whose input is seen through a prologue (recomputed on the fly
+/// instead of reading a saved normalised activation).
+pub(crate) fn conv2d_backward_filter_fused(
+    dy: &Tensor,
+    x: &Tensor,
+    filter_krs: (usize, usize, usize),
+    with_bias: bool,
+    geometry: &ConvGeometry,
+    prologue: Option<&Prologue<'_>>,
+) -> Result<ConvFilterGrads> {
     let [n, h, w, c] = check::nhwc("convolution input", x)?;
     let [dn, p_out, q_out, k] = check::nhwc("convolution output gradient", dy)?;
     f32_only("convolution input", x)?;
@@ -236,6 +367,9 @@ pub fn conv2d_backward_filter(
             expected: vec![n, p.p as usize, p.q as usize, k],
             got: dy.shape().to_vec(),
         });
+    }
+    if let Some(pro) = prologue {
+        set_prologue(&mut p, pro, x)?;
     }
     let device = x.device();
     let mut dweight = Tensor::zeros(device, &[k, r, s, c], x.dtype())?;

@@ -94,6 +94,8 @@ pub struct DsbnGrads {
     pub dgamma: Tensor,
     /// Gradient with respect to β, `[D, C]` f32 (zero for absent datasets).
     pub dbeta: Tensor,
+    /// Gradient with respect to the residual input, like `x`, when the forward added one.
+    pub dresidual: Option<Tensor>,
 }
 
 const FORWARD_TRAIN: Launcher<ffi::cdcl_dsbn_params> =
@@ -104,6 +106,11 @@ const BACKWARD_TRAIN: Launcher<ffi::cdcl_dsbn_params> =
     launcher!(dsbn_backward_train: cdcl_emu_dsbn_backward_train, cdcl_cuda_dsbn_backward_train);
 const BACKWARD_INFER: Launcher<ffi::cdcl_dsbn_params> =
     launcher!(dsbn_backward_infer: cdcl_emu_dsbn_backward_infer, cdcl_cuda_dsbn_backward_infer);
+const STATS_FROM_PARTIALS: Launcher<ffi::cdcl_dsbn_params> =
+    launcher!(dsbn_stats_from_partials: cdcl_emu_dsbn_stats_from_partials, cdcl_cuda_dsbn_stats_from_partials);
+const APPLY: Launcher<ffi::cdcl_dsbn_params> = launcher!(dsbn_apply: cdcl_emu_dsbn_apply, cdcl_cuda_dsbn_apply);
+const VALIDATE: Launcher<ffi::cdcl_dsbn_params> =
+    launcher!(dsbn_validate_indices: cdcl_emu_dsbn_validate_indices, cdcl_cuda_dsbn_validate_indices);
 
 /// Validated geometry of one DSBN call.
 struct Checked {
@@ -249,19 +256,40 @@ fn check_backward(dy: &Tensor, x: &Tensor) -> Result<()> {
     check::same_device(x.device(), &[dy])
 }
 
+fn check_residual(residual: Option<&Tensor>, x: &Tensor) -> Result<()> {
+    if let Some(r) = residual {
+        check::dtype("DSBN residual", r, x.dtype())?;
+        check::shape("DSBN residual", r, x.shape())?;
+        check::same_device(x.device(), &[r])?;
+    }
+    Ok(())
+}
+
 fn run_backward(
     launcher: &Launcher<ffi::cdcl_dsbn_params>,
     g: &Checked,
     mut p: ffi::cdcl_dsbn_params,
     dy: &Tensor,
     x: &Tensor,
+    residual: Option<&Tensor>,
 ) -> Result<DsbnGrads> {
+    check_residual(residual, x)?;
     let device = x.device();
     let mut grads = DsbnGrads {
         dx: Tensor::zeros(device, x.shape(), x.dtype())?,
         dgamma: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
         dbeta: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+        dresidual: match residual {
+            Some(_) => Some(Tensor::zeros(device, x.shape(), x.dtype())?),
+            None => None,
+        },
     };
+    if let Some(r) = residual {
+        p.residual = r.ptr();
+    }
+    if let Some(dr) = grads.dresidual.as_mut() {
+        p.dresidual = dr.ptr_mut();
+    }
     let mut record = DeviceErrorRecord::new(device)?;
     let mut ws = workspace(device, &p)?;
     p.dy = dy.ptr();
@@ -284,17 +312,27 @@ pub fn backward_train(
     saved: &DsbnSaved,
     opts: &DsbnOptions,
 ) -> Result<DsbnGrads> {
+    backward_train_residual(dy, x, None, datasets, state, saved, opts)
+}
+
+/// Backward of the residual form `y = relu(BN(x) + residual)` ([`apply`] with a residual): the
+/// ReLU mask sees the residual, and [`DsbnGrads::dresidual`] holds the residual's gradient.
+pub fn backward_train_residual(
+    dy: &Tensor,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    datasets: &Tensor,
+    state: &DsbnState,
+    saved: &DsbnSaved,
+    opts: &DsbnOptions,
+) -> Result<DsbnGrads> {
     let g = check_common(x, datasets, state, opts)?;
     check_backward(dy, x)?;
-    for (what, t) in [("DSBN saved mean", &saved.mean), ("DSBN saved invstd", &saved.invstd)] {
-        check::dtype(what, t, DType::F32)?;
-        check::shape(what, t, &[g.d, g.c])?;
-    }
-    check::same_device(x.device(), &[&saved.mean, &saved.invstd])?;
+    check_saved(&g, x, saved)?;
     let mut p = base_params(&g, x, datasets, state, opts);
     p.save_mean = saved.mean.ptr().cast_mut().cast();
     p.save_invstd = saved.invstd.ptr().cast_mut().cast();
-    run_backward(&BACKWARD_TRAIN, &g, p, dy, x)
+    run_backward(&BACKWARD_TRAIN, &g, p, dy, x, residual)
 }
 
 /// Backward of [`forward_infer`] (frozen statistics: the running mean and variance are
@@ -311,5 +349,113 @@ pub fn backward_infer(
     let mut p = base_params(&g, x, datasets, state, opts);
     p.running_mean = state.running_mean.ptr().cast_mut().cast();
     p.running_var = state.running_var.ptr().cast_mut().cast();
-    run_backward(&BACKWARD_INFER, &g, p, dy, x)
+    run_backward(&BACKWARD_INFER, &g, p, dy, x, None)
+}
+
+fn check_saved(g: &Checked, x: &Tensor, saved: &DsbnSaved) -> Result<()> {
+    for (what, t) in [("DSBN saved mean", &saved.mean), ("DSBN saved invstd", &saved.invstd)] {
+        check::dtype(what, t, DType::F32)?;
+        check::shape(what, t, &[g.d, g.c])?;
+    }
+    check::same_device(x.device(), &[&saved.mean, &saved.invstd])
+}
+
+/// The apply pass alone: `y = relu?(BN(x) + residual)` with statistics a training forward
+/// saved — the separate-pass alternative to applying them in the next convolution's prologue,
+/// and ResNet's BN + residual add + ReLU.
+pub fn apply(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    datasets: &Tensor,
+    state: &DsbnState,
+    saved: &DsbnSaved,
+    opts: &DsbnOptions,
+) -> Result<Tensor> {
+    let g = check_common(x, datasets, state, opts)?;
+    check_saved(&g, x, saved)?;
+    check_residual(residual, x)?;
+    let device = x.device();
+    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut record = DeviceErrorRecord::new(device)?;
+    let mut p = base_params(&g, x, datasets, state, opts);
+    p.y = y.ptr_mut();
+    p.save_mean = saved.mean.ptr().cast_mut().cast();
+    p.save_invstd = saved.invstd.ptr().cast_mut().cast();
+    p.residual = residual.map_or(std::ptr::null(), |r| r.ptr());
+    p.err = record.as_mut_ptr();
+    device.launch(&APPLY, &p)?;
+    device_errors(&record, &g)?;
+    Ok(y)
+}
+
+/// Finishes the statistics of a training forward whose per-chunk partials (mean, M2 of
+/// `chunk_pixels`-pixel chunks of each sample, in the DSBN partial layout) were produced by
+/// another kernel — the convolution's training epilogue. Moves the running statistics.
+pub(crate) fn stats_from_partials(
+    conv_out: &Tensor,
+    datasets: &Tensor,
+    state: &mut DsbnState,
+    opts: &DsbnOptions,
+    partials: &mut DeviceBuffer,
+    chunk_pixels: usize,
+) -> Result<DsbnSaved> {
+    let g = check_common(conv_out, datasets, state, opts)?;
+    let device = conv_out.device();
+    let mut saved = DsbnSaved {
+        mean: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+        invstd: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+    };
+    let mut record = DeviceErrorRecord::new(device)?;
+    let mut p = base_params(&g, conv_out, datasets, state, opts);
+    p.chunk_pixels = chunk_pixels as i32;
+    if partials.len() < workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, &p) {
+        return Err(Error::InvalidArgument("DSBN partials buffer too small".into()));
+    }
+    p.running_mean = state.running_mean.ptr_mut().cast();
+    p.running_var = state.running_var.ptr_mut().cast();
+    p.save_mean = saved.mean.ptr_mut().cast();
+    p.save_invstd = saved.invstd.ptr_mut().cast();
+    p.workspace = partials.as_mut_ptr().cast();
+    p.err = record.as_mut_ptr();
+    device.launch(&STATS_FROM_PARTIALS, &p)?;
+    device_errors(&record, &g)?;
+    Ok(saved)
+}
+
+/// Bytes of the DSBN partial layout for an `[N, H, W, C]` tensor in `chunk_pixels` chunks.
+pub(crate) fn partials_bytes(shape: [usize; 4], num_datasets: usize, chunk_pixels: usize) -> usize {
+    let p = ffi::cdcl_dsbn_params {
+        n: shape[0] as i32,
+        h: shape[1] as i32,
+        w: shape[2] as i32,
+        c: shape[3] as i32,
+        num_datasets: num_datasets as i32,
+        chunk_pixels: chunk_pixels as i32,
+        ..Default::default()
+    };
+    workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, &p)
+}
+
+/// Checks every dataset index against the state's dataset count on the device (for fused
+/// consumers that read the indices themselves); `x` is the batch they index.
+pub(crate) fn validate_indices_checked(datasets: &Tensor, x: &Tensor, num_datasets: usize) -> Result<()> {
+    let [n, ..] = check::nhwc("input", x)?;
+    check::dtype("dataset indices", datasets, DType::I32)?;
+    check::shape("dataset indices", datasets, &[n])?;
+    check::same_device(x.device(), &[datasets])?;
+    if num_datasets == 0 {
+        return Err(Error::InvalidArgument("no datasets".into()));
+    }
+    let device = datasets.device();
+    let mut record = DeviceErrorRecord::new(device)?;
+    let p = ffi::cdcl_dsbn_params {
+        n: n as i32,
+        num_datasets: num_datasets as i32,
+        dataset: datasets.ptr().cast(),
+        err: record.as_mut_ptr(),
+        ..Default::default()
+    };
+    device.launch(&VALIDATE, &p)?;
+    let g = Checked { n, h: 1, w: 1, c: 1, d: num_datasets };
+    device_errors(&record, &g)
 }

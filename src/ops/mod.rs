@@ -3,4 +3,5 @@
 
 mod check;
 pub mod conv;
+pub mod dab;
 pub mod dsbn;

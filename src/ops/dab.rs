@@ -1,0 +1,169 @@
+//! The Dataset-Aware Block (DAB): convolution shared by all datasets → DSBN with each sample's
+//! dataset slice → ReLU (optionally with a residual added before the ReLU), fused:
+//!
+//! - training forward: the convolution's epilogue writes the per-(sample tile, channel)
+//!   statistics partials, a tiny finalize turns them into mean and 1/std per (dataset, channel)
+//!   and moves the running statistics; the normalised activation is either written by a
+//!   separate apply pass (`materialize`) or never written at all, because the next block's
+//!   convolution applies BN + ReLU to its input as it loads it (a [`Prologue`]);
+//! - inference forward: ONE kernel, convolution + BN from running statistics + residual + ReLU;
+//! - backward: ReLU mask and per-dataset BN backward, data-gradient and filter-gradient
+//!   convolutions; with a prologue, the filter gradient recomputes the normalised input on the
+//!   fly instead of reading a saved activation.
+//!
+//! f32 for now (the bf16/f16 tensor-core mainloop is not built yet).
+
+use crate::device::DeviceBuffer;
+use crate::error::{Error, Result};
+use crate::ops::check;
+use crate::ops::conv::{self, ConvGeometry, Fusion, InferEpilogue, STATS_CHUNK};
+use crate::ops::dsbn::{self, DsbnGrads, DsbnOptions, DsbnSaved, DsbnState};
+use crate::tensor::Tensor;
+
+/// The previous block's normalisation, applied by this block's convolution as it loads its
+/// input (which is then the previous block's raw convolution output).
+#[derive(Clone, Copy)]
+pub struct Prologue<'a> {
+    /// The previous block's DSBN state (γ, β).
+    pub state: &'a DsbnState,
+    /// The statistics its training forward saved.
+    pub saved: &'a DsbnSaved,
+    /// Whether the previous block ends in a ReLU.
+    pub relu: bool,
+}
+
+/// What a training forward of a DAB produced.
+#[derive(Debug)]
+pub struct DabForward {
+    /// The convolution's output before BN: the backward's input, and the next block's input
+    /// when the next block applies this one's normalisation in its prologue.
+    pub conv_out: Tensor,
+    /// Batch statistics per (dataset, channel).
+    pub saved: DsbnSaved,
+    /// `relu?(BN(conv_out) + residual)`, when the forward was asked to materialise it.
+    pub output: Option<Tensor>,
+}
+
+/// Gradients of a DAB.
+#[derive(Debug)]
+pub struct DabGrads {
+    /// Gradient with respect to the convolution's input as the convolution saw it (after the
+    /// prologue, if any): feed it as `dy` to the previous block's backward.
+    pub dx: Tensor,
+    /// Gradient with respect to the convolution weight.
+    pub dweight: Tensor,
+    /// Gradients of the DSBN parameters, `[D, C_out]`.
+    pub dgamma: Tensor,
+    /// See `dgamma`.
+    pub dbeta: Tensor,
+    /// Gradient with respect to the residual, when there was one.
+    pub dresidual: Option<Tensor>,
+}
+
+fn to_conv_prologue<'a>(p: &Prologue<'a>, datasets: &'a Tensor) -> conv::Prologue<'a> {
+    conv::Prologue {
+        datasets,
+        mean: &p.saved.mean,
+        invstd: &p.saved.invstd,
+        gamma: &p.state.gamma,
+        beta: &p.state.beta,
+        relu: p.relu,
+    }
+}
+
+/// Training forward of `relu?(DSBN(conv(prologue(x))) + residual)`.
+///
+/// `x` `[N, H, W, C]` f32 (raw previous conv output when `prologue` is given), `weight`
+/// `[K, R, S, C]`, `datasets` `[N]` i32; `state` has `[D, K]` tables and its running statistics
+/// move for the datasets present. With `materialize`, the activation is written (needed when
+/// the consumer is not a convolution, or with a residual).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_train(
+    x: &Tensor,
+    weight: &Tensor,
+    geometry: &ConvGeometry,
+    datasets: &Tensor,
+    state: &mut DsbnState,
+    opts: &DsbnOptions,
+    prologue: Option<Prologue<'_>>,
+    residual: Option<&Tensor>,
+    materialize: bool,
+) -> Result<DabForward> {
+    if residual.is_some() && !materialize {
+        return Err(Error::InvalidArgument("a residual block must materialise its output".into()));
+    }
+    let [n, h, w, _] = check::nhwc("DAB input", x)?;
+    let k = weight.shape().first().copied().unwrap_or(0);
+    let (r, s) = (weight.shape().get(1).copied().unwrap_or(0), weight.shape().get(2).copied().unwrap_or(0));
+    let (p, q) = geometry.output_size(h, w, r, s)?;
+    let mut partials =
+        DeviceBuffer::zeroed(x.device(), dsbn::partials_bytes([n, p, q, k], state.num_datasets(), STATS_CHUNK))?;
+    let fusion = Fusion {
+        prologue: prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets)),
+        stats: Some((&mut partials, datasets, state.num_datasets())),
+        epilogue: None,
+    };
+    let conv_out = conv::conv2d_fused(x, weight, None, geometry, fusion)?;
+    let saved = dsbn::stats_from_partials(&conv_out, datasets, state, opts, &mut partials, STATS_CHUNK)?;
+    let output =
+        if materialize { Some(dsbn::apply(&conv_out, residual, datasets, state, &saved, opts)?) } else { None };
+    Ok(DabForward { conv_out, saved, output })
+}
+
+/// Inference forward in one kernel: `relu?(BN_running(conv(x)) + residual)`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_infer(
+    x: &Tensor,
+    weight: &Tensor,
+    geometry: &ConvGeometry,
+    datasets: &Tensor,
+    state: &DsbnState,
+    opts: &DsbnOptions,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    check::finite_positive("eps", opts.eps)?;
+    dsbn::validate_indices_checked(datasets, x, state.num_datasets())?;
+    let fusion = Fusion {
+        prologue: None,
+        stats: None,
+        epilogue: Some(InferEpilogue {
+            datasets,
+            mean: &state.running_mean,
+            var: &state.running_var,
+            gamma: &state.gamma,
+            beta: &state.beta,
+            eps: opts.eps,
+            relu: opts.relu,
+            residual,
+        }),
+    };
+    conv::conv2d_fused(x, weight, None, geometry, fusion)
+}
+
+/// Backward of [`forward_train`]: `dy` is the gradient of the block's output; `x`, `conv_out`,
+/// `saved` and `residual` are what the forward used and produced.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_train(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    geometry: &ConvGeometry,
+    datasets: &Tensor,
+    state: &DsbnState,
+    forward: &DabForward,
+    opts: &DsbnOptions,
+    prologue: Option<Prologue<'_>>,
+    residual: Option<&Tensor>,
+) -> Result<DabGrads> {
+    let DsbnGrads { dx: dconv, dgamma, dbeta, dresidual } =
+        dsbn::backward_train_residual(dy, &forward.conv_out, residual, datasets, state, &forward.saved, opts)?;
+    let [_, h, w, _] = check::nhwc("DAB input", x)?;
+    let ws = weight.shape();
+    if ws.len() != 4 {
+        return Err(Error::InvalidShape { what: "DAB weight", shape: ws.to_vec(), reason: "expected KRSC".into() });
+    }
+    let dx = conv::conv2d_backward_data(&dconv, weight, (h, w), geometry)?;
+    let pro = prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets));
+    let fg = conv::conv2d_backward_filter_fused(&dconv, x, (ws[0], ws[1], ws[2]), false, geometry, pro.as_ref())?;
+    Ok(DabGrads { dx, dweight: fg.dweight, dgamma, dbeta, dresidual })
+}

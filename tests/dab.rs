@@ -1,0 +1,392 @@
+//! The fused Dataset-Aware Block (conv → DSBN → ReLU, optional residual) against the
+//! composition of the f64 references, fused chains against unfused ones (bitwise), the
+//! one-kernel inference path against conv + inference DSBN (bitwise), and determinism.
+//!
+//! Tolerances. A DAB output is a normalised convolution: the convolution's relative error is
+//! bounded by gamma_D * sum|a*b| / |y| (see tests/conv.rs), and normalisation divides the
+//! absolute error by the channel's standard deviation, which the random data keep within a
+//! factor ~10 of the output scale. The backward chains the BN backward (see tests/dsbn.rs)
+//! into two more convolutions. We therefore assert max|got - ref| <= 2e-4 * max|ref| per output
+//! tensor: ~20x above the error these bounds give for the shapes drawn, and orders of
+//! magnitude below what a wrong index, dataset or channel produces.
+
+mod common;
+
+use cdcl::ops::conv::ConvGeometry;
+use cdcl::ops::dab::{self, Prologue};
+use cdcl::ops::dsbn::{self, DsbnOptions, DsbnState};
+use cdcl::reference::{conv as rconv, dsbn as rdsbn};
+use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
+use common::{bits, host, tensor, Rng};
+use ndarray::{Array4, ArrayView2, ArrayView4};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    r: usize,
+    geom: ConvGeometry,
+    d: usize,
+    datasets: Vec<usize>,
+    relu: bool,
+    residual: bool,
+    seed: u64,
+}
+
+fn strategy() -> impl Strategy<Value = Case> {
+    (
+        1usize..=5,
+        2usize..=9,
+        2usize..=9,
+        1usize..=20,
+        1usize..=40,
+        prop_oneof![Just(1usize), Just(3)],
+        (1usize..=2, 1usize..=2),
+        1usize..=3,
+        any::<(bool, bool)>(),
+        any::<u64>(),
+    )
+        .prop_flat_map(|(n, h, w, c, k, r, (stride, dil), d, (relu, residual), seed)| {
+            proptest::collection::vec(0..d, n).prop_map(move |datasets| {
+                let pad = if r == 3 { dil } else { 0 };
+                Case {
+                    n,
+                    h,
+                    w,
+                    c,
+                    k,
+                    r,
+                    geom: ConvGeometry::square(stride, pad, dil),
+                    d,
+                    datasets,
+                    relu,
+                    residual,
+                    seed,
+                }
+            })
+        })
+}
+
+fn out_hw(k: &Case) -> (usize, usize) {
+    k.geom.output_size(k.h, k.w, k.r, k.r).unwrap()
+}
+
+struct Data {
+    x: Vec<f64>,
+    w: Vec<f64>,
+    res: Vec<f64>,
+    dy: Vec<f64>,
+    gamma: Vec<f64>,
+    beta: Vec<f64>,
+}
+
+fn data(k: &Case) -> Data {
+    let mut g = Rng(k.seed);
+    let (p, q) = out_hw(k);
+    let mut v = |len: usize, lo: f64, hi: f64| -> Vec<f64> {
+        (0..len).map(|_| (lo + (hi - lo) * g.uniform(0.0, 1.0)) as f32 as f64).collect()
+    };
+    let x = v(k.n * k.h * k.w * k.c, -2.0, 2.0);
+    let w = v(k.k * k.r * k.r * k.c, -1.0, 1.0);
+    let res = v(k.n * p * q * k.k, -1.0, 1.0);
+    let dy = v(k.n * p * q * k.k, -1.0, 1.0);
+    let gamma = v(k.d * k.k, 0.5, 1.5);
+    let beta = v(k.d * k.k, -0.5, 0.5);
+    Data { x, w, res, dy, gamma, beta }
+}
+
+fn spec(k: &Case) -> rconv::ConvSpec {
+    rconv::ConvSpec { stride: k.geom.stride, padding: k.geom.padding, dilation: k.geom.dilation }
+}
+
+fn close(what: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
+    let max_ref = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let (i, err) = got.iter().zip(want).enumerate().fold((0, 0.0f64), |(bi, be), (i, (g, w))| {
+        let e = (g - w).abs();
+        if e > be || e.is_nan() {
+            (i, e)
+        } else {
+            (bi, be)
+        }
+    });
+    let within = err <= 2e-4 * max_ref.max(1e-12); // false for NaN too
+    if !within {
+        return Err(format!("{what}: element {i}: got {} want {} (max |ref| {max_ref:e})", got[i], want[i]));
+    }
+    Ok(())
+}
+
+fn state(dev: &Device, k: &Case, dt: &Data) -> DsbnState {
+    let mut s = DsbnState::new(dev, k.d, k.k).unwrap();
+    s.gamma = tensor(dev, &[k.d, k.k], &dt.gamma, DType::F32);
+    s.beta = tensor(dev, &[k.d, k.k], &dt.beta, DType::F32);
+    s
+}
+
+fn run(k: &Case, dev: &Device) -> Result<(), String> {
+    let dt = data(k);
+    let (p, q) = out_hw(k);
+    let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, k.r, k.r, k.c), (k.n, p, q, k.k));
+    let x = tensor(dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
+    let w = tensor(dev, &[k.k, k.r, k.r, k.c], &dt.w, DType::F32);
+    let res = tensor(dev, &[k.n, p, q, k.k], &dt.res, DType::F32);
+    let ds: Vec<i32> = k.datasets.iter().map(|&d| d as i32).collect();
+    let ds = Tensor::from_slice(dev, &[k.n], &ds).unwrap();
+    let mut st = state(dev, k, &dt);
+    let opts = DsbnOptions { relu: k.relu, ..DsbnOptions::default() };
+    let residual = k.residual.then_some(&res);
+
+    // Reference: conv, DSBN (no ReLU), + residual, ReLU.
+    let conv = rconv::conv2d(
+        ArrayView4::from_shape(xd, &dt.x).unwrap(),
+        ArrayView4::from_shape(wd, &dt.w).unwrap(),
+        None,
+        &spec(k),
+    );
+    let (ones, zeros) = (vec![1.0; k.d * k.k], vec![0.0; k.d * k.k]);
+    let v2 = |v: &'static str, a: &[f64]| -> Vec<f64> {
+        let _ = v;
+        a.to_vec()
+    };
+    let (g2, b2) = (v2("g", &dt.gamma), v2("b", &dt.beta));
+    let a2 = |v: &Vec<f64>| ArrayView2::from_shape((k.d, k.k), v.as_slice()).unwrap().to_owned();
+    let cfg = rdsbn::DsbnConfig { relu: false, ..rdsbn::DsbnConfig::default() };
+    let bn = rdsbn::dsbn_forward_train(
+        conv.view(),
+        &k.datasets,
+        a2(&g2).view(),
+        a2(&b2).view(),
+        a2(&zeros).view(),
+        a2(&ones).view(),
+        &cfg,
+    );
+    let fwd = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, residual, true);
+    let bn = match bn {
+        Err(rdsbn::ReferenceError::TooFewValues { .. }) => {
+            return match fwd {
+                Err(Error::TooFewValues { .. }) => Ok(()),
+                other => Err(format!("expected TooFewValues, got {other:?}")),
+            };
+        }
+        Err(e) => return Err(e.to_string()),
+        Ok(b) => b,
+    };
+    let fwd = fwd.map_err(|e| e.to_string())?;
+    close("conv_out", &host(&fwd.conv_out), conv.as_slice().unwrap())?;
+    let pre: Vec<f64> = bn.y.iter().zip(&dt.res).map(|(y, r)| y + if k.residual { *r } else { 0.0 }).collect();
+    let out: Vec<f64> = pre.iter().map(|&v| if k.relu { v.max(0.0) } else { v }).collect();
+    close("output", &host(fwd.output.as_ref().unwrap()), &out)?;
+    close("running_mean", &host(&st.running_mean), bn.running_mean.as_slice().unwrap())?;
+    close("running_var", &host(&st.running_var), bn.running_var.as_slice().unwrap())?;
+
+    // Backward: dy zeroed where the ReLU mask is ambiguous.
+    let dy_h: Vec<f64> =
+        dt.dy.iter().zip(&pre).map(|(&g, &v)| if k.relu && v.abs() < 1e-3 { 0.0 } else { g }).collect();
+    let dy = tensor(dev, &[k.n, p, q, k.k], &dy_h, DType::F32);
+    let grads =
+        dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &fwd, &opts, None, residual).map_err(|e| e.to_string())?;
+    let g: Vec<f64> = dy_h.iter().zip(&pre).map(|(&g, &v)| if !k.relu || v > 0.0 { g } else { 0.0 }).collect();
+    let rb = rdsbn::dsbn_backward_train(
+        ArrayView4::from_shape(yd, &g).unwrap(),
+        conv.view(),
+        &k.datasets,
+        a2(&g2).view(),
+        a2(&b2).view(),
+        &cfg,
+    )
+    .map_err(|e| e.to_string())?;
+    let rc = rconv::conv2d_backward(
+        rb.dx.view(),
+        ArrayView4::from_shape(xd, &dt.x).unwrap(),
+        ArrayView4::from_shape(wd, &dt.w).unwrap(),
+        &spec(k),
+    );
+    close("dgamma", &host(&grads.dgamma), rb.dgamma.as_slice().unwrap())?;
+    close("dbeta", &host(&grads.dbeta), rb.dbeta.as_slice().unwrap())?;
+    // dweight and dx sum BN-backward outputs that cancel by construction (they sum to zero per
+    // (dataset, channel)), so their size says nothing about the rounding of the terms. Bound
+    // the error by the terms instead: the BN backward output's scale per element,
+    // gamma*invstd*(|g| + S/M) with S = sum over its group of |g|(1 + |xhat|), pushed through
+    // the convolution backward on |x| and |w|; 1e-4 of that is ~10x the f32 error of the chain.
+    let mut group = vec![0.0f64; k.d * k.k];
+    let xhat = |e: usize| {
+        let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
+        (conv.as_slice().unwrap()[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]
+    };
+    for (e, ge) in g.iter().enumerate() {
+        let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
+        group[d * k.k + c] += ge.abs() * (1.0 + xhat(e).abs());
+    }
+    let scale: Vec<f64> = (0..g.len())
+        .map(|e| {
+            let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
+            dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (g[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
+        })
+        .collect();
+    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let (ax, aw) = (abs(&dt.x), abs(&dt.w));
+    let mag = rconv::conv2d_backward(
+        ArrayView4::from_shape(yd, &scale).unwrap(),
+        ArrayView4::from_shape(xd, &ax).unwrap(),
+        ArrayView4::from_shape(wd, &aw).unwrap(),
+        &spec(k),
+    );
+    common::assert_close("dweight", &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
+        1e-4 * mag.dw.as_slice().unwrap()[i] + 1e-30
+    })?;
+    common::assert_close("dx", &host(&grads.dx), rc.dx.as_slice().unwrap(), |i| {
+        1e-4 * mag.dx.as_slice().unwrap()[i] + 1e-30
+    })?;
+    match (&grads.dresidual, k.residual) {
+        (Some(dr), true) => close("dresidual", &host(dr), &g)?,
+        (None, false) => {}
+        _ => return Err("dresidual presence does not follow the residual".into()),
+    }
+    Ok(())
+}
+
+fn emulator() -> Device {
+    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn dab_matches_reference(k in strategy()) {
+        run(&k, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Two blocks where block 2 applies block 1's BN + ReLU in its prologue equal two blocks with a
+/// separate apply pass, bit for bit — forward, running statistics and every gradient.
+#[test]
+fn chained_prologue_fusion_equals_separate_apply() {
+    let dev = emulator();
+    let (n, h, w, c0, c1, c2) = (4, 11, 9, 5, 12, 7);
+    let mut g = Rng(5);
+    let mut v = |len: usize| -> Vec<f64> { (0..len).map(|_| g.normal()).collect() };
+    let x = tensor(&dev, &[n, h, w, c0], &v(n * h * w * c0), DType::F32);
+    let w1 = tensor(&dev, &[c1, 3, 3, c0], &v(c1 * 9 * c0), DType::F32);
+    let w2 = tensor(&dev, &[c2, 3, 3, c1], &v(c2 * 9 * c1), DType::F32);
+    let dy = tensor(&dev, &[n, 6, 5, c2], &v(n * 6 * 5 * c2), DType::F32);
+    let ds = Tensor::from_slice(&dev, &[n], &[0i32, 2, 2, 0]).unwrap();
+    let g1 = ConvGeometry::square(1, 2, 2);
+    let g2 = ConvGeometry::square(2, 1, 1);
+    let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
+
+    let run = |fused: bool| -> Vec<Vec<u8>> {
+        let mut s1 = DsbnState::new(&dev, 3, c1).unwrap();
+        let mut s2 = DsbnState::new(&dev, 3, c2).unwrap();
+        let b1 = dab::forward_train(&x, &w1, &g1, &ds, &mut s1, &opts, None, None, !fused).unwrap();
+        let (input2, pro) = if fused {
+            (&b1.conv_out, Some(Prologue { state: &s1, saved: &b1.saved, relu: true }))
+        } else {
+            (b1.output.as_ref().unwrap(), None)
+        };
+        let b2 = dab::forward_train(input2, &w2, &g2, &ds, &mut s2, &opts, pro, None, true).unwrap();
+        let gr2 = dab::backward_train(&dy, input2, &w2, &g2, &ds, &s2, &b2, &opts, pro, None).unwrap();
+        let gr1 = dab::backward_train(&gr2.dx, &x, &w1, &g1, &ds, &s1, &b1, &opts, None, None).unwrap();
+        [
+            b2.output.as_ref().unwrap(),
+            &s1.running_mean,
+            &s2.running_var,
+            &gr2.dweight,
+            &gr2.dgamma,
+            &gr1.dweight,
+            &gr1.dx,
+            &gr1.dbeta,
+        ]
+        .iter()
+        .map(|t| bits(t))
+        .collect()
+    };
+    assert!(run(true) == run(false), "prologue fusion changed the results");
+}
+
+/// The one-kernel inference path equals conv followed by the inference DSBN, bit for bit.
+#[test]
+fn inference_kernel_equals_conv_then_dsbn() {
+    let dev = emulator();
+    let (n, h, w, c, k) = (5, 7, 8, 6, 10);
+    let mut g = Rng(8);
+    let mut v = |len: usize, lo: f64, hi: f64| -> Vec<f64> { (0..len).map(|_| g.uniform(lo, hi)).collect() };
+    let x = tensor(&dev, &[n, h, w, c], &v(n * h * w * c, -1.0, 1.0), DType::F32);
+    let wt = tensor(&dev, &[k, 3, 3, c], &v(k * 9 * c, -1.0, 1.0), DType::F32);
+    let ds = Tensor::from_slice(&dev, &[n], &[1i32, 0, 1, 1, 0]).unwrap();
+    let mut st = DsbnState::new(&dev, 2, k).unwrap();
+    st.running_mean = tensor(&dev, &[2, k], &v(2 * k, -0.5, 0.5), DType::F32);
+    st.running_var = tensor(&dev, &[2, k], &v(2 * k, 0.5, 2.0), DType::F32);
+    st.gamma = tensor(&dev, &[2, k], &v(2 * k, 0.5, 1.5), DType::F32);
+    let geom = ConvGeometry::square(1, 1, 1);
+    for relu in [false, true] {
+        let opts = DsbnOptions { relu, ..DsbnOptions::default() };
+        let fused = dab::forward_infer(&x, &wt, &geom, &ds, &st, &opts, None).unwrap();
+        let conv = cdcl::ops::conv::conv2d(&x, &wt, None, &geom).unwrap();
+        let unfused = dsbn::forward_infer(&conv, &ds, &st, &opts).unwrap();
+        assert!(bits(&fused) == bits(&unfused), "relu {relu}");
+        // With a residual: y + r before the ReLU.
+        let r = tensor(&dev, &[n, h, w, k], &v(n * h * w * k, -1.0, 1.0), DType::F32);
+        let with_r = host(&dab::forward_infer(&x, &wt, &geom, &ds, &st, &opts, Some(&r)).unwrap());
+        let no_relu = host(&dsbn::forward_infer(&conv, &ds, &st, &DsbnOptions { relu: false, ..opts }).unwrap());
+        let want: Vec<f64> =
+            no_relu.iter().zip(host(&r)).map(|(a, b)| if relu { (a + b).max(0.0) } else { a + b }).collect();
+        close("inference with residual", &with_r, &want).unwrap();
+    }
+    let bad = Tensor::from_slice(&dev, &[n], &[1i32, 0, 2, 1, 0]).unwrap();
+    assert_eq!(
+        dab::forward_infer(&x, &wt, &geom, &bad, &st, &DsbnOptions::default(), None).unwrap_err(),
+        Error::DatasetIndexOutOfRange { sample: 2, index: 2, num_datasets: 2 }
+    );
+}
+
+#[test]
+fn bitwise_identical_across_emulator_seeds() {
+    let k = Case {
+        n: 4,
+        h: 12,
+        w: 10,
+        c: 6,
+        k: 9,
+        r: 3,
+        geom: ConvGeometry::square(1, 1, 1),
+        d: 3,
+        datasets: vec![2, 0, 2, 1],
+        relu: true,
+        residual: true,
+        seed: 4,
+    };
+    let one = |seed: u64, threads: u32| -> Vec<Vec<u8>> {
+        let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+        let dt = data(&k);
+        let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
+        let w = tensor(&dev, &[k.k, 3, 3, k.c], &dt.w, DType::F32);
+        let r = tensor(&dev, &[k.n, k.h, k.w, k.k], &dt.res, DType::F32);
+        let dy = tensor(&dev, &[k.n, k.h, k.w, k.k], &dt.dy, DType::F32);
+        let ds = Tensor::from_slice(&dev, &[k.n], &[2i32, 0, 2, 1]).unwrap();
+        let mut st = state(&dev, &k, &dt);
+        let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
+        let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
+        let g = dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, Some(&r)).unwrap();
+        [
+            &f.conv_out,
+            f.output.as_ref().unwrap(),
+            &st.running_var,
+            &g.dx,
+            &g.dweight,
+            &g.dgamma,
+            g.dresidual.as_ref().unwrap(),
+        ]
+        .iter()
+        .map(|t| bits(t))
+        .collect()
+    };
+    let base = one(0, 1);
+    for (seed, threads) in [(3, 2), (99, 0), (0xABC, 1)] {
+        assert!(one(seed, threads) == base, "seed {seed} threads {threads}");
+    }
+    let _ = Array4::<f64>::zeros((1, 1, 1, 1));
+}
