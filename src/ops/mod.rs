@@ -2,4 +2,6 @@
 //! turn the kernels' device error record into typed errors.
 
 mod check;
+pub mod cross_entropy;
 pub mod dsbn;
+pub mod metrics;

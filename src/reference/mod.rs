@@ -7,4 +7,6 @@
 //! can be tested against an independent, obviously-correct implementation. They are not meant to
 //! be used on a hot path.
 
+pub mod cross_entropy;
 pub mod dsbn;
+pub mod metrics;
