@@ -28,6 +28,11 @@ pub enum Error {
     /// A label that is neither a class of its dataset's head nor the ignore label 255.
     #[error("invalid label {label} for dataset {dataset} at element {position}: valid labels are 0..{num_classes} and 255 (ignore)")]
     InvalidLabel { dataset: usize, label: i64, position: usize, num_classes: usize },
+    /// A prediction handed to the confusion matrix that is not a class of its dataset's head.
+    #[error(
+        "invalid prediction {prediction} for dataset {dataset} at pixel {position}: valid classes are 0..{num_classes}"
+    )]
+    InvalidPrediction { dataset: usize, prediction: i64, position: usize, num_classes: usize },
     /// Training batch statistics of a dataset with a single value per channel (PyTorch refuses too).
     #[error("batch statistics need more than one value per channel in training; dataset {dataset} has {count}")]
     TooFewValues { dataset: usize, count: usize },

@@ -51,6 +51,8 @@ typedef enum cdcl_error_slot {
     CDCL_ERRSLOT_TOO_FEW_VALUES = 1,
     /* position = linear element index, value = the label found */
     CDCL_ERRSLOT_LABEL = 2,
+    /* position = linear pixel index, value = the predicted class found (confusion matrix) */
+    CDCL_ERRSLOT_PREDICTION = 3,
     CDCL_ERRSLOT_COUNT = 4
 } cdcl_error_slot;
 
@@ -158,6 +160,73 @@ typedef struct cdcl_conv_params {
 
 /* Rows of the convolution's output tiles: the statistics chunk of its training epilogue. */
 #define CDCL_CONV_STATS_CHUNK 64
+/* Multi-head cross-entropy: every dataset d has its own head of num_classes[d] classes, the    */
+/* first num_classes[d] channels of the logits of its samples (the rest is padding).            */
+/* ------------------------------------------------------------------------------------------ */
+/* Labels equal to this are ignored (no loss, zero gradient). */
+#define CDCL_IGNORE_LABEL 255
+
+typedef struct cdcl_cross_entropy_params {
+    /* logits, dlogits: [n, h, w, cmax] in `dtype`. labels: [n, h, w] in `label_dtype`.
+       dataset: [n] int32. num_classes: [num_datasets] int32, each in 1..=cmax. weights:
+       [num_datasets] f32. n*h*w < 2^31. */
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t cmax;
+    int32_t num_datasets;
+    int32_t dtype;       /* cdcl_dtype: F32, F16 or BF16 */
+    int32_t label_dtype; /* cdcl_dtype: U8 or I32 */
+    float grad_scale;    /* gradient of the total loss coming from above (1 for the loss itself) */
+    const int32_t* dataset;
+    const int32_t* num_classes;
+    const float* weights;
+    const void* logits;
+    const void* labels;
+    void* dlogits; /* NULL: loss only */
+    float* loss;   /* [1 + num_datasets]: the weighted total, then the mean loss of each dataset */
+    float* workspace; /* cdcl_*_cross_entropy_workspace_bytes() bytes, any content */
+    cdcl_error_record* err;
+} cdcl_cross_entropy_params;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Metrics: per-head argmax and per-dataset confusion matrices.                                 */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_argmax_params {
+    /* logits: [n, h, w, cmax] in `dtype`; pred: [n, h, w] int32, argmax over the first
+       num_classes[dataset[n]] channels (first maximum on ties; a NaN counts as the maximum). */
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t cmax;
+    int32_t num_datasets;
+    int32_t dtype;
+    const int32_t* dataset;
+    const int32_t* num_classes;
+    const void* logits;
+    int32_t* pred;
+    cdcl_error_record* err;
+} cdcl_argmax_params;
+
+typedef struct cdcl_confusion_params {
+    /* pred: [n, h, w] int32; labels: [n, h, w] in `label_dtype` (255 = ignore). counts: one
+       flat int32 buffer; dataset d's [num_classes[d], num_classes[d]] matrix (row = label,
+       column = prediction) starts at offsets[d] (offsets[d] = sum of num_classes[e]^2, e < d).
+       counts must be zero on entry; each launch adds one batch. n*h*w < 2^31. */
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t num_datasets;
+    int32_t label_dtype;
+    int32_t max_classes; /* max over d of num_classes[d]: sizes the shared-memory histogram */
+    const int32_t* dataset;
+    const int32_t* num_classes;
+    const int32_t* offsets;
+    const int32_t* pred;
+    const void* labels;
+    int32_t* counts;
+    cdcl_error_record* err;
+} cdcl_confusion_params;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
@@ -178,6 +247,10 @@ CDCL_DECLARE_BOTH(size_t, conv_workspace_bytes, (const cdcl_conv_params* p))
 CDCL_DECLARE_BOTH(int32_t, conv_forward, (const cdcl_conv_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, conv_backward_data, (const cdcl_conv_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, conv_backward_filter, (const cdcl_conv_params* p, void* stream))
+CDCL_DECLARE_BOTH(size_t, cross_entropy_workspace_bytes, (const cdcl_cross_entropy_params* p))
+CDCL_DECLARE_BOTH(int32_t, cross_entropy, (const cdcl_cross_entropy_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, argmax, (const cdcl_argmax_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, confusion_matrix, (const cdcl_confusion_params* p, void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

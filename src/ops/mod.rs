@@ -3,5 +3,7 @@
 
 mod check;
 pub mod conv;
+pub mod cross_entropy;
 pub mod dab;
 pub mod dsbn;
+pub mod metrics;

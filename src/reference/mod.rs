@@ -8,4 +8,6 @@
 //! be used on a hot path.
 
 pub mod conv;
+pub mod cross_entropy;
 pub mod dsbn;
+pub mod metrics;
