@@ -8,3 +8,4 @@
 //! be used on a hot path.
 
 pub mod dsbn;
+pub mod pool;
