@@ -3,3 +3,4 @@
 
 mod check;
 pub mod dsbn;
+pub mod pool;
