@@ -27,10 +27,20 @@ constexpr unsigned kMaxTileBlocks = 65535; // grid-stride beyond
 struct Bin {
     int start, end;
 };
+// I is the type of the products i*In: unsigned long long always works; unsigned (half the
+// registers and far cheaper divisions on the GPU) when the launcher saw that they fit.
+template <typename I = unsigned long long>
 __host__ __device__ __forceinline__ Bin pool_bin(int i, int in, int out) {
-    const long long a = (long long)i * in;
-    const long long b = (long long)(i + 1) * in;
-    return Bin{(int)(a / out), (int)((b + out - 1) / out)};
+    const I a = (I)i * (I)in;
+    const I b = (I)(i + 1) * (I)in;
+    return Bin{(int)(a / (I)out), (int)((b + (I)out - 1) / (I)out)};
+}
+
+// True when every product of the pooling index arithmetic along an axis fits in 32 bits:
+// (i+1)*In + Out - 1 with i < Out (bins), and (h+1)*Out + In - 1 with h < In (backward).
+__host__ inline bool fits_u32(int in, int out) {
+    return (unsigned long long)in * (unsigned long long)out + (unsigned long long)in + (unsigned long long)out <
+           (1ull << 32);
 }
 
 // Element index of channel c of pixel (n, h, w) in an [., hh, ww, cc] tensor.
@@ -91,7 +101,7 @@ __global__ void adaptive_avg_pool_fwd(const cdcl_pool_params p) {
 // dx[h, w] = sum over the bins (i, j) that contain (h, w) of dy[i, j] / area(i, j), bins in
 // row-major order. Along one axis, the bins containing h are i in
 // [floor(h*Out/In), ceil((h+1)*Out/In) - 1]; each candidate is still tested against its bin.
-template <typename T>
+template <typename T, typename I>
 __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
     const T* dy = static_cast<const T*>(p.dy);
     T* dx = static_cast<T*>(p.dx);
@@ -104,18 +114,20 @@ __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
         r /= p.in_w;
         const int h = (int)(r % p.in_h);
         const int n = (int)(r / p.in_h);
-        const int i0 = (int)((long long)h * p.out_h / p.in_h);
-        const int i1 = min((int)(((long long)(h + 1) * p.out_h + p.in_h - 1) / p.in_h) - 1, p.out_h - 1);
-        const int j0 = (int)((long long)w * p.out_w / p.in_w);
-        const int j1 = min((int)(((long long)(w + 1) * p.out_w + p.in_w - 1) / p.in_w) - 1, p.out_w - 1);
+        const I oh = (I)p.out_h, ow = (I)p.out_w, ih = (I)p.in_h, iw = (I)p.in_w;
+        const int i0 = (int)((I)h * oh / ih);
+        const int i1 = min((int)(((I)(h + 1) * oh + ih - 1) / ih) - 1, p.out_h - 1);
+        const int j0 = (int)((I)w * ow / iw);
+        const int j1 = min((int)(((I)(w + 1) * ow + iw - 1) / iw) - 1, p.out_w - 1);
         float acc = 0.0f;
         for (int i = i0; i <= i1; ++i) {
-            const Bin bh = pool_bin(i, p.in_h, p.out_h);
+            const Bin bh = pool_bin<I>(i, p.in_h, p.out_h);
             if (h < bh.start || h >= bh.end) continue;
             for (int j = j0; j <= j1; ++j) {
-                const Bin bw = pool_bin(j, p.in_w, p.out_w);
+                const Bin bw = pool_bin<I>(j, p.in_w, p.out_w);
                 if (w < bw.start || w >= bw.end) continue;
-                const float area = (float)((bh.end - bh.start) * (bw.end - bw.start));
+                // Bin lengths up to 2^24 are exact in f32: this is the rounded area, as in the forward.
+                const float area = (float)(bh.end - bh.start) * (float)(bw.end - bw.start);
                 acc += to_f32(dy[nhwc_index(n, i, j, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]) / area;
             }
         }
@@ -295,9 +307,11 @@ CDCL_API int32_t CDCL_PREFIX(adaptive_avg_pool_backward)(const cdcl_pool_params*
     if (!params_ok(pp) || !pp->dy || !pp->dx) return CDCL_ERR_INVALID_PARAMS;
     const cdcl_pool_params p = *pp;
     const unsigned blocks = elem_blocks((long long)p.n * p.in_h * p.in_w * p.c);
+    const bool narrow = fits_u32(p.in_h, p.out_h) && fits_u32(p.in_w, p.out_w);
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
-        return CDCL_LAUNCH(adaptive_avg_pool_bwd<T>, dim3(blocks), dim3(kElemThreads), 0, stream, p);
+        if (narrow) return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
+        return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned long long>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
     });
 }
 
