@@ -227,6 +227,29 @@ typedef struct cdcl_confusion_params {
     int32_t* counts;
     cdcl_error_record* err;
 } cdcl_confusion_params;
+/* Pyramid pooling building blocks, NHWC: adaptive average pooling and bilinear resize.       */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_pool_params {
+    /* The op maps its input [n, in_h, in_w, c] (x; dx in backward) to its output
+       [n, out_h, out_w, c] (y; dy in backward). The output is a channel slice of a larger
+       tensor [n, out_h, out_w, out_c_total]: its channel k is channel out_c_offset + k there.
+       Forward writes only those channels of y; backward reads only those channels of dy and
+       writes all of dx. */
+    int32_t n;
+    int32_t c;
+    int32_t in_h;
+    int32_t in_w;
+    int32_t out_h;
+    int32_t out_w;
+    int32_t out_c_total;  /* channels of the tensor y / dy (>= out_c_offset + c) */
+    int32_t out_c_offset; /* first channel of the slice */
+    int32_t dtype;        /* cdcl_dtype: F32, F16 or BF16, the same for all four tensors */
+    int32_t align_corners; /* resize only: nonzero = PyTorch's align_corners=True */
+    const void* x;
+    void* y;
+    const void* dy;
+    void* dx;
+} cdcl_pool_params;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
@@ -251,6 +274,10 @@ CDCL_DECLARE_BOTH(size_t, cross_entropy_workspace_bytes, (const cdcl_cross_entro
 CDCL_DECLARE_BOTH(int32_t, cross_entropy, (const cdcl_cross_entropy_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, argmax, (const cdcl_argmax_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, confusion_matrix, (const cdcl_confusion_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_forward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_backward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, resize_bilinear_forward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, resize_bilinear_backward, (const cdcl_pool_params* p, void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

@@ -366,6 +366,54 @@ impl Default for cdcl_confusion_params {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_pool_params {
+    pub n: i32,
+    pub c: i32,
+    pub in_h: i32,
+    pub in_w: i32,
+    pub out_h: i32,
+    pub out_w: i32,
+    pub out_c_total: i32,
+    pub out_c_offset: i32,
+    pub dtype: i32,
+    pub align_corners: i32,
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub dy: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_pool_params"][::std::mem::size_of::<cdcl_pool_params>() - 72usize];
+    ["Alignment of cdcl_pool_params"][::std::mem::align_of::<cdcl_pool_params>() - 8usize];
+    ["Offset of field: cdcl_pool_params::n"][::std::mem::offset_of!(cdcl_pool_params, n) - 0usize];
+    ["Offset of field: cdcl_pool_params::c"][::std::mem::offset_of!(cdcl_pool_params, c) - 4usize];
+    ["Offset of field: cdcl_pool_params::in_h"][::std::mem::offset_of!(cdcl_pool_params, in_h) - 8usize];
+    ["Offset of field: cdcl_pool_params::in_w"][::std::mem::offset_of!(cdcl_pool_params, in_w) - 12usize];
+    ["Offset of field: cdcl_pool_params::out_h"][::std::mem::offset_of!(cdcl_pool_params, out_h) - 16usize];
+    ["Offset of field: cdcl_pool_params::out_w"][::std::mem::offset_of!(cdcl_pool_params, out_w) - 20usize];
+    ["Offset of field: cdcl_pool_params::out_c_total"][::std::mem::offset_of!(cdcl_pool_params, out_c_total) - 24usize];
+    ["Offset of field: cdcl_pool_params::out_c_offset"]
+        [::std::mem::offset_of!(cdcl_pool_params, out_c_offset) - 28usize];
+    ["Offset of field: cdcl_pool_params::dtype"][::std::mem::offset_of!(cdcl_pool_params, dtype) - 32usize];
+    ["Offset of field: cdcl_pool_params::align_corners"]
+        [::std::mem::offset_of!(cdcl_pool_params, align_corners) - 36usize];
+    ["Offset of field: cdcl_pool_params::x"][::std::mem::offset_of!(cdcl_pool_params, x) - 40usize];
+    ["Offset of field: cdcl_pool_params::y"][::std::mem::offset_of!(cdcl_pool_params, y) - 48usize];
+    ["Offset of field: cdcl_pool_params::dy"][::std::mem::offset_of!(cdcl_pool_params, dy) - 56usize];
+    ["Offset of field: cdcl_pool_params::dx"][::std::mem::offset_of!(cdcl_pool_params, dx) - 64usize];
+};
+impl Default for cdcl_pool_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 unsafe extern "C" {
     pub fn cdcl_cuda_dsbn_workspace_bytes(p: *const cdcl_dsbn_params) -> usize;
 }
@@ -461,6 +509,31 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_confusion_matrix(p: *const cdcl_confusion_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_adaptive_avg_pool_forward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_adaptive_avg_pool_forward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_adaptive_avg_pool_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void)
+        -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_adaptive_avg_pool_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_resize_bilinear_forward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_resize_bilinear_forward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_resize_bilinear_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_resize_bilinear_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 #[repr(C)]
 #[derive(Debug)]

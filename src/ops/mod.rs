@@ -7,3 +7,4 @@ pub mod cross_entropy;
 pub mod dab;
 pub mod dsbn;
 pub mod metrics;
+pub mod pool;

@@ -11,3 +11,4 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod dsbn;
 pub mod metrics;
+pub mod pool;

@@ -1,0 +1,398 @@
+//! Adaptive average pooling and bilinear resize kernels through the emulator against the f64
+//! reference (`cdcl::reference::pool`): random sizes (1x1 inputs, outputs larger and smaller than
+//! inputs, odd sizes, C up to 70), both `align_corners` modes, f32/f16/bf16 storage, forwards
+//! writing into a channel slice at a random offset of a larger tensor (every other element checked
+//! bit for bit), backwards reading dy from such a slice; typed errors for bad input; bitwise
+//! determinism across emulator seeds and worker counts.
+//!
+//! Tolerances (u = 2^-24, the f32 unit roundoff; u_s that of the storage type; inputs are
+//! rounded to the storage type before the reference sees them, so storage adds only the one
+//! rounding of the stored result, <= u_s |want|, plus half an f16 subnormal step near zero):
+//! - pooling forward: a sum of k = bin area terms in f32 (per-row partial sums, then a merge of at
+//!   most 8 rows) and one division: error <= (k + 2) u * mean|x over the bin|, taken from the
+//!   reference pooling of |x|.
+//! - pooling backward: a sum of at most k = kh * kw terms dy / area, kh = ceil(Out/In) + 1 bins
+//!   per axis: error <= (k + 2) u * sum |dy| / area, the reference backward of |dy|.
+//! - resize forward: the f32 source index src = fma(scale, d + 0.5, -0.5) is off by at most
+//!   ~2u (In + 1), so each weight is off by <= 2u (In + 2), and the value by that times 2 axes
+//!   times 2 max|x|, plus ~3u max|x| for the products and fmas: tol = u M (8 (In + 2) + 3), with
+//!   M the largest |x| and In the larger input extent.
+//! - resize backward: at most k = kh kw terms (kh = ceil(Out/In) + 2 outputs per axis read a
+//!   given input with a nonzero weight), each with the weight error above, plus the summation:
+//!   tol = u Mdy k (4 (In + 2) + k + 4).
+//!
+//! Each tolerance is doubled for margin. A wrong tap, bin or weight is off by O(|x|), 10^3 times
+//! more.
+
+mod common;
+
+use cdcl::ops::pool;
+use cdcl::reference::pool as refp;
+use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
+use common::{assert_close, bits, host, quantize, tensor, unit_roundoff, Rng};
+use ndarray::{s, Array4, ArrayView4};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    n: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    c: usize,
+    /// Channels of the outer tensor before and after the op's slice.
+    before: usize,
+    after: usize,
+    align_corners: bool,
+    seed: u64,
+}
+
+impl Case {
+    fn total(&self) -> usize {
+        self.before + self.c + self.after
+    }
+    fn in_shape(&self) -> [usize; 4] {
+        [self.n, self.h, self.w, self.c]
+    }
+    fn outer_shape(&self) -> [usize; 4] {
+        [self.n, self.oh, self.ow, self.total()]
+    }
+}
+
+fn case_strategy(max_c: usize) -> impl Strategy<Value = Case> {
+    // Sizes 1..=11 cover 1x1 inputs and outputs, odd sizes, up- and down-sampling, equal sizes,
+    // and overlapping adaptive bins (Out not dividing In).
+    let size = 1usize..=11;
+    (
+        (1usize..=2, size.clone(), size.clone(), size.clone(), size),
+        (1usize..=max_c, 0usize..=5, 0usize..=3, any::<bool>(), any::<u64>()),
+    )
+        .prop_map(|((n, h, w, oh, ow), (c, before, after, align_corners, seed))| Case {
+            n,
+            h,
+            w,
+            oh,
+            ow,
+            c,
+            before,
+            after,
+            align_corners,
+            seed,
+        })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Op {
+    Pool,
+    Resize,
+}
+
+struct Data {
+    x: Vec<f64>,
+    /// Gradient of the whole outer tensor; the op's channels are a slice of it.
+    dy_outer: Vec<f64>,
+    /// Initial content of the outer output tensor (must survive outside the slice).
+    sentinel: Vec<f64>,
+}
+
+fn make_data(k: &Case, dtype: DType) -> Data {
+    let mut r = Rng(k.seed);
+    let nx: usize = k.in_shape().iter().product();
+    let no: usize = k.outer_shape().iter().product();
+    let x: Vec<f64> = (0..nx).map(|_| r.normal()).collect();
+    let dy: Vec<f64> = (0..no).map(|_| r.normal()).collect();
+    let sentinel: Vec<f64> = (0..no).map(|_| r.uniform(-100.0, 100.0)).collect();
+    Data { x: quantize(&x, dtype), dy_outer: quantize(&dy, dtype), sentinel: quantize(&sentinel, dtype) }
+}
+
+fn abs(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|x| x.abs()).collect()
+}
+
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// The storage rounding of a result of magnitude `v` (see the module comment).
+fn storage_tol(dtype: DType, v: f64) -> f64 {
+    match dtype {
+        DType::F32 => 0.0,
+        DType::F16 => 2.0 * unit_roundoff(dtype) * v.abs() + 2f64.powi(-25),
+        _ => 2.0 * unit_roundoff(dtype) * v.abs(),
+    }
+}
+
+/// The op's channels of the outer dy tensor, as `[N, Ho, Wo, C]`.
+fn dy_slice(k: &Case, dy_outer: &[f64]) -> Array4<f64> {
+    let outer = ArrayView4::from_shape(k.outer_shape(), dy_outer).unwrap();
+    outer.slice(s![.., .., .., k.before..k.before + k.c]).to_owned()
+}
+
+fn check_case(op: Op, k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
+    let data = make_data(k, dtype);
+    let u = f32::EPSILON as f64 / 2.0;
+    let x_view = ArrayView4::from_shape(k.in_shape(), &data.x[..]).unwrap();
+    let x = tensor(dev, &k.in_shape(), &data.x, dtype);
+
+    // ---- forward into a channel slice of a larger tensor --------------------------------------
+    let mut out = tensor(dev, &k.outer_shape(), &data.sentinel, dtype);
+    let before_bits = bits(&out);
+    let (want, tol_scale): (Array4<f64>, Vec<f64>) = match op {
+        Op::Pool => {
+            pool::adaptive_avg_pool_into(&x, &mut out, k.before).map_err(|e| format!("kernel forward: {e}"))?;
+            let want = refp::adaptive_avg_pool2d(x_view, k.oh, k.ow);
+            let mean_abs =
+                refp::adaptive_avg_pool2d(ArrayView4::from_shape(k.in_shape(), &abs(&data.x)[..]).unwrap(), k.oh, k.ow);
+            // Per element: (area + 2) u mean|x|, area of that output's bin.
+            let mut scale = Vec::with_capacity(want.len());
+            for (idx, m) in mean_abs.indexed_iter() {
+                let (h0, h1) = refp::pool_bin(idx.1, k.h, k.oh);
+                let (w0, w1) = refp::pool_bin(idx.2, k.w, k.ow);
+                scale.push(((h1 - h0) * (w1 - w0) + 2) as f64 * u * m);
+            }
+            (want, scale)
+        }
+        Op::Resize => {
+            pool::resize_bilinear_into(&x, &mut out, k.before, k.align_corners)
+                .map_err(|e| format!("kernel forward: {e}"))?;
+            let want = refp::resize_bilinear(x_view, k.oh, k.ow, k.align_corners);
+            let t = u * max_abs(&data.x) * (8.0 * (k.h.max(k.w) + 2) as f64 + 3.0);
+            let n = want.len();
+            (want, vec![t; n])
+        }
+    };
+    let got_outer = host(&out);
+    let got = dy_slice(k, &got_outer);
+    let got: Vec<f64> = got.iter().copied().collect();
+    let wv: Vec<f64> = want.iter().copied().collect();
+    assert_close("forward", &got, &wv, |i| 2.0 * tol_scale[i] + storage_tol(dtype, wv[i]))?;
+    untouched(k, dtype, &before_bits, &bits(&out))?;
+
+    // ---- backward reading dy from the slice ---------------------------------------------------
+    let dy_outer = tensor(dev, &k.outer_shape(), &data.dy_outer, dtype);
+    let dy = dy_slice(k, &data.dy_outer);
+    let dy_abs = dy.mapv(f64::abs);
+    let (dx, want, tol): (Tensor, Array4<f64>, Vec<f64>) = match op {
+        Op::Pool => {
+            let dx = pool::adaptive_avg_pool_backward(&dy_outer, k.before, &k.in_shape())
+                .map_err(|e| format!("kernel backward: {e}"))?;
+            let want = refp::adaptive_avg_pool2d_backward(dy.view(), k.h, k.w);
+            let kk = ((k.oh.div_ceil(k.h) + 1) * (k.ow.div_ceil(k.w) + 1) + 2) as f64;
+            let tol = refp::adaptive_avg_pool2d_backward(dy_abs.view(), k.h, k.w).iter().map(|s| kk * u * s).collect();
+            (dx, want, tol)
+        }
+        Op::Resize => {
+            let dx = pool::resize_bilinear_backward(&dy_outer, k.before, &k.in_shape(), k.align_corners)
+                .map_err(|e| format!("kernel backward: {e}"))?;
+            let want = refp::resize_bilinear_backward(dy.view(), k.h, k.w, k.align_corners);
+            let kk = ((k.oh.div_ceil(k.h) + 2) * (k.ow.div_ceil(k.w) + 2)) as f64;
+            let in_ext = k.h.max(k.w) as f64;
+            let t = u * max_abs(dy.as_slice().unwrap()) * kk * (4.0 * (in_ext + 2.0) + kk + 4.0);
+            let n = want.len();
+            (dx, want, vec![t; n])
+        }
+    };
+    if dx.shape() != k.in_shape() || dx.dtype() != dtype {
+        return Err(format!("dx is {:?} {}, expected {:?} {dtype}", dx.shape(), dx.dtype(), k.in_shape()));
+    }
+    let wv: Vec<f64> = want.iter().copied().collect();
+    assert_close("backward", &host(&dx), &wv, |i| 2.0 * tol[i] + storage_tol(dtype, wv[i]))
+}
+
+/// Every element of the outer tensor outside the op's channel slice keeps its bits.
+fn untouched(k: &Case, dtype: DType, before: &[u8], after: &[u8]) -> Result<(), String> {
+    let es = dtype.size();
+    let total = k.total();
+    for e in 0..before.len() / es {
+        let ch = e % total;
+        if (k.before..k.before + k.c).contains(&ch) {
+            continue;
+        }
+        if before[e * es..(e + 1) * es] != after[e * es..(e + 1) * es] {
+            return Err(format!("element {e} (channel {ch}) outside the slice was overwritten"));
+        }
+    }
+    Ok(())
+}
+
+fn emulator() -> Device {
+    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn adaptive_avg_pool_matches_reference_f32(k in case_strategy(70)) {
+        check_case(Op::Pool, &k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn resize_bilinear_matches_reference_f32(k in case_strategy(70)) {
+        check_case(Op::Resize, &k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn adaptive_avg_pool_matches_reference_half_types(k in case_strategy(40), bf in any::<bool>()) {
+        check_case(Op::Pool, &k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn resize_bilinear_matches_reference_half_types(k in case_strategy(40), bf in any::<bool>()) {
+        check_case(Op::Resize, &k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Shapes the random ones may miss: 1x1 in and out, 1 -> many (every output reads the one
+/// input), many -> 1 (one bin is the whole image), In == 1 along one axis only, a PSPNet-like
+/// 60 -> 6 and 6 -> 60, C = 1 and C = 70 at the far end of a 75-channel tensor.
+#[test]
+fn named_edge_shapes() {
+    let dev = emulator();
+    let shapes: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+        // (h, w, oh, ow, c, before, after)
+        (1, 1, 1, 1, 3, 0, 0),
+        (1, 1, 7, 5, 33, 2, 1),
+        (9, 7, 1, 1, 70, 5, 0),
+        (1, 8, 6, 3, 1, 0, 4),
+        (60, 60, 6, 6, 5, 1, 1),
+        (6, 6, 60, 60, 2, 0, 1),
+        (5, 13, 3, 4, 70, 5, 0),
+    ];
+    for (i, &(h, w, oh, ow, c, before, after)) in shapes.iter().enumerate() {
+        for align_corners in [false, true] {
+            let k = Case { n: 1, h, w, oh, ow, c, before, after, align_corners, seed: 500 + i as u64 };
+            for op in [Op::Pool, Op::Resize] {
+                check_case(op, &k, DType::F32, &dev).unwrap_or_else(|e| panic!("{op:?} {k:?}: {e}"));
+            }
+        }
+    }
+}
+
+/// Same-size resize (align_corners false: every source index is exact) and same-size pooling
+/// (bins of one pixel) are the identity, bit for bit.
+#[test]
+fn same_size_is_the_identity_bitwise() {
+    let dev = emulator();
+    let mut r = Rng(3);
+    let v: Vec<f64> = (0..2 * 5 * 7 * 9).map(|_| r.normal()).collect();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let x = tensor(&dev, &[2, 5, 7, 9], &v, dtype);
+        assert_eq!(bits(&pool::adaptive_avg_pool(&x, 5, 7).unwrap()), bits(&x));
+        assert_eq!(bits(&pool::resize_bilinear(&x, 5, 7, false).unwrap()), bits(&x));
+        assert_eq!(bits(&pool::resize_bilinear(&x, 5, 7, true).unwrap()), bits(&x));
+        assert_eq!(bits(&pool::adaptive_avg_pool_backward(&x, 0, &[2, 5, 7, 9]).unwrap()), bits(&x));
+        assert_eq!(bits(&pool::resize_bilinear_backward(&x, 0, &[2, 5, 7, 9], false).unwrap()), bits(&x));
+    }
+}
+
+/// A PSPNet pyramid head: pool the features to bins 1, 2, 3, 6, resize each back, and write all
+/// branches and the features themselves into one concatenated tensor without copies.
+#[test]
+fn pyramid_concatenation_through_channel_slices() {
+    let dev = emulator();
+    let (n, h, w, c) = (2, 12, 10, 5);
+    let mut r = Rng(11);
+    let v: Vec<f64> = quantize(&(0..n * h * w * c).map(|_| r.normal()).collect::<Vec<_>>(), DType::F32);
+    let x = tensor(&dev, &[n, h, w, c], &v, DType::F32);
+    let bins = [1usize, 2, 3, 6];
+    let mut cat = Tensor::zeros(&dev, &[n, h, w, c * (1 + bins.len())], DType::F32).unwrap();
+    // The identity branch: a same-size resize is an exact copy.
+    pool::resize_bilinear_into(&x, &mut cat, 0, false).unwrap();
+    for (b, &bin) in bins.iter().enumerate() {
+        let pooled = pool::adaptive_avg_pool(&x, bin, bin).unwrap();
+        pool::resize_bilinear_into(&pooled, &mut cat, c * (b + 1), false).unwrap();
+    }
+    let xv = ArrayView4::from_shape((n, h, w, c), &v[..]).unwrap();
+    let got = Array4::from_shape_vec((n, h, w, c * 5), host(&cat)).unwrap();
+    assert_eq!(got.slice(s![.., .., .., 0..c]), xv);
+    for (b, &bin) in bins.iter().enumerate() {
+        let want = refp::resize_bilinear(refp::adaptive_avg_pool2d(xv, bin, bin).view(), h, w, false);
+        let part = got.slice(s![.., .., .., c * (b + 1)..c * (b + 2)]);
+        for (g, wv) in part.iter().zip(want.iter()) {
+            // Pooling of up to 120 values then interpolation: well inside 1e-5.
+            assert!((g - wv).abs() <= 1e-5, "bin {bin}: got {g} want {wv}");
+        }
+    }
+}
+
+fn run_all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
+    let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+    let mut out = Vec::new();
+    for (h, w, oh, ow, align_corners) in [(13, 11, 3, 5, false), (4, 5, 9, 7, true), (17, 17, 1, 1, false)] {
+        let k = Case { n: 2, h, w, oh, ow, c: 45, before: 3, after: 2, align_corners, seed: 9 };
+        let data = make_data(&k, DType::F32);
+        let x = tensor(&dev, &k.in_shape(), &data.x, DType::F32);
+        let dy = tensor(&dev, &k.outer_shape(), &data.dy_outer, DType::F32);
+        let mut y = tensor(&dev, &k.outer_shape(), &data.sentinel, DType::F32);
+        pool::adaptive_avg_pool_into(&x, &mut y, k.before).unwrap();
+        out.push(bits(&y));
+        pool::resize_bilinear_into(&x, &mut y, k.before, align_corners).unwrap();
+        out.push(bits(&y));
+        out.push(bits(&pool::adaptive_avg_pool_backward(&dy, k.before, &k.in_shape()).unwrap()));
+        out.push(bits(&pool::resize_bilinear_backward(&dy, k.before, &k.in_shape(), align_corners).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn bitwise_identical_across_emulator_seeds_and_thread_counts() {
+    let base = run_all_bits(0, 1);
+    for (seed, threads) in [(1, 2), (0xDEAD_BEEF, 0), (42, 1)] {
+        assert!(run_all_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let dev = emulator();
+    let x = Tensor::zeros(&dev, &[2, 4, 4, 3], DType::F32).unwrap();
+    let mut out = Tensor::zeros(&dev, &[2, 2, 2, 8], DType::F32).unwrap();
+
+    // Rank, zero sizes, dtypes.
+    let x3 = Tensor::zeros(&dev, &[2, 4, 12], DType::F32).unwrap();
+    assert!(matches!(pool::adaptive_avg_pool(&x3, 2, 2), Err(Error::InvalidShape { .. })));
+    assert!(matches!(pool::resize_bilinear_into(&x3, &mut out, 0, false), Err(Error::InvalidShape { .. })));
+    let x0 = Tensor::zeros(&dev, &[2, 0, 4, 3], DType::F32).unwrap();
+    assert!(matches!(pool::resize_bilinear(&x0, 2, 2, true), Err(Error::InvalidShape { .. })));
+    assert!(matches!(pool::adaptive_avg_pool(&x, 0, 2), Err(Error::InvalidShape { .. })));
+    assert!(matches!(pool::resize_bilinear(&x, 2, 0, false), Err(Error::InvalidShape { .. })));
+    let xi = Tensor::zeros(&dev, &[2, 4, 4, 3], DType::I32).unwrap();
+    assert!(matches!(pool::adaptive_avg_pool(&xi, 2, 2), Err(Error::UnsupportedDType { .. })));
+    let mut out16 = Tensor::zeros(&dev, &[2, 2, 2, 8], DType::F16).unwrap();
+    assert!(matches!(pool::adaptive_avg_pool_into(&x, &mut out16, 0), Err(Error::DTypeMismatch { .. })));
+
+    // Batch mismatch and channel slices out of range.
+    let mut out_n = Tensor::zeros(&dev, &[3, 2, 2, 8], DType::F32).unwrap();
+    assert!(matches!(pool::resize_bilinear_into(&x, &mut out_n, 0, false), Err(Error::ShapeMismatch { .. })));
+    assert!(pool::adaptive_avg_pool_into(&x, &mut out, 5).is_ok());
+    for offset in [6, 8, usize::MAX] {
+        assert!(matches!(pool::adaptive_avg_pool_into(&x, &mut out, offset), Err(Error::InvalidArgument(_))));
+        assert!(matches!(pool::resize_bilinear_into(&x, &mut out, offset, true), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            pool::adaptive_avg_pool_backward(&out, offset, &[2, 4, 4, 3]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    // Devices.
+    let other = emulator();
+    let mut out_other = Tensor::zeros(&other, &[2, 2, 2, 8], DType::F32).unwrap();
+    assert!(matches!(pool::adaptive_avg_pool_into(&x, &mut out_other, 0), Err(Error::DeviceMismatch { .. })));
+
+    // Backward: the requested dx shape and the dy tensor.
+    for bad in [&[2usize, 4, 4][..], &[2, 4, 0, 3], &[2, 4, 4, 3, 1]] {
+        assert!(matches!(pool::resize_bilinear_backward(&out, 0, bad, false), Err(Error::InvalidShape { .. })));
+    }
+    assert!(matches!(pool::adaptive_avg_pool_backward(&out, 0, &[1, 4, 4, 3]), Err(Error::ShapeMismatch { .. })));
+    let dyi = Tensor::zeros(&dev, &[2, 2, 2, 8], DType::U8).unwrap();
+    assert!(matches!(pool::adaptive_avg_pool_backward(&dyi, 0, &[2, 4, 4, 3]), Err(Error::UnsupportedDType { .. })));
+    // Resize sizes beyond f32-exact source indices (checked before anything is allocated).
+    let big = pool::MAX_RESIZE_DIM + 1;
+    assert!(matches!(pool::resize_bilinear_backward(&out, 0, &[2, big, 1, 3], true), Err(Error::InvalidShape { .. })));
+}
