@@ -178,6 +178,15 @@ fn base_params(
     }
 }
 
+/// The outputs of a statistics pass: running statistics (moved in place) and the saved batch
+/// statistics.
+fn bind_batch_statistics(p: &mut ffi::cdcl_dsbn_params, state: &mut DsbnState, saved: &mut DsbnSaved) {
+    p.running_mean = state.running_mean.ptr_mut().cast();
+    p.running_var = state.running_var.ptr_mut().cast();
+    p.save_mean = saved.mean.ptr_mut().cast();
+    p.save_invstd = saved.invstd.ptr_mut().cast();
+}
+
 fn workspace(device: &Device, p: &ffi::cdcl_dsbn_params) -> Result<DeviceBuffer> {
     DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, p))
 }
@@ -221,10 +230,7 @@ pub fn forward_train(
     let mut p = base_params(&g, x, datasets, state, opts);
     let mut ws = workspace(device, &p)?;
     p.y = y.ptr_mut();
-    p.running_mean = state.running_mean.ptr_mut().cast();
-    p.running_var = state.running_var.ptr_mut().cast();
-    p.save_mean = saved.mean.ptr_mut().cast();
-    p.save_invstd = saved.invstd.ptr_mut().cast();
+    bind_batch_statistics(&mut p, state, &mut saved);
     p.workspace = ws.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(&FORWARD_TRAIN, &p)?;
@@ -411,10 +417,7 @@ pub(crate) fn stats_from_partials(
     if partials.len() < workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, &p) {
         return Err(Error::InvalidArgument("DSBN partials buffer too small".into()));
     }
-    p.running_mean = state.running_mean.ptr_mut().cast();
-    p.running_var = state.running_var.ptr_mut().cast();
-    p.save_mean = saved.mean.ptr_mut().cast();
-    p.save_invstd = saved.invstd.ptr_mut().cast();
+    bind_batch_statistics(&mut p, state, &mut saved);
     p.workspace = partials.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(&STATS_FROM_PARTIALS, &p)?;
