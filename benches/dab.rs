@@ -1,0 +1,118 @@
+//! Convolution and Dataset-Aware Block throughput. On a GPU: our conv forward / data gradient /
+//! filter gradient, the fused DAB training forward + backward and the one-kernel inference
+//! forward, on the ResNet-18 3x3 layer shapes of a dilated (output stride 8) network at batch 8
+//! on 512x512 crops, f32. Without a GPU the bench says so and measures the f64 CPU reference on
+//! a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
+//! kernels). The cuDNN comparison (conv + per-dataset BatchNorm on the split batch + ReLU) is
+//! not written yet.
+
+use cdcl::ops::conv::{self, ConvGeometry};
+use cdcl::ops::dab;
+use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
+use cdcl::reference::conv as rconv;
+use cdcl::{Device, DeviceKind, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ndarray::Array4;
+
+struct Layer {
+    name: &'static str,
+    hw: usize,
+    c: usize,
+    k: usize,
+    dilation: usize,
+}
+
+// Output stride 8: layer1 at 128x128, layer2 at 64x64, dilated layer3/4 stay at 64x64.
+const LAYERS: [Layer; 4] = [
+    Layer { name: "layer1", hw: 128, c: 64, k: 64, dilation: 1 },
+    Layer { name: "layer2", hw: 64, c: 128, k: 128, dilation: 1 },
+    Layer { name: "layer3", hw: 64, c: 256, k: 256, dilation: 2 },
+    Layer { name: "layer4", hw: 64, c: 512, k: 512, dilation: 4 },
+];
+
+fn filled(dev: &Device, shape: &[usize], seed: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| (((i + seed) * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
+    Tensor::from_slice(dev, shape, &v).unwrap()
+}
+
+fn gpu_benches(c: &mut Criterion, dev: &Device) {
+    let mut g = c.benchmark_group("dab/gpu");
+    g.sample_size(10);
+    let batch = 8;
+    for l in &LAYERS {
+        let geom = ConvGeometry::square(1, l.dilation, l.dilation);
+        let x = filled(dev, &[batch, l.hw, l.hw, l.c], 1);
+        let w = filled(dev, &[l.k, 3, 3, l.c], 2);
+        let dy = filled(dev, &[batch, l.hw, l.hw, l.k], 3);
+        let ds = Tensor::from_slice(dev, &[batch], &[0i32, 1, 0, 1, 0, 1, 0, 1]).unwrap();
+        let mut st = DsbnState::new(dev, 2, l.k).unwrap();
+        let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
+        g.throughput(Throughput::Elements((2 * batch * l.hw * l.hw * l.k * 9 * l.c) as u64)); // FLOPs
+        g.bench_function(BenchmarkId::new("conv_forward", l.name), |b| {
+            b.iter(|| {
+                conv::conv2d(&x, &w, None, &geom).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("conv_backward_data", l.name), |b| {
+            b.iter(|| {
+                conv::conv2d_backward_data(&dy, &w, (l.hw, l.hw), &geom).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("conv_backward_filter", l.name), |b| {
+            b.iter(|| {
+                conv::conv2d_backward_filter(&dy, &x, (l.k, 3, 3), false, &geom).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("dab_train_forward_backward", l.name), |b| {
+            b.iter(|| {
+                let f = dab::forward_train(&x, &w, &geom, &ds, &mut st, &opts, None, None, true).unwrap();
+                dab::backward_train(&dy, &x, &w, &geom, &ds, &st, &f, &opts, None, None).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("dab_inference", l.name), |b| {
+            b.iter(|| {
+                dab::forward_infer(&x, &w, &geom, &ds, &st, &opts, None).unwrap();
+                dev.synchronize().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn reference_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dab/cpu-reference");
+    g.sample_size(10);
+    let (n, hw, ch) = (2, 16, 16);
+    let x = Array4::from_shape_fn((n, hw, hw, ch), |(a, b, c, d)| ((a + b * 3 + c * 5 + d * 7) % 11) as f64 * 0.1);
+    let w = Array4::from_shape_fn((ch, 3, 3, ch), |(a, b, c, d)| ((a * 2 + b + c * 3 + d) % 7) as f64 * 0.1 - 0.3);
+    let spec = rconv::ConvSpec { stride: (1, 1), padding: (1, 1), dilation: (1, 1) };
+    g.throughput(Throughput::Elements((2 * n * hw * hw * ch * 9 * ch) as u64));
+    g.bench_function("conv_forward_2x16x16x16", |b| b.iter(|| rconv::conv2d(x.view(), w.view(), None, &spec)));
+    let y = rconv::conv2d(x.view(), w.view(), None, &spec);
+    g.bench_function("conv_backward_2x16x16x16", |b| {
+        b.iter(|| rconv::conv2d_backward(y.view(), x.view(), w.view(), &spec))
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    match Device::cuda(0) {
+        Ok(gpu) if gpu.kind() == DeviceKind::Cuda => {
+            eprintln!("benchmarking convolutions and DABs on {}", gpu.name());
+            gpu_benches(c, &gpu);
+        }
+        other => {
+            let why = other.err().map(|e| e.to_string()).unwrap_or_default();
+            eprintln!("no GPU ({why}): measuring the CPU reference instead");
+            reference_benches(c);
+        }
+    }
+}
+
+criterion_group!(dab_benches, benches);
+criterion_main!(dab_benches);
