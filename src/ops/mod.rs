@@ -4,4 +4,5 @@
 mod check;
 pub mod conv;
 pub mod dsbn;
+pub mod elementwise;
 pub mod maxpool;

@@ -9,4 +9,5 @@
 
 pub mod conv;
 pub mod dsbn;
+pub mod elementwise;
 pub mod maxpool;
