@@ -3,6 +3,7 @@
 
 mod check;
 pub mod conv;
+pub mod dropout;
 pub mod dsbn;
 pub mod elementwise;
 pub mod maxpool;

@@ -8,6 +8,7 @@
 //! be used on a hot path.
 
 pub mod conv;
+pub mod dropout;
 pub mod dsbn;
 pub mod elementwise;
 pub mod maxpool;
