@@ -7,3 +7,4 @@ pub mod dropout;
 pub mod dsbn;
 pub mod elementwise;
 pub mod maxpool;
+pub mod sgd;

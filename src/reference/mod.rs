@@ -12,3 +12,4 @@ pub mod dropout;
 pub mod dsbn;
 pub mod elementwise;
 pub mod maxpool;
+pub mod sgd;
