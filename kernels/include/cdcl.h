@@ -252,6 +252,90 @@ typedef struct cdcl_pool_params {
 } cdcl_pool_params;
 
 /* ------------------------------------------------------------------------------------------ */
+/* Max pooling over NHWC, PyTorch's max_pool2d with indices (no dilation, floor mode).         */
+/* p = (h + 2*pad_h - kernel_h) / stride_h + 1, likewise q; pad <= kernel / 2 (as PyTorch).    */
+/* indices: [n, p, q, c] int32, flat h*w_in + w within the (sample, channel) plane.            */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_maxpool_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t c;
+    int32_t p;
+    int32_t q;
+    int32_t kernel_h;
+    int32_t kernel_w;
+    int32_t stride_h;
+    int32_t stride_w;
+    int32_t pad_h;
+    int32_t pad_w;
+    int32_t dtype;    /* storage of x, y, dy, dx: F32, F16 or BF16 */
+    const void* x;    /* forward input [n, h, w, c] */
+    void* y;          /* forward output [n, p, q, c] */
+    int32_t* indices; /* forward writes, backward reads */
+    const void* dy;   /* backward input [n, p, q, c] */
+    void* dx;         /* backward output [n, h, w, c] */
+} cdcl_maxpool_params;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Element-wise ops over `numel` elements of one storage type (any shape, contiguous).         */
+/*   add: y = a + b;  relu: y = relu(a);  add_relu: y = relu(a + b);                           */
+/*   relu_backward: y = (b > 0 or b is NaN) ? a : 0 with a = dy, b = the forward OUTPUT.       */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_eltwise_params {
+    int64_t numel;
+    int32_t dtype; /* F32, F16 or BF16, the same for a, b and y */
+    const void* a;
+    const void* b; /* unused by relu */
+    void* y;
+} cdcl_eltwise_params;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Dropout2d over NHWC: channel c of sample n is dropped when u(seed, n, c) < p, where          */
+/* u = (splitmix64 output number n*2^32 + c of the stream seeded with `seed`) >> 40, / 2^24.   */
+/* Kept channels are scaled by 1 / (1 - p). Backward is the same map applied to dy.            */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_dropout_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t c;
+    int32_t dtype; /* F32, F16 or BF16 */
+    float p;       /* drop probability in [0, 1] */
+    uint64_t seed;
+    const void* x; /* forward: the input; backward: dy */
+    void* y;       /* forward: the output; backward: dx */
+    float* workspace; /* cdcl_*_dropout_workspace_bytes() bytes: the per-(n, c) multiplier */
+} cdcl_dropout_params;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Multi-tensor SGD (PyTorch's formula, dampening 0, no Nesterov), f32, in place:              */
+/*   d = g + weight_decay * p;  buf = first_step ? d : momentum * buf + d;  p -= lr * buf.      */
+/* One launch updates every tensor of the table: one block per chunk of CDCL_SGD_CHUNK         */
+/* elements, chunks numbered across the tensors in table order.                                */
+/* ------------------------------------------------------------------------------------------ */
+#define CDCL_SGD_CHUNK 4096
+
+typedef struct cdcl_sgd_tensor {
+    float* param;
+    const float* grad;
+    float* momentum_buffer;
+    int64_t numel;       /* >= 1 */
+    int64_t first_chunk; /* index of this tensor's first chunk; strictly increasing in the table */
+    float lr;
+    int32_t reserved; /* explicit padding: the struct has no implicit padding bytes */
+} cdcl_sgd_tensor;
+
+typedef struct cdcl_sgd_params {
+    const cdcl_sgd_tensor* tensors; /* device memory, num_tensors entries */
+    int32_t num_tensors;
+    int32_t first_step; /* nonzero: the momentum buffers are initialised (buf = d), not read */
+    int64_t total_chunks;
+    float momentum;
+    float weight_decay;
+} cdcl_sgd_params;
+
+/* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
 /* ------------------------------------------------------------------------------------------ */
 #define CDCL_DECLARE_BOTH(ret, name, args) \
@@ -278,6 +362,15 @@ CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_forward, (const cdcl_pool_params* p
 CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_backward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_forward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_backward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, maxpool_forward, (const cdcl_maxpool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, maxpool_backward, (const cdcl_maxpool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, eltwise_add, (const cdcl_eltwise_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, eltwise_relu, (const cdcl_eltwise_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, eltwise_add_relu, (const cdcl_eltwise_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, eltwise_relu_backward, (const cdcl_eltwise_params* p, void* stream))
+CDCL_DECLARE_BOTH(size_t, dropout_workspace_bytes, (const cdcl_dropout_params* p))
+CDCL_DECLARE_BOTH(int32_t, dropout2d, (const cdcl_dropout_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, sgd_step, (const cdcl_sgd_params* p, void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

@@ -4,6 +4,7 @@
 
 pub const CDCL_CONV_STATS_CHUNK: u32 = 64;
 pub const CDCL_IGNORE_LABEL: u32 = 255;
+pub const CDCL_SGD_CHUNK: u32 = 4096;
 pub const CDCL_DTYPE_F32: cdcl_dtype = 0;
 pub const CDCL_DTYPE_F16: cdcl_dtype = 1;
 pub const CDCL_DTYPE_BF16: cdcl_dtype = 2;
@@ -414,6 +415,190 @@ impl Default for cdcl_pool_params {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_maxpool_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub p: i32,
+    pub q: i32,
+    pub kernel_h: i32,
+    pub kernel_w: i32,
+    pub stride_h: i32,
+    pub stride_w: i32,
+    pub pad_h: i32,
+    pub pad_w: i32,
+    pub dtype: i32,
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub indices: *mut i32,
+    pub dy: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_maxpool_params"][::std::mem::size_of::<cdcl_maxpool_params>() - 96usize];
+    ["Alignment of cdcl_maxpool_params"][::std::mem::align_of::<cdcl_maxpool_params>() - 8usize];
+    ["Offset of field: cdcl_maxpool_params::n"][::std::mem::offset_of!(cdcl_maxpool_params, n) - 0usize];
+    ["Offset of field: cdcl_maxpool_params::h"][::std::mem::offset_of!(cdcl_maxpool_params, h) - 4usize];
+    ["Offset of field: cdcl_maxpool_params::w"][::std::mem::offset_of!(cdcl_maxpool_params, w) - 8usize];
+    ["Offset of field: cdcl_maxpool_params::c"][::std::mem::offset_of!(cdcl_maxpool_params, c) - 12usize];
+    ["Offset of field: cdcl_maxpool_params::p"][::std::mem::offset_of!(cdcl_maxpool_params, p) - 16usize];
+    ["Offset of field: cdcl_maxpool_params::q"][::std::mem::offset_of!(cdcl_maxpool_params, q) - 20usize];
+    ["Offset of field: cdcl_maxpool_params::kernel_h"][::std::mem::offset_of!(cdcl_maxpool_params, kernel_h) - 24usize];
+    ["Offset of field: cdcl_maxpool_params::kernel_w"][::std::mem::offset_of!(cdcl_maxpool_params, kernel_w) - 28usize];
+    ["Offset of field: cdcl_maxpool_params::stride_h"][::std::mem::offset_of!(cdcl_maxpool_params, stride_h) - 32usize];
+    ["Offset of field: cdcl_maxpool_params::stride_w"][::std::mem::offset_of!(cdcl_maxpool_params, stride_w) - 36usize];
+    ["Offset of field: cdcl_maxpool_params::pad_h"][::std::mem::offset_of!(cdcl_maxpool_params, pad_h) - 40usize];
+    ["Offset of field: cdcl_maxpool_params::pad_w"][::std::mem::offset_of!(cdcl_maxpool_params, pad_w) - 44usize];
+    ["Offset of field: cdcl_maxpool_params::dtype"][::std::mem::offset_of!(cdcl_maxpool_params, dtype) - 48usize];
+    ["Offset of field: cdcl_maxpool_params::x"][::std::mem::offset_of!(cdcl_maxpool_params, x) - 56usize];
+    ["Offset of field: cdcl_maxpool_params::y"][::std::mem::offset_of!(cdcl_maxpool_params, y) - 64usize];
+    ["Offset of field: cdcl_maxpool_params::indices"][::std::mem::offset_of!(cdcl_maxpool_params, indices) - 72usize];
+    ["Offset of field: cdcl_maxpool_params::dy"][::std::mem::offset_of!(cdcl_maxpool_params, dy) - 80usize];
+    ["Offset of field: cdcl_maxpool_params::dx"][::std::mem::offset_of!(cdcl_maxpool_params, dx) - 88usize];
+};
+impl Default for cdcl_maxpool_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_eltwise_params {
+    pub numel: i64,
+    pub dtype: i32,
+    pub a: *const ::std::os::raw::c_void,
+    pub b: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_eltwise_params"][::std::mem::size_of::<cdcl_eltwise_params>() - 40usize];
+    ["Alignment of cdcl_eltwise_params"][::std::mem::align_of::<cdcl_eltwise_params>() - 8usize];
+    ["Offset of field: cdcl_eltwise_params::numel"][::std::mem::offset_of!(cdcl_eltwise_params, numel) - 0usize];
+    ["Offset of field: cdcl_eltwise_params::dtype"][::std::mem::offset_of!(cdcl_eltwise_params, dtype) - 8usize];
+    ["Offset of field: cdcl_eltwise_params::a"][::std::mem::offset_of!(cdcl_eltwise_params, a) - 16usize];
+    ["Offset of field: cdcl_eltwise_params::b"][::std::mem::offset_of!(cdcl_eltwise_params, b) - 24usize];
+    ["Offset of field: cdcl_eltwise_params::y"][::std::mem::offset_of!(cdcl_eltwise_params, y) - 32usize];
+};
+impl Default for cdcl_eltwise_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_dropout_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub dtype: i32,
+    pub p: f32,
+    pub seed: u64,
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub workspace: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_dropout_params"][::std::mem::size_of::<cdcl_dropout_params>() - 56usize];
+    ["Alignment of cdcl_dropout_params"][::std::mem::align_of::<cdcl_dropout_params>() - 8usize];
+    ["Offset of field: cdcl_dropout_params::n"][::std::mem::offset_of!(cdcl_dropout_params, n) - 0usize];
+    ["Offset of field: cdcl_dropout_params::h"][::std::mem::offset_of!(cdcl_dropout_params, h) - 4usize];
+    ["Offset of field: cdcl_dropout_params::w"][::std::mem::offset_of!(cdcl_dropout_params, w) - 8usize];
+    ["Offset of field: cdcl_dropout_params::c"][::std::mem::offset_of!(cdcl_dropout_params, c) - 12usize];
+    ["Offset of field: cdcl_dropout_params::dtype"][::std::mem::offset_of!(cdcl_dropout_params, dtype) - 16usize];
+    ["Offset of field: cdcl_dropout_params::p"][::std::mem::offset_of!(cdcl_dropout_params, p) - 20usize];
+    ["Offset of field: cdcl_dropout_params::seed"][::std::mem::offset_of!(cdcl_dropout_params, seed) - 24usize];
+    ["Offset of field: cdcl_dropout_params::x"][::std::mem::offset_of!(cdcl_dropout_params, x) - 32usize];
+    ["Offset of field: cdcl_dropout_params::y"][::std::mem::offset_of!(cdcl_dropout_params, y) - 40usize];
+    ["Offset of field: cdcl_dropout_params::workspace"]
+        [::std::mem::offset_of!(cdcl_dropout_params, workspace) - 48usize];
+};
+impl Default for cdcl_dropout_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_sgd_tensor {
+    pub param: *mut f32,
+    pub grad: *const f32,
+    pub momentum_buffer: *mut f32,
+    pub numel: i64,
+    pub first_chunk: i64,
+    pub lr: f32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_sgd_tensor"][::std::mem::size_of::<cdcl_sgd_tensor>() - 48usize];
+    ["Alignment of cdcl_sgd_tensor"][::std::mem::align_of::<cdcl_sgd_tensor>() - 8usize];
+    ["Offset of field: cdcl_sgd_tensor::param"][::std::mem::offset_of!(cdcl_sgd_tensor, param) - 0usize];
+    ["Offset of field: cdcl_sgd_tensor::grad"][::std::mem::offset_of!(cdcl_sgd_tensor, grad) - 8usize];
+    ["Offset of field: cdcl_sgd_tensor::momentum_buffer"]
+        [::std::mem::offset_of!(cdcl_sgd_tensor, momentum_buffer) - 16usize];
+    ["Offset of field: cdcl_sgd_tensor::numel"][::std::mem::offset_of!(cdcl_sgd_tensor, numel) - 24usize];
+    ["Offset of field: cdcl_sgd_tensor::first_chunk"][::std::mem::offset_of!(cdcl_sgd_tensor, first_chunk) - 32usize];
+    ["Offset of field: cdcl_sgd_tensor::lr"][::std::mem::offset_of!(cdcl_sgd_tensor, lr) - 40usize];
+    ["Offset of field: cdcl_sgd_tensor::reserved"][::std::mem::offset_of!(cdcl_sgd_tensor, reserved) - 44usize];
+};
+impl Default for cdcl_sgd_tensor {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_sgd_params {
+    pub tensors: *const cdcl_sgd_tensor,
+    pub num_tensors: i32,
+    pub first_step: i32,
+    pub total_chunks: i64,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_sgd_params"][::std::mem::size_of::<cdcl_sgd_params>() - 32usize];
+    ["Alignment of cdcl_sgd_params"][::std::mem::align_of::<cdcl_sgd_params>() - 8usize];
+    ["Offset of field: cdcl_sgd_params::tensors"][::std::mem::offset_of!(cdcl_sgd_params, tensors) - 0usize];
+    ["Offset of field: cdcl_sgd_params::num_tensors"][::std::mem::offset_of!(cdcl_sgd_params, num_tensors) - 8usize];
+    ["Offset of field: cdcl_sgd_params::first_step"][::std::mem::offset_of!(cdcl_sgd_params, first_step) - 12usize];
+    ["Offset of field: cdcl_sgd_params::total_chunks"][::std::mem::offset_of!(cdcl_sgd_params, total_chunks) - 16usize];
+    ["Offset of field: cdcl_sgd_params::momentum"][::std::mem::offset_of!(cdcl_sgd_params, momentum) - 24usize];
+    ["Offset of field: cdcl_sgd_params::weight_decay"][::std::mem::offset_of!(cdcl_sgd_params, weight_decay) - 28usize];
+};
+impl Default for cdcl_sgd_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 unsafe extern "C" {
     pub fn cdcl_cuda_dsbn_workspace_bytes(p: *const cdcl_dsbn_params) -> usize;
 }
@@ -534,6 +719,60 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_resize_bilinear_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_maxpool_forward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_maxpool_forward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_maxpool_backward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_maxpool_backward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_eltwise_add(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_eltwise_add(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_eltwise_relu(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_eltwise_relu(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_eltwise_add_relu(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_eltwise_add_relu(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_eltwise_relu_backward(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_eltwise_relu_backward(p: *const cdcl_eltwise_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_dropout_workspace_bytes(p: *const cdcl_dropout_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_dropout_workspace_bytes(p: *const cdcl_dropout_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_dropout2d(p: *const cdcl_dropout_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_dropout2d(p: *const cdcl_dropout_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_sgd_step(p: *const cdcl_sgd_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_sgd_step(p: *const cdcl_sgd_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 #[repr(C)]
 #[derive(Debug)]

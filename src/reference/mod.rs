@@ -9,6 +9,10 @@
 
 pub mod conv;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod dsbn;
+pub mod elementwise;
+pub mod maxpool;
 pub mod metrics;
 pub mod pool;
+pub mod sgd;

@@ -1,0 +1,53 @@
+// Multi-tensor SGD with momentum and weight decay (PyTorch's torch.optim.SGD with dampening 0 and
+// nesterov off), f32, in place, every parameter tensor of a model in ONE launch:
+//
+//   d   = g + weight_decay * p
+//   buf = first_step ? d : momentum * buf + d
+//   p   = p - lr * buf                       (lr per tensor: per-parameter-group learning rates)
+//
+// The tensors are described by a table in device memory (cdcl_sgd_tensor: pointers, length, lr,
+// index of the tensor's first chunk). Block b updates chunk b: it finds its tensor by a binary
+// search over first_chunk (the table is tiny and stays in L1/L2), then each of its 256 threads
+// updates every 256th element of the chunk's CDCL_SGD_CHUNK elements (coalesced). Every element
+// is owned by one thread: deterministic, no atomics. On the first step the momentum buffer is
+// only written, never read. Design and cost model: docs/kernels.md.
+#include "cdcl_device.cuh"
+
+namespace CDCL_NAMESPACE {
+
+constexpr int kSgdThreads = 256;
+
+__global__ void __launch_bounds__(kSgdThreads) sgd_step_kernel(const cdcl_sgd_params p) {
+    const long long chunk = (long long)blockIdx.x;
+    // The last tensor whose first chunk is <= this chunk.
+    int lo = 0, hi = p.num_tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (p.tensors[mid].first_chunk <= chunk)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    const cdcl_sgd_tensor t = p.tensors[lo];
+    if (chunk < t.first_chunk) return;
+    const long long begin = (chunk - t.first_chunk) * CDCL_SGD_CHUNK;
+    const long long end = begin + CDCL_SGD_CHUNK < t.numel ? begin + CDCL_SGD_CHUNK : t.numel;
+    for (long long i = begin + threadIdx.x; i < end; i += kSgdThreads) {
+        const float w = t.param[i];
+        const float d = fmaf(p.weight_decay, w, t.grad[i]);
+        const float buf = p.first_step ? d : fmaf(p.momentum, t.momentum_buffer[i], d);
+        t.momentum_buffer[i] = buf;
+        t.param[i] = fmaf(-t.lr, buf, w);
+    }
+}
+
+}  // namespace CDCL_NAMESPACE
+
+using namespace CDCL_NAMESPACE;
+
+CDCL_API int32_t CDCL_PREFIX(sgd_step)(const cdcl_sgd_params* pp, void* stream) {
+    if (!pp || !pp->tensors || pp->num_tensors <= 0 || pp->total_chunks <= 0 || pp->total_chunks > 2147483647LL)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_sgd_params p = *pp;
+    return CDCL_LAUNCH(sgd_step_kernel, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
+}

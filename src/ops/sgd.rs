@@ -1,0 +1,132 @@
+//! Multi-tensor SGD with momentum and weight decay, PyTorch's `torch.optim.SGD` formula
+//! (dampening 0, Nesterov off), f32, in place, every tensor of the list in ONE launch:
+//!
+//! ```text
+//! d   = g + weight_decay · p
+//! buf = d                          on the first step
+//! buf = momentum · buf + d         afterwards
+//! p   = p − lr · buf               (lr per tensor: per-parameter-group learning rates)
+//! ```
+//!
+//! The launch reads a small device table of (pointers, length, lr) per tensor; each block
+//! updates one chunk of `CDCL_SGD_CHUNK` elements of one tensor.
+//!
+//! Kernels: `kernels/sgd.cu`. Reference: [`crate::reference::sgd`].
+
+use crate::device::{launcher, DeviceBuffer, Launcher};
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::ops::check;
+use crate::tensor::{DType, Tensor};
+
+/// Momentum and weight decay, shared by every tensor of a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdOptions {
+    /// Momentum factor in [0, 1]. Default 0.9.
+    pub momentum: f32,
+    /// L2 penalty added to the gradient, ≥ 0. Default 1e-4.
+    pub weight_decay: f32,
+}
+
+impl Default for SgdOptions {
+    fn default() -> Self {
+        SgdOptions { momentum: 0.9, weight_decay: 1e-4 }
+    }
+}
+
+/// One parameter tensor of a step, with its gradient, momentum buffer and learning rate.
+#[derive(Debug)]
+pub struct SgdParam<'a> {
+    /// The parameter, f32, updated in place.
+    pub param: &'a mut Tensor,
+    /// Its gradient: f32, the same shape.
+    pub grad: &'a Tensor,
+    /// Its momentum buffer: f32, the same shape, updated in place (not read on the first step).
+    pub momentum_buffer: &'a mut Tensor,
+    /// Learning rate of the tensor's parameter group (finite, ≥ 0).
+    pub lr: f32,
+}
+
+const SGD_STEP: Launcher<ffi::cdcl_sgd_params> = launcher!(sgd_step: cdcl_emu_sgd_step, cdcl_cuda_sgd_step);
+
+const CHUNK: usize = ffi::CDCL_SGD_CHUNK as usize;
+
+/// One SGD step over every tensor of `params`, in one launch. `first_step` initialises the
+/// momentum buffers (`buf = d`) instead of reading them, as PyTorch does when a parameter has
+/// no buffer yet. Validation: every tensor f32, grad and buffer shaped like the parameter, all
+/// on one device, no device memory shared between any two of them (gradients may not alias a
+/// parameter or buffer), options in range. On an error nothing is written.
+pub fn sgd_step(params: &mut [SgdParam<'_>], opts: &SgdOptions, first_step: bool) -> Result<()> {
+    if !(opts.momentum.is_finite() && (0.0..=1.0).contains(&opts.momentum)) {
+        return Err(Error::InvalidArgument(format!("momentum must be in [0, 1], got {}", opts.momentum)));
+    }
+    if !(opts.weight_decay.is_finite() && opts.weight_decay >= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "weight decay must be finite and non-negative, got {}",
+            opts.weight_decay
+        )));
+    }
+    let Some(first) = params.first() else { return Ok(()) };
+    let device = first.param.device().clone();
+    let mut table = Vec::with_capacity(params.len());
+    let mut written: Vec<(usize, usize)> = Vec::with_capacity(2 * params.len());
+    let mut read: Vec<(usize, usize)> = Vec::with_capacity(params.len());
+    let mut chunks: usize = 0;
+    for sp in params.iter_mut() {
+        check::dtype("SGD parameter", sp.param, DType::F32)?;
+        check::dtype("SGD gradient", sp.grad, DType::F32)?;
+        check::dtype("SGD momentum buffer", sp.momentum_buffer, DType::F32)?;
+        check::shape("SGD gradient", sp.grad, sp.param.shape())?;
+        check::shape("SGD momentum buffer", sp.momentum_buffer, sp.param.shape())?;
+        check::same_device(&device, &[&*sp.param, sp.grad, &*sp.momentum_buffer])?;
+        if !(sp.lr.is_finite() && sp.lr >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "learning rate must be finite and non-negative, got {}",
+                sp.lr
+            )));
+        }
+        let numel = sp.param.numel();
+        if numel == 0 {
+            continue;
+        }
+        let span = |t: &Tensor| (t.ptr() as usize, t.buffer().len());
+        written.push(span(sp.param));
+        written.push(span(sp.momentum_buffer));
+        read.push(span(sp.grad));
+        table.push(ffi::cdcl_sgd_tensor {
+            param: sp.param.ptr_mut().cast(),
+            grad: sp.grad.ptr().cast(),
+            momentum_buffer: sp.momentum_buffer.ptr_mut().cast(),
+            numel: numel as i64,
+            first_chunk: chunks as i64,
+            lr: sp.lr,
+            reserved: 0,
+        });
+        chunks = chunks
+            .checked_add(numel.div_ceil(CHUNK))
+            .filter(|&c| c <= i32::MAX as usize)
+            .ok_or_else(|| Error::InvalidArgument("SGD step over too many elements for one launch".into()))?;
+    }
+    // Safe Rust cannot hand in the same tensor twice as `&mut`, but distinct tensors must not
+    // share memory either: a written range may overlap no other range.
+    let overlaps = |a: (usize, usize), b: (usize, usize)| a.0 < b.0 + b.1 && b.0 < a.0 + a.1;
+    for (i, &wa) in written.iter().enumerate() {
+        if written[i + 1..].iter().chain(read.iter()).any(|&b| overlaps(wa, b)) {
+            return Err(Error::InvalidArgument("SGD tensors must be distinct: two of them share device memory".into()));
+        }
+    }
+    if table.is_empty() {
+        return Ok(());
+    }
+    let table_buf = DeviceBuffer::from_sgd_table(&device, &table)?;
+    let p = ffi::cdcl_sgd_params {
+        tensors: table_buf.as_ptr().cast(),
+        num_tensors: i32::try_from(table.len())
+            .map_err(|_| Error::InvalidArgument("too many tensors for one SGD launch".into()))?,
+        first_step: first_step as i32,
+        total_chunks: chunks as i64,
+        momentum: opts.momentum,
+        weight_decay: opts.weight_decay,
+    };
+    device.launch(&SGD_STEP, &p)
+}

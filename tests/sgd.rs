@@ -1,0 +1,205 @@
+//! Multi-tensor SGD through the emulator against the f64 reference (`cdcl::reference::sgd`):
+//! random lists of tensors (single elements, sizes around and above the 4096-element chunk,
+//! empty tensors), a learning rate per tensor, first and later steps; bitwise agreement with
+//! the same formula evaluated on the host with f32 fused multiply-adds; bitwise determinism
+//! across emulator seeds; typed errors.
+//!
+//! Tolerances. Each step is compared with the reference applied to the kernel's own state before
+//! the step (so errors do not compound across steps). The kernel forms d = fma(wd, p, g),
+//! buf = fma(m, buf, d) and p = fma(-lr, buf, p), one rounding each (u = 2^-24):
+//! |buf err| <= u * |buf| + u * |d| and |p err| <= u * |p'| + lr * |buf err|. The tolerance is
+//! 4u * (|buf| + |d|) for the buffer and 4u * (|p'| + lr * (|buf| + |d|)) for the parameter.
+//! The separate host-fma check then pins the exact bits.
+
+mod common;
+
+use cdcl::ops::sgd::{self, SgdOptions, SgdParam};
+use cdcl::reference::sgd as rsgd;
+use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
+use common::{assert_close, Rng};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    sizes: Vec<usize>,
+    lrs: Vec<f32>,
+    momentum: f32,
+    weight_decay: f32,
+    seed: u64,
+}
+
+fn size_strategy() -> impl Strategy<Value = usize> {
+    prop_oneof![1usize..=40, Just(0usize), 4090usize..=4100, 8193usize..=9000]
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        proptest::collection::vec((size_strategy(), 0.0f32..0.1), 1..=6),
+        prop_oneof![Just(0.9f32), 0.0f32..=1.0],
+        prop_oneof![Just(1e-4f32), 0.0f32..0.01],
+        any::<u64>(),
+    )
+        .prop_map(|(t, momentum, weight_decay, seed)| {
+            let (sizes, lrs) = t.into_iter().unzip();
+            Case { sizes, lrs, momentum, weight_decay, seed }
+        })
+}
+
+struct State {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    bufs: Vec<Tensor>,
+}
+
+fn f32s(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * scale) as f32).collect()
+}
+
+fn setup(k: &Case, dev: &Device, rng: &mut Rng) -> State {
+    let mk = |v: Vec<f32>, n: usize| Tensor::from_slice(dev, &[n], &v).unwrap();
+    State {
+        params: k.sizes.iter().map(|&n| mk(f32s(rng, n, 1.0), n)).collect(),
+        grads: k.sizes.iter().map(|&n| mk(f32s(rng, n, 0.1), n)).collect(),
+        // Garbage in the buffers: the first step must not read them.
+        bufs: k.sizes.iter().map(|&n| mk(vec![f32::NAN; n], n)).collect(),
+    }
+}
+
+fn step(k: &Case, st: &mut State, first: bool) -> cdcl::Result<()> {
+    let mut list: Vec<SgdParam<'_>> = st
+        .params
+        .iter_mut()
+        .zip(&st.grads)
+        .zip(st.bufs.iter_mut())
+        .zip(&k.lrs)
+        .map(|(((param, grad), momentum_buffer), &lr)| SgdParam { param, grad, momentum_buffer, lr })
+        .collect();
+    sgd::sgd_step(&mut list, &SgdOptions { momentum: k.momentum, weight_decay: k.weight_decay }, first)
+}
+
+fn host64(t: &Tensor) -> Vec<f64> {
+    t.to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+}
+
+fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
+    let mut rng = Rng(k.seed);
+    let mut st = setup(k, dev, &mut rng);
+    let u = 2f64.powi(-24);
+    for s in 0..3 {
+        let first = s == 0;
+        let before_p: Vec<Vec<f64>> = st.params.iter().map(host64).collect();
+        let before_b: Vec<Vec<f64>> = st.bufs.iter().map(host64).collect();
+        let before_p32: Vec<Vec<f32>> = st.params.iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+        let before_b32: Vec<Vec<f32>> = st.bufs.iter().map(|t| t.to_vec::<f32>().unwrap()).collect();
+        step(k, &mut st, first).map_err(|e| e.to_string())?;
+        for i in 0..k.sizes.len() {
+            let g = host64(&st.grads[i]);
+            let (mut p, mut b) = (before_p[i].clone(), before_b[i].clone());
+            let (lr, m, wd) = (k.lrs[i] as f64, k.momentum as f64, k.weight_decay as f64);
+            rsgd::sgd_step(&mut p, &g, &mut b, lr, m, wd, first);
+            let d: Vec<f64> = g.iter().zip(&before_p[i]).map(|(g, p)| (g + wd * p).abs()).collect();
+            let got_b = host64(&st.bufs[i]);
+            let got_p = host64(&st.params[i]);
+            assert_close(&format!("step {s} tensor {i} buffer"), &got_b, &b, |j| {
+                4.0 * u * (b[j].abs() + d[j]) + 1e-38
+            })?;
+            assert_close(&format!("step {s} tensor {i} param"), &got_p, &p, |j| {
+                4.0 * u * (p[j].abs() + lr * (b[j].abs() + d[j])) + 1e-38
+            })?;
+            // The same formula with host f32 FMAs (correctly rounded, like the device's fmaf).
+            let g32 = st.grads[i].to_vec::<f32>().unwrap();
+            let p32 = st.params[i].to_vec::<f32>().unwrap();
+            let b32 = st.bufs[i].to_vec::<f32>().unwrap();
+            for j in 0..k.sizes[i] {
+                let dd = k.weight_decay.mul_add(before_p32[i][j], g32[j]);
+                let bb = if first { dd } else { k.momentum.mul_add(before_b32[i][j], dd) };
+                let pp = (-k.lrs[i]).mul_add(bb, before_p32[i][j]);
+                if bb.to_bits() != b32[j].to_bits() || pp.to_bits() != p32[j].to_bits() {
+                    return Err(format!("step {s} tensor {i} element {j}: not the f32 fma formula"));
+                }
+            }
+        }
+        // New gradients for the next step.
+        for (gt, &n) in st.grads.iter_mut().zip(&k.sizes) {
+            gt.copy_from_slice(&f32s(&mut rng, n, 0.1)).unwrap();
+        }
+    }
+    Ok(())
+}
+
+fn emulator() -> Device {
+    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sgd_matches_reference(k in case_strategy()) {
+        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Parameter groups as a CDCL model has them: backbone at lr, heads at 10x lr, many small
+/// tensors (BN per dataset) between large ones, in one launch.
+#[test]
+fn parameter_groups_in_one_launch() {
+    let mut sizes = vec![64 * 3 * 7 * 7, 64, 64, 9000];
+    sizes.extend(std::iter::repeat_n(19, 20));
+    let lrs: Vec<f32> = sizes.iter().enumerate().map(|(i, _)| if i % 3 == 0 { 0.1 } else { 0.01 }).collect();
+    let k = Case { sizes, lrs, momentum: 0.9, weight_decay: 1e-4, seed: 12 };
+    run_case(&k, &emulator()).unwrap();
+}
+
+fn all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
+    let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+    let k = Case {
+        sizes: vec![5000, 1, 4096, 333],
+        lrs: vec![0.01, 0.02, 0.1, 0.0],
+        momentum: 0.9,
+        weight_decay: 1e-4,
+        seed: 2,
+    };
+    let mut rng = Rng(k.seed);
+    let mut st = setup(&k, &dev, &mut rng);
+    step(&k, &mut st, true).unwrap();
+    step(&k, &mut st, false).unwrap();
+    st.params.iter().chain(&st.bufs).map(common::bits).collect()
+}
+
+#[test]
+fn bitwise_identical_across_emulator_seeds() {
+    let base = all_bits(0, 1);
+    for (seed, threads) in [(1, 2), (0xBEEF, 0), (5, 1)] {
+        assert!(all_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let dev = emulator();
+    let z = |shape: &[usize], d: DType| Tensor::zeros(&dev, shape, d).unwrap();
+    let opts = SgdOptions::default();
+    let (mut p, g, mut b) = (z(&[4, 3], DType::F32), z(&[4, 3], DType::F32), z(&[4, 3], DType::F32));
+    let run = |p: &mut Tensor, g: &Tensor, b: &mut Tensor, lr: f32, o: &SgdOptions| {
+        sgd::sgd_step(&mut [SgdParam { param: p, grad: g, momentum_buffer: b, lr }], o, false)
+    };
+    assert!(run(&mut p, &g, &mut b, 0.01, &opts).is_ok());
+    assert!(matches!(run(&mut p, &z(&[3, 4], DType::F32), &mut b, 0.01, &opts), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(run(&mut p, &g, &mut z(&[12], DType::F32), 0.01, &opts), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(run(&mut p, &z(&[4, 3], DType::F16), &mut b, 0.01, &opts), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(run(&mut z(&[4, 3], DType::BF16), &g, &mut b, 0.01, &opts), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(run(&mut p, &g, &mut b, -1.0, &opts), Err(Error::InvalidArgument(_))));
+    assert!(matches!(run(&mut p, &g, &mut b, f32::NAN, &opts), Err(Error::InvalidArgument(_))));
+    let bad_m = SgdOptions { momentum: 1.5, ..opts };
+    assert!(matches!(run(&mut p, &g, &mut b, 0.01, &bad_m), Err(Error::InvalidArgument(_))));
+    let bad_wd = SgdOptions { weight_decay: -1.0, ..opts };
+    assert!(matches!(run(&mut p, &g, &mut b, 0.01, &bad_wd), Err(Error::InvalidArgument(_))));
+    let other = Device::emulator_with(EmulatorConfig { seed: 1, threads: 1 }).unwrap();
+    let g_other = Tensor::zeros(&other, &[4, 3], DType::F32).unwrap();
+    assert!(matches!(run(&mut p, &g_other, &mut b, 0.01, &opts), Err(Error::DeviceMismatch { .. })));
+    // Nothing was written by the failed calls: p is still what the one good step left (zeros).
+    assert!(p.to_vec::<f32>().unwrap().iter().all(|v| *v == 0.0));
+    // An empty list is a no-op.
+    assert!(sgd::sgd_step(&mut [], &opts, true).is_ok());
+}
