@@ -4,3 +4,4 @@
 mod check;
 pub mod conv;
 pub mod dsbn;
+pub mod usss;

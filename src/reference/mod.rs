@@ -9,3 +9,4 @@
 
 pub mod conv;
 pub mod dsbn;
+pub mod usss;
