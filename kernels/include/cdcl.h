@@ -336,6 +336,36 @@ typedef struct cdcl_sgd_params {
 } cdcl_sgd_params;
 
 /* ------------------------------------------------------------------------------------------ */
+/* USSS entropy regularisation: pixel features x NHWC [n,h,w,e] against fixed class prototypes */
+/* of every dataset, one [num_protos, e] f32 table whose rows of dataset d are                 */
+/* proto_offset[d] .. proto_offset[d+1]. Per pixel and dataset d': s_j = <x, proto_j> / T over  */
+/* the rows of d', p = softmax(s), H_d' = -sum p log p. Within: d' = the sample's own dataset;  */
+/* cross: the mean of H_d' over the other datasets (0 when there is one dataset).               */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_usss_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t e;            /* feature channels */
+    int32_t num_datasets;
+    int32_t num_protos;   /* proto_offset[num_datasets] */
+    int32_t dtype;        /* storage of x and dx: F32, F16 or BF16 */
+    float inv_temperature;
+    float alpha;          /* weight of the cross-dataset loss */
+    float beta;           /* weight of the within-dataset loss */
+    float grad;           /* backward: incoming gradient of the total loss */
+    const int32_t* dataset;      /* [n] */
+    const int32_t* proto_offset; /* [num_datasets + 1], 0 = first, increasing */
+    const float* protos;         /* [num_protos, e] */
+    const uint8_t* mask;         /* [n, h, w], nonzero = the pixel counts; null: every pixel */
+    const void* x;
+    void* dx;                    /* backward output, like x; 0 for excluded pixels */
+    float* out;                  /* forward output: total, cross, within */
+    void* workspace;             /* cdcl_*_usss_workspace_bytes() bytes, any content */
+    cdcl_error_record* err;
+} cdcl_usss_params;
+
+/* ------------------------------------------------------------------------------------------ */
 /* Launchers. CDCL_DECLARE_BOTH declares the GPU and the emulator symbol of one launcher.      */
 /* ------------------------------------------------------------------------------------------ */
 #define CDCL_DECLARE_BOTH(ret, name, args) \
@@ -371,6 +401,9 @@ CDCL_DECLARE_BOTH(int32_t, eltwise_relu_backward, (const cdcl_eltwise_params* p,
 CDCL_DECLARE_BOTH(size_t, dropout_workspace_bytes, (const cdcl_dropout_params* p))
 CDCL_DECLARE_BOTH(int32_t, dropout2d, (const cdcl_dropout_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, sgd_step, (const cdcl_sgd_params* p, void* stream))
+CDCL_DECLARE_BOTH(size_t, usss_workspace_bytes, (const cdcl_usss_params* p))
+CDCL_DECLARE_BOTH(int32_t, usss_forward, (const cdcl_usss_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, usss_backward, (const cdcl_usss_params* p, void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

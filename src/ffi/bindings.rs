@@ -599,6 +599,67 @@ impl Default for cdcl_sgd_params {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_usss_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub e: i32,
+    pub num_datasets: i32,
+    pub num_protos: i32,
+    pub dtype: i32,
+    pub inv_temperature: f32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub grad: f32,
+    pub dataset: *const i32,
+    pub proto_offset: *const i32,
+    pub protos: *const f32,
+    pub mask: *const u8,
+    pub x: *const ::std::os::raw::c_void,
+    pub dx: *mut ::std::os::raw::c_void,
+    pub out: *mut f32,
+    pub workspace: *mut ::std::os::raw::c_void,
+    pub err: *mut cdcl_error_record,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_usss_params"][::std::mem::size_of::<cdcl_usss_params>() - 120usize];
+    ["Alignment of cdcl_usss_params"][::std::mem::align_of::<cdcl_usss_params>() - 8usize];
+    ["Offset of field: cdcl_usss_params::n"][::std::mem::offset_of!(cdcl_usss_params, n) - 0usize];
+    ["Offset of field: cdcl_usss_params::h"][::std::mem::offset_of!(cdcl_usss_params, h) - 4usize];
+    ["Offset of field: cdcl_usss_params::w"][::std::mem::offset_of!(cdcl_usss_params, w) - 8usize];
+    ["Offset of field: cdcl_usss_params::e"][::std::mem::offset_of!(cdcl_usss_params, e) - 12usize];
+    ["Offset of field: cdcl_usss_params::num_datasets"]
+        [::std::mem::offset_of!(cdcl_usss_params, num_datasets) - 16usize];
+    ["Offset of field: cdcl_usss_params::num_protos"][::std::mem::offset_of!(cdcl_usss_params, num_protos) - 20usize];
+    ["Offset of field: cdcl_usss_params::dtype"][::std::mem::offset_of!(cdcl_usss_params, dtype) - 24usize];
+    ["Offset of field: cdcl_usss_params::inv_temperature"]
+        [::std::mem::offset_of!(cdcl_usss_params, inv_temperature) - 28usize];
+    ["Offset of field: cdcl_usss_params::alpha"][::std::mem::offset_of!(cdcl_usss_params, alpha) - 32usize];
+    ["Offset of field: cdcl_usss_params::beta"][::std::mem::offset_of!(cdcl_usss_params, beta) - 36usize];
+    ["Offset of field: cdcl_usss_params::grad"][::std::mem::offset_of!(cdcl_usss_params, grad) - 40usize];
+    ["Offset of field: cdcl_usss_params::dataset"][::std::mem::offset_of!(cdcl_usss_params, dataset) - 48usize];
+    ["Offset of field: cdcl_usss_params::proto_offset"]
+        [::std::mem::offset_of!(cdcl_usss_params, proto_offset) - 56usize];
+    ["Offset of field: cdcl_usss_params::protos"][::std::mem::offset_of!(cdcl_usss_params, protos) - 64usize];
+    ["Offset of field: cdcl_usss_params::mask"][::std::mem::offset_of!(cdcl_usss_params, mask) - 72usize];
+    ["Offset of field: cdcl_usss_params::x"][::std::mem::offset_of!(cdcl_usss_params, x) - 80usize];
+    ["Offset of field: cdcl_usss_params::dx"][::std::mem::offset_of!(cdcl_usss_params, dx) - 88usize];
+    ["Offset of field: cdcl_usss_params::out"][::std::mem::offset_of!(cdcl_usss_params, out) - 96usize];
+    ["Offset of field: cdcl_usss_params::workspace"][::std::mem::offset_of!(cdcl_usss_params, workspace) - 104usize];
+    ["Offset of field: cdcl_usss_params::err"][::std::mem::offset_of!(cdcl_usss_params, err) - 112usize];
+};
+impl Default for cdcl_usss_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 unsafe extern "C" {
     pub fn cdcl_cuda_dsbn_workspace_bytes(p: *const cdcl_dsbn_params) -> usize;
 }
@@ -773,6 +834,24 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_sgd_step(p: *const cdcl_sgd_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_usss_workspace_bytes(p: *const cdcl_usss_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_usss_workspace_bytes(p: *const cdcl_usss_params) -> usize;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_usss_forward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_usss_forward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_usss_backward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_usss_backward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 #[repr(C)]
 #[derive(Debug)]

@@ -12,3 +12,4 @@ pub mod maxpool;
 pub mod metrics;
 pub mod pool;
 pub mod sgd;
+pub mod usss;
