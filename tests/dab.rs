@@ -254,7 +254,7 @@ fn emulator() -> Device {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
     fn dab_matches_reference(k in strategy()) {
         run(&k, &emulator()).map_err(TestCaseError::fail)?;

@@ -86,7 +86,7 @@ fn emulator() -> Device {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn dropout_matches_reference(k in case_strategy()) {

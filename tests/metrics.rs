@@ -126,7 +126,7 @@ fn check(k: &Case, dtype: DType, dev: &Device) -> Result<Vec<i32>, String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn argmax_and_confusion_match_reference(k in case_strategy(40), t in 0usize..3) {

@@ -132,7 +132,7 @@ fn emulator() -> Device {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn sgd_matches_reference(k in case_strategy()) {
