@@ -118,7 +118,7 @@ typedef struct cdcl_conv_params {
     int32_t pad_w;
     int32_t dil_h;
     int32_t dil_w;
-    int32_t dtype;       /* storage of x, w, y, dy, dx, dw: F32 for now */
+    int32_t dtype;       /* storage of x, w, y, residual, dy, dx, dw: F32; F16 / BF16 for the forward */
     const void* x;       /* forward, filter gradient */
     const void* weight;  /* forward, data gradient */
     const float* bias;   /* forward, optional (null: none) */
