@@ -6,7 +6,7 @@
 //! nvcc the build used. CI installs it with
 //! `pip install nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86` (it lands in
 //! `site-packages/nvidia/cu13/bin`, next to the wheel's nvcc). Without either the test says so
-//! and passes.
+//! and passes, unless CDCL_REQUIRE_CUOBJDUMP is set (for CI), where a missing build or tool fails.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,12 +44,15 @@ fn functions(listing: &str) -> Vec<(String, String, String)> {
 
 #[test]
 fn the_16_bit_convolution_mainloop_uses_tensor_cores() {
+    let required = std::env::var_os("CDCL_REQUIRE_CUOBJDUMP").is_some();
     let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join("conv.o");
     if !obj.is_file() {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but there is no nvcc build ({})", obj.display());
         eprintln!("no nvcc build (nvcc not found or CDCL_NO_CUDA): skipping the SASS check");
         return;
     }
     let Some(tool) = cuobjdump() else {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but cuobjdump was not found (CUOBJDUMP, PATH, next to nvcc)");
         eprintln!("cuobjdump not found (CUOBJDUMP, PATH, next to nvcc): skipping the SASS check (CI runs it)");
         return;
     };
