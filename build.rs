@@ -32,13 +32,22 @@ fn main() {
     let _ = fs::remove_dir_all(&report_dir);
     fs::create_dir_all(&report_dir).expect("create the nvcc report directory in OUT_DIR");
     println!("cargo:rustc-env=CDCL_NVCC_REPORT_DIR={}", report_dir.display());
+    // The nvcc objects (tests/sass.rs disassembles them when cuobjdump is available); the
+    // directory only exists when the GPU build ran.
+    let obj_dir = out.join("cuda-obj");
+    let _ = fs::remove_dir_all(&obj_dir);
+    println!("cargo:rustc-env=CDCL_CUDA_OBJ_DIR={}", obj_dir.display());
 
     if env::var_os("CDCL_NO_CUDA").is_some() {
         println!("cargo:warning=CDCL_NO_CUDA is set: building the emulator only (Device::cuda will return Error::CudaNotBuilt)");
         return;
     }
     match find_nvcc() {
-        Some(nvcc) => build_cuda(&nvcc, &kernels, &cu_files, &out, &report_dir),
+        Some(nvcc) => {
+            // Where tests/sass.rs looks for cuobjdump after CUOBJDUMP and PATH.
+            println!("cargo:rustc-env=CDCL_NVCC_BIN_DIR={}", nvcc.parent().unwrap_or(Path::new(".")).display());
+            build_cuda(&nvcc, &kernels, &cu_files, &out, &report_dir)
+        }
         None => println!(
             "cargo:warning=nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH): building the emulator only; Device::cuda will return Error::CudaNotBuilt"
         ),

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #define CDCL_PREFIX(name) cdcl_cuda_##name
 #define CDCL_NAMESPACE cdcl_cuda_kernels
 // Register arrays indexed by loop counters must be fully unrolled or they land in local memory.

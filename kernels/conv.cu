@@ -1,5 +1,6 @@
-// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA), any stride,
-// padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
+// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA) or, for the
+// forward, f16 / bf16 storage through tensor cores (nvcuda::wmma, f32 accumulation), any
+// stride, padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
 //   forward:          M = N*P*Q, N = K, K = R*S*C   (A = im2col(x), B = w^T)
 //   data gradient:    M = N*H*W, N = C, K = R*S*K   (A = the strided gather of dy, B = w)
 //   filter gradient:  M = K,     N = R*S*C, K = N*P*Q (A = dy^T, B = im2col(x)), split over the
@@ -52,6 +53,9 @@ __device__ __forceinline__ float input_value(const cdcl_conv_params& p, int n, i
 
 // ---- the three problems: sizes, loaders, epilogues -------------------------------------------
 
+// T: the storage type of x, weight, residual and y (f32, or f16 / bf16 for the tensor-core
+// mainloop); values are f32 in registers.
+template <typename T>
 struct ConvForward {
     const cdcl_conv_params& p;
     __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
@@ -65,10 +69,10 @@ struct ConvForward {
         const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
         const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return input_value(p, n, c, static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]);
+        return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
     }
     __device__ float b(int kk, int col) const {
-        return static_cast<const float*>(p.weight)[(long long)col * depth() + kk];
+        return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
     }
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
     // dataset; the inference epilogue knows its sample without a division).
@@ -82,12 +86,13 @@ struct ConvForward {
             if (d < 0) return 0.0f;
             const int s = d * p.k + col;
             v = bn_affine(v, p.epi_mean[s], rsqrtf(p.epi_var[s] + p.epi_eps), p.epi_gamma[s], p.epi_beta[s]);
-            if (p.residual) v += static_cast<const float*>(p.residual)[m * p.k + col];
+            if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[m * p.k + col]);
             if (p.epi_relu) v = fmaxf(v, 0.0f);
         }
         return v;
     }
-    __device__ void store(long long m, int col, float v, int) const { static_cast<float*>(p.y)[m * p.k + col] = v; }
+    // `v` is already representable in T (the mainloops round before the statistics).
+    __device__ void store(long long m, int col, float v, int) const { static_cast<T*>(p.y)[m * p.k + col] = from_f32<T>(v); }
 };
 
 struct ConvBackwardData {
@@ -282,6 +287,108 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     }
 }
 
+// The tensor-core mainloop for 16-bit storage (T = __half or __nv_bfloat16), same tiles, loaders
+// and epilogues as implicit_gemm: 64x64 block tile, 16-deep reduction steps double-buffered in
+// shared memory as T (A [64][16+8] row-major, B [16][64+8] row-major: rows offset by 16 bytes,
+// every fragment pointer 32-byte aligned), 8 warps each computing a 16x32 strip with two
+// m16n16k16 accumulators (f32). The accumulators then go through a shared f32 tile to the
+// per-element epilogue, whose value is rounded to T before the statistics so that they
+// describe what is stored.
+template <class Prob, typename T>
+__global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_conv_params p, long long slice_len) {
+    using namespace nvcuda;
+    constexpr int kLdA = kBK + 8, kLdB = kBN + 8, kLdC = kBN + 4;
+    struct alignas(32) Tiles {
+        T a[2][kBM][kLdA];
+        T b[2][kBK][kLdB];
+        float c[kBM][kLdC];
+    };
+    const Prob prob{p};
+    const int cols = prob.cols();
+    const long long depth = depth_of(prob);
+    const long long seg = prob.segment();
+    const long long tiles_per_seg = seg > 0 ? (seg + kBM - 1) / kBM : 0;
+    const long long seg_idx = seg > 0 ? blockIdx.x / tiles_per_seg : 0;
+    const long long m0 = seg > 0 ? seg_idx * seg + (blockIdx.x % tiles_per_seg) * kBM : (long long)blockIdx.x * kBM;
+    const long long rows = seg > 0 ? (seg_idx + 1) * seg : prob.rows();
+    const int n0 = (int)blockIdx.y * kBN;
+    const long long k_begin = (long long)blockIdx.z * slice_len;
+    const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
+    const int t = (int)threadIdx.x;
+    const int lk = t % kBK, lrow = t / kBK;
+    const int tx = t % 16, ty = t / 16;
+    const int warp = t / 32, wr = (warp % 4) * 16, wc = (warp / 4) * 32;
+
+    CDCL_SHARED(Tiles, sm, );
+    float ra[4], rb[4];
+    auto load = [&](long long kt) {
+        const long long kk = kt + lk;
+        for (int i = 0; i < 4; ++i) {
+            const long long m = m0 + lrow + 16 * i;
+            const int col = n0 + lrow + 16 * i;
+            ra[i] = (kk < k_end && m < rows) ? prob.a(m, kk) : 0.0f;
+            rb[i] = (kk < k_end && col < cols) ? prob.b(kk, col) : 0.0f;
+        }
+    };
+    auto stash = [&](int buf) {
+        for (int i = 0; i < 4; ++i) {
+            sm.a[buf][lrow + 16 * i][lk] = from_f32<T>(ra[i]);
+            sm.b[buf][lk][lrow + 16 * i] = from_f32<T>(rb[i]);
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fill_fragment(acc[0], 0.0f);
+    wmma::fill_fragment(acc[1], 0.0f);
+    const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
+    if (tiles > 0) {
+        load(k_begin);
+        stash(0);
+    }
+    __syncthreads();
+    for (long long tile = 0; tile < tiles; ++tile) {
+        const int cur = (int)(tile & 1);
+        const bool more = tile + 1 < tiles;
+        if (more) load(k_begin + (tile + 1) * kBK);
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
+        CDCL_UNROLL
+        for (int j = 0; j < 2; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+            wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+        if (more) stash(cur ^ 1);
+        __syncthreads();
+    }
+    CDCL_UNROLL
+    for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(&sm.c[wr][wc + 16 * j], acc[j], kLdC, wmma::mem_row_major);
+    __syncthreads();
+    float v[4][4];
+    CDCL_UNROLL
+    for (int i = 0; i < 4; ++i) {
+        const long long m = m0 + ty + 16 * i;
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx + 16 * j;
+            v[i][j] = sm.c[ty + 16 * i][tx + 16 * j];
+            if (m < rows && col < cols) {
+                v[i][j] = to_f32(from_f32<T>(prob.finish(seg_idx, m, col, v[i][j])));
+                prob.store(m, col, v[i][j], (int)blockIdx.z);
+            }
+        }
+    }
+    if (p.stats && seg > 0) {
+        CDCL_SHARED(float, vals, [kBM][kBN + 1]);
+        CDCL_UNROLL
+        for (int i = 0; i < 4; ++i)
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = v[i][j];
+        __syncthreads();
+        tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
+    }
+}
+
 // dweight = sum of the split-K slices in slice order.
 __global__ void conv_filter_reduce(const cdcl_conv_params p, int split) {
     const long long total = (long long)p.k * p.r * p.s * p.c;
@@ -356,7 +463,8 @@ CDCL_API size_t CDCL_PREFIX(conv_workspace_bytes)(const cdcl_conv_params* p) {
 
 CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* stream) {
     if (!conv_params_ok(pp) || !pp->x || !pp->weight || !pp->y) return CDCL_ERR_INVALID_PARAMS;
-    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    if (pp->dtype != CDCL_DTYPE_F32 && pp->dtype != CDCL_DTYPE_F16 && pp->dtype != CDCL_DTYPE_BF16)
+        return CDCL_ERR_UNSUPPORTED_DTYPE;
     const cdcl_conv_params p = *pp;
     if ((p.pro_mean || p.epi_mean || p.stats) && (!p.dataset || p.num_datasets <= 0)) return CDCL_ERR_INVALID_PARAMS;
     if (p.pro_mean && (!p.pro_invstd || !p.pro_gamma || !p.pro_beta)) return CDCL_ERR_INVALID_PARAMS;
@@ -367,7 +475,12 @@ CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* str
     if (row_tiles > 2147483647LL) return CDCL_ERR_INVALID_PARAMS;
     const dim3 grid((unsigned)row_tiles, (unsigned)((p.k + kBN - 1) / kBN), 1);
     const long long depth = (long long)p.r * p.s * p.c;
-    return CDCL_LAUNCH(implicit_gemm<ConvForward>, grid, dim3(kThreads), 0, stream, p, depth);
+    if (p.dtype == CDCL_DTYPE_F16)
+        return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<__half>, __half>), grid, dim3(kThreads), 0, stream, p, depth);
+    if (p.dtype == CDCL_DTYPE_BF16)
+        return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream,
+                           p, depth);
+    return CDCL_LAUNCH(implicit_gemm<ConvForward<float>>, grid, dim3(kThreads), 0, stream, p, depth);
 }
 
 CDCL_API int32_t CDCL_PREFIX(conv_backward_data)(const cdcl_conv_params* pp, void* stream) {

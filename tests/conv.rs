@@ -251,7 +251,14 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(conv::conv2d(&x, &w_big, None, &g), Err(Error::InvalidShape { .. })));
     assert!(matches!(conv::conv2d(&x, &w, None, &ConvGeometry::square(0, 0, 1)), Err(Error::InvalidArgument(_))));
     let x16 = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::F16).unwrap();
-    assert!(matches!(conv::conv2d(&x16, &w, None, &g), Err(Error::UnsupportedDType { .. })));
+    assert!(matches!(conv::conv2d(&x16, &w, None, &g), Err(Error::DTypeMismatch { .. })));
+    let xi = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::I32).unwrap();
+    let wi = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::I32).unwrap();
+    assert!(matches!(conv::conv2d(&xi, &wi, None, &g), Err(Error::UnsupportedDType { .. })));
+    // The backward passes are f32 only for now.
+    let w16 = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::F16).unwrap();
+    let dy16 = Tensor::zeros(&dev, &[1, 3, 3, 4], DType::F16).unwrap();
+    assert!(matches!(conv::conv2d_backward_data(&dy16, &w16, (5, 5), &g), Err(Error::UnsupportedDType { .. })));
     let bias_bad = Tensor::zeros(&dev, &[5], DType::F32).unwrap();
     assert!(matches!(conv::conv2d(&x, &w, Some(&bias_bad), &g), Err(Error::ShapeMismatch { .. })));
     let dy_bad = Tensor::zeros(&dev, &[1, 4, 3, 4], DType::F32).unwrap();
@@ -261,4 +268,85 @@ fn bad_input_is_a_typed_error() {
         Err(Error::ShapeMismatch { .. })
     ));
     let _ = Array4::<f64>::zeros((1, 1, 1, 1));
+}
+
+// ---- f16 / bf16 storage: the tensor-core mainloop ---------------------------------------------
+
+/// Forward with 16-bit x and weight (bias f32) against the f64 reference computed from the same
+/// 16-bit-rounded inputs. Tolerance: a product of two 16-bit values is exact in f32, so the f32
+/// accumulation of the D = R*S*C products (in 16-deep tensor-core steps, then across steps) and
+/// the bias add are bounded as in the f32 path by gamma(D)·sum|a·b|; the result is then rounded
+/// once to the storage type: at most u_T·|y| (u_T = 2^-11 for f16, 2^-8 for bf16), plus half the
+/// smallest f16 subnormal (2^-25) for outputs that land in f16's subnormal range.
+fn run_case_16(k: &Case, dev: &Device, dtype: DType) -> Result<Vec<u8>, String> {
+    let hst = make(k);
+    let (p, q) = k.out();
+    let (xd, wd) = ((k.n, k.h, k.w, k.c), (k.k, k.r, k.s, k.c));
+    let (xq, wq) = (common::quantize(&hst.x, dtype), common::quantize(&hst.w, dtype));
+    let x = tensor(dev, &[k.n, k.h, k.w, k.c], &xq, dtype);
+    let w = tensor(dev, &[k.k, k.r, k.s, k.c], &wq, dtype);
+    let b = tensor(dev, &[k.k], &hst.b, DType::F32);
+    let spec = k.spec();
+    let bias = Array1::from(hst.b.clone());
+    let y = conv::conv2d(&x, &w, k.bias.then_some(&b), &k.geom).map_err(|e| e.to_string())?;
+    if y.dtype() != dtype || y.shape() != [k.n, p, q, k.k] {
+        return Err(format!("output {:?} {:?}", y.dtype(), y.shape()));
+    }
+    let want = rconv::conv2d(a4(&xq, xd), a4(&wq, wd), k.bias.then(|| bias.view()), &spec);
+    let absb = Array1::from(abs(&hst.b));
+    let mag = rconv::conv2d(a4(&abs(&xq), xd), a4(&abs(&wq), wd), k.bias.then(|| absb.view()), &spec);
+    let (want, mag) = (want.as_slice().unwrap(), mag.as_slice().unwrap());
+    let (u, depth) = (common::unit_roundoff(dtype), k.r * k.s * k.c);
+    assert_close(&format!("{dtype} forward"), &host(&y), want, |i| {
+        let acc = gamma(depth) * mag[i];
+        u * (want[i].abs() + acc) + acc + 2f64.powi(-25)
+    })?;
+    Ok(common::bits(&y))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv_f16_matches_reference(k in case_strategy()) {
+        run_case_16(&k, &emulator(), DType::F16).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn conv_bf16_matches_reference(k in case_strategy()) {
+        run_case_16(&k, &emulator(), DType::BF16).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// Network shapes in 16-bit storage, and the same bits on every emulator seed and worker count.
+#[test]
+fn conv_16bit_network_shapes_and_bitwise_determinism() {
+    let cases = [
+        (2, 17, 17, 3, 16, 7, 2, 3, 1), // stem: 7x7 stride 2
+        (2, 9, 9, 16, 16, 3, 1, 2, 2),  // layer3: dilation 2
+        (2, 9, 9, 33, 65, 1, 1, 0, 1),  // 1x1 projection, odd channels
+    ];
+    for dtype in [DType::F16, DType::BF16] {
+        for (i, &(n, h, w, c, k, r, stride, pad, dil)) in cases.iter().enumerate() {
+            let case = Case {
+                n,
+                h,
+                w,
+                c,
+                k,
+                r,
+                s: r,
+                geom: ConvGeometry::square(stride, pad, dil),
+                bias: true,
+                seed: i as u64,
+            };
+            let base = run_case_16(&case, &emulator(), dtype).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+            if i == 2 {
+                for (seed, threads) in [(1, 2), (0xFEED, 1)] {
+                    let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+                    assert!(run_case_16(&case, &dev, dtype).unwrap() == base, "{dtype}: seed {seed} changed the bits");
+                }
+            }
+        }
+    }
 }

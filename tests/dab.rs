@@ -390,3 +390,92 @@ fn bitwise_identical_across_emulator_seeds() {
     }
     let _ = Array4::<f64>::zeros((1, 1, 1, 1));
 }
+
+/// Training forward in f16 / bf16 storage (the tensor-core convolution): the convolution output
+/// against the f64 convolution of the same 16-bit inputs, within 2·u_T·max|ref| (f32
+/// accumulation, ~2^-24 relative, plus one rounding to the storage type, u_T = 2^-11 for f16 and
+/// 2^-8 for bf16); the statistics and the output against the f64 DSBN of the *stored*
+/// convolution output (the epilogue rounds to T before its statistics, so they describe what is
+/// stored): statistics within the f32 tolerance of `close`, the output within one more
+/// rounding to T. The same bits on every emulator seed.
+#[test]
+fn dab_forward_in_16_bit_storage() {
+    let k = Case {
+        n: 4,
+        h: 9,
+        w: 7,
+        c: 12,
+        k: 20,
+        r: 3,
+        geom: ConvGeometry::square(1, 1, 1),
+        d: 2,
+        datasets: vec![1, 0, 1, 1],
+        relu: true,
+        residual: true,
+        seed: 21,
+    };
+    let dt = data(&k);
+    let (p, q) = out_hw(&k);
+    for dtype in [DType::F16, DType::BF16] {
+        let u = common::unit_roundoff(dtype);
+        let (xq, wq, rq) =
+            (common::quantize(&dt.x, dtype), common::quantize(&dt.w, dtype), common::quantize(&dt.res, dtype));
+        let one = |seed: u64, threads: u32| {
+            let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+            let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &xq, dtype);
+            let w = tensor(&dev, &[k.k, 3, 3, k.c], &wq, dtype);
+            let r = tensor(&dev, &[k.n, p, q, k.k], &rq, dtype);
+            let ds = Tensor::from_slice(&dev, &[k.n], &[1i32, 0, 1, 1]).unwrap();
+            let mut st = state(&dev, &k, &dt);
+            let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
+            let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
+            (f, st)
+        };
+        let (f, st) = one(0, 1);
+        assert_eq!(f.conv_out.dtype(), dtype);
+        let conv = rconv::conv2d(
+            ArrayView4::from_shape((k.n, k.h, k.w, k.c), &xq).unwrap(),
+            ArrayView4::from_shape((k.k, 3, 3, k.c), &wq).unwrap(),
+            None,
+            &spec(&k),
+        );
+        let max_conv = conv.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        common::assert_close(&format!("{dtype} conv_out"), &host(&f.conv_out), conv.as_slice().unwrap(), |_| {
+            2.0 * u * max_conv
+        })
+        .unwrap();
+        let stored = host(&f.conv_out);
+        let a2 = |v: &[f64]| ArrayView2::from_shape((k.d, k.k), v).unwrap().to_owned();
+        let (ones, zeros) = (vec![1.0; k.d * k.k], vec![0.0; k.d * k.k]);
+        let cfg = rdsbn::DsbnConfig { relu: false, ..rdsbn::DsbnConfig::default() };
+        let bn = rdsbn::dsbn_forward_train(
+            ArrayView4::from_shape((k.n, p, q, k.k), &stored).unwrap(),
+            &k.datasets,
+            a2(&dt.gamma).view(),
+            a2(&dt.beta).view(),
+            a2(&zeros).view(),
+            a2(&ones).view(),
+            &cfg,
+        )
+        .unwrap();
+        close("running_mean", &host(&st.running_mean), bn.running_mean.as_slice().unwrap()).unwrap();
+        close("running_var", &host(&st.running_var), bn.running_var.as_slice().unwrap()).unwrap();
+        let out: Vec<f64> = bn.y.iter().zip(&rq).map(|(y, r)| (y + r).max(0.0)).collect();
+        let max_out = out.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        common::assert_close(&format!("{dtype} output"), &host(f.output.as_ref().unwrap()), &out, |i| {
+            u * out[i].abs() + 2e-4 * max_out
+        })
+        .unwrap();
+        let bits_of = |f: &dab::DabForward, st: &DsbnState| {
+            [&f.conv_out, f.output.as_ref().unwrap(), &st.running_mean, &st.running_var]
+                .iter()
+                .map(|t| bits(t))
+                .collect::<Vec<_>>()
+        };
+        let base = bits_of(&f, &st);
+        for (seed, threads) in [(5, 2), (0xBEEF, 1)] {
+            let (f2, st2) = one(seed, threads);
+            assert!(bits_of(&f2, &st2) == base, "{dtype}: seed {seed} threads {threads} changed the bits");
+        }
+    }
+}

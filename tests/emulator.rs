@@ -197,3 +197,104 @@ fn half_and_bfloat16_conversions_round_to_nearest_even() {
     }
     assert!(f16::from_bits(f32_to_f16_bits(f32::NAN)).is_nan() && bf16::from_bits(f32_to_bf16_bits(f32::NAN)).is_nan());
 }
+
+// ---- nvcuda::wmma ------------------------------------------------------------------------------
+
+/// Deterministic inputs in [-2, 2), rounded on the host to the 16-bit format the kernel rounds
+/// them to (round to nearest even on both sides, so the kernel sees exactly these values).
+fn wmma_inputs(len: usize, bf16: bool, salt: u64) -> Vec<f32> {
+    let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = ((s >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32;
+            if bf16 {
+                half::bf16::from_f32(v).to_f32()
+            } else {
+                half::f16::from_f32(v).to_f32()
+            }
+        })
+        .collect()
+}
+
+/// Runs a wmma GEMM self-test of size `s` (16: D = A·B + C with C read column-major; 32: D = A·B
+/// + 0.5) and checks D against an f64 product of the same 16-bit inputs. Returns D.
+///
+/// Tolerance: each product of two 16-bit values is exact in f32 (at most 11 + 11 significand
+/// bits), so the only error is the rounding of the `s` f32 additions into the accumulator: at
+/// most s·u·(|C| + Σ|a·b|) to first order, u = 2^-24. The GPU's tensor cores add in another
+/// order and may truncate instead of rounding (up to 2u per addition); 2·s·u·(|C| + Σ|a·b|)
+/// covers both, and is still far below what a misplaced element would cause (an O(1) change).
+fn check_wmma_gemm(which: SelfTest, s: usize, bf16: bool, seed: u64) -> Vec<f32> {
+    let dev = device(seed);
+    let mut input = wmma_inputs(3 * s * s, bf16, 7 + s as u64 + bf16 as u64);
+    input.extend(std::iter::repeat_n(0.0f32, s * s));
+    let mut out = Tensor::from_slice(&dev, &[4 * s * s], &input).unwrap();
+    run_selftest(which, &mut out).unwrap_or_else(|e| panic!("{which:?}: {e}"));
+    let out = out.to_vec::<f32>().unwrap();
+    let (a, b, c) = (&input[..s * s], &input[s * s..2 * s * s], &input[2 * s * s..3 * s * s]);
+    let u = f64::from(f32::EPSILON) / 2.0;
+    for i in 0..s {
+        for j in 0..s {
+            // s == 16: C(i, j) sits at c[j * 16 + i] (column-major); s == 32: C = 0.5.
+            let cij = if s == 16 { f64::from(c[j * 16 + i]) } else { 0.5 };
+            let (mut exact, mut mag) = (cij, cij.abs());
+            for k in 0..s {
+                let p = f64::from(a[i * s + k]) * f64::from(b[k * s + j]);
+                exact += p;
+                mag += p.abs();
+            }
+            let got = f64::from(out[3 * s * s + i * s + j]);
+            let tol = 2.0 * s as f64 * u * mag;
+            assert!((got - exact).abs() <= tol, "{which:?} D({i},{j}) = {got}, expected {exact} ± {tol:e}");
+        }
+    }
+    out[3 * s * s..].to_vec()
+}
+
+#[test]
+fn wmma_gemm_matches_an_f64_product_and_is_bitwise_the_same_on_every_seed() {
+    for (which, s, bf16) in [
+        (SelfTest::WmmaGemmF16, 16, false),
+        (SelfTest::WmmaGemmBf16, 16, true),
+        (SelfTest::WmmaGemmF16Tiled, 32, false),
+        (SelfTest::WmmaGemmBf16Tiled, 32, true),
+    ] {
+        let first = check_wmma_gemm(which, s, bf16, 0);
+        for seed in 1..4 {
+            let again = check_wmma_gemm(which, s, bf16, seed);
+            assert!(
+                first.iter().zip(&again).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{which:?}: seed {seed} changed the result"
+            );
+        }
+    }
+}
+
+#[test]
+fn wmma_lanes_passing_different_pointers_is_a_fault() {
+    let m = fault_message(SelfTest::WmmaDivergentPointer, 32);
+    assert!(m.contains("wmma::load_matrix_sync") && m.contains("different arguments"), "{m}");
+    assert!(m.contains("kernel `wmma_divergent_pointer`") && m.contains("selftest.cu:"), "{m}");
+}
+
+#[test]
+fn wmma_in_a_partial_warp_is_a_fault() {
+    let m = fault_message(SelfTest::WmmaPartialWarp, 32);
+    assert!(m.contains("wmma::fill_fragment") && m.contains("does not exist"), "{m}");
+}
+
+/// The fragment layout is opaque: a kernel that reads x[] as if lane l held row l / 2 gets every
+/// element, but in a scrambled order.
+#[test]
+fn wmma_fragment_layout_is_scrambled() {
+    let (r, out) = run(SelfTest::WmmaAssumedLayout, 256, 0);
+    r.unwrap();
+    let mut sorted: Vec<u32> = out.iter().map(|&v| v as u32).collect();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..256).collect::<Vec<u32>>(), "every element once: {out:?}");
+    let in_place = out.iter().enumerate().filter(|(i, &v)| v as usize == *i).count();
+    assert!(in_place < 16, "{in_place} of 256 elements where a row-major layout would put them");
+}

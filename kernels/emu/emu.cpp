@@ -190,6 +190,10 @@ const char* collective_name(Collective k) {
         case Collective::SyncWarp: return "__syncwarp";
         case Collective::Shfl: return "__shfl*_sync";
         case Collective::Ballot: return "__ballot/__any/__all_sync";
+        case Collective::WmmaFill: return "wmma::fill_fragment";
+        case Collective::WmmaLoad: return "wmma::load_matrix_sync";
+        case Collective::WmmaStore: return "wmma::store_matrix_sync";
+        case Collective::WmmaMma: return "wmma::mma_sync";
     }
     return "?";
 }
@@ -330,6 +334,20 @@ void on_warp(Block& b, Fiber& f) {
     uint64_t values[32] = {0};
     for (unsigned l = 0; l < 32; ++l)
         if (f.mask & (1u << l)) values[l] = b.fibers[base + l].value;
+    if (f.kind == Collective::WmmaFill || f.kind == Collective::WmmaLoad || f.kind == Collective::WmmaStore) {
+        // The warp's lanes run one matrix operation together: they must describe the same one.
+        const unsigned first = (unsigned)__builtin_ctz(f.mask);
+        for (unsigned l = first + 1; l < 32; ++l) {
+            if ((f.mask & (1u << l)) && values[l] != values[first]) {
+                const Fiber& o = b.fibers[base + l];
+                block_fault(b, where(b, o) + ": " + collective_name(f.kind) + " (" + site(o.file, o.line) +
+                                   "): lanes " + std::to_string(first) + " and " + std::to_string(l) +
+                                   " pass different arguments (pointer, ldm, layout, fill value or fragment type); "
+                                   "every lane of the warp must pass the same");
+                return;
+            }
+        }
+    }
     for (unsigned l = 0; l < 32; ++l) {
         if (!(f.mask & (1u << l))) continue;
         Fiber& o = b.fibers[base + l];
@@ -507,6 +525,63 @@ void warp_collective(Collective kind, unsigned mask, uint64_t value, const char*
 }
 
 unsigned lane_id() { return tls_fiber->lane; }
+
+namespace wmma_detail {
+
+const Placement& placement(uint32_t salt, int num_elements) {
+    // One fixed, scrambled placement per fragment type (salt 1..9), built once from a seeded
+    // shuffle: slot order shuffled, then the first 256 slots take positions 0..255 (copy 0) and,
+    // for 16-element fragments, the next 256 take them again (copy 1).
+    struct Table {
+        Placement p[10];
+        Table() {
+            for (uint32_t s = 1; s < 10; ++s) {
+                const unsigned slots = (s <= 4) ? 512 : 256;  // __half matrix_a/b hold each position twice
+                uint16_t order[512];
+                for (unsigned i = 0; i < slots; ++i) order[i] = (uint16_t)i;
+                Rng rng{0xC0FFEE00ull + 0x1000193ull * s};
+                for (unsigned i = slots; i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+                Placement& pl = p[s];
+                std::memset(&pl, 0, sizeof pl);
+                for (unsigned t = 0; t < slots; ++t) {
+                    pl.pos[order[t]] = (uint8_t)(t % 256);
+                    pl.slot_of[t / 256][t % 256] = order[t];
+                }
+            }
+        }
+    };
+    static const Table table;
+    if (salt < 1 || salt > 9 || (salt <= 4) != (num_elements == 16)) std::abort();
+    return table.p[salt];
+}
+
+void check_matrix_args(const char* what, const void* ptr, unsigned ldm, size_t elem_bytes, const char* file, int line) {
+    char msg[200];
+    if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0) {
+        std::snprintf(msg, sizeof msg, "%s: pointer %p is not 256-bit (32-byte) aligned", what, ptr);
+        fault(file, line, msg);
+    }
+    if (ldm < 16 || (ldm * elem_bytes) % 16 != 0) {
+        std::snprintf(msg, sizeof msg, "%s: ldm %u must be at least 16 and a multiple of 16 bytes (%zu elements)",
+                      what, ldm, 16 / elem_bytes);
+        fault(file, line, msg);
+    }
+}
+
+void uniform_rendezvous(int op, uint64_t hash, const char* file, int line) {
+    uint64_t gathered[32];
+    const Collective kind =
+        op == OpFill ? Collective::WmmaFill : (op == OpLoad ? Collective::WmmaLoad : Collective::WmmaStore);
+    warp_collective(kind, 0xffffffffu, hash, file, line, gathered);
+}
+
+void mma_rendezvous(const void* mine, const void* lanes[32], const char* file, int line) {
+    uint64_t gathered[32];
+    warp_collective(Collective::WmmaMma, 0xffffffffu, (uint64_t)reinterpret_cast<uintptr_t>(mine), file, line, gathered);
+    for (unsigned l = 0; l < 32; ++l) lanes[l] = reinterpret_cast<const void*>((uintptr_t)gathered[l]);
+}
+
+}  // namespace wmma_detail
 
 void* shared_static(const void* key, size_t bytes, size_t align, const char* file, int line) {
     Block& b = *tls_block;

@@ -43,9 +43,10 @@ extern thread_local ThreadCtx* tls_ctx;
 [[noreturn]] void fault(const char* file, int line, const char* what);
 void syncthreads(const char* file, int line);
 
-enum class Collective : int { SyncWarp = 0, Shfl = 1, Ballot = 2 };
+enum class Collective : int { SyncWarp = 0, Shfl = 1, Ballot = 2, WmmaFill = 3, WmmaLoad = 4, WmmaStore = 5, WmmaMma = 6 };
 // Rendezvous of the lanes named in `mask` (all of them must arrive at a collective of the same
-// kind and mask). Afterwards `gathered[l]` holds the value lane l contributed.
+// kind and mask). Afterwards `gathered[l]` holds the value lane l contributed. For WmmaFill,
+// WmmaLoad and WmmaStore the values are hashes of the call's arguments and must all be equal.
 void warp_collective(Collective kind, unsigned mask, uint64_t value, const char* file, int line,
                      uint64_t gathered[32]);
 
@@ -250,3 +251,6 @@ inline T max(T a, T b) { return a < b ? b : a; }
 // Launch syntax: kernel<<<grid, block, smem, stream>>>(args...) is not C++.
 #define CDCL_LAUNCH(kernel, grid, block, smem, stream, ...) \
     ::cdcl_emu::launch_lambda(#kernel, (grid), (block), (smem), (stream), [&]() { kernel(__VA_ARGS__); })
+
+// Tensor-core fragments: nvcuda::wmma.
+#include "wmma.h"

@@ -115,6 +115,104 @@ __global__ void atomics_finish(float* out, int* scratch) {
     out[5] = (float)(prev + scratch[5]);
 }
 
+// ---- nvcuda::wmma ------------------------------------------------------------------------------
+
+template <typename T, int S>
+struct alignas(32) GemmTiles {
+    static constexpr int ldt = S + 8;  // elements of T: a multiple of 16 bytes, rows offset by 16 bytes
+    static constexpr int ldd = S + 4;  // floats
+    T a[S * ldt];
+    T b[S * ldt];
+    float d[S * ldd];
+};
+
+// Correct code: D = A·B + C with M = N = K = S (16: one warp; 32: two warps, each computing a
+// 16 x 32 strip with two accumulators and K in two steps). `out` holds A, B and C (S x S f32,
+// row-major, C only read when S == 16, where it is loaded as a column-major matrix) and receives
+// D (row-major) after them: out[3·S·S ..]. When S == 32, C is 0.5 everywhere (fill_fragment).
+// A and B are rounded to T on the way into shared memory, A stored in layout LA, B in LB; D goes
+// back through shared memory in the accumulator layout `dl`.
+template <typename T, typename LA, typename LB, int S>
+__global__ void wmma_gemm(float* out) {
+    using namespace nvcuda;
+    using Tiles = GemmTiles<T, S>;
+    constexpr int ldt = Tiles::ldt, ldd = Tiles::ldd;
+    constexpr bool a_row = std::is_same<LA, wmma::row_major>::value;
+    constexpr bool b_row = std::is_same<LB, wmma::row_major>::value;
+    CDCL_SHARED(Tiles, t, );
+    for (unsigned idx = threadIdx.x; idx < (unsigned)(S * S); idx += blockDim.x) {
+        const unsigned r = idx / S, c = idx % S;
+        t.a[a_row ? r * ldt + c : c * ldt + r] = from_f32<T>(out[idx]);          // A(r, c)
+        t.b[b_row ? r * ldt + c : c * ldt + r] = from_f32<T>(out[S * S + idx]);  // B(r, c)
+    }
+    __syncthreads();
+    const unsigned warp = threadIdx.x / 32;
+    constexpr int NT = S / 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NT];
+    for (int tj = 0; tj < NT; ++tj) {
+        if (S == 16)
+            wmma::load_matrix_sync(acc[tj], out + 2 * S * S, S, wmma::mem_col_major);
+        else
+            wmma::fill_fragment(acc[tj], 0.5f);
+    }
+    for (int kk = 0; kk < NT; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+        const unsigned i0 = warp * 16, k0 = kk * 16;
+        wmma::load_matrix_sync(fa, t.a + (a_row ? i0 * ldt + k0 : k0 * ldt + i0), ldt);
+        for (int tj = 0; tj < NT; ++tj) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+            const unsigned j0 = tj * 16;
+            wmma::load_matrix_sync(fb, t.b + (b_row ? k0 * ldt + j0 : j0 * ldt + k0), ldt);
+            wmma::mma_sync(acc[tj], fa, fb, acc[tj]);
+        }
+    }
+    for (int tj = 0; tj < NT; ++tj) {
+        const unsigned i0 = warp * 16, j0 = tj * 16;
+        if (S == 16)
+            wmma::store_matrix_sync(t.d + i0 * ldd + j0, acc[tj], ldd, wmma::mem_row_major);
+        else
+            wmma::store_matrix_sync(t.d + j0 * ldd + i0, acc[tj], ldd, wmma::mem_col_major);
+    }
+    __syncthreads();
+    for (unsigned idx = threadIdx.x; idx < (unsigned)(S * S); idx += blockDim.x) {
+        const unsigned r = idx / S, c = idx % S;
+        out[3 * S * S + idx] = S == 16 ? t.d[r * ldd + c] : t.d[c * ldd + r];
+    }
+}
+
+using HalfTiles16 = GemmTiles<__half, 16>;
+
+// Misuse: lane 5 loads its fragment from another address than the rest of the warp.
+__global__ void wmma_divergent_pointer(float* out) {
+    using namespace nvcuda;
+    CDCL_SHARED(HalfTiles16, t, );
+    for (unsigned idx = threadIdx.x; idx < 16 * HalfTiles16::ldt; idx += blockDim.x) t.a[idx] = __float2half(1.0f);
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, t.a + (threadIdx.x == 5 ? 16 : 0), HalfTiles16::ldt);
+    out[threadIdx.x] = __half2float(fa.x[0]);
+}
+
+// Misuse: a block of 16 threads is a partial warp; wmma needs all 32 lanes.
+__global__ void wmma_partial_warp(float* out) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    out[threadIdx.x] = acc.x[0];
+}
+
+// Wrong code that assumes a fragment layout: loads the row-major matrix M(r, c) = 16 r + c into an
+// accumulator and writes element e of lane l to out[8 l + e], as if lane l held row l / 2.
+__global__ void wmma_assumed_layout(float* out) {
+    using namespace nvcuda;
+    CDCL_SHARED(HalfTiles16, t, );
+    for (unsigned idx = threadIdx.x; idx < 256; idx += blockDim.x) t.d[(idx / 16) * 20 + idx % 16] = (float)idx;
+    __syncthreads();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(acc, t.d, 20, wmma::mem_row_major);
+    for (int e = 0; e < acc.num_elements; ++e) out[threadIdx.x * 8 + e] = acc.x[e];
+}
+
 }  // namespace CDCL_NAMESPACE
 
 using namespace CDCL_NAMESPACE;
@@ -147,6 +245,21 @@ CDCL_API int32_t cdcl_emu_run_selftest(int32_t which, float* out, int32_t n, voi
         case CDCL_SELFTEST_ZERO_GRID: return CDCL_LAUNCH(warp_reduce, dim3(0), dim3(32), 0, stream, out, n);
         case CDCL_SELFTEST_COLLECTIVES: return CDCL_LAUNCH(collectives, dim3(1), dim3(32), 0, stream, out);
         case CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED: return run_atomics(out, stream);
+        case CDCL_SELFTEST_WMMA_GEMM_F16:
+            return CDCL_LAUNCH((wmma_gemm<__half, nvcuda::wmma::row_major, nvcuda::wmma::col_major, 16>), dim3(1),
+                               dim3(32), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_GEMM_BF16:
+            return CDCL_LAUNCH((wmma_gemm<__nv_bfloat16, nvcuda::wmma::row_major, nvcuda::wmma::col_major, 16>), dim3(1),
+                               dim3(32), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_GEMM_F16_TILED:
+            return CDCL_LAUNCH((wmma_gemm<__half, nvcuda::wmma::col_major, nvcuda::wmma::row_major, 32>), dim3(1),
+                               dim3(64), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_GEMM_BF16_TILED:
+            return CDCL_LAUNCH((wmma_gemm<__nv_bfloat16, nvcuda::wmma::col_major, nvcuda::wmma::row_major, 32>), dim3(1),
+                               dim3(64), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_DIVERGENT_POINTER: return CDCL_LAUNCH(wmma_divergent_pointer, dim3(1), dim3(32), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_PARTIAL_WARP: return CDCL_LAUNCH(wmma_partial_warp, dim3(1), dim3(16), 0, stream, out);
+        case CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT: return CDCL_LAUNCH(wmma_assumed_layout, dim3(1), dim3(32), 0, stream, out);
         default: return CDCL_ERR_INVALID_PARAMS;
     }
 }

@@ -118,7 +118,7 @@ typedef struct cdcl_conv_params {
     int32_t pad_w;
     int32_t dil_h;
     int32_t dil_w;
-    int32_t dtype;       /* storage of x, w, y, dy, dx, dw: F32 for now */
+    int32_t dtype;       /* storage of x, w, y, residual, dy, dx, dw: F32; F16 / BF16 for the forward */
     const void* x;       /* forward, filter gradient */
     const void* weight;  /* forward, data gradient */
     const float* bias;   /* forward, optional (null: none) */
@@ -436,7 +436,14 @@ typedef enum cdcl_emu_selftest {
     CDCL_SELFTEST_WARP_REDUCE = 8,
     CDCL_SELFTEST_ZERO_GRID = 9,
     CDCL_SELFTEST_COLLECTIVES = 10,
-    CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED = 11
+    CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED = 11,
+    CDCL_SELFTEST_WMMA_GEMM_F16 = 12,
+    CDCL_SELFTEST_WMMA_GEMM_BF16 = 13,
+    CDCL_SELFTEST_WMMA_GEMM_F16_TILED = 14,
+    CDCL_SELFTEST_WMMA_GEMM_BF16_TILED = 15,
+    CDCL_SELFTEST_WMMA_DIVERGENT_POINTER = 16,
+    CDCL_SELFTEST_WMMA_PARTIAL_WARP = 17,
+    CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT = 18
 } cdcl_emu_selftest;
 
 /* Runs one self-test kernel writing `out` (n floats, emulator memory). */

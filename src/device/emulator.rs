@@ -93,6 +93,27 @@ pub enum SelfTest {
     /// Integer and float atomics from 512 threads and a histogram in dynamic shared memory
     /// (output of 8 floats; see kernels/emu/selftest.cu for the expected values).
     AtomicsDynamicShared,
+    /// A correct `nvcuda::wmma` GEMM D = A·B + C, 16 x 16 x 16, inputs rounded to f16, A
+    /// row-major, B column-major. The output (1024 floats) holds A, B and C (16 x 16 each,
+    /// row-major f32; C is read as a column-major matrix) and receives D (row-major) in its last
+    /// quarter.
+    WmmaGemmF16,
+    /// As [`SelfTest::WmmaGemmF16`] with bf16 inputs.
+    WmmaGemmBf16,
+    /// A correct tiled `nvcuda::wmma` GEMM, 32 x 32 x 32 by two warps (two accumulators each,
+    /// K in two steps), inputs rounded to f16, A column-major, B row-major, C = 0.5 everywhere.
+    /// The output (4096 floats) holds A and B (32 x 32 each, row-major f32) and receives D
+    /// (row-major) in its last quarter.
+    WmmaGemmF16Tiled,
+    /// As [`SelfTest::WmmaGemmF16Tiled`] with bf16 inputs.
+    WmmaGemmBf16Tiled,
+    /// One lane of a warp passes another pointer to `wmma::load_matrix_sync`.
+    WmmaDivergentPointer,
+    /// A block of 16 threads (a partial warp) calls `wmma::fill_fragment`.
+    WmmaPartialWarp,
+    /// Wrong code that assumes a fragment layout: loads M(r, c) = 16 r + c into an accumulator
+    /// and writes element e of lane l to output[8 l + e] (256 floats).
+    WmmaAssumedLayout,
 }
 
 /// Runs a self-test kernel writing `out` (f32). The launch result is returned as is: a rule
@@ -108,6 +129,10 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::AtomicsDynamicShared => 8,
         SelfTest::DivergentSyncthreads | SelfTest::EarlyReturnThenBarrier | SelfTest::PartialMaskShuffle => 32,
         SelfTest::TooMuchShared => 32,
+        SelfTest::WmmaGemmF16 | SelfTest::WmmaGemmBf16 => 1024,
+        SelfTest::WmmaGemmF16Tiled | SelfTest::WmmaGemmBf16Tiled => 4096,
+        SelfTest::WmmaDivergentPointer | SelfTest::WmmaPartialWarp => 32,
+        SelfTest::WmmaAssumedLayout => 256,
         _ => 1,
     };
     if out.numel() < need {
@@ -142,6 +167,13 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::ZeroGrid => ffi::CDCL_SELFTEST_ZERO_GRID,
         SelfTest::Collectives => ffi::CDCL_SELFTEST_COLLECTIVES,
         SelfTest::AtomicsDynamicShared => ffi::CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED,
+        SelfTest::WmmaGemmF16 => ffi::CDCL_SELFTEST_WMMA_GEMM_F16,
+        SelfTest::WmmaGemmBf16 => ffi::CDCL_SELFTEST_WMMA_GEMM_BF16,
+        SelfTest::WmmaGemmF16Tiled => ffi::CDCL_SELFTEST_WMMA_GEMM_F16_TILED,
+        SelfTest::WmmaGemmBf16Tiled => ffi::CDCL_SELFTEST_WMMA_GEMM_BF16_TILED,
+        SelfTest::WmmaDivergentPointer => ffi::CDCL_SELFTEST_WMMA_DIVERGENT_POINTER,
+        SelfTest::WmmaPartialWarp => ffi::CDCL_SELFTEST_WMMA_PARTIAL_WARP,
+        SelfTest::WmmaAssumedLayout => ffi::CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT,
     };
     let n = out.numel().min(256) as i32;
     let ptr = out.buffer_mut().as_mut_ptr().cast::<f32>();

@@ -892,6 +892,13 @@ pub const CDCL_SELFTEST_WARP_REDUCE: cdcl_emu_selftest = 8;
 pub const CDCL_SELFTEST_ZERO_GRID: cdcl_emu_selftest = 9;
 pub const CDCL_SELFTEST_COLLECTIVES: cdcl_emu_selftest = 10;
 pub const CDCL_SELFTEST_ATOMICS_DYNAMIC_SHARED: cdcl_emu_selftest = 11;
+pub const CDCL_SELFTEST_WMMA_GEMM_F16: cdcl_emu_selftest = 12;
+pub const CDCL_SELFTEST_WMMA_GEMM_BF16: cdcl_emu_selftest = 13;
+pub const CDCL_SELFTEST_WMMA_GEMM_F16_TILED: cdcl_emu_selftest = 14;
+pub const CDCL_SELFTEST_WMMA_GEMM_BF16_TILED: cdcl_emu_selftest = 15;
+pub const CDCL_SELFTEST_WMMA_DIVERGENT_POINTER: cdcl_emu_selftest = 16;
+pub const CDCL_SELFTEST_WMMA_PARTIAL_WARP: cdcl_emu_selftest = 17;
+pub const CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT: cdcl_emu_selftest = 18;
 pub type cdcl_emu_selftest = ::std::os::raw::c_uint;
 unsafe extern "C" {
     pub fn cdcl_emu_run_selftest(which: i32, out: *mut f32, n: i32, stream: *mut ::std::os::raw::c_void) -> i32;

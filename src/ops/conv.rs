@@ -1,7 +1,9 @@
 //! 2-D convolution (cross-correlation, as PyTorch's `conv2d`) over NHWC activations and KRSC
 //! weights as implicit GEMM: forward with optional bias, data gradient, and filter gradient with
-//! optional bias gradient (deterministic split-K). f32 storage; the f16/bf16 tensor-core path
-//! and the fused DSBN epilogue/prologue are not built yet and report `UnsupportedDType`.
+//! optional bias gradient (deterministic split-K). The forward takes f32 storage (FFMA mainloop)
+//! or f16 / bf16 storage (tensor-core mainloop through `nvcuda::wmma`, f32 accumulation, one
+//! rounding of the stored output); the backward passes are f32 only for now and report
+//! `UnsupportedDType` for 16-bit tensors.
 //!
 //! Kernels: `kernels/conv.cu`. Reference: [`crate::reference::conv`].
 
@@ -210,7 +212,9 @@ pub(crate) fn conv2d_fused(
 ) -> Result<Tensor> {
     let [n, h, w, c] = check::nhwc("convolution input", x)?;
     let [k, r, s, wc] = filter_shape(weight)?;
-    f32_only("convolution input", x)?;
+    if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::UnsupportedDType { what: "convolution input", dtype: x.dtype() });
+    }
     check::dtype("convolution weight", weight, x.dtype())?;
     if wc != c {
         return Err(Error::ShapeMismatch {
@@ -226,6 +230,7 @@ pub(crate) fn conv2d_fused(
         check::same_device(x.device(), &[b])?;
     }
     let mut p = params(n, h, w, c, k, r, s, geometry)?;
+    p.dtype = x.dtype().to_ffi();
     let out_shape = [n, p.p as usize, p.q as usize, k];
     if let Some(pro) = &fusion.prologue {
         set_prologue(&mut p, pro, x)?;

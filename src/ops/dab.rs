@@ -11,7 +11,8 @@
 //!   convolutions; with a prologue, the filter gradient recomputes the normalised input on the
 //!   fly instead of reading a saved activation.
 //!
-//! f32 for now (the bf16/f16 tensor-core mainloop is not built yet).
+//! The forwards take f32, f16 or bf16 activations and weights (the 16-bit ones through the
+//! tensor-core convolution; BN tables stay f32); the backward is f32 only for now.
 
 use crate::device::DeviceBuffer;
 use crate::error::{Error, Result};
@@ -73,7 +74,7 @@ fn to_conv_prologue<'a>(p: &Prologue<'a>, datasets: &'a Tensor) -> conv::Prologu
 
 /// Training forward of `relu?(DSBN(conv(prologue(x))) + residual)`.
 ///
-/// `x` `[N, H, W, C]` f32 (raw previous conv output when `prologue` is given), `weight`
+/// `x` `[N, H, W, C]` f32, f16 or bf16 (raw previous conv output when `prologue` is given), `weight`
 /// `[K, R, S, C]`, `datasets` `[N]` i32; `state` has `[D, K]` tables and its running statistics
 /// move for the datasets present. With `materialize`, the activation is written (needed when
 /// the consumer is not a convolution, or with a residual).

@@ -1,0 +1,93 @@
+//! Facts about the machine code of the GPU build, read with `cuobjdump -sass` from the nvcc
+//! objects that build.rs keeps (OUT_DIR/cuda-obj): the f16/bf16 convolution mainloop runs on
+//! the tensor cores (HMMA instructions) for every compiled architecture, the f32 one does not.
+//!
+//! Needs the nvcc build and cuobjdump, looked up as $CUOBJDUMP, then on PATH, then next to the
+//! nvcc the build used. CI installs it with
+//! `pip install nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86` (it lands in
+//! `site-packages/nvidia/cu13/bin`, next to the wheel's nvcc). Without either the test says so
+//! and passes, unless CDCL_REQUIRE_CUOBJDUMP is set (for CI), where a missing build or tool fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn cuobjdump() -> Option<PathBuf> {
+    let exe = |p: PathBuf| p.is_file().then_some(p);
+    if let Some(p) = std::env::var_os("CUOBJDUMP") {
+        return exe(PathBuf::from(p));
+    }
+    if let Some(p) =
+        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).find_map(|d| exe(d.join("cuobjdump"))))
+    {
+        return Some(p);
+    }
+    option_env!("CDCL_NVCC_BIN_DIR").and_then(|d| exe(Path::new(d).join("cuobjdump")))
+}
+
+/// (architecture, function name, SASS text) of every function in a `cuobjdump -sass` listing.
+fn functions(listing: &str) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = Vec::new();
+    let mut arch = String::new();
+    for line in listing.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("arch = ") {
+            arch = rest.trim().to_string();
+        } else if let Some(name) = t.strip_prefix("Function : ") {
+            out.push((arch.clone(), name.trim().to_string(), String::new()));
+        } else if let Some(f) = out.last_mut() {
+            f.2.push_str(t);
+            f.2.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn the_16_bit_convolution_mainloop_uses_tensor_cores() {
+    let required = std::env::var_os("CDCL_REQUIRE_CUOBJDUMP").is_some();
+    let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join("conv.o");
+    if !obj.is_file() {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but there is no nvcc build ({})", obj.display());
+        eprintln!("no nvcc build (nvcc not found or CDCL_NO_CUDA): skipping the SASS check");
+        return;
+    }
+    let Some(tool) = cuobjdump() else {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but cuobjdump was not found (CUOBJDUMP, PATH, next to nvcc)");
+        eprintln!("cuobjdump not found (CUOBJDUMP, PATH, next to nvcc): skipping the SASS check (CI runs it)");
+        return;
+    };
+    let out = Command::new(&tool).arg("-sass").arg(&obj).output().expect("run cuobjdump");
+    assert!(out.status.success(), "cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let fns = functions(&listing);
+    let archs: std::collections::BTreeSet<&str> = fns.iter().map(|f| f.0.as_str()).collect();
+    assert!(!archs.is_empty(), "no architecture in the listing:\n{listing}");
+    for arch in &archs {
+        let of_arch = |pat: &str| {
+            fns.iter().filter(|f| f.0 == *arch && f.1.contains(pat)).map(|f| (&f.1, &f.2)).collect::<Vec<_>>()
+        };
+        let wmma = of_arch("implicit_gemm_wmma");
+        // One instantiation per 16-bit type: __half (6__half) and __nv_bfloat16 (13__nv_bfloat16).
+        assert_eq!(wmma.len(), 2, "{arch}: the f16 and bf16 tensor-core mainloops: {:?}", wmma.iter().map(|f| f.0));
+        for (name, sass) in &wmma {
+            let hmma = sass.lines().filter(|l| l.contains("HMMA")).count();
+            // Two m16n16k16 MMAs per reduction step: several HMMA instructions each.
+            assert!(hmma >= 4, "{arch} {name}: {hmma} HMMA instructions");
+        }
+        for (name, sass) in of_arch("implicit_gemm").iter().filter(|f| !f.0.contains("implicit_gemm_wmma")) {
+            assert!(!sass.contains("HMMA"), "{arch} {name}: the f32 mainloop should not use tensor cores");
+            assert!(sass.contains("FFMA"), "{arch} {name}: the f32 mainloop is FFMA");
+        }
+    }
+}
+
+#[test]
+fn the_listing_parser_reads_cuobjdump_output() {
+    let sample = "Fatbin elf code:\n================\narch = sm_80\ncode version = [1,8]\n\n\tcode for sm_80\n\
+                  \t\tFunction : _Z3foo\n\t.headerflags @\"EF_CUDA_SM80\"\n\
+                  /*0000*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n";
+    let f = functions(sample);
+    assert_eq!(f.len(), 1);
+    assert_eq!((f[0].0.as_str(), f[0].1.as_str()), ("sm_80", "_Z3foo"));
+    assert!(f[0].2.contains("HMMA"));
+}
