@@ -22,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod device;
 mod error;
 pub mod ffi;
