@@ -22,10 +22,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod autograd;
 pub mod backend;
 pub mod device;
 mod error;
 pub mod ffi;
+pub mod nn;
 pub mod ops;
 pub mod reference;
 pub mod tensor;
