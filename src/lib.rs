@@ -30,6 +30,7 @@ pub mod ffi;
 pub mod nn;
 pub mod ops;
 pub mod reference;
+pub mod train;
 pub mod tensor;
 
 pub use device::{Device, DeviceKind, EmulatorConfig};

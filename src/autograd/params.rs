@@ -164,6 +164,11 @@ impl<B: Backend> ParamStore<B> {
         &mut self.bns
     }
 
+    /// Weights and DSBN layers at once (the optimiser updates both in one launch).
+    pub fn parts_mut(&mut self) -> (&mut [Weight<B>], &mut [BnLayer<B>]) {
+        (&mut self.weights, &mut self.bns)
+    }
+
     /// Number of trainable scalars (weights, biases, γ and β of every dataset).
     pub fn num_parameters(&self) -> usize {
         let w: usize = self.weights.iter().map(|w| crate::backend::TensorLike::shape(&w.value).iter().product::<usize>()).sum();

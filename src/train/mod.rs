@@ -1,0 +1,469 @@
+//! Dataset Alternation Training (DAT) and the paper's baselines, over any [`Backend`].
+//!
+//! One DAT iteration: for each dataset d, forward a batch of d only (its samples carry dataset
+//! index d, so every DSBN layer uses slice d, and head d classifies), compute its loss; sum
+//! `Σ_d w_d · (loss_d + 0.4 · aux_d)`; run ONE backward and ONE SGD step (momentum 0.9,
+//! weight decay 1e-4, poly learning-rate decay with power 0.9, head at 10× the base rate).
+//!
+//! The caller supplies the batches each iteration asks for ([`Trainer::plan`]), so the trainer
+//! is independent of where data comes from.
+
+mod eval;
+
+pub use eval::{evaluate, EvalResult};
+
+use crate::autograd::{Graph, Group, ParamStore, Scalar};
+use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
+use crate::error::{Error, Result};
+use crate::nn::{ModelConfig, PspNet};
+use crate::ops::sgd::SgdOptions;
+use crate::reference::dropout::splitmix64;
+
+/// One dataset's batch, on the host: images `[N, H, W, 3]` f32, labels `[N, H, W]` i32 in the
+/// dataset's own label space (255 = ignore).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Which dataset the samples come from.
+    pub dataset: usize,
+    /// Samples.
+    pub n: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// NHWC images.
+    pub images: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<i32>,
+}
+
+/// What an iteration does with the datasets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// Dataset Alternation Training: one forward per dataset, summed losses, one backward.
+    Dat,
+    /// One forward over a batch that mixes every dataset (our kernels pick each sample's BN
+    /// slice), then each dataset's head on its samples.
+    Mixed,
+    /// Baseline: train on dataset `0` only.
+    Single(usize),
+    /// Baseline: DAT, but every BatchNorm is shared by all datasets (build the model with
+    /// `num_bn = 1`).
+    SharedBn,
+    /// Baseline: DSBN without DAT — backward and SGD step after each dataset's forward.
+    DsbnNoDat,
+    /// Baseline: train on dataset 0 until `switch_at` iterations, then on dataset 1.
+    Finetune {
+        /// The iteration at which training moves to dataset 1.
+        switch_at: usize,
+    },
+    /// Baseline: one head (dataset 0's classes), one shared BN, every other dataset's labels
+    /// mapped into dataset 0's label space by `class_map[d][label]` (255 drops a class).
+    LabelRemap {
+        /// Per dataset, the dataset-0 class of each of its classes (entry 0 is the identity).
+        class_map: Vec<Vec<u8>>,
+    },
+}
+
+/// Optimisation and schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// What an iteration does.
+    pub mode: Mode,
+    /// DAT interval t: t batches of dataset 0 per batch of each other dataset in an iteration.
+    pub interval: usize,
+    /// Base learning rate (backbone).
+    pub base_lr: f32,
+    /// Head learning rate = base × this.
+    pub head_lr_mult: f32,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// L2 weight decay.
+    pub weight_decay: f32,
+    /// Poly decay power: lr = base · (1 − it / max_iters)^power.
+    pub power: f32,
+    /// Iterations of the whole run (for the schedule).
+    pub max_iters: usize,
+    /// Loss weight w_d of each dataset (missing entries are 1).
+    pub loss_weights: Vec<f32>,
+    /// Weight of the auxiliary loss.
+    pub aux_weight: f32,
+    /// Seed of the dropout masks.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            mode: Mode::Dat,
+            interval: 1,
+            base_lr: 0.01,
+            head_lr_mult: 10.0,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            power: 0.9,
+            max_iters: 100,
+            loss_weights: Vec::new(),
+            aux_weight: 0.4,
+            seed: 0,
+        }
+    }
+}
+
+/// What one iteration measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// The iteration just run (0-based).
+    pub iter: usize,
+    /// The objective that was minimised.
+    pub total: f32,
+    /// Main-head loss per dataset (mean over the dataset's passes); NaN for datasets not seen.
+    pub per_dataset: Vec<f32>,
+    /// Backbone learning rate used.
+    pub lr: f32,
+}
+
+/// A model, its parameters and the optimiser state.
+#[derive(Debug)]
+pub struct Trainer<B: Backend> {
+    backend: B,
+    /// The model.
+    pub model: PspNet,
+    /// Its parameters.
+    pub store: ParamStore<B>,
+    /// Optimisation settings.
+    pub config: TrainConfig,
+    iter: usize,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Builds the model on `backend`.
+    pub fn new(backend: &B, model: ModelConfig, config: TrainConfig) -> Result<Self> {
+        if config.interval == 0 || config.max_iters == 0 {
+            return Err(Error::InvalidArgument("interval and max_iters must be at least 1".into()));
+        }
+        let heads = model.num_classes.len();
+        let expect_bn = match config.mode {
+            Mode::SharedBn | Mode::LabelRemap { .. } => 1,
+            _ => heads,
+        };
+        if model.num_bn != expect_bn {
+            return Err(Error::InvalidArgument(format!(
+                "mode {:?} needs a model with {expect_bn} BN slice(s), got {}",
+                config.mode, model.num_bn
+            )));
+        }
+        if let Mode::LabelRemap { class_map } = &config.mode {
+            if heads != 1 {
+                return Err(Error::InvalidArgument("label remapping trains one head".into()));
+            }
+            if class_map.iter().flatten().any(|&c| c != 255 && c as usize >= model.num_classes[0]) {
+                return Err(Error::InvalidArgument("class map names a class outside dataset 0's head".into()));
+            }
+        }
+        let mut store = ParamStore::new(backend.clone());
+        let model = PspNet::new(model, &mut store)?;
+        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0 })
+    }
+
+    /// The next iteration's number (0-based).
+    pub fn iteration(&self) -> usize {
+        self.iter
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The datasets of the batches iteration `iter` consumes, in order, for `num_datasets`.
+    pub fn plan(&self, iter: usize, num_datasets: usize) -> Vec<usize> {
+        match &self.config.mode {
+            Mode::Single(d) => vec![*d],
+            Mode::Finetune { switch_at } => vec![if iter < *switch_at { 0 } else { 1.min(num_datasets - 1) }],
+            _ => {
+                let mut p = vec![0; self.config.interval];
+                p.extend(1..num_datasets);
+                p
+            }
+        }
+    }
+
+    /// Poly learning rate of iteration `iter` for the backbone.
+    pub fn learning_rate(&self, iter: usize) -> f32 {
+        let c = &self.config;
+        let frac = (1.0 - iter as f64 / c.max_iters as f64).max(0.0);
+        (c.base_lr as f64 * frac.powf(c.power as f64)) as f32
+    }
+
+    fn bn_slice(&self, dataset: usize) -> i32 {
+        if self.model.config.num_bn == 1 {
+            0
+        } else {
+            dataset as i32
+        }
+    }
+
+    fn head_of(&self, dataset: usize) -> usize {
+        if self.model.num_heads() == 1 {
+            0
+        } else {
+            dataset
+        }
+    }
+
+    fn labels_for(&self, b: &Batch) -> Vec<i32> {
+        match &self.config.mode {
+            Mode::LabelRemap { class_map } if b.dataset > 0 => {
+                let map = class_map.get(b.dataset);
+                b.labels
+                    .iter()
+                    .map(|&l| match map.and_then(|m| usize::try_from(l).ok().and_then(|l| m.get(l))) {
+                        Some(&c) => c as i32,
+                        None => l, // 255 stays ignored; anything else is reported by the loss
+                    })
+                    .collect()
+            }
+            _ => b.labels.clone(),
+        }
+    }
+
+    fn weight_of(&self, dataset: usize) -> f32 {
+        self.config.loss_weights.get(dataset).copied().unwrap_or(1.0)
+    }
+
+    /// Adds dataset batch `b`'s weighted main and auxiliary losses to `terms` (forward only).
+    fn forward_batch(
+        &mut self,
+        g: &mut Graph<B>,
+        b: &Batch,
+        pass: usize,
+        terms: &mut Vec<(Scalar, f32)>,
+    ) -> Result<f32> {
+        check_batch(b)?;
+        let x = self.backend.tensor_f32(&[b.n, b.h, b.w, 3], &b.images)?;
+        let x = g.input(x);
+        let ds = g.datasets(&vec![self.bn_slice(b.dataset); b.n])?;
+        let head = self.head_of(b.dataset);
+        let seed = splitmix64(self.config.seed, ((self.iter as u64) << 16) | pass as u64);
+        let out = self.model.forward(g, &mut self.store, x, ds, head, seed)?;
+        let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
+        let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
+        let classes = [self.model.config.num_classes[head]];
+        let align = self.model.config.align_corners;
+        let wd = self.weight_of(b.dataset);
+        let up = g.resize_bilinear(out.main, b.h, b.w, align)?;
+        let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+        terms.push((loss, wd));
+        if let Some(aux) = out.aux {
+            let up = g.resize_bilinear(aux, b.h, b.w, align)?;
+            let (aux_loss, _) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+            terms.push((aux_loss, wd * self.config.aux_weight));
+        }
+        Ok(l.total)
+    }
+
+    /// Forward of every batch of a mixed iteration as ONE batch through the trunk, then each
+    /// dataset's head on its samples.
+    fn forward_mixed(&mut self, g: &mut Graph<B>, batches: &[Batch], terms: &mut Vec<(Scalar, f32)>) -> Result<Vec<(usize, f32)>> {
+        let first = batches.first().ok_or_else(|| Error::InvalidArgument("no batch".into()))?;
+        let (h, w) = (first.h, first.w);
+        let mut images = Vec::new();
+        let mut ds = Vec::new();
+        for b in batches {
+            check_batch(b)?;
+            if (b.h, b.w) != (h, w) {
+                return Err(Error::InvalidArgument("a mixed batch needs one image size".into()));
+            }
+            images.extend_from_slice(&b.images);
+            ds.extend(std::iter::repeat_n(self.bn_slice(b.dataset), b.n));
+        }
+        let n: usize = batches.iter().map(|b| b.n).sum();
+        let x = self.backend.tensor_f32(&[n, h, w, 3], &images)?;
+        let x = g.input(x);
+        let dsv = g.datasets(&ds)?;
+        let seed = splitmix64(self.config.seed, (self.iter as u64) << 16);
+        let (feat, aux) = self.model.features(g, &mut self.store, x, dsv, seed)?;
+        let align = self.model.config.align_corners;
+        let mut start = 0;
+        let mut losses = Vec::new();
+        for b in batches {
+            let f = g.slice_batch(feat, start, b.n)?;
+            let a = aux.map(|a| g.slice_batch(a, start, b.n)).transpose()?;
+            start += b.n;
+            let head = self.head_of(b.dataset);
+            let out = self.model.classify(g, &self.store, (f, a), head)?;
+            let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
+            let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
+            let classes = [self.model.config.num_classes[head]];
+            let wd = self.weight_of(b.dataset);
+            let up = g.resize_bilinear(out.main, h, w, align)?;
+            let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+            terms.push((loss, wd));
+            if let Some(aux) = out.aux {
+                let up = g.resize_bilinear(aux, h, w, align)?;
+                let (al, _) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+                terms.push((al, wd * self.config.aux_weight));
+            }
+            losses.push((b.dataset, l.total));
+        }
+        Ok(losses)
+    }
+
+    /// Runs one iteration on the batches [`Trainer::plan`] asked for (their datasets must match
+    /// the plan's, in order).
+    pub fn step(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        let num_datasets = batches.iter().map(|b| b.dataset + 1).max().unwrap_or(0).max(self.model.num_heads());
+        let plan = self.plan(self.iter, num_datasets);
+        let got: Vec<usize> = batches.iter().map(|b| b.dataset).collect();
+        if got != plan {
+            return Err(Error::InvalidArgument(format!(
+                "iteration {} expects batches of datasets {plan:?}, got {got:?}",
+                self.iter
+            )));
+        }
+        let lr = self.learning_rate(self.iter);
+        let mut sums = vec![(0.0f64, 0usize); num_datasets];
+        let mut total = 0.0f32;
+        if self.config.mode == Mode::DsbnNoDat {
+            for (pass, b) in batches.iter().enumerate() {
+                let mut g = Graph::new(&self.backend, true);
+                let mut terms = Vec::new();
+                let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
+                let root = g.weighted_sum(&terms);
+                total += g.scalar(root);
+                self.optimise(&mut g, root, lr)?;
+                sums[b.dataset].0 += l as f64;
+                sums[b.dataset].1 += 1;
+            }
+        } else {
+            let mut g = Graph::new(&self.backend, true);
+            let mut terms = Vec::new();
+            if self.config.mode == Mode::Mixed {
+                for (d, l) in self.forward_mixed(&mut g, batches, &mut terms)? {
+                    sums[d].0 += l as f64;
+                    sums[d].1 += 1;
+                }
+            } else {
+                for (pass, b) in batches.iter().enumerate() {
+                    let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
+                    sums[b.dataset].0 += l as f64;
+                    sums[b.dataset].1 += 1;
+                }
+            }
+            let root = g.weighted_sum(&terms);
+            total = g.scalar(root);
+            self.optimise(&mut g, root, lr)?;
+        }
+        let stats = StepStats {
+            iter: self.iter,
+            total,
+            per_dataset: sums.iter().map(|&(s, c)| if c == 0 { f32::NAN } else { (s / c as f64) as f32 }).collect(),
+            lr,
+        };
+        self.iter += 1;
+        Ok(stats)
+    }
+
+    /// Backward from `root`, then one SGD step at backbone rate `lr`. Parameters that got no
+    /// gradient are skipped (as PyTorch skips `grad is None`), and so are the DSBN rows of
+    /// datasets absent from the step: their γ, β and momentum stay bit-for-bit unchanged.
+    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32) -> Result<()> {
+        let before: Vec<Vec<i64>> = self.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect();
+        let _ = g.backward(root, &mut self.store)?;
+        // Restore rows of absent datasets after the update (host round trip only for layers
+        // that have absent datasets: none in a DAT step over every dataset).
+        let mut saved_rows = Vec::new();
+        for (li, layer) in self.store.bn_layers().iter().enumerate() {
+            let absent: Vec<usize> =
+                (0..layer.num_datasets).filter(|&d| layer.batches_tracked[d] == before[li][d]).collect();
+            if absent.is_empty() || layer.grad_gamma.is_none() {
+                continue;
+            }
+            let [gm, bt, ..] = layer.tables.tables();
+            let host = |t: Option<&B::Tensor>| t.map(|t| self.backend.to_f32(t)).transpose();
+            saved_rows.push((
+                li,
+                absent,
+                self.backend.to_f32(gm)?,
+                self.backend.to_f32(bt)?,
+                host(layer.momentum_gamma.as_ref())?,
+                host(layer.momentum_beta.as_ref())?,
+            ));
+        }
+        self.sgd(lr)?;
+        for (li, absent, gm, bt, mg, mb) in saved_rows {
+            let layer = &mut self.store.bn_layers_mut()[li];
+            let c = layer.channels;
+            let restore = |be: &B, t: &mut B::Tensor, old: &[f32]| -> Result<()> {
+                let mut now = be.to_f32(t)?;
+                for &d in &absent {
+                    now[d * c..(d + 1) * c].copy_from_slice(&old[d * c..(d + 1) * c]);
+                }
+                be.write_f32(t, &now)
+            };
+            let [tg, tb, ..] = layer.tables.tables_mut();
+            restore(&self.backend, tg, &gm)?;
+            restore(&self.backend, tb, &bt)?;
+            let zeros = vec![0.0f32; gm.len()];
+            if let Some(t) = layer.momentum_gamma.as_mut() {
+                restore(&self.backend, t, mg.as_deref().unwrap_or(&zeros))?;
+            }
+            if let Some(t) = layer.momentum_beta.as_mut() {
+                restore(&self.backend, t, mb.as_deref().unwrap_or(&zeros))?;
+            }
+        }
+        self.store.zero_grad();
+        Ok(())
+    }
+
+    /// One multi-tensor SGD step over every parameter with a gradient. Momentum buffers start
+    /// at zero, so `buf = momentum · 0 + d = d` on a parameter's first step, as PyTorch.
+    fn sgd(&mut self, lr: f32) -> Result<()> {
+        let head_lr = lr * self.config.head_lr_mult;
+        let rate = |g: Group| if g == Group::Head { head_lr } else { lr };
+        let be = self.backend.clone();
+        for w in self.store.weights_mut() {
+            if w.grad.is_some() && w.momentum.is_none() {
+                w.momentum = Some(be.zeros(w.value.shape())?);
+            }
+        }
+        for l in self.store.bn_layers_mut() {
+            if l.grad_gamma.is_some() && l.momentum_gamma.is_none() {
+                l.momentum_gamma = Some(be.zeros(&[l.num_datasets, l.channels])?);
+                l.momentum_beta = Some(be.zeros(&[l.num_datasets, l.channels])?);
+            }
+        }
+        let (weights, bns) = self.store.parts_mut();
+        let mut list: Vec<SgdTensor<'_, B::Tensor>> = Vec::new();
+        for w in weights.iter_mut() {
+            if let (Some(grad), Some(buf)) = (w.grad.as_ref(), w.momentum.as_mut()) {
+                list.push(SgdTensor { param: &mut w.value, grad, momentum_buffer: buf, lr: rate(w.group) });
+            }
+        }
+        for l in bns.iter_mut() {
+            let lr = rate(l.group);
+            if let (Some(gg), Some(gb), Some(mg), Some(mb)) =
+                (l.grad_gamma.as_ref(), l.grad_beta.as_ref(), l.momentum_gamma.as_mut(), l.momentum_beta.as_mut())
+            {
+                let [gamma, beta, ..] = l.tables.tables_mut();
+                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr });
+                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr });
+            }
+        }
+        let opts = SgdOptions { momentum: self.config.momentum, weight_decay: self.config.weight_decay };
+        be.sgd_step(&mut list, &opts, false)
+    }
+}
+
+fn check_batch(b: &Batch) -> Result<()> {
+    let px = b.n.checked_mul(b.h).and_then(|v| v.checked_mul(b.w));
+    match px {
+        Some(px) if px > 0 && b.images.len() == px * 3 && b.labels.len() == px => Ok(()),
+        _ => Err(Error::InvalidShape {
+            what: "training batch",
+            shape: vec![b.n, b.h, b.w],
+            reason: format!("{} image values and {} labels do not make N×H×W×3 and N×H×W", b.images.len(), b.labels.len()),
+        }),
+    }
+}
