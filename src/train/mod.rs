@@ -8,6 +8,7 @@
 //! The caller supplies the batches each iteration asks for ([`Trainer::plan`]), so the trainer
 //! is independent of where data comes from.
 
+mod checkpoint;
 mod eval;
 
 pub use eval::{evaluate, EvalResult};
@@ -171,6 +172,10 @@ impl<B: Backend> Trainer<B> {
         self.iter
     }
 
+    pub(crate) fn set_iteration(&mut self, iter: usize) {
+        self.iter = iter;
+    }
+
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend
@@ -253,7 +258,7 @@ impl<B: Backend> Trainer<B> {
         let align = self.model.config.align_corners;
         let wd = self.weight_of(b.dataset);
         let up = g.resize_bilinear(out.main, b.h, b.w, align)?;
-        let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+        let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
         terms.push((loss, wd));
         if let Some(aux) = out.aux {
             let up = g.resize_bilinear(aux, b.h, b.w, align)?;
@@ -298,7 +303,8 @@ impl<B: Backend> Trainer<B> {
             let classes = [self.model.config.num_classes[head]];
             let wd = self.weight_of(b.dataset);
             let up = g.resize_bilinear(out.main, h, w, align)?;
-            let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+            let (loss, l) =
+                g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
             terms.push((loss, wd));
             if let Some(aux) = out.aux {
                 let up = g.resize_bilinear(aux, h, w, align)?;
@@ -310,22 +316,13 @@ impl<B: Backend> Trainer<B> {
         Ok(losses)
     }
 
-    /// Runs one iteration on the batches [`Trainer::plan`] asked for (their datasets must match
-    /// the plan's, in order).
+    /// Runs one iteration on `batches` (normally those [`Trainer::plan`] asks for; any batches
+    /// of datasets the model has are accepted, e.g. a DAT iteration over a subset).
     pub fn step(&mut self, batches: &[Batch]) -> Result<StepStats> {
-        let num_datasets = batches.iter().map(|b| b.dataset + 1).max().unwrap_or(0).max(self.model.num_heads());
-        let plan = self.plan(self.iter, num_datasets);
-        let got: Vec<usize> = batches.iter().map(|b| b.dataset).collect();
-        if got != plan {
-            return Err(Error::InvalidArgument(format!(
-                "iteration {} expects batches of datasets {plan:?}, got {got:?}",
-                self.iter
-            )));
-        }
         let lr = self.learning_rate(self.iter);
-        let mut sums = vec![(0.0f64, 0usize); num_datasets];
-        let mut total = 0.0f32;
-        if self.config.mode == Mode::DsbnNoDat {
+        let stats = if self.config.mode == Mode::DsbnNoDat {
+            let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+            let mut total = 0.0f32;
             for (pass, b) in batches.iter().enumerate() {
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
@@ -336,33 +333,68 @@ impl<B: Backend> Trainer<B> {
                 sums[b.dataset].0 += l as f64;
                 sums[b.dataset].1 += 1;
             }
+            StepStats { iter: self.iter, total, per_dataset: means(&sums), lr }
         } else {
-            let mut g = Graph::new(&self.backend, true);
-            let mut terms = Vec::new();
-            if self.config.mode == Mode::Mixed {
-                for (d, l) in self.forward_mixed(&mut g, batches, &mut terms)? {
-                    sums[d].0 += l as f64;
-                    sums[d].1 += 1;
-                }
-            } else {
-                for (pass, b) in batches.iter().enumerate() {
-                    let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
-                    sums[b.dataset].0 += l as f64;
-                    sums[b.dataset].1 += 1;
-                }
-            }
-            let root = g.weighted_sum(&terms);
-            total = g.scalar(root);
+            let (mut g, root, stats) = self.forward_all(batches)?;
             self.optimise(&mut g, root, lr)?;
-        }
-        let stats = StepStats {
-            iter: self.iter,
-            total,
-            per_dataset: sums.iter().map(|&(s, c)| if c == 0 { f32::NAN } else { (s / c as f64) as f32 }).collect(),
-            lr,
+            stats
         };
         self.iter += 1;
         Ok(stats)
+    }
+
+    /// The forward and backward of an iteration without the optimiser step: afterwards every
+    /// parameter's gradient is in [`Trainer::store`] (for gradient checks and comparisons of
+    /// backends). Not for [`Mode::DsbnNoDat`], whose iteration steps after every forward.
+    pub fn compute_gradients(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        if self.config.mode == Mode::DsbnNoDat {
+            return Err(Error::InvalidArgument("DSBN without DAT steps after each forward".into()));
+        }
+        self.store.zero_grad();
+        let (mut g, root, stats) = self.forward_all(batches)?;
+        g.backward(root, &mut self.store)?;
+        Ok(stats)
+    }
+
+    fn num_datasets_of(&self, batches: &[Batch]) -> Result<usize> {
+        let heads = self.model.num_heads().max(self.model.config.num_bn);
+        let known = match &self.config.mode {
+            Mode::LabelRemap { class_map } => class_map.len().max(1),
+            _ => heads,
+        };
+        if batches.is_empty() {
+            return Err(Error::InvalidArgument("an iteration needs at least one batch".into()));
+        }
+        if let Some(b) = batches.iter().find(|b| b.dataset >= known) {
+            return Err(Error::InvalidArgument(format!(
+                "batch of dataset {} but the model knows {known} datasets",
+                b.dataset
+            )));
+        }
+        Ok(known)
+    }
+
+    /// Every forward of a (non-interleaved) iteration into one graph; returns it with the root.
+    fn forward_all(&mut self, batches: &[Batch]) -> Result<(Graph<B>, Scalar, StepStats)> {
+        let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+        let mut g = Graph::new(&self.backend, true);
+        let mut terms = Vec::new();
+        if self.config.mode == Mode::Mixed {
+            for (d, l) in self.forward_mixed(&mut g, batches, &mut terms)? {
+                sums[d].0 += l as f64;
+                sums[d].1 += 1;
+            }
+        } else {
+            for (pass, b) in batches.iter().enumerate() {
+                let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
+                sums[b.dataset].0 += l as f64;
+                sums[b.dataset].1 += 1;
+            }
+        }
+        let root = g.weighted_sum(&terms);
+        let stats =
+            StepStats { iter: self.iter, total: g.scalar(root), per_dataset: means(&sums), lr: self.learning_rate(self.iter) };
+        Ok((g, root, stats))
     }
 
     /// Backward from `root`, then one SGD step at backbone rate `lr`. Parameters that got no
@@ -456,7 +488,21 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-fn check_batch(b: &Batch) -> Result<()> {
+/// The loss sees one head at a time (head index 0 of a one-head call): name the real dataset.
+fn in_dataset(e: Error, dataset: usize) -> Error {
+    match e {
+        Error::InvalidLabel { label, position, num_classes, .. } => {
+            Error::InvalidLabel { dataset, label, position, num_classes }
+        }
+        e => e,
+    }
+}
+
+fn means(sums: &[(f64, usize)]) -> Vec<f32> {
+    sums.iter().map(|&(s, c)| if c == 0 { f32::NAN } else { (s / c as f64) as f32 }).collect()
+}
+
+pub(crate) fn check_batch(b: &Batch) -> Result<()> {
     let px = b.n.checked_mul(b.h).and_then(|v| v.checked_mul(b.w));
     match px {
         Some(px) if px > 0 && b.images.len() == px * 3 && b.labels.len() == px => Ok(()),

@@ -1,0 +1,253 @@
+//! `cdcl`: Dataset Alternation Training of a PSPNet with dataset-aware blocks on the built-in
+//! synthetic multi-domain street scenes, on a GPU when there is one, else on the CPU.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
+use cdcl::data::{Synthetic, SyntheticConfig};
+use cdcl::nn::{Depth, ModelConfig};
+use cdcl::train::{evaluate, Batch, Mode, TrainConfig, Trainer};
+use cdcl::{Device, DeviceKind};
+
+#[derive(Parser, Debug)]
+#[command(name = "cdcl", version, about = "Cross-Dataset Collaborative Learning for semantic segmentation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train PSPNet-DAB on the synthetic multi-domain dataset, report per-dataset loss and
+    /// held-out mIoU, and save a checkpoint.
+    Train(TrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Where {
+    /// A GPU if one is usable, else the CPU backend.
+    Auto,
+    /// The host CPU backend.
+    Cpu,
+    /// Our kernels on the CPU emulator of CUDA (slow: for checking, not training).
+    Emulator,
+    /// Our kernels on GPU 0.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ModeArg {
+    Dat,
+    Mixed,
+    Single,
+    SharedBn,
+    DsbnNoDat,
+    Finetune,
+    LabelRemap,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Training iterations.
+    #[arg(long, default_value_t = 150)]
+    iters: usize,
+    /// Images per dataset per iteration.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Square crop size in pixels (a multiple of 8).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// ResNet depth: 18, 34, 50 or 101.
+    #[arg(long, default_value = "18")]
+    depth: String,
+    /// Channel multiplier (1.0 = the paper's widths).
+    #[arg(long, default_value_t = 0.125)]
+    width: f32,
+    /// Three 3×3 convolutions as the stem.
+    #[arg(long)]
+    deep_stem: bool,
+    /// Number of synthetic domains (2: city + dusk, 3: + fog).
+    #[arg(long, default_value_t = 2)]
+    datasets: usize,
+    /// Training scheme.
+    #[arg(long, value_enum, default_value_t = ModeArg::Dat)]
+    mode: ModeArg,
+    /// DAT interval t.
+    #[arg(long, default_value_t = 1)]
+    interval: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    lr: f32,
+    /// Seed of the data, the initialisation and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Held-out images per dataset for mIoU.
+    #[arg(long, default_value_t = 8)]
+    eval_images: usize,
+    /// Where to compute.
+    #[arg(long, value_enum, default_value_t = Where::Auto)]
+    device: Where,
+    /// Checkpoint to write at the end.
+    #[arg(long, default_value = "cdcl-checkpoint.safetensors")]
+    checkpoint: PathBuf,
+    /// Checkpoint to resume from.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train_auto(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn train_auto(args: &TrainArgs) -> cdcl::Result<()> {
+    match args.device {
+        Where::Cpu => run(args, CpuBackend::new()),
+        Where::Emulator => run(args, DeviceBackend::new(Device::emulator())),
+        Where::Cuda => run(args, DeviceBackend::new(Device::cuda(0)?)),
+        Where::Auto => match Device::cuda(0) {
+            Ok(dev) => run(args, DeviceBackend::new(dev)),
+            Err(e) => {
+                eprintln!("no GPU ({e}); training on the CPU backend");
+                run(args, CpuBackend::new())
+            }
+        },
+    }
+}
+
+fn to_train_batch(b: cdcl::data::Batch, dataset: usize) -> Batch {
+    Batch { dataset, n: b.n, h: b.h, w: b.w, images: b.images, labels: b.labels }
+}
+
+fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
+    let cfg = match args.datasets {
+        2 => SyntheticConfig::default_two_domains(args.size, args.size, args.seed),
+        3 => SyntheticConfig::default_three_domains(args.size, args.size, args.seed),
+        n => return Err(cdcl::Error::InvalidArgument(format!("--datasets must be 2 or 3, got {n}"))),
+    };
+    let data = Synthetic::new(cfg)?;
+    let d = data.num_domains();
+    let classes = data.num_classes_per_domain();
+    let (mode, num_classes, num_bn) = match args.mode {
+        ModeArg::Dat => (Mode::Dat, classes.clone(), d),
+        ModeArg::Mixed => (Mode::Mixed, classes.clone(), d),
+        ModeArg::Single => (Mode::Single(0), classes.clone(), d),
+        ModeArg::SharedBn => (Mode::SharedBn, classes.clone(), 1),
+        ModeArg::DsbnNoDat => (Mode::DsbnNoDat, classes.clone(), d),
+        ModeArg::Finetune => (Mode::Finetune { switch_at: args.iters / 2 }, classes.clone(), d),
+        ModeArg::LabelRemap => {
+            // Every domain's classes mapped to dataset 0's: exact for fine domains, the first
+            // fine class of a coarse class otherwise (a lossy map, as the baseline is).
+            let map = (0..d)
+                .map(|k| {
+                    (0..classes[k] as i32)
+                        .map(|c| data.info(k).fine_classes_of(c).first().map_or(255, |f| data.info(0).map_fine(f.label()) as u8))
+                        .collect()
+                })
+                .collect();
+            (Mode::LabelRemap { class_map: map }, vec![classes[0]], 1)
+        }
+    };
+    let model = ModelConfig {
+        depth: Depth::parse(&args.depth)?,
+        width: args.width,
+        deep_stem: args.deep_stem,
+        num_classes: num_classes.clone(),
+        num_bn,
+        seed: args.seed,
+        ..ModelConfig::resnet18(num_classes)
+    };
+    let config =
+        TrainConfig { mode, interval: args.interval, base_lr: args.lr, max_iters: args.iters, seed: args.seed, ..Default::default() };
+    let mut trainer = Trainer::new(&backend, model, config)?;
+    if let Some(path) = &args.resume {
+        trainer.load_checkpoint(path)?;
+        eprintln!("resumed from {} at iteration {}", path.display(), trainer.iteration());
+    }
+    eprintln!(
+        "cdcl train: {} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {:?} | {} iterations of {}×{}×{}",
+        backend.name(),
+        args.depth,
+        args.width,
+        trainer.store.num_parameters(),
+        d,
+        classes,
+        args.mode,
+        args.iters,
+        args.batch,
+        args.size,
+        args.size
+    );
+    let bar = ProgressBar::new(args.iters as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.iteration() as u64);
+    let start = Instant::now();
+    // Each iteration's batches are a pure function of (seed, iteration): resume draws the same.
+    while trainer.iteration() < args.iters {
+        let it = trainer.iteration();
+        let plan = trainer.plan(it, d);
+        let mut batches = Vec::with_capacity(plan.len());
+        for (pass, &ds) in plan.iter().enumerate() {
+            let base = ((it * plan.len() + pass) * args.batch) as u64;
+            let idx: Vec<u64> = (0..args.batch as u64).map(|i| base + i).collect();
+            batches.push(to_train_batch(data.batch(ds, &idx)?, ds));
+        }
+        let stats = trainer.step(&batches)?;
+        let per: Vec<String> = stats
+            .per_dataset
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(k, l)| format!("{}={l:.3}", data.info(k).name))
+            .collect();
+        bar.set_message(format!("loss {:.3} [{}] lr {:.4}", stats.total, per.join(" "), stats.lr));
+        bar.inc(1);
+        if !stats.total.is_finite() {
+            bar.abandon();
+            return Err(cdcl::Error::InvalidArgument(format!("loss became {} at iteration {it}", stats.total)));
+        }
+    }
+    bar.finish();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("trained in {secs:.1} s");
+    // Held-out images: indices far from any training index.
+    let mut eval_batches = Vec::new();
+    for ds in 0..d {
+        let idx: Vec<u64> = (0..args.eval_images as u64).map(|i| (1u64 << 32) + i).collect();
+        for chunk in idx.chunks(args.batch.max(1)) {
+            eval_batches.push(to_train_batch(data.batch(ds, chunk)?, ds));
+        }
+    }
+    let result = evaluate(&mut trainer, &eval_batches)?;
+    for ds in 0..d {
+        let head = ds.min(trainer.model.num_heads() - 1);
+        let miou = result.miou(head);
+        println!(
+            "held-out {:>5} ({} classes): mIoU {}  pixel accuracy {}",
+            data.info(ds).name,
+            classes[ds],
+            miou.map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m)),
+            result.pixel_accuracy(head).map_or("n/a".into(), |a| format!("{:.1}%", 100.0 * a))
+        );
+    }
+    trainer.save_checkpoint(&args.checkpoint)?;
+    println!("checkpoint: {}", args.checkpoint.display());
+    Ok(())
+}

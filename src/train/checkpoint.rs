@@ -1,0 +1,188 @@
+//! Checkpoints of a [`Trainer`]: the model as a PyTorch `state_dict` (convolution weights
+//! transposed from our KRSC to PyTorch's `[K, C, R, S]`; DSBN layer `name` saved as one
+//! `BatchNorm2d` per dataset, `name.bn.{d}.weight/bias/running_mean/running_var/
+//! num_batches_tracked`), plus the optimiser state (`optimizer.{param}.momentum_buffer`) and
+//! the iteration in the metadata, so that a resumed run takes bit-for-bit the same next step.
+//! `torch.load_state_dict(strict=False)` ignores the `optimizer.` entries.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::backend::{Backend, BnTables, TensorLike};
+use crate::checkpoint::{Checkpoint, NamedTensor, TensorData};
+use crate::error::{Error, Result};
+
+use super::Trainer;
+
+const OPT: &str = "optimizer.";
+
+/// KRSC → KCRS (`to_pytorch`) or back.
+fn permute(data: &[f32], shape: &[usize], to_pytorch: bool) -> Vec<f32> {
+    let [k, r, s, c] = [shape[0], shape[1], shape[2], shape[3]];
+    let mut out = vec![0.0; data.len()];
+    for ki in 0..k {
+        for ri in 0..r {
+            for si in 0..s {
+                for ci in 0..c {
+                    let krsc = ((ki * r + ri) * s + si) * c + ci;
+                    let kcrs = ((ki * c + ci) * r + ri) * s + si;
+                    if to_pytorch {
+                        out[kcrs] = data[krsc];
+                    } else {
+                        out[krsc] = data[kcrs];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn torch_shape(shape: &[usize]) -> Vec<usize> {
+    match *shape {
+        [k, r, s, c] => vec![k, c, r, s],
+        _ => shape.to_vec(),
+    }
+}
+
+fn to_torch(data: Vec<f32>, shape: &[usize]) -> Vec<f32> {
+    if shape.len() == 4 {
+        permute(&data, shape, true)
+    } else {
+        data
+    }
+}
+
+fn f32s(name: String, shape: Vec<usize>, data: Vec<f32>) -> NamedTensor {
+    NamedTensor { name, shape, data: TensorData::F32(data) }
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Everything a resumed run needs, as named host tensors.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let be = self.backend();
+        let mut tensors = Vec::new();
+        for w in self.store.weights() {
+            let shape = w.value.shape().to_vec();
+            tensors.push(f32s(w.name.clone(), torch_shape(&shape), to_torch(be.to_f32(&w.value)?, &shape)));
+            if let Some(m) = &w.momentum {
+                let name = format!("{OPT}{}.momentum_buffer", w.name);
+                tensors.push(f32s(name, torch_shape(&shape), to_torch(be.to_f32(m)?, &shape)));
+            }
+        }
+        for l in self.store.bn_layers() {
+            let c = l.channels;
+            let tables = l.tables.tables();
+            let host: Vec<Vec<f32>> = tables.iter().map(|t| be.to_f32(t)).collect::<Result<_>>()?;
+            for d in 0..l.num_datasets {
+                for (field, data) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&host) {
+                    tensors.push(f32s(format!("{}.bn.{d}.{field}", l.name), vec![c], data[d * c..(d + 1) * c].to_vec()));
+                }
+                tensors.push(NamedTensor {
+                    name: format!("{}.bn.{d}.num_batches_tracked", l.name),
+                    shape: vec![],
+                    data: TensorData::I64(vec![l.batches_tracked[d]]),
+                });
+                for (field, m) in [("weight", &l.momentum_gamma), ("bias", &l.momentum_beta)] {
+                    if let Some(m) = m {
+                        let all = be.to_f32(m)?;
+                        let name = format!("{OPT}{}.bn.{d}.{field}.momentum_buffer", l.name);
+                        tensors.push(f32s(name, vec![c], all[d * c..(d + 1) * c].to_vec()));
+                    }
+                }
+            }
+        }
+        let mut metadata = BTreeMap::new();
+        metadata.insert("format".into(), "cdcl-pspnet-dab/1".into());
+        metadata.insert("iteration".into(), self.iteration().to_string());
+        metadata.insert("model".into(), format!("{:?}", self.model.config));
+        metadata.insert("train".into(), format!("{:?}", self.config));
+        Ok(Checkpoint { tensors, metadata })
+    }
+
+    /// Writes [`Trainer::checkpoint`] as safetensors.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        self.checkpoint()?.save(path)
+    }
+
+    /// Reads a checkpoint written by [`Trainer::save_checkpoint`] for the same model.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let ck = Checkpoint::load(path)?;
+        self.restore(&ck)
+    }
+
+    /// Loads parameters, running statistics, momentum buffers and the iteration. Every model
+    /// tensor must be present with its shape; nothing is changed when one is not.
+    pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        let bad = |name: &str, why: &str| Error::InvalidArgument(format!("checkpoint tensor {name}: {why}"));
+        let get = |name: &str, shape: &[usize]| -> Result<Option<&[f32]>> {
+            match ck.get(name) {
+                None => Ok(None),
+                Some(t) => match &t.data {
+                    TensorData::F32(v) if t.shape == shape => Ok(Some(v.as_slice())),
+                    _ => Err(bad(name, &format!("expected f32 {shape:?}, got {:?}", t.shape))),
+                },
+            }
+        };
+        let need = |name: &str, shape: &[usize]| -> Result<&[f32]> { get(name, shape)?.ok_or_else(|| bad(name, "missing")) };
+        let iteration: usize = ck
+            .metadata
+            .get("iteration")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("metadata.iteration", "missing or not a number"))?;
+        // Validate everything first, then write.
+        let mut weight_vals = Vec::new();
+        for w in self.store.weights() {
+            let shape = w.value.shape().to_vec();
+            let ts = torch_shape(&shape);
+            let from = |v: &[f32]| if shape.len() == 4 { permute(v, &shape, false) } else { v.to_vec() };
+            let val = from(need(&w.name, &ts)?);
+            let mom = get(&format!("{OPT}{}.momentum_buffer", w.name), &ts)?.map(from);
+            weight_vals.push((val, mom));
+        }
+        let mut bn_vals = Vec::new();
+        for l in self.store.bn_layers() {
+            let c = l.channels;
+            let mut tables = vec![Vec::with_capacity(l.num_datasets * c); 4];
+            let mut moms: [Option<Vec<f32>>; 2] = [None, None];
+            let mut tracked = Vec::new();
+            for d in 0..l.num_datasets {
+                for (i, field) in ["weight", "bias", "running_mean", "running_var"].iter().enumerate() {
+                    tables[i].extend_from_slice(need(&format!("{}.bn.{d}.{field}", l.name), &[c])?);
+                }
+                let tn = format!("{}.bn.{d}.num_batches_tracked", l.name);
+                match ck.get(&tn).map(|t| &t.data) {
+                    Some(TensorData::I64(v)) if v.len() == 1 => tracked.push(v[0]),
+                    _ => return Err(bad(&tn, "missing or not an i64 scalar")),
+                }
+                for (i, field) in ["weight", "bias"].iter().enumerate() {
+                    if let Some(m) = get(&format!("{OPT}{}.bn.{d}.{field}.momentum_buffer", l.name), &[c])? {
+                        moms[i].get_or_insert_with(|| vec![0.0; l.num_datasets * c])[d * c..(d + 1) * c]
+                            .copy_from_slice(m);
+                    }
+                }
+            }
+            bn_vals.push((tables, moms, tracked));
+        }
+        let be = self.backend().clone();
+        for (w, (val, mom)) in self.store.weights_mut().iter_mut().zip(weight_vals) {
+            be.write_f32(&mut w.value, &val)?;
+            w.momentum = mom.map(|m| be.tensor_f32(w.value.shape(), &m)).transpose()?;
+            w.grad = None;
+        }
+        for (l, (tables, moms, tracked)) in self.store.bn_layers_mut().iter_mut().zip(bn_vals) {
+            for (t, v) in l.tables.tables_mut().into_iter().zip(&tables) {
+                be.write_f32(t, v)?;
+            }
+            let shape = [l.num_datasets, l.channels];
+            let [mg, mb] = moms;
+            l.momentum_gamma = mg.map(|m| be.tensor_f32(&shape, &m)).transpose()?;
+            l.momentum_beta = mb.map(|m| be.tensor_f32(&shape, &m)).transpose()?;
+            l.batches_tracked = tracked;
+            l.grad_gamma = None;
+            l.grad_beta = None;
+        }
+        self.set_iteration(iteration);
+        Ok(())
+    }
+}

@@ -1,0 +1,357 @@
+//! The whole training step end to end: autograd, PSPNet-DAB, DAT, on the CPU backend and on
+//! our kernels (emulator), checked against each other, against finite differences, and for
+//! the DSBN, checkpoint and determinism properties users rely on.
+
+use cdcl::autograd::{Graph, Group, ParamStore};
+use cdcl::backend::{Backend, BnTables, CpuBackend, DeviceBackend};
+use cdcl::nn::{Classifier, Dab, DabSpec, Depth, ModelConfig};
+use cdcl::ops::conv::ConvGeometry;
+use cdcl::reference::dropout::splitmix64;
+use cdcl::train::{Batch, Mode, TrainConfig, Trainer};
+use cdcl::Device;
+
+fn unit(seed: u64, i: u64) -> f32 {
+    (splitmix64(seed, i) >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// A batch of smooth random images (so that the model's outputs are not dominated by noise)
+/// and labels with a sprinkle of ignored pixels.
+fn batch(dataset: usize, n: usize, h: usize, w: usize, classes: usize, seed: u64) -> Batch {
+    let images = (0..n * h * w * 3).map(|i| 2.0 * unit(seed, i as u64) - 1.0).collect();
+    let labels = (0..n * h * w)
+        .map(|i| {
+            let u = unit(seed ^ 0xABCD, i as u64);
+            if u < 0.05 {
+                255
+            } else {
+                // Labels follow the image's first channel so that there is something to learn.
+                ((unit(seed, (i * 3) as u64) * classes as f32) as i32).min(classes as i32 - 1)
+            }
+        })
+        .collect();
+    Batch { dataset, n, h, w, images, labels }
+}
+
+fn tiny_model(num_classes: Vec<usize>, dropout: f32) -> ModelConfig {
+    ModelConfig {
+        depth: Depth::R18,
+        width: 1.0 / 16.0,
+        dropout,
+        seed: 7,
+        ..ModelConfig::resnet18(num_classes)
+    }
+}
+
+/// Every parameter and gradient of a store, on the host, by name.
+fn snapshot<B: Backend>(store: &ParamStore<B>) -> Vec<(String, Vec<f32>, Option<Vec<f32>>)> {
+    let be = store.backend();
+    let mut out = Vec::new();
+    for w in store.weights() {
+        out.push((w.name.clone(), be.to_f32(&w.value).unwrap(), w.grad.as_ref().map(|g| be.to_f32(g).unwrap())));
+    }
+    for l in store.bn_layers() {
+        let [g, b, m, v] = l.tables.tables();
+        out.push((format!("{}.gamma", l.name), be.to_f32(g).unwrap(), l.grad_gamma.as_ref().map(|t| be.to_f32(t).unwrap())));
+        out.push((format!("{}.beta", l.name), be.to_f32(b).unwrap(), l.grad_beta.as_ref().map(|t| be.to_f32(t).unwrap())));
+        out.push((format!("{}.running_mean", l.name), be.to_f32(m).unwrap(), None));
+        out.push((format!("{}.running_var", l.name), be.to_f32(v).unwrap(), None));
+    }
+    out
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    num / den.max(1e-12)
+}
+
+/// One DAT step of a tiny PSPNet-ResNet-18 (two datasets, aux head) on the CPU backend and on
+/// the device backend (emulator): the losses and every gradient agree.
+///
+/// Tolerance: both compute in f32 with different summation orders (GEMM blocking vs the
+/// kernels' tiles; f64 vs f32 partials in BN statistics) through ~25 layers whose BN
+/// normalisation divides by batch standard deviations of O(1); forward relative differences
+/// of 1e-6 grow to ~1e-4 in gradients. 2e-3 relative (to each tensor's norm) leaves room for
+/// that and still catches any wrong formula, which shows up at O(1).
+#[test]
+fn dat_step_cpu_and_emulator_agree() {
+    let cpu = CpuBackend::new();
+    let emu = DeviceBackend::new(Device::emulator());
+    let classes = vec![5, 3];
+    let batches = vec![batch(0, 2, 32, 32, 5, 1), batch(1, 2, 32, 32, 3, 2)];
+    let cfg = TrainConfig::default();
+    let mut a = Trainer::new(&cpu, tiny_model(classes.clone(), 0.1), cfg.clone()).unwrap();
+    let mut b = Trainer::new(&emu, tiny_model(classes, 0.1), cfg).unwrap();
+    let sa = a.compute_gradients(&batches).unwrap();
+    let sb = b.compute_gradients(&batches).unwrap();
+    assert!((sa.total - sb.total).abs() <= 1e-4 * sa.total.abs(), "{} vs {}", sa.total, sb.total);
+    for d in 0..2 {
+        assert!((sa.per_dataset[d] - sb.per_dataset[d]).abs() <= 1e-4 * sa.per_dataset[d].abs());
+    }
+    let (pa, pb) = (snapshot(&a.store), snapshot(&b.store));
+    assert_eq!(pa.len(), pb.len());
+    let mut with_grad = 0;
+    for ((name, va, ga), (_, vb, gb)) in pa.iter().zip(&pb) {
+        assert!(rel_err(vb, va) <= 1e-5, "{name} values differ: {}", rel_err(vb, va));
+        match (ga, gb) {
+            (Some(ga), Some(gb)) => {
+                with_grad += 1;
+                let e = rel_err(gb, ga);
+                assert!(e <= 2e-3, "{name}: gradient relative error {e}");
+            }
+            (None, None) => {}
+            _ => panic!("{name}: gradient on one backend only"),
+        }
+    }
+    assert!(with_grad > 40, "only {with_grad} tensors got gradients");
+}
+
+/// Ten DAT steps (SGD included) on both backends: the loss curves agree.
+#[test]
+fn ten_steps_cpu_and_emulator_agree() {
+    let cpu = CpuBackend::new();
+    let emu = DeviceBackend::new(Device::emulator());
+    let classes = vec![4, 3];
+    let cfg = TrainConfig { max_iters: 10, ..TrainConfig::default() };
+    let mut a = Trainer::new(&cpu, tiny_model(classes.clone(), 0.1), cfg.clone()).unwrap();
+    let mut b = Trainer::new(&emu, tiny_model(classes, 0.1), cfg).unwrap();
+    for it in 0..10u64 {
+        let batches = vec![batch(0, 2, 24, 24, 4, 10 + it), batch(1, 2, 24, 24, 3, 100 + it)];
+        let la = a.step(&batches).unwrap().total;
+        let lb = b.step(&batches).unwrap().total;
+        // Ten SGD steps at lr 0.01 (head 0.1) let the 2e-3-sized gradient differences compound
+        // a little; 1e-2 relative is still far below any systematic error.
+        assert!((la - lb).abs() <= 1e-2 * la.abs(), "step {it}: {la} vs {lb}");
+    }
+}
+
+/// Finite differences through the graph: d loss / d input of a DAB → PPM → head graph.
+///
+/// f32 central differences with step 1e-2 on an O(1) loss: truncation O(h²·L''') ≈ 1e-4 and
+/// rounding ≈ 1e-7·|L| / h ≈ 1e-5, so a 2e-2 relative + 2e-3 absolute tolerance per
+/// coordinate catches a wrong backward (errors of O(1)) while ReLU kinks crossed by ±h are
+/// rare at these random inputs; at most one coordinate of 24 may be such a kink.
+#[test]
+fn gradient_check_dab_ppm_head() {
+    let be = CpuBackend::new();
+    let mut store = ParamStore::new(be.clone());
+    let dab = Dab::new(
+        &mut store,
+        DabSpec::backbone("conv", "bn", 3, 6, 3, ConvGeometry::square(1, 1, 1)),
+        2,
+        3,
+    )
+    .unwrap();
+    let ppm: Vec<Dab> = [1usize, 2]
+        .iter()
+        .map(|b| {
+            let (c, n) = (format!("ppm.{b}.conv"), format!("ppm.{b}.bn"));
+            Dab::new(&mut store, DabSpec::head(&c, &n, 6, 2, 1, ConvGeometry::default()), 2, 4).unwrap()
+        })
+        .collect();
+    let head = Classifier::new(&mut store, "cls", 10, 4, 0, 5).unwrap();
+    let (n, h, w) = (4usize, 5usize, 6usize);
+    let x0: Vec<f32> = (0..n * h * w * 3).map(|i| 2.0 * unit(9, i as u64) - 1.0).collect();
+    let labels: Vec<i32> = (0..n * h * w).map(|i| (unit(11, i as u64) * 4.0) as i32).collect();
+    let ds = [0, 1, 0, 1];
+    let loss = |store: &mut ParamStore<CpuBackend>, x: &[f32], want: bool| -> (f32, Option<Vec<f32>>) {
+        let mut g = Graph::new(&be, true);
+        let xv = be.tensor_f32(&[n, h, w, 3], x).unwrap();
+        let xv = if want { g.input_with_grad(xv) } else { g.input(xv) };
+        let d = g.datasets(&ds).unwrap();
+        let f = dab.forward(&mut g, store, xv, d, None, true).unwrap();
+        let mut parts = vec![f];
+        for (bin, p) in [1usize, 2].iter().zip(&ppm) {
+            let pooled = g.adaptive_avg_pool(f, *bin, *bin).unwrap();
+            let y = p.forward(&mut g, store, pooled, d, None, true).unwrap();
+            parts.push(g.resize_bilinear(y, h, w, true).unwrap());
+        }
+        let cat = g.concat_channels(&parts).unwrap();
+        let logits = head.forward(&mut g, store, cat).unwrap();
+        let lab = g.input_i32(&[n, h, w], &labels).unwrap();
+        let zeros = g.input_i32(&[n], &[0; 4]).unwrap();
+        let (l, _) = g.cross_entropy(logits, lab, zeros, &[4], None).unwrap();
+        let root = g.weighted_sum(&[(l, 1.0)]);
+        let v = g.scalar(root);
+        if !want {
+            return (v, None);
+        }
+        let grads = g.backward(root, store).unwrap();
+        let (_, dx) = grads.into_iter().find(|(var, _)| *var == xv).unwrap();
+        (v, Some(be.to_f32(&dx).unwrap()))
+    };
+    let (_, dx) = loss(&mut store, &x0, true);
+    let dx = dx.unwrap();
+    let mut bad = 0;
+    let step = 1e-2f32;
+    for k in 0..24 {
+        let i = (splitmix64(13, k) % x0.len() as u64) as usize;
+        let mut xp = x0.clone();
+        xp[i] += step;
+        let mut xm = x0.clone();
+        xm[i] -= step;
+        let fd = (loss(&mut store, &xp, false).0 as f64 - loss(&mut store, &xm, false).0 as f64) / (2.0 * step as f64);
+        let err = (fd - dx[i] as f64).abs();
+        if err > 2e-3 + 2e-2 * fd.abs() {
+            bad += 1;
+            eprintln!("coordinate {i}: finite difference {fd}, backward {}", dx[i]);
+        }
+    }
+    assert!(bad <= 1, "{bad} of 24 coordinates disagree");
+    // The parameter gradients were accumulated too.
+    assert!(store.weights().iter().all(|w| w.grad.is_some()));
+    assert!(store.weights().iter().any(|w| w.group == Group::Head));
+}
+
+/// After a DAT step on datasets {0, 2} of three, dataset 1's running statistics, γ and β are
+/// bit-for-bit unchanged, while datasets 0 and 2 moved.
+#[test]
+fn absent_dataset_untouched_end_to_end() {
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, tiny_model(vec![3, 4, 5], 0.1), TrainConfig::default()).unwrap();
+    // Give dataset 1 non-initial values first, so "unchanged" is not "still at the default".
+    t.step(&[batch(0, 2, 24, 24, 3, 1), batch(1, 2, 24, 24, 4, 2), batch(2, 2, 24, 24, 5, 3)]).unwrap();
+    let before = snapshot(&t.store);
+    t.step(&[batch(0, 2, 24, 24, 3, 4), batch(2, 2, 24, 24, 5, 5)]).unwrap();
+    let after = snapshot(&t.store);
+    let mut bn_tensors = 0;
+    for ((name, va, _), (_, vb, _)) in before.iter().zip(&after) {
+        if !(name.ends_with(".gamma") || name.ends_with(".beta") || name.contains(".running_")) {
+            continue;
+        }
+        bn_tensors += 1;
+        let c = va.len() / 3;
+        assert_eq!(va[c..2 * c], vb[c..2 * c], "{name}: dataset 1 changed");
+        if name.contains(".running_") {
+            assert_ne!(va[..c], vb[..c], "{name}: dataset 0 did not move");
+            assert_ne!(va[2 * c..], vb[2 * c..], "{name}: dataset 2 did not move");
+        }
+    }
+    assert!(bn_tensors > 80);
+    // Dataset 1's classifier did not move either (no gradient: skipped by SGD).
+    for ((name, va, _), (_, vb, _)) in before.iter().zip(&after) {
+        if name.starts_with("cls.4.1.") || name.starts_with("aux.4.1.") {
+            assert_eq!(va, vb, "{name} changed");
+        }
+    }
+}
+
+/// Training 4 iterations equals training 2, saving, loading into a fresh trainer and training
+/// 2 more: every parameter, running statistic and momentum buffer bit for bit.
+#[test]
+fn resume_is_bitwise() {
+    let be = CpuBackend::new();
+    let cfg = TrainConfig { max_iters: 4, ..TrainConfig::default() };
+    let data = |it: u64| vec![batch(0, 2, 24, 24, 3, 50 + it), batch(1, 2, 24, 24, 2, 60 + it)];
+    let mut full = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg.clone()).unwrap();
+    for it in 0..4 {
+        full.step(&data(it)).unwrap();
+    }
+    let mut first = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg.clone()).unwrap();
+    for it in 0..2 {
+        first.step(&data(it)).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("cdcl-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ck.safetensors");
+    first.save_checkpoint(&path).unwrap();
+    let mut resumed = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg).unwrap();
+    resumed.load_checkpoint(&path).unwrap();
+    assert_eq!(resumed.iteration(), 2);
+    for it in 2..4 {
+        resumed.step(&data(it)).unwrap();
+    }
+    assert_eq!(snapshot(&full.store), snapshot(&resumed.store));
+    let (ca, cb) = (full.checkpoint().unwrap(), resumed.checkpoint().unwrap());
+    assert_eq!(ca.tensors, cb.tensors, "momentum buffers or batch counters differ");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A checkpoint holds PyTorch names and layouts: conv weights `[K, C, R, S]`, one BatchNorm2d
+/// per dataset, `num_batches_tracked` as i64 scalars.
+#[test]
+fn checkpoint_names_and_layouts() {
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), TrainConfig::default()).unwrap();
+    t.step(&[batch(0, 2, 24, 24, 3, 1), batch(1, 2, 24, 24, 2, 2)]).unwrap();
+    let ck = t.checkpoint().unwrap();
+    let conv1 = ck.get("conv1.weight").unwrap();
+    assert_eq!(conv1.shape, vec![4, 3, 7, 7]);
+    let ours = t.store.weights().iter().find(|w| w.name == "conv1.weight").unwrap();
+    let krsc = be.to_f32(&ours.value).unwrap();
+    let cdcl::checkpoint::TensorData::F32(kcrs) = &conv1.data else { panic!("conv1 is not f32") };
+    // Element (k=1, c=2, r=3, s=4).
+    assert_eq!(kcrs[((3 + 2) * 7 + 3) * 7 + 4], krsc[((7 + 3) * 7 + 4) * 3 + 2]);
+    for name in ["layer1.0.bn1.bn.1.running_mean", "layer4.1.conv2.weight", "cls.4.1.bias", "aux.4.0.weight"] {
+        assert!(ck.get(name).is_some(), "{name} missing");
+    }
+    let tracked = ck.get("layer1.0.bn1.bn.0.num_batches_tracked").unwrap();
+    assert_eq!(tracked.shape, Vec::<usize>::new());
+    assert_eq!(tracked.data, cdcl::checkpoint::TensorData::I64(vec![1]));
+    assert!(ck.get("optimizer.conv1.weight.momentum_buffer").is_some());
+}
+
+/// A mixed batch through one forward gives the same per-dataset losses as the per-dataset
+/// forwards of DAT (dropout off: its masks depend on the sample's position in the batch).
+/// The same samples meet the same BN slices; only summation order differs (1e-5 relative).
+#[test]
+fn mixed_batch_equals_per_dataset_forwards() {
+    let be = CpuBackend::new();
+    let batches = vec![batch(0, 2, 24, 24, 3, 21), batch(1, 3, 24, 24, 4, 22)];
+    let mut dat = Trainer::new(&be, tiny_model(vec![3, 4], 0.0), TrainConfig::default()).unwrap();
+    let mut mixed =
+        Trainer::new(&be, tiny_model(vec![3, 4], 0.0), TrainConfig { mode: Mode::Mixed, ..TrainConfig::default() })
+            .unwrap();
+    let a = dat.compute_gradients(&batches).unwrap();
+    let b = mixed.compute_gradients(&batches).unwrap();
+    for d in 0..2 {
+        let (x, y) = (a.per_dataset[d], b.per_dataset[d]);
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "dataset {d}: {x} vs {y}");
+    }
+    for ((name, _, ga), (_, _, gb)) in snapshot(&dat.store).iter().zip(&snapshot(&mixed.store)) {
+        if let (Some(ga), Some(gb)) = (ga, gb) {
+            assert!(rel_err(gb, ga) <= 1e-3, "{name}: {}", rel_err(gb, ga));
+        }
+    }
+}
+
+/// Training moves the loss down on a learnable task, and the same seed gives the same bits.
+#[test]
+fn training_learns_and_is_deterministic() {
+    let be = CpuBackend::new();
+    let run = || {
+        let cfg = TrainConfig { max_iters: 30, ..TrainConfig::default() };
+        let mut t = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg).unwrap();
+        let fixed = vec![batch(0, 2, 24, 24, 3, 5), batch(1, 2, 24, 24, 2, 6)];
+        (0..30).map(|_| t.step(&fixed).unwrap().total).collect::<Vec<f32>>()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a, b);
+    let first: f32 = a[..3].iter().sum();
+    let last: f32 = a[27..].iter().sum();
+    assert!(last < 0.8 * first, "loss did not fall: {a:?}");
+}
+
+/// Bad batches are typed errors and change nothing.
+#[test]
+fn bad_input_is_a_typed_error() {
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), TrainConfig::default()).unwrap();
+    let before = snapshot(&t.store);
+    let mut bad_label = batch(1, 2, 24, 24, 2, 1);
+    bad_label.labels[17] = 2; // dataset 1 has 2 classes
+    let err = t.step(&[batch(0, 2, 24, 24, 3, 1), bad_label]).unwrap_err();
+    assert!(matches!(err, cdcl::Error::InvalidLabel { dataset: 1, label: 2, position: 17, num_classes: 2 }), "{err:?}");
+    let mut short = batch(0, 2, 24, 24, 3, 1);
+    short.images.pop();
+    assert!(matches!(t.step(&[short]).unwrap_err(), cdcl::Error::InvalidShape { .. }));
+    assert!(t.step(&[batch(2, 2, 24, 24, 3, 1)]).is_err(), "dataset 2 does not exist");
+    // Parameters unchanged (running statistics of the forward that failed at the loss are
+    // the one exception a PyTorch user knows too; compare only trainable tensors).
+    for ((name, va, _), (_, vb, _)) in before.iter().zip(&snapshot(&t.store)) {
+        if !name.contains(".running_") {
+            assert_eq!(va, vb, "{name} changed");
+        }
+    }
+    assert_eq!(t.iteration(), 0);
+}
