@@ -24,6 +24,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod data;
 pub mod device;
 mod error;
 pub mod ffi;
