@@ -60,6 +60,10 @@ pub enum Error {
     /// A device allocation failed.
     #[error("out of device memory allocating {bytes} bytes")]
     OutOfMemory { bytes: usize },
+    /// A checkpoint could not be written, read or used: `path` is the file (or "(in memory)"),
+    /// `message` what went wrong.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
 }
 
 /// `Result` with the crate's [`Error`].

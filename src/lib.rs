@@ -24,6 +24,8 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 mod error;
 pub mod ffi;
