@@ -12,7 +12,7 @@ use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
 use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::nn::{Depth, ModelConfig};
 use cdcl::train::{evaluate, Batch, Mode, TrainConfig, Trainer};
-use cdcl::{Device, DeviceKind};
+use cdcl::Device;
 
 #[derive(Parser, Debug)]
 #[command(name = "cdcl", version, about = "Cross-Dataset Collaborative Learning for semantic segmentation")]

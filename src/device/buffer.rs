@@ -107,6 +107,58 @@ impl DeviceBuffer {
         }
     }
 
+    /// Copies a strided byte region of `src` (same device) into this buffer, ordered with the
+    /// device's launches like a kernel: row `i` of `region.width` bytes is read at
+    /// `src_offset + i * src_pitch` and written at `dst_offset + i * dst_pitch`. Both regions are
+    /// checked against their buffers; rows may not overlap each other (`width <= pitch` when
+    /// there is more than one row). The buffers are distinct allocations, so the regions never
+    /// alias. On the GPU this is one `cuMemcpy2DAsync` (one `cuMemcpyDtoDAsync` for one row).
+    pub(crate) fn copy_region_from(&mut self, src: &DeviceBuffer, region: CopyRegion) -> Result<()> {
+        self.device.check_same(&src.device)?;
+        let r = region.normalized();
+        if r.width == 0 || r.rows == 0 {
+            return Ok(());
+        }
+        if r.rows > 1 && (r.width > r.src_pitch || r.width > r.dst_pitch) {
+            return Err(Error::InvalidArgument(format!(
+                "device copy: rows of {} bytes overlap in {region:?}",
+                r.width
+            )));
+        }
+        let end = |offset: usize, pitch: usize| {
+            (r.rows - 1).checked_mul(pitch).and_then(|v| v.checked_add(offset)).and_then(|v| v.checked_add(r.width))
+        };
+        if end(r.src_offset, r.src_pitch).is_none_or(|e| e > src.len)
+            || end(r.dst_offset, r.dst_pitch).is_none_or(|e| e > self.len)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "device copy: {region:?} does not fit a source of {} bytes and a destination of {} bytes",
+                src.len, self.len
+            )));
+        }
+        match (&mut self.mem, &src.mem) {
+            (Mem::Emu(d), Mem::Emu(s)) => {
+                for i in 0..r.rows {
+                    // SAFETY: row i lies inside both allocations (checked above: the last row
+                    // ends at or before `len`); `self` and `src` are distinct buffers, each the
+                    // exclusive owner of its allocation, so the ranges cannot overlap; emulator
+                    // launches are synchronous, so no kernel touches either buffer meanwhile.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            s.as_ptr().add(r.src_offset + i * r.src_pitch),
+                            d.as_ptr().add(r.dst_offset + i * r.dst_pitch),
+                            r.width,
+                        )
+                    };
+                }
+                Ok(())
+            }
+            (Mem::Cuda(d), Mem::Cuda(s)) => d.copy_region_from(s, &r),
+            // A non-empty region fits no empty buffer, and one device holds one kind of memory.
+            _ => Err(Error::InvalidArgument("device copy between buffers of different kinds".into())),
+        }
+    }
+
     /// Device address for a kernel's Params (null for an empty buffer).
     pub(crate) fn as_ptr(&self) -> *const c_void {
         match &self.mem {
@@ -139,6 +191,37 @@ impl DeviceBuffer {
             Ok(())
         } else {
             Err(Error::InvalidArgument(format!("host copy of {n} bytes into a device buffer of {} bytes", self.len)))
+        }
+    }
+}
+
+/// A strided byte region of a device-to-device copy (see [`DeviceBuffer::copy_region_from`]):
+/// `rows` rows of `width` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CopyRegion {
+    pub(crate) src_offset: usize,
+    pub(crate) src_pitch: usize,
+    pub(crate) dst_offset: usize,
+    pub(crate) dst_pitch: usize,
+    pub(crate) width: usize,
+    pub(crate) rows: usize,
+}
+
+impl CopyRegion {
+    /// `len` contiguous bytes.
+    pub(crate) fn contiguous(src_offset: usize, dst_offset: usize, len: usize) -> Self {
+        CopyRegion { src_offset, src_pitch: len, dst_offset, dst_pitch: len, width: len, rows: 1 }
+    }
+
+    /// The same copy with rows that are contiguous on both sides merged into one.
+    fn normalized(self) -> Self {
+        if self.rows > 1 && self.width == self.src_pitch && self.width == self.dst_pitch {
+            match self.width.checked_mul(self.rows) {
+                Some(len) => CopyRegion::contiguous(self.src_offset, self.dst_offset, len),
+                None => self,
+            }
+        } else {
+            self
         }
     }
 }

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DriverError};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+
+use super::buffer::CopyRegion;
 
 use crate::error::{Error, Result};
 
@@ -76,6 +78,49 @@ impl CudaMem {
     pub(crate) fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
         self.stream.memcpy_dtoh(&self.slice, dst).map_err(|e| driver_error(e, "cuMemcpyDtoHAsync"))?;
         self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
+    }
+
+    /// The GPU side of [`super::DeviceBuffer::copy_region_from`]; `r` is already checked against
+    /// both buffers. Ordered on the device's one stream, like the launches.
+    pub(crate) fn copy_region_from(&mut self, src: &CudaMem, r: &CopyRegion) -> Result<()> {
+        if r.rows == 1 {
+            let (Some(s), Some(mut d)) = (
+                src.slice.try_slice(r.src_offset..r.src_offset + r.width),
+                self.slice.try_slice_mut(r.dst_offset..r.dst_offset + r.width),
+            ) else {
+                return Err(Error::InvalidArgument("device copy outside its buffers".into()));
+            };
+            return self.stream.memcpy_dtod(&s, &mut d).map_err(|e| driver_error(e, "cuMemcpyDtoDAsync"));
+        }
+        self.stream.context().bind_to_thread().map_err(|e| driver_error(e, "cuCtxSetCurrent"))?;
+        let (src_ptr, _src_sync) = src.slice.device_ptr(&self.stream);
+        let stream = self.stream.clone();
+        let (dst_ptr, _dst_sync) = self.slice.device_ptr_mut(&stream);
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: src_ptr + r.src_offset as u64,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: r.src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: dst_ptr + r.dst_offset as u64,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: r.dst_pitch,
+            WidthInBytes: r.width,
+            Height: r.rows,
+        };
+        // SAFETY: both device ranges were checked to lie inside their allocations, which are
+        // distinct and outlive the copy (cudarc frees a CudaSlice in order on this stream, or
+        // with cuMemFree, which waits for pending work); the context is current; `copy` is a
+        // fully initialised descriptor that the driver reads before returning.
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }
+            .result()
+            .map_err(|e| driver_error(e, "cuMemcpy2DAsync"))
     }
 
     pub(crate) fn device_ptr(&self) -> u64 {

@@ -9,6 +9,7 @@ mod cuda;
 pub mod emulator;
 mod launch;
 
+pub(crate) use buffer::CopyRegion;
 pub use buffer::DeviceBuffer;
 pub(crate) use launch::{launcher, workspace_bytes, DeviceErrorRecord, Launcher};
 

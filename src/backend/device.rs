@@ -1,0 +1,534 @@
+//! [`DeviceBackend`]: the [`Backend`] over our kernels, on a GPU or on the CPU emulator.
+//!
+//! Almost every method is one call of the safe op in [`crate::ops`] whose contract it follows;
+//! the exceptions, and what they cost, are:
+//!
+//! - **Residual DSBN (training).** [`ops::dsbn::forward_train`] has no residual, and the ops offer
+//!   no statistics-only pass outside the convolution's fused epilogue. So the residual form runs
+//!   the training forward with the ReLU off (batch statistics, running statistics moved once; its
+//!   output is dropped) and then [`ops::dsbn::apply`] with the residual and the caller's ReLU,
+//!   from the saved statistics (which never touches the running statistics). Cost: one extra
+//!   write and read of an activation-sized tensor compared with a fused kernel. The residual is
+//!   validated first, so an error leaves the running statistics as they were. The backward is
+//!   [`ops::dsbn::backward_train_residual`], whose ReLU mask is `apply`'s expression bit for bit.
+//! - **Residual DSBN (inference).** [`ops::dsbn::forward_infer`] with the ReLU off, then
+//!   [`ops::elementwise::add_relu`] (or [`ops::elementwise::add`]): two passes.
+//! - **Channel and batch slices / concatenations** are device-to-device copies of byte ranges
+//!   (strided rows for channels, one contiguous range for samples): bit-exact, any dtype, no
+//!   kernel and no host round trip.
+//! - **Max-pooling backward** is told the input size but not the pooling geometry, which the
+//!   device kernel (a deterministic gather over the windows covering each input) needs. It is
+//!   therefore a scatter of `dy` to the indices on the host, in the gather kernel's summation
+//!   order, so the result has the same bits as [`ops::maxpool::max_pool2d_backward`]. Cost: `dy`
+//!   and the indices down and `dx` up, each activation-sized, once per call (negligible on the
+//!   emulator; on a GPU, three PCIe transfers of the stem's pooled activation per step).
+//!
+//! Every tensor handed in must live on the backend's device ([`Error::DeviceMismatch`]
+//! otherwise).
+
+use crate::backend::{Backend, BnGrads, BnTables, SgdTensor};
+use crate::device::{CopyRegion, Device};
+use crate::error::{Error, Result};
+use crate::ops;
+use crate::ops::conv::ConvGeometry;
+use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions};
+use crate::ops::dropout::Dropout2dOptions;
+use crate::ops::dsbn::{DsbnOptions, DsbnSaved, DsbnState};
+use crate::ops::maxpool::PoolGeometry;
+use crate::ops::sgd::{SgdOptions, SgdParam};
+use crate::tensor::{DType, Tensor};
+
+/// Our kernels on one [`Device`] (a GPU, or the CPU emulator).
+#[derive(Clone, Debug)]
+pub struct DeviceBackend {
+    device: Device,
+}
+
+impl DeviceBackend {
+    /// A backend computing on `device`.
+    pub fn new(device: Device) -> Self {
+        DeviceBackend { device }
+    }
+
+    /// The device every tensor of this backend lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn on_device(&self, tensors: &[&Tensor]) -> Result<()> {
+        tensors.iter().try_for_each(|t| self.device.check_same(t.device()))
+    }
+}
+
+impl BnTables<Tensor> for DsbnState {
+    fn tables(&self) -> [&Tensor; 4] {
+        [&self.gamma, &self.beta, &self.running_mean, &self.running_var]
+    }
+
+    fn tables_mut(&mut self) -> [&mut Tensor; 4] {
+        [&mut self.gamma, &mut self.beta, &mut self.running_mean, &mut self.running_var]
+    }
+}
+
+fn dtype_is(what: &'static str, t: &Tensor, expected: DType) -> Result<()> {
+    if t.dtype() == expected {
+        Ok(())
+    } else {
+        Err(Error::DTypeMismatch { what, expected, got: t.dtype() })
+    }
+}
+
+/// The dimensions of a 4-D NHWC tensor, every one at least 1.
+fn nhwc(what: &'static str, t: &Tensor) -> Result<[usize; 4]> {
+    match *t.shape() {
+        [n, h, w, c] if n > 0 && h > 0 && w > 0 && c > 0 => Ok([n, h, w, c]),
+        _ => Err(Error::InvalidShape {
+            what,
+            shape: t.shape().to_vec(),
+            reason: "expected 4 dimensions NHWC, each at least 1".into(),
+        }),
+    }
+}
+
+/// A residual must match the DSBN input exactly (checked before anything is written).
+fn check_residual(x: &Tensor, residual: &Tensor) -> Result<()> {
+    if residual.shape() != x.shape() {
+        return Err(Error::ShapeMismatch {
+            what: "DSBN residual",
+            expected: x.shape().to_vec(),
+            got: residual.shape().to_vec(),
+        });
+    }
+    dtype_is("DSBN residual", residual, x.dtype())?;
+    x.device().check_same(residual.device())
+}
+
+/// Parts of a concatenation: at least one, all of one dtype.
+fn check_parts(what: &'static str, parts: &[&Tensor]) -> Result<DType> {
+    let Some(first) = parts.first() else {
+        return Err(Error::InvalidArgument(format!("{what}: nothing to concatenate")));
+    };
+    for p in parts {
+        dtype_is(what, p, first.dtype())?;
+    }
+    Ok(first.dtype())
+}
+
+/// The shape of a backward's input from its gradient's batch and channels and a spatial size.
+fn input_shape(what: &'static str, dy: &Tensor, input_hw: (usize, usize)) -> Result<[usize; 4]> {
+    let [n, _, _, c] = nhwc(what, dy)?;
+    Ok([n, input_hw.0, input_hw.1, c])
+}
+
+impl Backend for DeviceBackend {
+    type Tensor = Tensor;
+    type Bn = DsbnState;
+    type BnSaved = DsbnSaved;
+
+    fn name(&self) -> String {
+        self.device.name()
+    }
+
+    // ---- tensors ----------------------------------------------------------------------------
+
+    fn tensor_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        Tensor::from_slice(&self.device, shape, data)
+    }
+
+    fn tensor_i32(&self, shape: &[usize], data: &[i32]) -> Result<Tensor> {
+        Tensor::from_slice(&self.device, shape, data)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Tensor::zeros(&self.device, shape, DType::F32)
+    }
+
+    fn to_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.on_device(&[t])?;
+        dtype_is("read-back as f32", t, DType::F32)?;
+        t.to_vec()
+    }
+
+    fn to_i32(&self, t: &Tensor) -> Result<Vec<i32>> {
+        self.on_device(&[t])?;
+        dtype_is("read-back as i32", t, DType::I32)?;
+        t.to_vec()
+    }
+
+    fn write_f32(&self, t: &mut Tensor, data: &[f32]) -> Result<()> {
+        self.on_device(&[t])?;
+        t.copy_from_slice(data)
+    }
+
+    fn try_clone(&self, t: &Tensor) -> Result<Tensor> {
+        self.on_device(&[t])?;
+        let mut out = Tensor::zeros(&self.device, t.shape(), t.dtype())?;
+        let bytes = t.buffer().len();
+        out.buffer_mut().copy_region_from(t.buffer(), CopyRegion::contiguous(0, 0, bytes))?;
+        Ok(out)
+    }
+
+    // ---- element-wise -----------------------------------------------------------------------
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.on_device(&[a, b])?;
+        ops::elementwise::add(a, b)
+    }
+
+    fn relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        ops::elementwise::relu(x)
+    }
+
+    fn relu_backward(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.on_device(&[dy, y])?;
+        ops::elementwise::relu_backward(dy, y)
+    }
+
+    // ---- convolution ------------------------------------------------------------------------
+
+    fn conv2d(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, geometry: &ConvGeometry) -> Result<Tensor> {
+        self.on_device(&[x, w])?;
+        if let Some(b) = bias {
+            self.on_device(&[b])?;
+        }
+        ops::conv::conv2d(x, w, bias, geometry)
+    }
+
+    fn conv2d_backward_data(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        input_hw: (usize, usize),
+        geometry: &ConvGeometry,
+    ) -> Result<Tensor> {
+        self.on_device(&[dy, w])?;
+        ops::conv::conv2d_backward_data(dy, w, input_hw, geometry)
+    }
+
+    fn conv2d_backward_filter(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        filter_krs: (usize, usize, usize),
+        with_bias: bool,
+        geometry: &ConvGeometry,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.on_device(&[dy, x])?;
+        let g = ops::conv::conv2d_backward_filter(dy, x, filter_krs, with_bias, geometry)?;
+        Ok((g.dweight, g.dbias))
+    }
+
+    // ---- dataset-specific BatchNorm ---------------------------------------------------------
+
+    fn bn_new(&self, num_datasets: usize, channels: usize) -> Result<DsbnState> {
+        DsbnState::new(&self.device, num_datasets, channels)
+    }
+
+    fn dsbn_forward_train(
+        &self,
+        x: &Tensor,
+        datasets: &Tensor,
+        bn: &mut DsbnState,
+        opts: &DsbnOptions,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, DsbnSaved)> {
+        self.on_device(&[x, datasets])?;
+        self.on_device(&bn.tables())?;
+        let Some(r) = residual else {
+            return ops::dsbn::forward_train(x, datasets, bn, opts);
+        };
+        self.on_device(&[r])?;
+        check_residual(x, r)?;
+        // Statistics pass (moves the running statistics, once); its output is not the answer.
+        let stats_opts = DsbnOptions { relu: false, ..*opts };
+        let (_, saved) = ops::dsbn::forward_train(x, datasets, bn, &stats_opts)?;
+        // The apply pass reads the saved statistics only: the running ones stay as moved.
+        let y = ops::dsbn::apply(x, Some(r), datasets, bn, &saved, opts)?;
+        Ok((y, saved))
+    }
+
+    fn dsbn_forward_infer(
+        &self,
+        x: &Tensor,
+        datasets: &Tensor,
+        bn: &DsbnState,
+        opts: &DsbnOptions,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.on_device(&[x, datasets])?;
+        self.on_device(&bn.tables())?;
+        let Some(r) = residual else {
+            return ops::dsbn::forward_infer(x, datasets, bn, opts);
+        };
+        self.on_device(&[r])?;
+        check_residual(x, r)?;
+        let bn_out = ops::dsbn::forward_infer(x, datasets, bn, &DsbnOptions { relu: false, ..*opts })?;
+        if opts.relu {
+            ops::elementwise::add_relu(&bn_out, r)
+        } else {
+            ops::elementwise::add(&bn_out, r)
+        }
+    }
+
+    fn dsbn_backward_train(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        datasets: &Tensor,
+        bn: &DsbnState,
+        saved: &DsbnSaved,
+        opts: &DsbnOptions,
+    ) -> Result<BnGrads<Tensor>> {
+        self.on_device(&[dy, x, datasets, &saved.mean, &saved.invstd])?;
+        self.on_device(&bn.tables())?;
+        if let Some(r) = residual {
+            self.on_device(&[r])?;
+        }
+        let g = ops::dsbn::backward_train_residual(dy, x, residual, datasets, bn, saved, opts)?;
+        Ok(BnGrads { dx: g.dx, dgamma: g.dgamma, dbeta: g.dbeta, dresidual: g.dresidual })
+    }
+
+    // ---- pooling, resizing, channel and batch slices ----------------------------------------
+
+    fn max_pool2d(&self, x: &Tensor, geometry: &PoolGeometry) -> Result<(Tensor, Tensor)> {
+        self.on_device(&[x])?;
+        let out = ops::maxpool::max_pool2d(x, geometry)?;
+        Ok((out.y, out.indices))
+    }
+
+    fn max_pool2d_backward(&self, dy: &Tensor, indices: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
+        self.on_device(&[dy, indices])?;
+        let [n, p, q, c] = nhwc("max pooling output gradient", dy)?;
+        dtype_is("max pooling output gradient", dy, DType::F32)?;
+        dtype_is("max pooling indices", indices, DType::I32)?;
+        if indices.shape() != dy.shape() {
+            return Err(Error::ShapeMismatch {
+                what: "max pooling indices",
+                expected: dy.shape().to_vec(),
+                got: indices.shape().to_vec(),
+            });
+        }
+        let (h, w) = input_hw;
+        let plane = h.checked_mul(w).filter(|&hw| hw > 0 && hw <= i32::MAX as usize);
+        let Some(plane) = plane else {
+            return Err(Error::InvalidShape {
+                what: "max pooling input",
+                shape: vec![n, h, w, c],
+                reason: "H and W must be at least 1 and H*W fit the i32 indices".into(),
+            });
+        };
+        let g = dy.to_vec::<f32>()?;
+        let idx = indices.to_vec::<i32>()?;
+        let numel = n.checked_mul(plane).and_then(|v| v.checked_mul(c)).ok_or_else(|| Error::InvalidShape {
+            what: "max pooling input",
+            shape: vec![n, h, w, c],
+            reason: "element count overflows usize".into(),
+        })?;
+        let mut dx = vec![0.0f32; numel];
+        // For each (sample, channel) the outputs are visited in (p, q) order: every element of dx
+        // sums its contributions in the order the device's gather kernel does.
+        for (o, (&gv, &at)) in g.iter().zip(&idx).enumerate() {
+            let ch = o % c;
+            let sample = o / (p * q * c);
+            let at = usize::try_from(at).ok().filter(|&a| a < plane).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "max pooling index {at} at output element {o} is outside the {h}x{w} input plane"
+                ))
+            })?;
+            dx[(sample * plane + at) * c + ch] += gv;
+        }
+        Tensor::from_slice(&self.device, &[n, h, w, c], &dx)
+    }
+
+    fn adaptive_avg_pool(&self, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        ops::pool::adaptive_avg_pool(x, out_h, out_w)
+    }
+
+    fn adaptive_avg_pool_backward(&self, dy: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
+        self.on_device(&[dy])?;
+        let shape = input_shape("adaptive_avg_pool output gradient", dy, input_hw)?;
+        ops::pool::adaptive_avg_pool_backward(dy, 0, &shape)
+    }
+
+    fn resize_bilinear(&self, x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        ops::pool::resize_bilinear(x, out_h, out_w, align_corners)
+    }
+
+    fn resize_bilinear_backward(&self, dy: &Tensor, input_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
+        self.on_device(&[dy])?;
+        let shape = input_shape("resize_bilinear output gradient", dy, input_hw)?;
+        ops::pool::resize_bilinear_backward(dy, 0, &shape, align_corners)
+    }
+
+    fn concat_channels(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        self.on_device(parts)?;
+        let dtype = check_parts("channel concatenation part", parts)?;
+        let [n, h, w, _] = nhwc("channel concatenation part", parts[0])?;
+        let mut total = 0usize;
+        for p in parts {
+            let [pn, ph, pw, pc] = nhwc("channel concatenation part", p)?;
+            if (pn, ph, pw) != (n, h, w) {
+                return Err(Error::ShapeMismatch {
+                    what: "channel concatenation part",
+                    expected: vec![n, h, w, pc],
+                    got: p.shape().to_vec(),
+                });
+            }
+            total += pc;
+        }
+        let es = dtype.size();
+        let mut out = Tensor::zeros(&self.device, &[n, h, w, total], dtype)?;
+        let mut offset = 0usize;
+        for p in parts {
+            let pc = p.shape()[3];
+            let region = CopyRegion {
+                src_offset: 0,
+                src_pitch: pc * es,
+                dst_offset: offset * es,
+                dst_pitch: total * es,
+                width: pc * es,
+                rows: n * h * w,
+            };
+            out.buffer_mut().copy_region_from(p.buffer(), region)?;
+            offset += pc;
+        }
+        Ok(out)
+    }
+
+    fn slice_channels(&self, x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        let [n, h, w, c] = nhwc("channel slice input", x)?;
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > c) {
+            return Err(Error::InvalidArgument(format!(
+                "channel slice {offset}..{} of a tensor with {c} channels (it must be non-empty and inside)",
+                offset.saturating_add(len)
+            )));
+        }
+        let es = x.dtype().size();
+        let mut out = Tensor::zeros(&self.device, &[n, h, w, len], x.dtype())?;
+        let region = CopyRegion {
+            src_offset: offset * es,
+            src_pitch: c * es,
+            dst_offset: 0,
+            dst_pitch: len * es,
+            width: len * es,
+            rows: n * h * w,
+        };
+        out.buffer_mut().copy_region_from(x.buffer(), region)?;
+        Ok(out)
+    }
+
+    fn slice_batch(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        let Some((&batch, rest)) = x.shape().split_first() else {
+            return Err(Error::InvalidShape {
+                what: "batch slice input",
+                shape: vec![],
+                reason: "a scalar has no batch axis".into(),
+            });
+        };
+        if len == 0 || start.checked_add(len).is_none_or(|end| end > batch) {
+            return Err(Error::InvalidArgument(format!(
+                "batch slice {start}..{} of a tensor with {batch} samples (it must be non-empty and inside)",
+                start.saturating_add(len)
+            )));
+        }
+        let sample_bytes = rest.iter().product::<usize>() * x.dtype().size();
+        let mut shape = x.shape().to_vec();
+        shape[0] = len;
+        let mut out = Tensor::zeros(&self.device, &shape, x.dtype())?;
+        let region = CopyRegion::contiguous(start * sample_bytes, 0, len * sample_bytes);
+        out.buffer_mut().copy_region_from(x.buffer(), region)?;
+        Ok(out)
+    }
+
+    fn concat_batch(&self, parts: &[&Tensor]) -> Result<Tensor> {
+        self.on_device(parts)?;
+        let dtype = check_parts("batch concatenation part", parts)?;
+        let Some((_, rest)) = parts[0].shape().split_first() else {
+            return Err(Error::InvalidShape {
+                what: "batch concatenation part",
+                shape: vec![],
+                reason: "a scalar has no batch axis".into(),
+            });
+        };
+        let mut batch = 0usize;
+        for p in parts {
+            if p.shape().len() != rest.len() + 1 || &p.shape()[1..] != rest {
+                let mut expected = vec![p.shape().first().copied().unwrap_or(0)];
+                expected.extend_from_slice(rest);
+                return Err(Error::ShapeMismatch {
+                    what: "batch concatenation part",
+                    expected,
+                    got: p.shape().to_vec(),
+                });
+            }
+            batch += p.shape()[0];
+        }
+        let mut shape = parts[0].shape().to_vec();
+        shape[0] = batch;
+        let mut out = Tensor::zeros(&self.device, &shape, dtype)?;
+        let mut offset = 0usize;
+        for p in parts {
+            let bytes = p.buffer().len();
+            out.buffer_mut().copy_region_from(p.buffer(), CopyRegion::contiguous(0, offset, bytes))?;
+            offset += bytes;
+        }
+        Ok(out)
+    }
+
+    // ---- regularisation, loss, metrics, optimiser -------------------------------------------
+
+    fn dropout2d(&self, x: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor> {
+        self.on_device(&[x])?;
+        ops::dropout::dropout2d(x, opts)
+    }
+
+    fn dropout2d_backward(&self, dy: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor> {
+        self.on_device(&[dy])?;
+        ops::dropout::dropout2d_backward(dy, opts)
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        datasets: &Tensor,
+        num_classes: &[usize],
+        opts: &CrossEntropyOptions,
+        with_grad: bool,
+    ) -> Result<(CrossEntropyLoss, Option<Tensor>)> {
+        self.on_device(&[logits, labels, datasets])?;
+        if with_grad {
+            let (loss, dlogits) = ops::cross_entropy::forward_backward(logits, labels, datasets, num_classes, opts)?;
+            Ok((loss, Some(dlogits)))
+        } else {
+            Ok((ops::cross_entropy::forward(logits, labels, datasets, num_classes, opts)?, None))
+        }
+    }
+
+    fn argmax(&self, logits: &Tensor, datasets: &Tensor, num_classes: &[usize]) -> Result<Tensor> {
+        self.on_device(&[logits, datasets])?;
+        ops::metrics::argmax(logits, datasets, num_classes)
+    }
+
+    fn sgd_step(&self, params: &mut [SgdTensor<'_, Tensor>], opts: &SgdOptions, first_step: bool) -> Result<()> {
+        for t in params.iter() {
+            self.on_device(&[&*t.param, t.grad, &*t.momentum_buffer])?;
+        }
+        let mut list: Vec<SgdParam<'_>> = params
+            .iter_mut()
+            .map(|t| SgdParam {
+                param: &mut *t.param,
+                grad: t.grad,
+                momentum_buffer: &mut *t.momentum_buffer,
+                lr: t.lr,
+            })
+            .collect();
+        ops::sgd::sgd_step(&mut list, opts, first_step)
+    }
+}
