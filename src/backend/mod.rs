@@ -21,6 +21,9 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::sgd::SgdOptions;
 
+pub mod cpu;
+pub use cpu::{CpuBackend, CpuTensor};
+
 /// What the graph needs to know of a backend's tensor without asking the backend.
 pub trait TensorLike: fmt::Debug {
     /// The dimensions, outermost first.
