@@ -21,7 +21,9 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::sgd::SgdOptions;
 
+pub mod cpu;
 pub mod device;
+pub use cpu::{CpuBackend, CpuTensor};
 pub use device::DeviceBackend;
 
 /// What the graph needs to know of a backend's tensor without asking the backend.
