@@ -92,7 +92,14 @@ fn dat_step_cpu_and_emulator_agree() {
     assert_eq!(pa.len(), pb.len());
     let mut with_grad = 0;
     for ((name, va, ga), (_, vb, gb)) in pa.iter().zip(&pb) {
-        assert!(rel_err(vb, va) <= 1e-5, "{name} values differ: {}", rel_err(vb, va));
+        if name.contains(".running_") {
+            // The running mean moved by 0.1 × a batch mean of conv outputs whose mean nearly
+            // cancels: summation-order differences (1e-7 of the summands) are ~1e-5 of the
+            // result's norm; 1e-4 still catches a wrong momentum or a missed update (O(1)).
+            assert!(rel_err(vb, va) <= 1e-4, "{name} values differ: {}", rel_err(vb, va));
+        } else {
+            assert_eq!(va, vb, "{name}: the same seed must give the same initial parameters");
+        }
         match (ga, gb) {
             (Some(ga), Some(gb)) => {
                 with_grad += 1;
@@ -315,6 +322,28 @@ fn mixed_batch_equals_per_dataset_forwards() {
     }
 }
 
+/// A learnable task: each image quadrant has its class's colour (plus noise); the labels are
+/// the quadrants' classes.
+fn quadrant_batch(dataset: usize, n: usize, hw: usize, classes: usize, seed: u64) -> Batch {
+    let mut images = Vec::with_capacity(n * hw * hw * 3);
+    let mut labels = Vec::with_capacity(n * hw * hw);
+    for s in 0..n {
+        for y in 0..hw {
+            for x in 0..hw {
+                let q = 2 * (y * 2 / hw) + x * 2 / hw;
+                let class = (q + s) % classes;
+                labels.push(class as i32);
+                for ch in 0..3 {
+                    let i = (((s * hw + y) * hw + x) * 3 + ch) as u64;
+                    let colour = if (class >> ch) & 1 == 1 { 1.0 } else { -1.0 };
+                    images.push(colour + 0.3 * (unit(seed, i) - 0.5));
+                }
+            }
+        }
+    }
+    Batch { dataset, n, h: hw, w: hw, images, labels }
+}
+
 /// Training moves the loss down on a learnable task, and the same seed gives the same bits.
 #[test]
 fn training_learns_and_is_deterministic() {
@@ -322,14 +351,14 @@ fn training_learns_and_is_deterministic() {
     let run = || {
         let cfg = TrainConfig { max_iters: 30, ..TrainConfig::default() };
         let mut t = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg).unwrap();
-        let fixed = vec![batch(0, 2, 24, 24, 3, 5), batch(1, 2, 24, 24, 2, 6)];
+        let fixed = vec![quadrant_batch(0, 2, 32, 3, 5), quadrant_batch(1, 2, 32, 2, 6)];
         (0..30).map(|_| t.step(&fixed).unwrap().total).collect::<Vec<f32>>()
     };
     let (a, b) = (run(), run());
     assert_eq!(a, b);
     let first: f32 = a[..3].iter().sum();
     let last: f32 = a[27..].iter().sum();
-    assert!(last < 0.8 * first, "loss did not fall: {a:?}");
+    assert!(last < 0.7 * first, "loss did not fall: {a:?}");
 }
 
 /// Bad batches are typed errors and change nothing.
