@@ -189,8 +189,13 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     /// Backward of [`Backend::adaptive_avg_pool`] to an input of spatial size `input_hw`.
     fn adaptive_avg_pool_backward(&self, dy: &Self::Tensor, input_hw: (usize, usize)) -> Result<Self::Tensor>;
     /// Bilinear resize (PyTorch's `interpolate(mode="bilinear")`).
-    fn resize_bilinear(&self, x: &Self::Tensor, out_h: usize, out_w: usize, align_corners: bool)
-        -> Result<Self::Tensor>;
+    fn resize_bilinear(
+        &self,
+        x: &Self::Tensor,
+        out_h: usize,
+        out_w: usize,
+        align_corners: bool,
+    ) -> Result<Self::Tensor>;
     /// Backward of [`Backend::resize_bilinear`] to an input of spatial size `input_hw`.
     fn resize_bilinear_backward(
         &self,
