@@ -167,9 +167,9 @@ typedef struct cdcl_conv_params {
 #define CDCL_IGNORE_LABEL 255
 
 typedef struct cdcl_cross_entropy_params {
-    /* logits, dlogits: [n, h, w, cmax] in `dtype`. labels: [n, h, w] in `label_dtype`.
-       dataset: [n] int32. num_classes: [num_datasets] int32, each in 1..=cmax. weights:
-       [num_datasets] f32. n*h*w < 2^31. */
+    /* logits, dlogits: [n, h, w, cmax] in `dtype` ([n, logit_h, logit_w, cmax] with upsample).
+       labels: [n, h, w] in `label_dtype`. dataset: [n] int32. num_classes: [num_datasets]
+       int32, each in 1..=cmax. weights: [num_datasets] f32. n*h*w < 2^31. */
     int32_t n;
     int32_t h;
     int32_t w;
@@ -187,6 +187,15 @@ typedef struct cdcl_cross_entropy_params {
     float* loss;   /* [1 + num_datasets]: the weighted total, then the mean loss of each dataset */
     float* workspace; /* cdcl_*_cross_entropy_workspace_bytes() bytes, any content */
     cdcl_error_record* err;
+    /* Fused bilinear upsampling (upsample != 0): the logits are [n, logit_h, logit_w, cmax] and
+       label pixel (h, w) reads its logits interpolated to the labels' h x w as PyTorch's
+       interpolate(mode="bilinear", size=(h, w), align_corners) would; dlogits is the gradient
+       with respect to those low-resolution logits. Every spatial size <= 2^24. Unused (and the
+       logits [n, h, w, cmax]) when upsample == 0. */
+    int32_t upsample;
+    int32_t align_corners;
+    int32_t logit_h;
+    int32_t logit_w;
 } cdcl_cross_entropy_params;
 
 /* ------------------------------------------------------------------------------------------ */

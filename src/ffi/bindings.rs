@@ -229,10 +229,14 @@ pub struct cdcl_cross_entropy_params {
     pub loss: *mut f32,
     pub workspace: *mut f32,
     pub err: *mut cdcl_error_record,
+    pub upsample: i32,
+    pub align_corners: i32,
+    pub logit_h: i32,
+    pub logit_w: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of cdcl_cross_entropy_params"][::std::mem::size_of::<cdcl_cross_entropy_params>() - 104usize];
+    ["Size of cdcl_cross_entropy_params"][::std::mem::size_of::<cdcl_cross_entropy_params>() - 120usize];
     ["Alignment of cdcl_cross_entropy_params"][::std::mem::align_of::<cdcl_cross_entropy_params>() - 8usize];
     ["Offset of field: cdcl_cross_entropy_params::n"][::std::mem::offset_of!(cdcl_cross_entropy_params, n) - 0usize];
     ["Offset of field: cdcl_cross_entropy_params::h"][::std::mem::offset_of!(cdcl_cross_entropy_params, h) - 4usize];
@@ -265,6 +269,14 @@ const _: () = {
         [::std::mem::offset_of!(cdcl_cross_entropy_params, workspace) - 88usize];
     ["Offset of field: cdcl_cross_entropy_params::err"]
         [::std::mem::offset_of!(cdcl_cross_entropy_params, err) - 96usize];
+    ["Offset of field: cdcl_cross_entropy_params::upsample"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, upsample) - 104usize];
+    ["Offset of field: cdcl_cross_entropy_params::align_corners"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, align_corners) - 108usize];
+    ["Offset of field: cdcl_cross_entropy_params::logit_h"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, logit_h) - 112usize];
+    ["Offset of field: cdcl_cross_entropy_params::logit_w"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, logit_w) - 116usize];
 };
 impl Default for cdcl_cross_entropy_params {
     fn default() -> Self {
