@@ -6,6 +6,8 @@
 //
 // Backwards are gathers: one thread per input element sums the contributions of the output
 // elements that read it, in a fixed order. No atomics, so results are bitwise reproducible.
+// ppm_pool_backward gives the whole pyramid's input gradient (the identity slice plus every
+// level's pooling backward) in one such pass.
 // The design and the cost model are in docs/kernels.md.
 #include "cdcl_device.cuh"
 #include "resize.cuh"
@@ -102,6 +104,31 @@ __global__ void adaptive_avg_pool_fwd(const cdcl_pool_params p) {
 // dx[h, w] = sum over the bins (i, j) that contain (h, w) of dy[i, j] / area(i, j), bins in
 // row-major order. Along one axis, the bins containing h are i in
 // [floor(h*Out/In), ceil((h+1)*Out/In) - 1]; each candidate is still tested against its bin.
+// dy is [., out_h, out_w, dy_c_total], read at channel dy_c_offset + c. The one definition of the
+// pooling backward's sum, used by adaptive_avg_pool_bwd and ppm_pool_bwd.
+template <typename T, typename I>
+__device__ __forceinline__ float pool_bwd_gather(const T* dy, int n, int h, int w, int c, int in_h, int in_w, int out_h,
+                                                 int out_w, int dy_c_total, int dy_c_offset) {
+    const I oh = (I)out_h, ow = (I)out_w, ih = (I)in_h, iw = (I)in_w;
+    const int i0 = (int)((I)h * oh / ih);
+    const int i1 = min((int)(((I)(h + 1) * oh + ih - 1) / ih) - 1, out_h - 1);
+    const int j0 = (int)((I)w * ow / iw);
+    const int j1 = min((int)(((I)(w + 1) * ow + iw - 1) / iw) - 1, out_w - 1);
+    float acc = 0.0f;
+    for (int i = i0; i <= i1; ++i) {
+        const Bin bh = pool_bin<I>(i, in_h, out_h);
+        if (h < bh.start || h >= bh.end) continue;
+        for (int j = j0; j <= j1; ++j) {
+            const Bin bw = pool_bin<I>(j, in_w, out_w);
+            if (w < bw.start || w >= bw.end) continue;
+            // Bin lengths up to 2^24 are exact in f32: this is the rounded area, as in the forward.
+            const float area = (float)(bh.end - bh.start) * (float)(bw.end - bw.start);
+            acc += to_f32(dy[nhwc_index(n, i, j, dy_c_offset + c, out_h, out_w, dy_c_total)]) / area;
+        }
+    }
+    return acc;
+}
+
 template <typename T, typename I>
 __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
     const T* dy = static_cast<const T*>(p.dy);
@@ -115,22 +142,34 @@ __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
         r /= p.in_w;
         const int h = (int)(r % p.in_h);
         const int n = (int)(r / p.in_h);
-        const I oh = (I)p.out_h, ow = (I)p.out_w, ih = (I)p.in_h, iw = (I)p.in_w;
-        const int i0 = (int)((I)h * oh / ih);
-        const int i1 = min((int)(((I)(h + 1) * oh + ih - 1) / ih) - 1, p.out_h - 1);
-        const int j0 = (int)((I)w * ow / iw);
-        const int j1 = min((int)(((I)(w + 1) * ow + iw - 1) / iw) - 1, p.out_w - 1);
-        float acc = 0.0f;
-        for (int i = i0; i <= i1; ++i) {
-            const Bin bh = pool_bin<I>(i, p.in_h, p.out_h);
-            if (h < bh.start || h >= bh.end) continue;
-            for (int j = j0; j <= j1; ++j) {
-                const Bin bw = pool_bin<I>(j, p.in_w, p.out_w);
-                if (w < bw.start || w >= bw.end) continue;
-                // Bin lengths up to 2^24 are exact in f32: this is the rounded area, as in the forward.
-                const float area = (float)(bh.end - bh.start) * (float)(bw.end - bw.start);
-                acc += to_f32(dy[nhwc_index(n, i, j, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]) / area;
-            }
+        dx[e] = from_f32<T>(
+            pool_bwd_gather<T, I>(dy, n, h, w, c, p.in_h, p.in_w, p.out_h, p.out_w, p.out_c_total, p.out_c_offset));
+    }
+}
+
+// The PPM's input gradient: base (the identity slice) plus every level's pooling backward, in
+// level order, each level summed exactly as adaptive_avg_pool_bwd sums it. The level loop is
+// unrolled to the maximum so that the Params arrays are indexed by constants (a dynamic index
+// into a kernel parameter array would copy it to local memory).
+template <typename T, typename I>
+__global__ void ppm_pool_bwd(const cdcl_ppm_backward_params p) {
+    const T* base = static_cast<const T*>(p.base);
+    T* dx = static_cast<T*>(p.dx);
+    const long long total = (long long)p.n * p.h * p.w * p.c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int c = (int)(e % p.c);
+        long long r = e / p.c;
+        const int w = (int)(r % p.w);
+        r /= p.w;
+        const int h = (int)(r % p.h);
+        const int n = (int)(r / p.h);
+        float acc = to_f32(base[nhwc_index(n, h, w, c, p.h, p.w, p.base_c_total)]);
+        CDCL_UNROLL
+        for (int l = 0; l < CDCL_PPM_MAX_LEVELS; ++l) {
+            if (l < p.num_levels)
+                acc += pool_bwd_gather<T, I>(static_cast<const T*>(p.dpooled[l]), n, h, w, c, p.h, p.w, p.out_h[l],
+                                             p.out_w[l], p.c, 0);
         }
         dx[e] = from_f32<T>(acc);
     }
@@ -253,6 +292,24 @@ CDCL_API int32_t CDCL_PREFIX(adaptive_avg_pool_backward)(const cdcl_pool_params*
         using T = decltype(tag);
         if (narrow) return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
         return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned long long>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
+    });
+}
+
+CDCL_API int32_t CDCL_PREFIX(ppm_pool_backward)(const cdcl_ppm_backward_params* pp, void* stream) {
+    if (!pp || pp->n <= 0 || pp->h <= 0 || pp->w <= 0 || pp->c <= 0 || pp->base_c_total < pp->c || pp->num_levels < 0 ||
+        pp->num_levels > CDCL_PPM_MAX_LEVELS || !pp->base || !pp->dx)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_ppm_backward_params p = *pp;
+    bool narrow = true;
+    for (int l = 0; l < p.num_levels; ++l) {
+        if (p.out_h[l] <= 0 || p.out_w[l] <= 0 || !p.dpooled[l]) return CDCL_ERR_INVALID_PARAMS;
+        narrow = narrow && fits_u32(p.h, p.out_h[l]) && fits_u32(p.w, p.out_w[l]);
+    }
+    const unsigned blocks = elem_blocks((long long)p.n * p.h * p.w * p.c);
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        if (narrow) return CDCL_LAUNCH((ppm_pool_bwd<T, unsigned>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
+        return CDCL_LAUNCH((ppm_pool_bwd<T, unsigned long long>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
     });
 }
 

@@ -260,6 +260,29 @@ typedef struct cdcl_pool_params {
     void* dx;
 } cdcl_pool_params;
 
+/* The pyramid pooling module's input gradient in one pass (one read of each source, one write
+   of dx): dx [n, h, w, c] = base + the adaptive-average-pooling backward of each level, added in
+   level order, where base is channels 0..c of a [n, h, w, base_c_total] tensor (the identity
+   slice of the module's output gradient) and level l's gradient dpooled[l] is
+   [n, out_h[l], out_w[l], c]. Each level's sum is adaptive_avg_pool_backward's and the levels
+   are added in f32, so with f32 storage the result equals that op followed by element-wise
+   adds, bit for bit (16-bit storage rounds once, at the end). */
+#define CDCL_PPM_MAX_LEVELS 8
+typedef struct cdcl_ppm_backward_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t c;
+    int32_t base_c_total; /* >= c */
+    int32_t num_levels;   /* 0..=CDCL_PPM_MAX_LEVELS */
+    int32_t dtype;        /* cdcl_dtype: F32, F16 or BF16, the same for every tensor */
+    int32_t out_h[CDCL_PPM_MAX_LEVELS];
+    int32_t out_w[CDCL_PPM_MAX_LEVELS];
+    const void* base;
+    const void* dpooled[CDCL_PPM_MAX_LEVELS];
+    void* dx;
+} cdcl_ppm_backward_params;
+
 /* ------------------------------------------------------------------------------------------ */
 /* Max pooling over NHWC, PyTorch's max_pool2d with indices (no dilation, floor mode).         */
 /* p = (h + 2*pad_h - kernel_h) / stride_h + 1, likewise q; pad <= kernel / 2 (as PyTorch).    */
@@ -401,6 +424,7 @@ CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_forward, (const cdcl_pool_params* p
 CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_backward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_forward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_backward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, ppm_pool_backward, (const cdcl_ppm_backward_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, maxpool_forward, (const cdcl_maxpool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, maxpool_backward, (const cdcl_maxpool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, eltwise_add, (const cdcl_eltwise_params* p, void* stream))

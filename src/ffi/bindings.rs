@@ -4,6 +4,7 @@
 
 pub const CDCL_CONV_STATS_CHUNK: u32 = 64;
 pub const CDCL_IGNORE_LABEL: u32 = 255;
+pub const CDCL_PPM_MAX_LEVELS: u32 = 8;
 pub const CDCL_SGD_CHUNK: u32 = 4096;
 pub const CDCL_DTYPE_F32: cdcl_dtype = 0;
 pub const CDCL_DTYPE_F16: cdcl_dtype = 1;
@@ -429,6 +430,55 @@ impl Default for cdcl_pool_params {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct cdcl_ppm_backward_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub base_c_total: i32,
+    pub num_levels: i32,
+    pub dtype: i32,
+    pub out_h: [i32; 8usize],
+    pub out_w: [i32; 8usize],
+    pub base: *const ::std::os::raw::c_void,
+    pub dpooled: [*const ::std::os::raw::c_void; 8usize],
+    pub dx: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_ppm_backward_params"][::std::mem::size_of::<cdcl_ppm_backward_params>() - 176usize];
+    ["Alignment of cdcl_ppm_backward_params"][::std::mem::align_of::<cdcl_ppm_backward_params>() - 8usize];
+    ["Offset of field: cdcl_ppm_backward_params::n"][::std::mem::offset_of!(cdcl_ppm_backward_params, n) - 0usize];
+    ["Offset of field: cdcl_ppm_backward_params::h"][::std::mem::offset_of!(cdcl_ppm_backward_params, h) - 4usize];
+    ["Offset of field: cdcl_ppm_backward_params::w"][::std::mem::offset_of!(cdcl_ppm_backward_params, w) - 8usize];
+    ["Offset of field: cdcl_ppm_backward_params::c"][::std::mem::offset_of!(cdcl_ppm_backward_params, c) - 12usize];
+    ["Offset of field: cdcl_ppm_backward_params::base_c_total"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, base_c_total) - 16usize];
+    ["Offset of field: cdcl_ppm_backward_params::num_levels"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, num_levels) - 20usize];
+    ["Offset of field: cdcl_ppm_backward_params::dtype"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, dtype) - 24usize];
+    ["Offset of field: cdcl_ppm_backward_params::out_h"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, out_h) - 28usize];
+    ["Offset of field: cdcl_ppm_backward_params::out_w"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, out_w) - 60usize];
+    ["Offset of field: cdcl_ppm_backward_params::base"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, base) - 96usize];
+    ["Offset of field: cdcl_ppm_backward_params::dpooled"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, dpooled) - 104usize];
+    ["Offset of field: cdcl_ppm_backward_params::dx"][::std::mem::offset_of!(cdcl_ppm_backward_params, dx) - 168usize];
+};
+impl Default for cdcl_ppm_backward_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct cdcl_maxpool_params {
     pub n: i32,
     pub h: i32,
@@ -792,6 +842,12 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_resize_bilinear_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_ppm_pool_backward(p: *const cdcl_ppm_backward_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_ppm_pool_backward(p: *const cdcl_ppm_backward_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
     pub fn cdcl_cuda_maxpool_forward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;
