@@ -8,9 +8,11 @@
 //! copied into channels `0..C` of the output by the pooling kernel at the input's own size (a
 //! bin of one pixel: an exact copy, except that −0.0 becomes +0.0), and each branch's upsampling
 //! writes its channel slice directly ([`pool::resize_bilinear_into`]). The backward reads each
-//! branch's slice of `dy` in place ([`pool::resize_bilinear_backward`]); `dx` is the identity
-//! slice of `dy` plus the pooling backward of every branch, summed in bin order. Every step is
-//! deterministic, so the whole op gives the same bits on every run.
+//! branch's slice of `dy` in place ([`pool::resize_bilinear_backward`]); `dx` — the identity
+//! slice of `dy` plus the pooling backward of every branch, summed in bin order — is produced
+//! by one gather kernel that reads each source once and writes `dx` once
+//! ([`pool::adaptive_avg_pool_backward_sum`]). Every step is deterministic, so the whole op
+//! gives the same bits on every run.
 //!
 //! Semantics follow the common PyTorch PSPNet code (`align_corners=True` by default, an
 //! option); the DSBN follows [`crate::ops::dsbn`]. A 1×1 bin leaves each sample one value per
@@ -33,7 +35,7 @@ use crate::ops::check;
 use crate::ops::conv::ConvGeometry;
 use crate::ops::dab::{self, DabForward};
 use crate::ops::dsbn::{DsbnOptions, DsbnState};
-use crate::ops::{elementwise, pool};
+use crate::ops::pool;
 use crate::tensor::{DType, Tensor};
 
 /// Options of the PPM.
@@ -325,8 +327,8 @@ pub fn backward_train(
             got: dy.shape().to_vec(),
         });
     }
-    let mut dx = pool::adaptive_avg_pool_backward(dy, 0, &x_shape)?;
     let mut grads = Vec::with_capacity(branches.len());
+    let mut dpooled = Vec::with_capacity(branches.len());
     for (i, (br, saved)) in branches.iter().zip(&forward.branches).enumerate() {
         let b = opts.bins[i];
         let dlow = pool::resize_bilinear_backward(dy, offsets[i], &[n, b, b, br.channels()], opts.align_corners)?;
@@ -342,9 +344,11 @@ pub fn backward_train(
             None,
             None,
         )?;
-        let part = pool::adaptive_avg_pool_backward(&g.dx, 0, &x_shape)?;
-        dx = elementwise::add(&dx, &part)?;
+        dpooled.push(g.dx);
         grads.push(PpmBranchGrads { dweight: g.dweight, dgamma: g.dgamma, dbeta: g.dbeta });
     }
+    // The identity slice of dy plus every branch's pooling backward, in one pass.
+    let levels: Vec<&Tensor> = dpooled.iter().collect();
+    let dx = pool::adaptive_avg_pool_backward_sum(dy, &levels, &x_shape)?;
     Ok(PpmGrads { dx, branches: grads })
 }
