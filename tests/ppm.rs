@@ -763,6 +763,9 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
     assert!(matches!(ppm::backward_train(&dy_h, &ds, &branches, &fwd, &opts), Err(Error::UnsupportedDType { .. })));
     let dy = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total()], DType::F32).unwrap();
     assert!(matches!(ppm::backward_train(&dy, &ds, &branches[..3], &fwd, &opts), Err(Error::InvalidArgument(_))));
+    let no_bins = PpmOptions { bins: vec![], ..opts.clone() };
+    let empty = ppm::PpmForward { output: fwd.output.try_clone().unwrap(), branches: vec![] };
+    assert!(matches!(ppm::backward_train(&dy, &ds, &[], &empty, &no_bins), Err(Error::InvalidArgument(_))));
     let g = ppm::backward_train(&dy, &ds, &branches, &fwd, &opts).unwrap();
     assert!(host(&g.dx).iter().all(|&v| v == 0.0), "zero dy, zero dx");
     assert_eq!(ppm::output_channels(k.c, &branches), k.total());

@@ -301,7 +301,7 @@ pub fn backward_train(
     let [n, h, w, total] = check::nhwc("PPM output", &forward.output)?;
     check::shape("PPM output gradient", dy, &[n, h, w, total])?;
     check::same_device(forward.output.device(), &[dy])?;
-    if forward.branches.len() != branches.len() || opts.bins.len() != branches.len() {
+    if branches.is_empty() || forward.branches.len() != branches.len() || opts.bins.len() != branches.len() {
         return Err(Error::InvalidArgument(format!(
             "the forward saved {} branches; {} branches and {} bins given",
             forward.branches.len(),
