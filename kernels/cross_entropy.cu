@@ -6,12 +6,20 @@
 //
 //   ce_partial  -> ce_finalize -> ce_dlogits (only when dlogits is requested)
 //
+// With `upsample`, the logits are at a lower resolution than the labels (PSPNet predicts at
+// 1/8 and upsamples bilinearly before the loss): ce_partial interpolates each label pixel's
+// logits on the fly with the taps of resize.cuh, and ce_dlogits_up writes the gradient with
+// respect to the low-resolution logits as a gather — one thread per low-resolution element sums
+// the gradients of the label pixels that read it, recomputed in place, in the order of the
+// resize backward — so the upsampled logits and their gradient never exist in memory.
+//
 // ce_partial validates (dataset indices, labels) and writes per-chunk partials and each
 // pixel's log-sum-exp to the workspace only; the later kernels return at once when the error
 // record holds an entry, so bad data writes no output. Reductions have fixed owners and a fixed
 // order (warp shuffle tree, warps in order, chunks in order): no floating-point atomics. The
 // design and the cost model are in docs/kernels.md.
 #include "cdcl_device.cuh"
+#include "resize.cuh"
 
 namespace CDCL_NAMESPACE {
 
@@ -81,10 +89,61 @@ __device__ __forceinline__ float block_sum(float v, float* s_warp) {
     return total;
 }
 
+// log(sum_{c < classes} exp(logit(c))) in one online pass: running max m and sum s of
+// exp(x - m). `logit(c)` returns class c's logit in f32.
+template <typename Logit>
+__device__ __forceinline__ float online_lse(const Logit& logit, int classes) {
+    float m = logit(0), s = 1.0f;
+    for (int c = 1; c < classes; ++c) {
+        const float v = logit(c);
+        if (v > m) {
+            s = fmaf(s, expf(m - v), 1.0f);
+            m = v;
+        } else {
+            s += expf(v - m);
+        }
+    }
+    return m + logf(s);
+}
+
+// The logits of one pixel as stored.
+template <typename T>
+struct StoredLogits {
+    const T* x;
+    __device__ __forceinline__ float operator()(int c) const { return to_f32(x[c]); }
+};
+
+// The logits of label pixel (h, w) of sample n, bilinearly interpolated from the
+// [n, logit_h, logit_w, cmax] logits: the value resize_bilinear_fwd would have stored.
+template <typename T>
+struct UpsampledLogits {
+    const T *x00, *x01, *x10, *x11;
+    Tap th, tw;
+    __device__ __forceinline__ float operator()(int c) const {
+        return bilerp(to_f32(x00[c]), to_f32(x01[c]), to_f32(x10[c]), to_f32(x11[c]), th, tw);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ UpsampledLogits<T> upsampled_logits(const cdcl_cross_entropy_params& p, int n, int h, int w) {
+    const T* x = static_cast<const T*>(p.logits);
+    UpsampledLogits<T> u;
+    u.th = resize_tap(h, p.logit_h, resize_scale(p.logit_h, p.h, p.align_corners), p.align_corners);
+    u.tw = resize_tap(w, p.logit_w, resize_scale(p.logit_w, p.w, p.align_corners), p.align_corners);
+    const long long row_lo = ((long long)n * p.logit_h + u.th.lo) * p.logit_w;
+    const long long row_hi = ((long long)n * p.logit_h + u.th.hi) * p.logit_w;
+    u.x00 = x + (row_lo + u.tw.lo) * p.cmax;
+    u.x01 = x + (row_lo + u.tw.hi) * p.cmax;
+    u.x10 = x + (row_hi + u.tw.lo) * p.cmax;
+    u.x11 = x + (row_hi + u.tw.hi) * p.cmax;
+    return u;
+}
+
 // One block per chunk of one sample, one thread per pixel: checks the label, computes the
 // log-sum-exp of the sample's head in one online pass (running max m and sum s of exp(x - m)),
 // and the NLL lse - x[label]. Writes lse per pixel and (loss sum, valid count) per chunk.
-template <typename T>
+// Upsample: the pixel's logits are interpolated from the low-resolution logits as they are read.
+template <typename T, bool Upsample>
 __global__ void __launch_bounds__(kCeChunkPixels) ce_partial(const cdcl_cross_entropy_params p) {
     const CeGeometry g = ce_geometry(p);
     const CeWorkspace ws = ce_workspace(p);
@@ -105,20 +164,20 @@ __global__ void __launch_bounds__(kCeChunkPixels) ce_partial(const cdcl_cross_en
             if (label < 0 || label >= classes) {
                 raise_error(p.err, CDCL_ERRSLOT_LABEL, (unsigned)pix, label);
             } else {
-                const T* x = static_cast<const T*>(p.logits) + pix * p.cmax;
-                float m = to_f32(x[0]), s = 1.0f;
-                for (int c = 1; c < classes; ++c) {
-                    const float v = to_f32(x[c]);
-                    if (v > m) {
-                        s = fmaf(s, expf(m - v), 1.0f);
-                        m = v;
-                    } else {
-                        s += expf(v - m);
-                    }
+                float lse, x_label;
+                if constexpr (Upsample) {
+                    const int h = (int)(local / p.w);
+                    const int w = (int)(local - (long long)h * p.w);
+                    const UpsampledLogits<T> x = upsampled_logits<T>(p, n, h, w);
+                    lse = online_lse(x, classes);
+                    x_label = x(label);
+                } else {
+                    const StoredLogits<T> x{static_cast<const T*>(p.logits) + pix * p.cmax};
+                    lse = online_lse(x, classes);
+                    x_label = x(label);
                 }
-                const float lse = m + logf(s);
                 ws.lse[pix] = lse;
-                loss = lse - to_f32(x[label]);
+                loss = lse - x_label;
                 valid = 1.0f;
             }
         }
@@ -202,16 +261,83 @@ __global__ void __launch_bounds__(kCeElemThreads) ce_dlogits(const cdcl_cross_en
     }
 }
 
+// Upsample: one thread per low-resolution logit element (n, i, j, c), coalesced in NHWC. Its
+// gradient is the sum over the label pixels (oh, ow) whose bilinear taps read (i, j) of
+// tap weight x (softmax - onehot) * scale at (oh, ow, c), the softmax recomputed from the
+// interpolated logit and the pixel's lse. The candidate pixels, the taps and the summation
+// order (rows, then columns within a row, both increasing) are resize_bilinear_bwd's, and each
+// pixel's term is ce_dlogits's expression: in f32 the result equals upsample -> cross-entropy
+// -> resize backward bit for bit. 0 on padding channels; ignored pixels contribute 0.
+template <typename T>
+__global__ void __launch_bounds__(kCeElemThreads) ce_dlogits_up(const cdcl_cross_entropy_params p) {
+    if (error_raised(p.err)) return;
+    const CeWorkspace ws = ce_workspace(p);
+    const T* x = static_cast<const T*>(p.logits);
+    T* dx = static_cast<T*>(p.dlogits);
+    const float sh = resize_scale(p.logit_h, p.h, p.align_corners);
+    const float sw = resize_scale(p.logit_w, p.w, p.align_corners);
+    const long long total = (long long)p.n * p.logit_h * p.logit_w * p.cmax;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int c = (int)(e % p.cmax);
+        long long r = e / p.cmax;
+        const int j = (int)(r % p.logit_w);
+        r /= p.logit_w;
+        const int i = (int)(r % p.logit_h);
+        const int n = (int)(r / p.logit_h);
+        const int d = ce_dataset_of(p, n);
+        float acc = 0.0f;
+        if (d >= 0 && c < p.num_classes[d]) {
+            const float scale = ws.scale[d];
+            int oh0, oh1, ow0, ow1;
+            resize_candidates(i, p.logit_h, p.h, p.align_corners, oh0, oh1);
+            resize_candidates(j, p.logit_w, p.w, p.align_corners, ow0, ow1);
+            for (int oh = oh0; oh <= oh1; ++oh) {
+                const Tap th = resize_tap(oh, p.logit_h, sh, p.align_corners);
+                if (th.lo != i && th.hi != i) continue;
+                const long long row_lo = ((long long)n * p.logit_h + th.lo) * p.logit_w;
+                const long long row_hi = ((long long)n * p.logit_h + th.hi) * p.logit_w;
+                float row = 0.0f;
+                for (int ow = ow0; ow <= ow1; ++ow) {
+                    const Tap tw = resize_tap(ow, p.logit_w, sw, p.align_corners);
+                    if (tw.lo != j && tw.hi != j) continue;
+                    const long long pix = ((long long)n * p.h + oh) * p.w + ow;
+                    const int label = ce_label(p.labels, p.label_dtype, pix);
+                    float g = 0.0f;
+                    if (label != CDCL_IGNORE_LABEL) {
+                        const float v = bilerp(to_f32(x[(row_lo + tw.lo) * p.cmax + c]), to_f32(x[(row_lo + tw.hi) * p.cmax + c]),
+                                               to_f32(x[(row_hi + tw.lo) * p.cmax + c]), to_f32(x[(row_hi + tw.hi) * p.cmax + c]),
+                                               th, tw);
+                        const float prob = expf(v - ws.lse[pix]);
+                        g = (prob - (c == label ? 1.0f : 0.0f)) * scale;
+                    }
+                    row = fmaf(tap_weight(tw, j), g, row);
+                }
+                acc = fmaf(tap_weight(th, i), row, acc);
+            }
+        }
+        dx[e] = from_f32<T>(acc);
+    }
+}
+
+// Source indices are f32, as PyTorch's: exact integers only up to 2^24 (as pool.cu).
+constexpr int kCeMaxResizeDim = 1 << 24;
+
 __host__ inline bool ce_params_ok(const cdcl_cross_entropy_params* p) {
     if (!p || p->n <= 0 || p->h <= 0 || p->w <= 0 || p->cmax <= 0 || p->num_datasets <= 0) return false;
     if (p->label_dtype != CDCL_DTYPE_U8 && p->label_dtype != CDCL_DTYPE_I32) return false;
+    if (p->upsample && (p->logit_h <= 0 || p->logit_w <= 0 || p->logit_h > kCeMaxResizeDim ||
+                        p->logit_w > kCeMaxResizeDim || p->h > kCeMaxResizeDim || p->w > kCeMaxResizeDim))
+        return false;
     const CeGeometry g = ce_geometry(*p);
     return p->dataset && p->num_classes && p->weights && p->logits && p->labels && p->loss && p->workspace &&
            p->err && g.pixels <= 2147483647LL && (long long)p->n * g.chunks <= 2147483647LL;
 }
 
+// Blocks for one thread per logit element (the low-resolution ones with upsample).
 __host__ inline unsigned ce_elem_blocks(const cdcl_cross_entropy_params& p) {
-    const long long total = ce_geometry(p).pixels * p.cmax;
+    const long long total =
+        (p.upsample ? (long long)p.n * p.logit_h * p.logit_w : ce_geometry(p).pixels) * (long long)p.cmax;
     const long long b = (total + kCeElemThreads - 1) / kCeElemThreads;
     return (unsigned)(b < 1 ? 1 : (b > kCeMaxElemBlocks ? kCeMaxElemBlocks : b));
 }
@@ -232,10 +358,14 @@ CDCL_API int32_t CDCL_PREFIX(cross_entropy)(const cdcl_cross_entropy_params* pp,
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
         const unsigned chunks = (unsigned)(p.n * ce_geometry(p).chunks);
-        int st = CDCL_LAUNCH(ce_partial<T>, dim3(chunks), dim3(kCeChunkPixels), 0, stream, p);
+        int st = p.upsample ? CDCL_LAUNCH((ce_partial<T, true>), dim3(chunks), dim3(kCeChunkPixels), 0, stream, p)
+                            : CDCL_LAUNCH((ce_partial<T, false>), dim3(chunks), dim3(kCeChunkPixels), 0, stream, p);
         if (st == CDCL_OK) st = CDCL_LAUNCH(ce_finalize, dim3(1), dim3(kCeFinalizeThreads), 0, stream, p);
-        if (st == CDCL_OK && p.dlogits)
-            st = CDCL_LAUNCH(ce_dlogits<T>, dim3(ce_elem_blocks(p)), dim3(kCeElemThreads), 0, stream, p);
+        if (st == CDCL_OK && p.dlogits) {
+            const dim3 grid(ce_elem_blocks(p));
+            st = p.upsample ? CDCL_LAUNCH(ce_dlogits_up<T>, grid, dim3(kCeElemThreads), 0, stream, p)
+                            : CDCL_LAUNCH(ce_dlogits<T>, grid, dim3(kCeElemThreads), 0, stream, p);
+        }
         return st;
     });
 }

@@ -6,8 +6,11 @@
 //
 // Backwards are gathers: one thread per input element sums the contributions of the output
 // elements that read it, in a fixed order. No atomics, so results are bitwise reproducible.
+// ppm_pool_backward gives the whole pyramid's input gradient (the identity slice plus every
+// level's pooling backward) in one such pass.
 // The design and the cost model are in docs/kernels.md.
 #include "cdcl_device.cuh"
+#include "resize.cuh"
 
 namespace CDCL_NAMESPACE {
 
@@ -101,6 +104,31 @@ __global__ void adaptive_avg_pool_fwd(const cdcl_pool_params p) {
 // dx[h, w] = sum over the bins (i, j) that contain (h, w) of dy[i, j] / area(i, j), bins in
 // row-major order. Along one axis, the bins containing h are i in
 // [floor(h*Out/In), ceil((h+1)*Out/In) - 1]; each candidate is still tested against its bin.
+// dy is [., out_h, out_w, dy_c_total], read at channel dy_c_offset + c. The one definition of the
+// pooling backward's sum, used by adaptive_avg_pool_bwd and ppm_pool_bwd.
+template <typename T, typename I>
+__device__ __forceinline__ float pool_bwd_gather(const T* dy, int n, int h, int w, int c, int in_h, int in_w, int out_h,
+                                                 int out_w, int dy_c_total, int dy_c_offset) {
+    const I oh = (I)out_h, ow = (I)out_w, ih = (I)in_h, iw = (I)in_w;
+    const int i0 = (int)((I)h * oh / ih);
+    const int i1 = min((int)(((I)(h + 1) * oh + ih - 1) / ih) - 1, out_h - 1);
+    const int j0 = (int)((I)w * ow / iw);
+    const int j1 = min((int)(((I)(w + 1) * ow + iw - 1) / iw) - 1, out_w - 1);
+    float acc = 0.0f;
+    for (int i = i0; i <= i1; ++i) {
+        const Bin bh = pool_bin<I>(i, in_h, out_h);
+        if (h < bh.start || h >= bh.end) continue;
+        for (int j = j0; j <= j1; ++j) {
+            const Bin bw = pool_bin<I>(j, in_w, out_w);
+            if (w < bw.start || w >= bw.end) continue;
+            // Bin lengths up to 2^24 are exact in f32: this is the rounded area, as in the forward.
+            const float area = (float)(bh.end - bh.start) * (float)(bw.end - bw.start);
+            acc += to_f32(dy[nhwc_index(n, i, j, dy_c_offset + c, out_h, out_w, dy_c_total)]) / area;
+        }
+    }
+    return acc;
+}
+
 template <typename T, typename I>
 __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
     const T* dy = static_cast<const T*>(p.dy);
@@ -114,83 +142,40 @@ __global__ void adaptive_avg_pool_bwd(const cdcl_pool_params p) {
         r /= p.in_w;
         const int h = (int)(r % p.in_h);
         const int n = (int)(r / p.in_h);
-        const I oh = (I)p.out_h, ow = (I)p.out_w, ih = (I)p.in_h, iw = (I)p.in_w;
-        const int i0 = (int)((I)h * oh / ih);
-        const int i1 = min((int)(((I)(h + 1) * oh + ih - 1) / ih) - 1, p.out_h - 1);
-        const int j0 = (int)((I)w * ow / iw);
-        const int j1 = min((int)(((I)(w + 1) * ow + iw - 1) / iw) - 1, p.out_w - 1);
-        float acc = 0.0f;
-        for (int i = i0; i <= i1; ++i) {
-            const Bin bh = pool_bin<I>(i, p.in_h, p.out_h);
-            if (h < bh.start || h >= bh.end) continue;
-            for (int j = j0; j <= j1; ++j) {
-                const Bin bw = pool_bin<I>(j, p.in_w, p.out_w);
-                if (w < bw.start || w >= bw.end) continue;
-                // Bin lengths up to 2^24 are exact in f32: this is the rounded area, as in the forward.
-                const float area = (float)(bh.end - bh.start) * (float)(bw.end - bw.start);
-                acc += to_f32(dy[nhwc_index(n, i, j, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]) / area;
-            }
+        dx[e] = from_f32<T>(
+            pool_bwd_gather<T, I>(dy, n, h, w, c, p.in_h, p.in_w, p.out_h, p.out_w, p.out_c_total, p.out_c_offset));
+    }
+}
+
+// The PPM's input gradient: base (the identity slice) plus every level's pooling backward, in
+// level order, each level summed exactly as adaptive_avg_pool_bwd sums it. The level loop is
+// unrolled to the maximum so that the Params arrays are indexed by constants (a dynamic index
+// into a kernel parameter array would copy it to local memory).
+template <typename T, typename I>
+__global__ void ppm_pool_bwd(const cdcl_ppm_backward_params p) {
+    const T* base = static_cast<const T*>(p.base);
+    T* dx = static_cast<T*>(p.dx);
+    const long long total = (long long)p.n * p.h * p.w * p.c;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int c = (int)(e % p.c);
+        long long r = e / p.c;
+        const int w = (int)(r % p.w);
+        r /= p.w;
+        const int h = (int)(r % p.h);
+        const int n = (int)(r / p.h);
+        float acc = to_f32(base[nhwc_index(n, h, w, c, p.h, p.w, p.base_c_total)]);
+        CDCL_UNROLL
+        for (int l = 0; l < CDCL_PPM_MAX_LEVELS; ++l) {
+            if (l < p.num_levels)
+                acc += pool_bwd_gather<T, I>(static_cast<const T*>(p.dpooled[l]), n, h, w, c, p.h, p.w, p.out_h[l],
+                                             p.out_w[l], p.c, 0);
         }
         dx[e] = from_f32<T>(acc);
     }
 }
 
 // ---- bilinear resize ---------------------------------------------------------------------------
-
-// PyTorch's area_pixel_compute_scale for a given output size (no scale factor), in f32.
-__host__ __device__ __forceinline__ float resize_scale(int in, int out, int align_corners) {
-    if (align_corners) return out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.0f;
-    return (float)in / (float)out;
-}
-
-// The two source taps of output index dst along one axis: value = (1 - lambda) * x[lo] +
-// lambda * x[hi]. The single definition used by the forward and by the backward's gather, so
-// the two agree on every weight bit for bit. fmaf pins the rounding on both targets.
-struct Tap {
-    int lo, hi;
-    float lambda;
-};
-__device__ __forceinline__ Tap resize_tap(int dst, int in, float scale, int align_corners) {
-    const float src = align_corners ? scale * (float)dst : fmaxf(fmaf(scale, (float)dst + 0.5f, -0.5f), 0.0f);
-    int lo = (int)src;  // src >= 0, so truncation is floor
-    if (lo > in - 1) lo = in - 1;  // never reached with exact arithmetic; keeps every access in bounds
-    Tap t;
-    t.lo = lo;
-    t.hi = lo < in - 1 ? lo + 1 : lo;
-    t.lambda = src - (float)lo;
-    return t;
-}
-
-// The weight with which output index dst (tap t) reads input index i: 0 when it does not.
-__device__ __forceinline__ float tap_weight(const Tap& t, int i) {
-    float wgt = 0.0f;
-    if (t.lo == i) wgt += 1.0f - t.lambda;
-    if (t.hi == i) wgt += t.lambda;
-    return wgt;
-}
-
-// A range [first, last] of output indices that contains every output whose taps touch input
-// index i (source index in [i - 1, i + 1]), from the inverse of the source-index map, widened
-// by one on each side against rounding. Candidates are then tested with resize_tap itself.
-__device__ __forceinline__ void resize_candidates(int i, int in, int out, int align_corners, int& first, int& last) {
-    if (align_corners && (in == 1 || out == 1)) {
-        first = 0;
-        last = out - 1;
-        return;
-    }
-    float lo, hi;
-    if (align_corners) {
-        const float inv = (float)(out - 1) / (float)(in - 1);
-        lo = (float)(i - 1) * inv;
-        hi = (float)(i + 1) * inv;
-    } else {
-        const float inv = (float)out / (float)in;
-        lo = ((float)i - 0.5f) * inv - 0.5f;
-        hi = ((float)i + 1.5f) * inv - 0.5f;
-    }
-    first = max((int)floorf(lo) - 1, 0);
-    last = min((int)ceilf(hi) + 1, out - 1);
-}
 
 template <typename T>
 __global__ void resize_bilinear_fwd(const cdcl_pool_params p) {
@@ -209,15 +194,10 @@ __global__ void resize_bilinear_fwd(const cdcl_pool_params p) {
         const int n = (int)(r / p.out_h);
         const Tap th = resize_tap(oh, p.in_h, sh, p.align_corners);
         const Tap tw = resize_tap(ow, p.in_w, sw, p.align_corners);
-        const float x00 = to_f32(x[nhwc_index(n, th.lo, tw.lo, c, p.in_h, p.in_w, p.c)]);
-        const float x01 = to_f32(x[nhwc_index(n, th.lo, tw.hi, c, p.in_h, p.in_w, p.c)]);
-        const float x10 = to_f32(x[nhwc_index(n, th.hi, tw.lo, c, p.in_h, p.in_w, p.c)]);
-        const float x11 = to_f32(x[nhwc_index(n, th.hi, tw.hi, c, p.in_h, p.in_w, p.c)]);
-        const float w0 = 1.0f - tw.lambda, h0 = 1.0f - th.lambda;
-        // PyTorch's order: h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11).
-        const float top = fmaf(w0, x00, tw.lambda * x01);
-        const float bottom = fmaf(w0, x10, tw.lambda * x11);
-        const float v = fmaf(h0, top, th.lambda * bottom);
+        const float v = bilerp(to_f32(x[nhwc_index(n, th.lo, tw.lo, c, p.in_h, p.in_w, p.c)]),
+                               to_f32(x[nhwc_index(n, th.lo, tw.hi, c, p.in_h, p.in_w, p.c)]),
+                               to_f32(x[nhwc_index(n, th.hi, tw.lo, c, p.in_h, p.in_w, p.c)]),
+                               to_f32(x[nhwc_index(n, th.hi, tw.hi, c, p.in_h, p.in_w, p.c)]), th, tw);
         y[nhwc_index(n, oh, ow, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)] = from_f32<T>(v);
     }
 }
@@ -312,6 +292,24 @@ CDCL_API int32_t CDCL_PREFIX(adaptive_avg_pool_backward)(const cdcl_pool_params*
         using T = decltype(tag);
         if (narrow) return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
         return CDCL_LAUNCH((adaptive_avg_pool_bwd<T, unsigned long long>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
+    });
+}
+
+CDCL_API int32_t CDCL_PREFIX(ppm_pool_backward)(const cdcl_ppm_backward_params* pp, void* stream) {
+    if (!pp || pp->n <= 0 || pp->h <= 0 || pp->w <= 0 || pp->c <= 0 || pp->base_c_total < pp->c || pp->num_levels < 0 ||
+        pp->num_levels > CDCL_PPM_MAX_LEVELS || !pp->base || !pp->dx)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_ppm_backward_params p = *pp;
+    bool narrow = true;
+    for (int l = 0; l < p.num_levels; ++l) {
+        if (p.out_h[l] <= 0 || p.out_w[l] <= 0 || !p.dpooled[l]) return CDCL_ERR_INVALID_PARAMS;
+        narrow = narrow && fits_u32(p.h, p.out_h[l]) && fits_u32(p.w, p.out_w[l]);
+    }
+    const unsigned blocks = elem_blocks((long long)p.n * p.h * p.w * p.c);
+    return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
+        using T = decltype(tag);
+        if (narrow) return CDCL_LAUNCH((ppm_pool_bwd<T, unsigned>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
+        return CDCL_LAUNCH((ppm_pool_bwd<T, unsigned long long>), dim3(blocks), dim3(kElemThreads), 0, stream, p);
     });
 }
 

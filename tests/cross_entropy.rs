@@ -445,3 +445,322 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
         Err(Error::DeviceMismatch { .. })
     ));
 }
+
+// ---- fused bilinear upsampling of the logits -------------------------------------------------
+//
+// Logits [N, lh, lw, Cmax] (lh, lw 1..=9), labels [N, H, W] at any size (1..=20 x 1..=17:
+// integer and non-integer ratios, 1x1 logit maps, labels smaller than the logits), both
+// align_corners modes, against the reference composition resize -> multi-head CE (and the
+// resize backward of its gradient).
+//
+// Tolerances: on top of the per-pixel errors above, each interpolated logit carries the error
+// of the f32 resize, δ = u M (8 (In + 2) + 3) with M = max|logit| and In = max(lh, lw)
+// (tests/pool.rs), which enters lse and x[label] once each: the losses get 4δ more. A
+// low-resolution gradient is a sum of high-resolution terms w·g with g = (p - onehot)·scale_d,
+// each off by at most (5e-5 + 2δ)·scale_d relative to the same bound as above, plus the f32
+// summation of the gather (64u, generous for the <= (Out/In + 2)^2 terms): the tolerance is
+// 2 (5e-5 + 2δ + 64u) · resize_backward(scale mask) + the storage rounding, plus the terms of
+// taps whose exact weight is 0 but whose f32 weight is a few ulps (see check_up_case).
+
+#[derive(Debug, Clone)]
+struct UpCase {
+    /// The labels' case: its h, w are the label resolution.
+    base: Case,
+    lh: usize,
+    lw: usize,
+    align_corners: bool,
+}
+
+impl UpCase {
+    fn logit_shape(&self) -> [usize; 4] {
+        [self.base.n, self.lh, self.lw, self.base.cmax()]
+    }
+}
+
+fn up_strategy() -> impl Strategy<Value = UpCase> {
+    (case_strategy(), 1usize..=9, 1usize..=9, any::<bool>()).prop_map(|(base, lh, lw, align_corners)| UpCase {
+        base,
+        lh,
+        lw,
+        align_corners,
+    })
+}
+
+/// Low-resolution logits (NaN padding) and label-resolution labels.
+fn make_up_data(k: &UpCase, dtype: DType) -> Data {
+    let low = Case { h: k.lh, w: k.lw, invalid: 0, seed: k.base.seed ^ 0x5EED, ..k.base.clone() };
+    Data { logits: make_data(&low, dtype).logits, labels: make_data(&k.base, dtype).labels }
+}
+
+fn check_up_case(k: &UpCase, dtype: DType, dev: &Device) -> Result<(), String> {
+    let b = &k.base;
+    let data = make_up_data(k, dtype);
+    let shape = k.logit_shape();
+    let logits = tensor(dev, &shape, &data.logits, dtype);
+    let labels = label_tensor(dev, b, &data.labels);
+    let datasets = dataset_tensor(dev, &b.datasets);
+    let sentinel = vec![SENTINEL; data.logits.len()];
+    let mut dlogits = tensor(dev, &shape, &sentinel, dtype);
+    let got = cross_entropy::forward_backward_upsampled_into(
+        &logits,
+        &labels,
+        &datasets,
+        &b.heads,
+        k.align_corners,
+        &opts(b),
+        &mut dlogits,
+    );
+
+    let lv = ArrayView4::from_shape(shape, &data.logits[..]).unwrap();
+    let yv = ArrayView3::from_shape((b.n, b.h, b.w), &data.labels[..]).unwrap();
+    let w = ref_weights(b);
+    let want = refce::multi_head_cross_entropy_upsampled(lv, yv, &b.datasets, &b.heads, &w, k.align_corners);
+    let want = match want {
+        Err(refce::LossReferenceError::InvalidLabel { dataset, label, position, num_classes }) => {
+            let expected = Error::InvalidLabel { dataset, label, position, num_classes };
+            return match got {
+                Err(e) if e == expected => {
+                    assert_close("dlogits after error", &host(&dlogits), &sentinel, |_| 0.0)?;
+                    match cross_entropy::forward_upsampled(
+                        &logits,
+                        &labels,
+                        &datasets,
+                        &b.heads,
+                        k.align_corners,
+                        &opts(b),
+                    ) {
+                        Err(e2) if e2 == expected => Ok(()),
+                        other => Err(format!("forward_upsampled: expected {expected:?}, got {other:?}")),
+                    }
+                }
+                other => Err(format!("expected {expected:?}, got {other:?}")),
+            };
+        }
+        Err(e) => return Err(format!("reference failed: {e}")),
+        Ok(v) => v,
+    };
+    let loss = got.map_err(|e| format!("kernel failed: {e}"))?;
+    let u = f32::EPSILON as f64 / 2.0;
+    let m = data.logits.iter().filter(|v| !v.is_nan()).fold(0.0f64, |a, v| a.max(v.abs()));
+    let delta = u * m * (8.0 * (k.lh.max(k.lw) + 2) as f64 + 3.0);
+    let tol = |v: f64| 5e-5 * (1.0 + v.abs()) + 4.0 * delta;
+    assert_close(
+        "per-dataset loss",
+        &loss.per_dataset.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &want.per_dataset,
+        |i| tol(want.per_dataset[i]),
+    )?;
+    assert_close("total loss", &[loss.total as f64], &[want.total], |_| tol(want.total) * 2.0)?;
+
+    let wg = refce::multi_head_cross_entropy_upsampled_grad(
+        lv,
+        yv,
+        &b.datasets,
+        &b.heads,
+        &w,
+        b.grad_scale as f64,
+        k.align_corners,
+    )
+    .map_err(|e| e.to_string())?;
+    // The magnitude each low-resolution gradient gathers: scale_d at every valid label pixel
+    // and class of its head, through the resize backward.
+    let cmax = b.cmax();
+    let mut mask = ndarray::Array4::<f64>::zeros((b.n, b.h, b.w, cmax));
+    for ((n, y, x, c), v) in mask.indexed_iter_mut() {
+        let d = b.datasets[n];
+        let label = data.labels[(n * b.h + y) * b.w + x];
+        if label != refce::IGNORE_LABEL && c < b.heads[d] {
+            *v = (w[d] / want.valid[d].max(1) as f64 * b.grad_scale as f64).abs();
+        }
+    }
+    let mag = cdcl::reference::pool::resize_bilinear_backward(mask.view(), k.lh, k.lw, k.align_corners);
+    let (wg, mag): (Vec<f64>, Vec<f64>) = (wg.iter().copied().collect(), mag.iter().copied().collect());
+    let got_g = host(&dlogits);
+    let us = unit_roundoff(dtype);
+    let underflow = if dtype == DType::F16 { 2f64.powi(-24) } else { 0.0 };
+    // A tap whose exact weight is 0 (an integer source index) may get a weight of a few ulps in
+    // f32, as in PyTorch: each of the <= kk candidate terms can add 2u (In + 2) scale.
+    let scale_max = mask.iter().fold(0.0f64, |a, &v| a.max(v));
+    let kk = ((b.h.div_ceil(k.lh) + 3) * (b.w.div_ceil(k.lw) + 3)) as f64;
+    let floor = 2.0 * u * (k.lh.max(k.lw) + 2) as f64 * kk * scale_max;
+    assert_close("dlogits", &got_g, &wg, |e| {
+        2.0 * ((5e-5 + 2.0 * delta + 64.0 * u) * mag[e] + floor) + 2.0 * us * wg[e].abs() + underflow
+    })?;
+    // Exact zeros where no term is ever evaluated: padding channels and datasets without a
+    // valid pixel.
+    let lhw = k.lh * k.lw;
+    let no_terms = |e: usize| {
+        let d = b.datasets[e / (lhw * cmax)];
+        e % cmax >= b.heads[d] || want.valid[d] == 0
+    };
+    if let Some(e) = (0..wg.len()).find(|&e| no_terms(e) && got_g[e] != 0.0) {
+        return Err(format!("dlogits element {e} should be exactly 0, got {}", got_g[e]));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn upsampled_loss_and_gradient_match_reference_f32(k in up_strategy()) {
+        check_up_case(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn upsampled_loss_and_gradient_match_reference_half_types(k in up_strategy(), bf in any::<bool>()) {
+        check_up_case(&k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+    }
+}
+
+fn up_case(lh: usize, lw: usize, h: usize, w: usize, align_corners: bool, seed: u64) -> UpCase {
+    let base = Case { h, w, ..fixed_case(vec![0, 2, 1, 2], 0.2, seed) };
+    UpCase { base, lh, lw, align_corners }
+}
+
+/// Shapes worth naming: 1x1 logits, PSPNet's factor 8, non-integer ratios both ways, the same
+/// size (the identity), labels smaller than the logits, one row or column.
+const UP_SHAPES: [(usize, usize, usize, usize); 7] =
+    [(1, 1, 9, 6), (4, 3, 32, 24), (3, 5, 7, 13), (5, 7, 11, 8), (6, 6, 6, 6), (9, 8, 4, 3), (1, 7, 5, 19)];
+
+#[test]
+fn upsampled_named_shapes() {
+    let dev = emulator();
+    for (i, &(lh, lw, h, w)) in UP_SHAPES.iter().enumerate() {
+        for align_corners in [false, true] {
+            let k = up_case(lh, lw, h, w, align_corners, 30 + i as u64);
+            check_up_case(&k, DType::F32, &dev)
+                .unwrap_or_else(|e| panic!("{lh}x{lw} -> {h}x{w} ac {align_corners}: {e}"));
+        }
+    }
+}
+
+/// In f32, the fused op equals the unfused chain — resize the logits, the cross-entropy at the
+/// label resolution, the resize backward of its gradient — bit for bit: same taps, same
+/// interpolation, same per-pixel expression, same gather order.
+#[test]
+fn upsampled_equals_resize_then_loss_bitwise() {
+    let dev = emulator();
+    for (i, &(lh, lw, h, w)) in UP_SHAPES.iter().enumerate() {
+        for align_corners in [false, true] {
+            let k = up_case(lh, lw, h, w, align_corners, 50 + i as u64);
+            let b = &k.base;
+            let data = make_up_data(&k, DType::F32);
+            let logits = tensor(&dev, &k.logit_shape(), &data.logits, DType::F32);
+            let labels = label_tensor(&dev, b, &data.labels);
+            let ds = dataset_tensor(&dev, &b.datasets);
+            let (fused_loss, fused_g) =
+                cross_entropy::forward_backward_upsampled(&logits, &labels, &ds, &b.heads, align_corners, &opts(b))
+                    .unwrap();
+            let up = cdcl::ops::pool::resize_bilinear(&logits, h, w, align_corners).unwrap();
+            let (loss, g_high) = cross_entropy::forward_backward(&up, &labels, &ds, &b.heads, &opts(b)).unwrap();
+            let g = cdcl::ops::pool::resize_bilinear_backward(&g_high, 0, &k.logit_shape(), align_corners).unwrap();
+            let what = format!("{lh}x{lw} -> {h}x{w}, align_corners {align_corners}");
+            assert_eq!(fused_loss.total.to_bits(), loss.total.to_bits(), "{what}: total loss");
+            assert_eq!(
+                fused_loss.per_dataset.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                loss.per_dataset.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: per-dataset losses"
+            );
+            assert!(common::bits(&fused_g) == common::bits(&g), "{what}: dlogits differ");
+            let fwd_only =
+                cross_entropy::forward_upsampled(&logits, &labels, &ds, &b.heads, align_corners, &opts(b)).unwrap();
+            assert_eq!(fwd_only.total.to_bits(), loss.total.to_bits(), "{what}: loss-only path");
+        }
+    }
+}
+
+fn run_up_bits(seed: u64, threads: u32) -> (Vec<u8>, Vec<u32>) {
+    let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+    let k = up_case(5, 7, 37, 51, false, 78);
+    let b = &k.base;
+    let data = make_up_data(&k, DType::F32);
+    let (loss, dlogits) = cross_entropy::forward_backward_upsampled(
+        &tensor(&dev, &k.logit_shape(), &data.logits, DType::F32),
+        &label_tensor(&dev, b, &data.labels),
+        &dataset_tensor(&dev, &b.datasets),
+        &b.heads,
+        k.align_corners,
+        &opts(b),
+    )
+    .unwrap();
+    let losses = std::iter::once(loss.total).chain(loss.per_dataset).map(f32::to_bits).collect();
+    (common::bits(&dlogits), losses)
+}
+
+#[test]
+fn upsampled_bitwise_identical_across_emulator_seeds() {
+    let base = run_up_bits(0, 1);
+    for (seed, threads) in [(1, 2), (0xFEED, 0), (42, 1)] {
+        assert!(run_up_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
+    }
+}
+
+#[test]
+fn upsampled_bad_inputs_are_typed_errors_and_write_nothing() {
+    let dev = emulator();
+    let k = up_case(3, 4, 13, 23, true, 5);
+    let b = &k.base;
+    let data = make_up_data(&k, DType::F32);
+    let shape = k.logit_shape();
+    let logits = tensor(&dev, &shape, &data.logits, DType::F32);
+    let ds = dataset_tensor(&dev, &b.datasets);
+    let o = CrossEntropyOptions::default();
+    let mut dlogits = tensor(&dev, &shape, &vec![SENTINEL; data.logits.len()], DType::F32);
+    let untouched = |t: &Tensor| host(t).iter().all(|&v| v == SENTINEL);
+
+    // The first bad label in label-pixel order, for u8 and i32 labels.
+    let hw = b.h * b.w;
+    let mut bad = data.labels.clone();
+    bad[2 * hw + 40] = 2; // sample 2 is dataset 1, 2 classes
+    bad[2 * hw + 41] = 254;
+    bad[3 * hw + 1] = 77;
+    for u8_labels in [true, false] {
+        let kk = Case { u8_labels, ..b.clone() };
+        let lt = label_tensor(&dev, &kk, &bad);
+        let err = cross_entropy::forward_backward_upsampled_into(&logits, &lt, &ds, &b.heads, true, &o, &mut dlogits)
+            .unwrap_err();
+        assert_eq!(err, Error::InvalidLabel { dataset: 1, label: 2, position: 2 * hw + 40, num_classes: 2 });
+        assert!(untouched(&dlogits));
+    }
+    // A bad dataset index.
+    let labels = label_tensor(&dev, b, &data.labels);
+    let bad_ds = Tensor::from_slice(&dev, &[4], &[0i32, 2, 3, 1]).unwrap();
+    let err =
+        cross_entropy::forward_backward_upsampled_into(&logits, &labels, &bad_ds, &b.heads, false, &o, &mut dlogits)
+            .unwrap_err();
+    assert_eq!(err, Error::DatasetIndexOutOfRange { sample: 2, index: 3, num_datasets: 3 });
+    assert!(untouched(&dlogits));
+
+    // Host-side: labels of another batch size or rank, dlogits at the label resolution.
+    let l2 = Tensor::zeros(&dev, &[b.h, b.w], DType::U8).unwrap();
+    assert!(matches!(
+        cross_entropy::forward_upsampled(&logits, &l2, &ds, &b.heads, true, &o),
+        Err(Error::InvalidShape { .. })
+    ));
+    let l3 = Tensor::zeros(&dev, &[b.n + 1, b.h, b.w], DType::U8).unwrap();
+    assert!(matches!(
+        cross_entropy::forward_upsampled(&logits, &l3, &ds, &b.heads, true, &o),
+        Err(Error::InvalidShape { .. })
+    ));
+    let lf = Tensor::zeros(&dev, &[b.n, b.h, b.w], DType::F32).unwrap();
+    assert!(matches!(
+        cross_entropy::forward_upsampled(&logits, &lf, &ds, &b.heads, true, &o),
+        Err(Error::UnsupportedDType { .. })
+    ));
+    let mut high = Tensor::zeros(&dev, &[b.n, b.h, b.w, b.cmax()], DType::F32).unwrap();
+    assert!(matches!(
+        cross_entropy::forward_backward_upsampled_into(&logits, &labels, &ds, &b.heads, true, &o, &mut high),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        cross_entropy::forward_upsampled(&logits, &labels, &ds, &[19, 2, 99], true, &o),
+        Err(Error::InvalidArgument(_))
+    ));
+    // The plain op still wants labels at the logits' resolution.
+    assert!(matches!(cross_entropy::forward(&logits, &labels, &ds, &b.heads, &o), Err(Error::ShapeMismatch { .. })));
+}

@@ -396,3 +396,98 @@ fn bad_input_is_a_typed_error() {
     let big = pool::MAX_RESIZE_DIM + 1;
     assert!(matches!(pool::resize_bilinear_backward(&out, 0, &[2, big, 1, 3], true), Err(Error::InvalidShape { .. })));
 }
+
+/// The pyramid's input gradient in one pass (`adaptive_avg_pool_backward_sum`) equals the
+/// pooling backward of each level followed by element-wise adds in level order, bit for bit in
+/// f32: any number of levels (none, fewer and more than the 8 of one launch), any level sizes
+/// (larger than the input too), the base a slice of a larger gradient. In f16 / bf16 the sum
+/// runs in f32 on the same values and is rounded once: exactly the f32 result, rounded.
+#[test]
+fn pyramid_backward_sum_equals_separate_backwards_and_adds() {
+    let dev = emulator();
+    let mut r = Rng(11);
+    for case in 0..24 {
+        let (n, h, w, c) = (1 + r.below(3), 1 + r.below(13), 1 + r.below(13), 1 + r.below(40));
+        let total = c + r.below(20);
+        let num_levels = [0, 1, 4, 8, 9, 11][case % 6];
+        let base_v: Vec<f64> = (0..n * h * w * total).map(|_| r.normal()).collect();
+        let level_v: Vec<(usize, usize, Vec<f64>)> = (0..num_levels)
+            .map(|_| {
+                let (bh, bw) = (1 + r.below(8), 1 + r.below(8));
+                (bh, bw, (0..n * bh * bw * c).map(|_| r.normal()).collect())
+            })
+            .collect();
+        let run = |dtype: DType| -> Tensor {
+            let base = tensor(&dev, &[n, h, w, total], &quantize(&base_v, dtype), dtype);
+            let levels: Vec<Tensor> =
+                level_v.iter().map(|(bh, bw, v)| tensor(&dev, &[n, *bh, *bw, c], &quantize(v, dtype), dtype)).collect();
+            let refs: Vec<&Tensor> = levels.iter().collect();
+            pool::adaptive_avg_pool_backward_sum(&base, &refs, &[n, h, w, c]).unwrap()
+        };
+        let what = format!("case {case}: {n}x{h}x{w}x{c} of {total}, {num_levels} levels");
+
+        // f32: the separate ops, in order.
+        let base = tensor(&dev, &[n, h, w, total], &base_v, DType::F32);
+        let mut acc = pool::adaptive_avg_pool_backward(&base, 0, &[n, h, w, c]).unwrap();
+        for (bh, bw, v) in &level_v {
+            let level = tensor(&dev, &[n, *bh, *bw, c], v, DType::F32);
+            let part = pool::adaptive_avg_pool_backward(&level, 0, &[n, h, w, c]).unwrap();
+            acc = cdcl::ops::elementwise::add(&acc, &part).unwrap();
+        }
+        let fused = run(DType::F32);
+        assert!(bits(&fused) == bits(&acc), "{what}: fused and separate differ");
+
+        // 16-bit storage: the f32 sum of the same (rounded) values, rounded once — only for up
+        // to 8 levels (beyond, each launch rounds its partial sum).
+        if num_levels <= 8 {
+            for dtype in [DType::F16, DType::BF16] {
+                let b = tensor(&dev, &[n, h, w, total], &quantize(&base_v, dtype), DType::F32);
+                let levels: Vec<Tensor> = level_v
+                    .iter()
+                    .map(|(bh, bw, v)| tensor(&dev, &[n, *bh, *bw, c], &quantize(v, dtype), DType::F32))
+                    .collect();
+                let refs: Vec<&Tensor> = levels.iter().collect();
+                let want = pool::adaptive_avg_pool_backward_sum(&b, &refs, &[n, h, w, c]).unwrap();
+                let got = run(dtype);
+                assert_eq!(got.dtype(), dtype);
+                // One rounding of the f32 value (half's f64 conversions may round differently).
+                let rounded: Vec<f64> = want
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(|v| match dtype {
+                        DType::F16 => half::f16::from_f32(v).to_f64(),
+                        _ => half::bf16::from_f32(v).to_f64(),
+                    })
+                    .collect();
+                assert!(host(&got) == rounded, "{what}: {dtype} is not the rounded f32 sum");
+            }
+        }
+    }
+}
+
+#[test]
+fn pyramid_backward_sum_rejects_bad_shapes() {
+    let dev = emulator();
+    let base = Tensor::zeros(&dev, &[2, 5, 6, 10], DType::F32).unwrap();
+    let good = Tensor::zeros(&dev, &[2, 3, 3, 4], DType::F32).unwrap();
+    let ok = pool::adaptive_avg_pool_backward_sum(&base, &[&good], &[2, 5, 6, 4]).unwrap();
+    assert_eq!(ok.shape(), [2, 5, 6, 4]);
+    let bad_c = Tensor::zeros(&dev, &[2, 3, 3, 5], DType::F32).unwrap();
+    let bad_n = Tensor::zeros(&dev, &[1, 3, 3, 4], DType::F32).unwrap();
+    let half = Tensor::zeros(&dev, &[2, 3, 3, 4], DType::F16).unwrap();
+    for (levels, shape) in [
+        (vec![&good, &bad_c], vec![2, 5, 6, 4]),
+        (vec![&bad_n], vec![2, 5, 6, 4]),
+        (vec![&good], vec![2, 5, 6, 11]),
+        (vec![&good], vec![2, 5, 7, 4]),
+        (vec![&good], vec![2, 5, 6]),
+    ] {
+        let e = pool::adaptive_avg_pool_backward_sum(&base, &levels, &shape).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. } | Error::InvalidShape { .. }), "{shape:?}: {e:?}");
+    }
+    assert!(matches!(
+        pool::adaptive_avg_pool_backward_sum(&base, &[&half], &[2, 5, 6, 4]),
+        Err(Error::DTypeMismatch { .. })
+    ));
+}

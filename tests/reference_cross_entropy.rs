@@ -104,3 +104,49 @@ fn metrics_reference_by_hand() {
     assert_eq!(metrics::iou(&m3), vec![Some(2.0 / 3.0), Some(0.75), None]);
     assert_eq!(metrics::miou(&m3), Some((2.0 / 3.0 + 0.75) / 2.0));
 }
+
+/// The upsampled loss's gradient (the resize backward of the high-resolution gradient) against
+/// central differences of the upsampled loss in the low-resolution logits, for integer and
+/// non-integer ratios, a 1x1 logit map, and both align_corners modes.
+#[test]
+fn upsampled_gradient_matches_central_finite_differences() {
+    let (_, _, ds, heads, w) = problem(1);
+    let mut r = Lcg(17);
+    for &((h, wd), (lh, lw)) in &[((3, 2), (7, 5)), ((2, 2), (8, 8)), ((1, 1), (3, 4)), ((4, 3), (3, 2))] {
+        for align_corners in [false, true] {
+            let logits = Array4::from_shape_simple_fn((4, h, wd, 8), || 4.0 * r.unit() - 2.0);
+            let mut labels = Array3::<i64>::zeros((4, lh, lw));
+            for ((ni, _, _), l) in labels.indexed_iter_mut() {
+                let u = r.unit();
+                *l = if u < 0.25 { IGNORE_LABEL } else { (r.unit() * heads[ds[ni]] as f64) as i64 };
+            }
+            let loss = |x: &Array4<f64>| {
+                multi_head_cross_entropy_upsampled(x.view(), labels.view(), &ds, &heads, &w, align_corners)
+                    .unwrap()
+                    .total
+            };
+            let g = multi_head_cross_entropy_upsampled_grad(
+                logits.view(),
+                labels.view(),
+                &ds,
+                &heads,
+                &w,
+                0.7,
+                align_corners,
+            )
+            .unwrap();
+            assert_eq!(g.dim(), logits.dim());
+            let eps = 1e-6;
+            for (idx, &analytic) in g.indexed_iter() {
+                let (mut plus, mut minus) = (logits.clone(), logits.clone());
+                plus[idx] += eps;
+                minus[idx] -= eps;
+                let numeric = 0.7 * (loss(&plus) - loss(&minus)) / (2.0 * eps);
+                assert!(
+                    (numeric - analytic).abs() < 1e-8,
+                    "{h}x{wd} -> {lh}x{lw}, align_corners {align_corners}, {idx:?}: numeric {numeric} vs analytic {analytic}"
+                );
+            }
+        }
+    }
+}

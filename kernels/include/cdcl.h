@@ -167,9 +167,9 @@ typedef struct cdcl_conv_params {
 #define CDCL_IGNORE_LABEL 255
 
 typedef struct cdcl_cross_entropy_params {
-    /* logits, dlogits: [n, h, w, cmax] in `dtype`. labels: [n, h, w] in `label_dtype`.
-       dataset: [n] int32. num_classes: [num_datasets] int32, each in 1..=cmax. weights:
-       [num_datasets] f32. n*h*w < 2^31. */
+    /* logits, dlogits: [n, h, w, cmax] in `dtype` ([n, logit_h, logit_w, cmax] with upsample).
+       labels: [n, h, w] in `label_dtype`. dataset: [n] int32. num_classes: [num_datasets]
+       int32, each in 1..=cmax. weights: [num_datasets] f32. n*h*w < 2^31. */
     int32_t n;
     int32_t h;
     int32_t w;
@@ -187,6 +187,15 @@ typedef struct cdcl_cross_entropy_params {
     float* loss;   /* [1 + num_datasets]: the weighted total, then the mean loss of each dataset */
     float* workspace; /* cdcl_*_cross_entropy_workspace_bytes() bytes, any content */
     cdcl_error_record* err;
+    /* Fused bilinear upsampling (upsample != 0): the logits are [n, logit_h, logit_w, cmax] and
+       label pixel (h, w) reads its logits interpolated to the labels' h x w as PyTorch's
+       interpolate(mode="bilinear", size=(h, w), align_corners) would; dlogits is the gradient
+       with respect to those low-resolution logits. Every spatial size <= 2^24. Unused (and the
+       logits [n, h, w, cmax]) when upsample == 0. */
+    int32_t upsample;
+    int32_t align_corners;
+    int32_t logit_h;
+    int32_t logit_w;
 } cdcl_cross_entropy_params;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -250,6 +259,29 @@ typedef struct cdcl_pool_params {
     const void* dy;
     void* dx;
 } cdcl_pool_params;
+
+/* The pyramid pooling module's input gradient in one pass (one read of each source, one write
+   of dx): dx [n, h, w, c] = base + the adaptive-average-pooling backward of each level, added in
+   level order, where base is channels 0..c of a [n, h, w, base_c_total] tensor (the identity
+   slice of the module's output gradient) and level l's gradient dpooled[l] is
+   [n, out_h[l], out_w[l], c]. Each level's sum is adaptive_avg_pool_backward's and the levels
+   are added in f32, so with f32 storage the result equals that op followed by element-wise
+   adds, bit for bit (16-bit storage rounds once, at the end). */
+#define CDCL_PPM_MAX_LEVELS 8
+typedef struct cdcl_ppm_backward_params {
+    int32_t n;
+    int32_t h;
+    int32_t w;
+    int32_t c;
+    int32_t base_c_total; /* >= c */
+    int32_t num_levels;   /* 0..=CDCL_PPM_MAX_LEVELS */
+    int32_t dtype;        /* cdcl_dtype: F32, F16 or BF16, the same for every tensor */
+    int32_t out_h[CDCL_PPM_MAX_LEVELS];
+    int32_t out_w[CDCL_PPM_MAX_LEVELS];
+    const void* base;
+    const void* dpooled[CDCL_PPM_MAX_LEVELS];
+    void* dx;
+} cdcl_ppm_backward_params;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Max pooling over NHWC, PyTorch's max_pool2d with indices (no dilation, floor mode).         */
@@ -392,6 +424,7 @@ CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_forward, (const cdcl_pool_params* p
 CDCL_DECLARE_BOTH(int32_t, adaptive_avg_pool_backward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_forward, (const cdcl_pool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, resize_bilinear_backward, (const cdcl_pool_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, ppm_pool_backward, (const cdcl_ppm_backward_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, maxpool_forward, (const cdcl_maxpool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, maxpool_backward, (const cdcl_maxpool_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, eltwise_add, (const cdcl_eltwise_params* p, void* stream))

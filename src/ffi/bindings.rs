@@ -4,6 +4,7 @@
 
 pub const CDCL_CONV_STATS_CHUNK: u32 = 64;
 pub const CDCL_IGNORE_LABEL: u32 = 255;
+pub const CDCL_PPM_MAX_LEVELS: u32 = 8;
 pub const CDCL_SGD_CHUNK: u32 = 4096;
 pub const CDCL_DTYPE_F32: cdcl_dtype = 0;
 pub const CDCL_DTYPE_F16: cdcl_dtype = 1;
@@ -229,10 +230,14 @@ pub struct cdcl_cross_entropy_params {
     pub loss: *mut f32,
     pub workspace: *mut f32,
     pub err: *mut cdcl_error_record,
+    pub upsample: i32,
+    pub align_corners: i32,
+    pub logit_h: i32,
+    pub logit_w: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of cdcl_cross_entropy_params"][::std::mem::size_of::<cdcl_cross_entropy_params>() - 104usize];
+    ["Size of cdcl_cross_entropy_params"][::std::mem::size_of::<cdcl_cross_entropy_params>() - 120usize];
     ["Alignment of cdcl_cross_entropy_params"][::std::mem::align_of::<cdcl_cross_entropy_params>() - 8usize];
     ["Offset of field: cdcl_cross_entropy_params::n"][::std::mem::offset_of!(cdcl_cross_entropy_params, n) - 0usize];
     ["Offset of field: cdcl_cross_entropy_params::h"][::std::mem::offset_of!(cdcl_cross_entropy_params, h) - 4usize];
@@ -265,6 +270,14 @@ const _: () = {
         [::std::mem::offset_of!(cdcl_cross_entropy_params, workspace) - 88usize];
     ["Offset of field: cdcl_cross_entropy_params::err"]
         [::std::mem::offset_of!(cdcl_cross_entropy_params, err) - 96usize];
+    ["Offset of field: cdcl_cross_entropy_params::upsample"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, upsample) - 104usize];
+    ["Offset of field: cdcl_cross_entropy_params::align_corners"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, align_corners) - 108usize];
+    ["Offset of field: cdcl_cross_entropy_params::logit_h"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, logit_h) - 112usize];
+    ["Offset of field: cdcl_cross_entropy_params::logit_w"]
+        [::std::mem::offset_of!(cdcl_cross_entropy_params, logit_w) - 116usize];
 };
 impl Default for cdcl_cross_entropy_params {
     fn default() -> Self {
@@ -407,6 +420,55 @@ const _: () = {
     ["Offset of field: cdcl_pool_params::dx"][::std::mem::offset_of!(cdcl_pool_params, dx) - 64usize];
 };
 impl Default for cdcl_pool_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_ppm_backward_params {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub base_c_total: i32,
+    pub num_levels: i32,
+    pub dtype: i32,
+    pub out_h: [i32; 8usize],
+    pub out_w: [i32; 8usize],
+    pub base: *const ::std::os::raw::c_void,
+    pub dpooled: [*const ::std::os::raw::c_void; 8usize],
+    pub dx: *mut ::std::os::raw::c_void,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_ppm_backward_params"][::std::mem::size_of::<cdcl_ppm_backward_params>() - 176usize];
+    ["Alignment of cdcl_ppm_backward_params"][::std::mem::align_of::<cdcl_ppm_backward_params>() - 8usize];
+    ["Offset of field: cdcl_ppm_backward_params::n"][::std::mem::offset_of!(cdcl_ppm_backward_params, n) - 0usize];
+    ["Offset of field: cdcl_ppm_backward_params::h"][::std::mem::offset_of!(cdcl_ppm_backward_params, h) - 4usize];
+    ["Offset of field: cdcl_ppm_backward_params::w"][::std::mem::offset_of!(cdcl_ppm_backward_params, w) - 8usize];
+    ["Offset of field: cdcl_ppm_backward_params::c"][::std::mem::offset_of!(cdcl_ppm_backward_params, c) - 12usize];
+    ["Offset of field: cdcl_ppm_backward_params::base_c_total"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, base_c_total) - 16usize];
+    ["Offset of field: cdcl_ppm_backward_params::num_levels"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, num_levels) - 20usize];
+    ["Offset of field: cdcl_ppm_backward_params::dtype"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, dtype) - 24usize];
+    ["Offset of field: cdcl_ppm_backward_params::out_h"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, out_h) - 28usize];
+    ["Offset of field: cdcl_ppm_backward_params::out_w"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, out_w) - 60usize];
+    ["Offset of field: cdcl_ppm_backward_params::base"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, base) - 96usize];
+    ["Offset of field: cdcl_ppm_backward_params::dpooled"]
+        [::std::mem::offset_of!(cdcl_ppm_backward_params, dpooled) - 104usize];
+    ["Offset of field: cdcl_ppm_backward_params::dx"][::std::mem::offset_of!(cdcl_ppm_backward_params, dx) - 168usize];
+};
+impl Default for cdcl_ppm_backward_params {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {
@@ -780,6 +842,12 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_resize_bilinear_backward(p: *const cdcl_pool_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_ppm_pool_backward(p: *const cdcl_ppm_backward_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_ppm_pool_backward(p: *const cdcl_ppm_backward_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
     pub fn cdcl_cuda_maxpool_forward(p: *const cdcl_maxpool_params, stream: *mut ::std::os::raw::c_void) -> i32;

@@ -18,12 +18,25 @@
 //! in the batch) contributes a loss of exactly 0 and a gradient of exactly 0, where PyTorch's
 //! mean reduction would give 0/0 = NaN and poison the whole step.
 //!
+//! **Fused bilinear upsampling.** PSPNet predicts at 1/8 of the label resolution and upsamples
+//! the logits bilinearly before the loss. [`forward_upsampled`] and
+//! [`forward_backward_upsampled`] take the low-resolution logits `[N, h, w, Cmax]` and the
+//! labels `[N, H, W]` and compute exactly the loss of
+//! `cross_entropy(interpolate(logits, size=(H, W), mode="bilinear", align_corners), labels)`
+//! (per head, as above), interpolating each label pixel's logits on the fly; the gradient is
+//! with respect to the low-resolution logits (the upsampling's backward applied to the
+//! high-resolution gradient, as a deterministic gather). The upsampled logits and their gradient
+//! are never stored. Error positions are label pixels. In f32 storage the results equal
+//! [`crate::ops::pool::resize_bilinear`] followed by [`forward_backward`] and
+//! [`crate::ops::pool::resize_bilinear_backward`] bit for bit.
+//!
 //! Kernels: `kernels/cross_entropy.cu`. Reference: [`crate::reference::cross_entropy`].
 
 use crate::device::{launcher, workspace_bytes, Device, DeviceBuffer, DeviceErrorRecord, Launcher};
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::ops::check;
+use crate::ops::pool::MAX_RESIZE_DIM;
 use crate::tensor::{DType, Tensor};
 
 /// The label that marks a pixel to ignore (PyTorch's `ignore_index` as CDCL uses it).
@@ -106,11 +119,15 @@ pub(crate) fn dataset_of_pixel(datasets: &Tensor, position: usize, hw: usize) ->
 
 struct Checked {
     n: usize,
+    /// Label (loss) resolution.
     h: usize,
     w: usize,
     cmax: usize,
     classes: Vec<i32>,
     weights: Vec<f32>,
+    /// `Some(align_corners)`: the logits are `[n, logit_hw.0, logit_hw.1, cmax]` and upsampled.
+    upsample: Option<bool>,
+    logit_hw: (usize, usize),
 }
 
 fn check_inputs(
@@ -119,11 +136,33 @@ fn check_inputs(
     datasets: &Tensor,
     num_classes: &[usize],
     opts: &CrossEntropyOptions,
+    upsample: Option<bool>,
 ) -> Result<Checked> {
-    let [n, h, w, cmax] = check::nhwc("cross-entropy logits", logits)?;
+    let [n, lh, lw, cmax] = check::nhwc("cross-entropy logits", logits)?;
     if !logits.dtype().is_float() {
         return Err(Error::UnsupportedDType { what: "cross-entropy logits", dtype: logits.dtype() });
     }
+    let (h, w) = match upsample {
+        None => (lh, lw),
+        Some(_) => {
+            let s = labels.shape();
+            if s.len() != 3 || s[0] != n || s[1] == 0 || s[2] == 0 {
+                return Err(Error::InvalidShape {
+                    what: "cross-entropy labels",
+                    shape: s.to_vec(),
+                    reason: format!("expected [N, H, W] with N = {n} (the logits' batch) and H, W >= 1"),
+                });
+            }
+            if [lh, lw, s[1], s[2]].iter().any(|&d| d > MAX_RESIZE_DIM) {
+                return Err(Error::InvalidShape {
+                    what: "cross-entropy labels",
+                    shape: vec![n, lh, lw, s[1], s[2]],
+                    reason: format!("the bilinear upsampling supports spatial sizes up to {MAX_RESIZE_DIM}"),
+                });
+            }
+            (s[1], s[2])
+        }
+    };
     check_labels("cross-entropy labels", labels, [n, h, w])?;
     check::dtype("dataset indices", datasets, DType::I32)?;
     check::shape("dataset indices", datasets, &[n])?;
@@ -142,7 +181,7 @@ fn check_inputs(
     if !opts.grad_scale.is_finite() {
         return Err(Error::InvalidArgument(format!("grad_scale must be finite, got {}", opts.grad_scale)));
     }
-    Ok(Checked { n, h, w, cmax, classes, weights })
+    Ok(Checked { n, h, w, cmax, classes, weights, upsample, logit_hw: (lh, lw) })
 }
 
 fn run(
@@ -174,6 +213,10 @@ fn run(
         logits: logits.ptr(),
         labels: labels.ptr(),
         loss: loss.ptr_mut().cast(),
+        upsample: g.upsample.is_some() as i32,
+        align_corners: g.upsample.unwrap_or(false) as i32,
+        logit_h: g.logit_hw.0 as i32,
+        logit_w: g.logit_hw.1 as i32,
         ..Default::default()
     };
     let mut ws = workspace(device, &p)?;
@@ -229,7 +272,7 @@ pub fn forward(
     num_classes: &[usize],
     opts: &CrossEntropyOptions,
 ) -> Result<CrossEntropyLoss> {
-    let g = check_inputs(logits, labels, datasets, num_classes, opts)?;
+    let g = check_inputs(logits, labels, datasets, num_classes, opts, None)?;
     run(logits, labels, datasets, &g, opts, None)
 }
 
@@ -256,9 +299,68 @@ pub fn forward_backward_into(
     opts: &CrossEntropyOptions,
     dlogits: &mut Tensor,
 ) -> Result<CrossEntropyLoss> {
-    let g = check_inputs(logits, labels, datasets, num_classes, opts)?;
+    let g = check_inputs(logits, labels, datasets, num_classes, opts, None)?;
+    run_into(logits, labels, datasets, &g, opts, dlogits)
+}
+
+fn run_into(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    g: &Checked,
+    opts: &CrossEntropyOptions,
+    dlogits: &mut Tensor,
+) -> Result<CrossEntropyLoss> {
     check::dtype("cross-entropy dlogits", dlogits, logits.dtype())?;
     check::shape("cross-entropy dlogits", dlogits, logits.shape())?;
     check::same_device(logits.device(), &[dlogits])?;
-    run(logits, labels, datasets, &g, opts, Some(dlogits))
+    run(logits, labels, datasets, g, opts, Some(dlogits))
+}
+
+/// The multi-head loss of the logits upsampled bilinearly to the labels' resolution, without
+/// its gradient: `logits` `[N, h, w, Cmax]`, `labels` `[N, H, W]` (any `H, W >= 1`, not
+/// necessarily multiples of `h, w`; smaller works too), `align_corners` as in PyTorch's
+/// `interpolate`. Otherwise as [`forward`]; error positions are label pixels
+/// `(n*H + y)*W + x`.
+pub fn forward_upsampled(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    num_classes: &[usize],
+    align_corners: bool,
+    opts: &CrossEntropyOptions,
+) -> Result<CrossEntropyLoss> {
+    let g = check_inputs(logits, labels, datasets, num_classes, opts, Some(align_corners))?;
+    run(logits, labels, datasets, &g, opts, None)
+}
+
+/// The loss of [`forward_upsampled`] and its gradient with respect to the low-resolution
+/// `logits`, in a new tensor like `logits`.
+pub fn forward_backward_upsampled(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    num_classes: &[usize],
+    align_corners: bool,
+    opts: &CrossEntropyOptions,
+) -> Result<(CrossEntropyLoss, Tensor)> {
+    let mut dlogits = Tensor::zeros(logits.device(), logits.shape(), logits.dtype())?;
+    let loss =
+        forward_backward_upsampled_into(logits, labels, datasets, num_classes, align_corners, opts, &mut dlogits)?;
+    Ok((loss, dlogits))
+}
+
+/// As [`forward_backward_upsampled`], writing the gradient into `dlogits` (same shape and dtype
+/// as `logits`; every element is overwritten). On any error `dlogits` is left untouched.
+pub fn forward_backward_upsampled_into(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    num_classes: &[usize],
+    align_corners: bool,
+    opts: &CrossEntropyOptions,
+    dlogits: &mut Tensor,
+) -> Result<CrossEntropyLoss> {
+    let g = check_inputs(logits, labels, datasets, num_classes, opts, Some(align_corners))?;
+    run_into(logits, labels, datasets, &g, opts, dlogits)
 }

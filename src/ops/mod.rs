@@ -11,5 +11,6 @@ pub mod elementwise;
 pub mod maxpool;
 pub mod metrics;
 pub mod pool;
+pub mod ppm;
 pub mod sgd;
 pub mod usss;

@@ -19,6 +19,9 @@ use crate::ffi;
 use crate::ops::check;
 use crate::tensor::Tensor;
 
+/// Levels one launch of [`adaptive_avg_pool_backward_sum`] takes (more are chained).
+const PPM_MAX_LEVELS: usize = ffi::CDCL_PPM_MAX_LEVELS as usize;
+
 const POOL_FORWARD: Launcher<ffi::cdcl_pool_params> =
     launcher!(adaptive_avg_pool_forward: cdcl_emu_adaptive_avg_pool_forward, cdcl_cuda_adaptive_avg_pool_forward);
 const POOL_BACKWARD: Launcher<ffi::cdcl_pool_params> =
@@ -27,6 +30,9 @@ const RESIZE_FORWARD: Launcher<ffi::cdcl_pool_params> =
     launcher!(resize_bilinear_forward: cdcl_emu_resize_bilinear_forward, cdcl_cuda_resize_bilinear_forward);
 const RESIZE_BACKWARD: Launcher<ffi::cdcl_pool_params> =
     launcher!(resize_bilinear_backward: cdcl_emu_resize_bilinear_backward, cdcl_cuda_resize_bilinear_backward);
+
+const PPM_BACKWARD: Launcher<ffi::cdcl_ppm_backward_params> =
+    launcher!(ppm_pool_backward: cdcl_emu_ppm_pool_backward, cdcl_cuda_ppm_pool_backward);
 
 /// Largest spatial size of a bilinear resize: its source indices are f32 (as PyTorch's), exact
 /// integers only up to 2^24.
@@ -232,4 +238,83 @@ pub fn resize_bilinear_backward(
     align_corners: bool,
 ) -> Result<Tensor> {
     backward(Op::Resize, &RESIZE_BACKWARD, dy, channel_offset, input_shape, align_corners)
+}
+
+/// The input gradient of a pyramid of adaptive average poolings of one input next to an
+/// identity branch (PSPNet's pyramid pooling module), in one pass over the input:
+/// `dx = base[.., .., .., 0..C] + Σ_l adaptive_avg_pool_backward(levels[l])`, the levels added in
+/// order. `base` is `[N, H, W, C_total]` with `C_total >= C` (the module's output gradient,
+/// whose first `C` channels are the identity's), each level `[N, b_h, b_w, C]` (any sizes),
+/// `input_shape` `[N, H, W, C]`; one dtype and one device. In f32 storage the result equals
+/// [`adaptive_avg_pool_backward`] of each level followed by element-wise adds in level order,
+/// bit for bit (in 16-bit storage the sum stays in f32 and is rounded once), while reading each
+/// source once and writing `dx` once (per `CDCL_PPM_MAX_LEVELS` = 8 levels; more levels chain
+/// launches, each rounding to the storage type).
+pub fn adaptive_avg_pool_backward_sum(base: &Tensor, levels: &[&Tensor], input_shape: &[usize]) -> Result<Tensor> {
+    const WHAT: &str = "pyramid pooling input gradient";
+    let [n, h, w, total] = float_input("pyramid pooling base gradient", base)?;
+    let dims: [usize; 4] = input_shape.try_into().map_err(|_| Error::InvalidShape {
+        what: WHAT,
+        shape: input_shape.to_vec(),
+        reason: "expected 4 dimensions, NHWC".into(),
+    })?;
+    let c = dims[3];
+    if dims[..3] != [n, h, w] || c == 0 || c > total {
+        return Err(Error::InvalidShape {
+            what: WHAT,
+            shape: input_shape.to_vec(),
+            reason: format!("expected [{n}, {h}, {w}, C] with 1 <= C <= {total} (the base gradient's channels)"),
+        });
+    }
+    for l in levels {
+        let [ln, _, _, lc] = float_input("pyramid pooling level gradient", l)?;
+        if ln != n || lc != c {
+            return Err(Error::ShapeMismatch {
+                what: "pyramid pooling level gradient",
+                expected: vec![n, l.shape()[1], l.shape()[2], c],
+                got: l.shape().to_vec(),
+            });
+        }
+        check::dtype("pyramid pooling level gradient", l, base.dtype())?;
+        check::same_device(base.device(), &[l])?;
+    }
+    let mut dx = Tensor::zeros(base.device(), input_shape, base.dtype())?;
+    let mut chunks = levels.chunks(PPM_MAX_LEVELS);
+    // The first launch reads the identity slice of `base`; later ones (more than 8 levels) add
+    // to the partial result, which is then the base.
+    let mut prev: Option<Tensor> = None;
+    loop {
+        let chunk = chunks.next().unwrap_or(&[]);
+        let mut p = ffi::cdcl_ppm_backward_params {
+            n: n as i32,
+            h: h as i32,
+            w: w as i32,
+            c: c as i32,
+            num_levels: chunk.len() as i32,
+            dtype: base.dtype().to_ffi(),
+            ..Default::default()
+        };
+        match &prev {
+            None => {
+                p.base = base.ptr();
+                p.base_c_total = total as i32;
+            }
+            Some(t) => {
+                p.base = t.ptr();
+                p.base_c_total = c as i32;
+            }
+        }
+        for (i, l) in chunk.iter().enumerate() {
+            p.out_h[i] = l.shape()[1] as i32;
+            p.out_w[i] = l.shape()[2] as i32;
+            p.dpooled[i] = l.ptr();
+        }
+        p.dx = dx.ptr_mut();
+        base.device().launch(&PPM_BACKWARD, &p)?;
+        if chunks.len() == 0 {
+            return Ok(dx);
+        }
+        let next = Tensor::zeros(base.device(), input_shape, base.dtype())?;
+        prev = Some(std::mem::replace(&mut dx, next));
+    }
 }

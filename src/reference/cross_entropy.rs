@@ -15,10 +15,18 @@
 //! `(softmax_c - [c == y]) * w_d / V_d * grad_scale`; 0 for ignored pixels and padding.
 //!
 //! Plain loops, f64 throughout, max-shifted two-pass log-sum-exp (no online softmax).
+//!
+//! The upsampled variants ([`multi_head_cross_entropy_upsampled`] and its gradient) are the
+//! composition PyTorch users write: the logits `[N, h, w, Cmax]` resized bilinearly to the
+//! labels' `H × W` ([`super::pool::resize_bilinear`]), the loss above, and for the gradient the
+//! resize's backward ([`super::pool::resize_bilinear_backward`]) applied to the gradient of the
+//! high-resolution logits.
 
 use std::fmt;
 
 use ndarray::{Array4, ArrayView3, ArrayView4};
+
+use super::pool::{resize_bilinear, resize_bilinear_backward};
 
 /// The label that marks a pixel to ignore.
 pub const IGNORE_LABEL: i64 = 255;
@@ -185,4 +193,55 @@ pub fn multi_head_cross_entropy_grad(
         }
     }
     Ok(grad)
+}
+
+/// The logits upsampled to the labels' resolution, after checking that the batch sizes agree
+/// and no size is zero.
+fn upsample_to_labels(
+    logits: &ArrayView4<f64>,
+    labels: &ArrayView3<i64>,
+    align_corners: bool,
+) -> Result<Array4<f64>, LossReferenceError> {
+    let (n, h, w, c) = logits.dim();
+    let (ln, lh, lw) = labels.dim();
+    if ln != n || [n, h, w, c, lh, lw].contains(&0) {
+        return Err(LossReferenceError::Shape(format!(
+            "labels {:?} vs logits {:?}: same N, every size at least 1",
+            labels.shape(),
+            logits.shape()
+        )));
+    }
+    Ok(resize_bilinear(logits.view(), lh, lw, align_corners))
+}
+
+/// The multi-head loss of `logits` `[N, h, w, Cmax]` bilinearly upsampled (`align_corners` as in
+/// PyTorch's `interpolate`) to the resolution of `labels` `[N, H, W]`.
+pub fn multi_head_cross_entropy_upsampled(
+    logits: ArrayView4<f64>,
+    labels: ArrayView3<i64>,
+    datasets: &[usize],
+    num_classes: &[usize],
+    weights: &[f64],
+    align_corners: bool,
+) -> Result<MultiHeadLoss, LossReferenceError> {
+    let up = upsample_to_labels(&logits, &labels, align_corners)?;
+    multi_head_cross_entropy(up.view(), labels, datasets, num_classes, weights)
+}
+
+/// Gradient of `grad_scale * total` of [`multi_head_cross_entropy_upsampled`] with respect to
+/// the low-resolution `logits`, `[N, h, w, Cmax]`: the resize's backward of the gradient of the
+/// upsampled logits.
+pub fn multi_head_cross_entropy_upsampled_grad(
+    logits: ArrayView4<f64>,
+    labels: ArrayView3<i64>,
+    datasets: &[usize],
+    num_classes: &[usize],
+    weights: &[f64],
+    grad_scale: f64,
+    align_corners: bool,
+) -> Result<Array4<f64>, LossReferenceError> {
+    let up = upsample_to_labels(&logits, &labels, align_corners)?;
+    let g = multi_head_cross_entropy_grad(up.view(), labels, datasets, num_classes, weights, grad_scale)?;
+    let (_, h, w, _) = logits.dim();
+    Ok(resize_bilinear_backward(g.view(), h, w, align_corners))
 }
