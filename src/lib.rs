@@ -32,8 +32,8 @@ pub mod ffi;
 pub mod nn;
 pub mod ops;
 pub mod reference;
-pub mod train;
 pub mod tensor;
+pub mod train;
 
 pub use device::{Device, DeviceKind, EmulatorConfig};
 pub use error::{Error, Result};

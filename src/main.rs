@@ -54,19 +54,19 @@ enum ModeArg {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Training iterations.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 300)]
     iters: usize,
     /// Images per dataset per iteration.
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Square crop size in pixels (a multiple of 8).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 96)]
     size: usize,
     /// ResNet depth: 18, 34, 50 or 101.
     #[arg(long, default_value = "18")]
     depth: String,
     /// Channel multiplier (1.0 = the paper's widths).
-    #[arg(long, default_value_t = 0.125)]
+    #[arg(long, default_value_t = 0.25)]
     width: f32,
     /// Three 3×3 convolutions as the stem.
     #[arg(long)]
@@ -155,7 +155,12 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             let map = (0..d)
                 .map(|k| {
                     (0..classes[k] as i32)
-                        .map(|c| data.info(k).fine_classes_of(c).first().map_or(255, |f| data.info(0).map_fine(f.label()) as u8))
+                        .map(|c| {
+                            data.info(k)
+                                .fine_classes_of(c)
+                                .first()
+                                .map_or(255, |f| data.info(0).map_fine(f.label()) as u8)
+                        })
                         .collect()
                 })
                 .collect();
@@ -171,8 +176,14 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         seed: args.seed,
         ..ModelConfig::resnet18(num_classes)
     };
-    let config =
-        TrainConfig { mode, interval: args.interval, base_lr: args.lr, max_iters: args.iters, seed: args.seed, ..Default::default() };
+    let config = TrainConfig {
+        mode,
+        interval: args.interval,
+        base_lr: args.lr,
+        max_iters: args.iters,
+        seed: args.seed,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(&backend, model, config)?;
     if let Some(path) = &args.resume {
         trainer.load_checkpoint(path)?;
@@ -227,23 +238,20 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("trained in {secs:.1} s");
-    // Held-out images: indices far from any training index.
-    let mut eval_batches = Vec::new();
-    for ds in 0..d {
+    // Held-out images: indices far from any training index. Each dataset is evaluated on its
+    // own, so that in label-remapping mode (one head) each still gets its own figures.
+    for (ds, &num) in classes.iter().enumerate() {
         let idx: Vec<u64> = (0..args.eval_images as u64).map(|i| (1u64 << 32) + i).collect();
+        let mut batches = Vec::new();
         for chunk in idx.chunks(args.batch.max(1)) {
-            eval_batches.push(to_train_batch(data.batch(ds, chunk)?, ds));
+            batches.push(to_train_batch(data.batch(ds, chunk)?, ds));
         }
-    }
-    let result = evaluate(&mut trainer, &eval_batches)?;
-    for ds in 0..d {
+        let result = evaluate(&mut trainer, &batches)?;
         let head = ds.min(trainer.model.num_heads() - 1);
-        let miou = result.miou(head);
         println!(
-            "held-out {:>5} ({} classes): mIoU {}  pixel accuracy {}",
+            "held-out {:>5} ({num} classes): mIoU {}  pixel accuracy {}",
             data.info(ds).name,
-            classes[ds],
-            miou.map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m)),
+            result.miou(head).map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m)),
             result.pixel_accuracy(head).map_or("n/a".into(), |a| format!("{:.1}%", 100.0 * a))
         );
     }

@@ -33,13 +33,7 @@ fn batch(dataset: usize, n: usize, h: usize, w: usize, classes: usize, seed: u64
 }
 
 fn tiny_model(num_classes: Vec<usize>, dropout: f32) -> ModelConfig {
-    ModelConfig {
-        depth: Depth::R18,
-        width: 1.0 / 16.0,
-        dropout,
-        seed: 7,
-        ..ModelConfig::resnet18(num_classes)
-    }
+    ModelConfig { depth: Depth::R18, width: 1.0 / 16.0, dropout, seed: 7, ..ModelConfig::resnet18(num_classes) }
 }
 
 /// Every parameter and gradient of a store, on the host, by name.
@@ -51,8 +45,16 @@ fn snapshot<B: Backend>(store: &ParamStore<B>) -> Vec<(String, Vec<f32>, Option<
     }
     for l in store.bn_layers() {
         let [g, b, m, v] = l.tables.tables();
-        out.push((format!("{}.gamma", l.name), be.to_f32(g).unwrap(), l.grad_gamma.as_ref().map(|t| be.to_f32(t).unwrap())));
-        out.push((format!("{}.beta", l.name), be.to_f32(b).unwrap(), l.grad_beta.as_ref().map(|t| be.to_f32(t).unwrap())));
+        out.push((
+            format!("{}.gamma", l.name),
+            be.to_f32(g).unwrap(),
+            l.grad_gamma.as_ref().map(|t| be.to_f32(t).unwrap()),
+        ));
+        out.push((
+            format!("{}.beta", l.name),
+            be.to_f32(b).unwrap(),
+            l.grad_beta.as_ref().map(|t| be.to_f32(t).unwrap()),
+        ));
         out.push((format!("{}.running_mean", l.name), be.to_f32(m).unwrap(), None));
         out.push((format!("{}.running_var", l.name), be.to_f32(v).unwrap(), None));
     }
@@ -141,14 +143,9 @@ fn ten_steps_cpu_and_emulator_agree() {
 #[test]
 fn gradient_check_dab_ppm_head() {
     let be = CpuBackend::new();
-    let mut store = ParamStore::new(be.clone());
-    let dab = Dab::new(
-        &mut store,
-        DabSpec::backbone("conv", "bn", 3, 6, 3, ConvGeometry::square(1, 1, 1)),
-        2,
-        3,
-    )
-    .unwrap();
+    let mut store = ParamStore::new(be);
+    let dab =
+        Dab::new(&mut store, DabSpec::backbone("conv", "bn", 3, 6, 3, ConvGeometry::square(1, 1, 1)), 2, 3).unwrap();
     let ppm: Vec<Dab> = [1usize, 2]
         .iter()
         .map(|b| {

@@ -41,19 +41,79 @@ pub struct Scalar(usize);
 pub struct Datasets(Var);
 
 enum Node<B: Backend> {
-    Conv { x: Var, w: WeightId, bias: Option<WeightId>, geometry: ConvGeometry, out: Var },
-    Dsbn { x: Var, residual: Option<Var>, datasets: Var, bn: BnId, saved: B::BnSaved, opts: DsbnOptions, out: Var },
-    Relu { out: Var, x: Var },
-    Add { a: Var, b: Var, out: Var },
-    MaxPool { x: Var, indices: B::Tensor, input_hw: (usize, usize), out: Var },
-    AvgPool { x: Var, input_hw: (usize, usize), out: Var },
-    Resize { x: Var, input_hw: (usize, usize), align_corners: bool, out: Var },
-    Concat { parts: Vec<(Var, usize)>, out: Var },
-    Dropout { x: Var, opts: Dropout2dOptions, out: Var },
-    SliceBatch { x: Var, start: usize, len: usize, out: Var },
-    ConcatBatch { parts: Vec<(Var, usize)>, out: Var },
-    CrossEntropy { logits: Var, labels: Var, datasets: Var, num_classes: Vec<usize>, weights: Option<Vec<f32>>, out: Scalar },
-    Sum { terms: Vec<(Scalar, f32)>, out: Scalar },
+    Conv {
+        x: Var,
+        w: WeightId,
+        bias: Option<WeightId>,
+        geometry: ConvGeometry,
+        out: Var,
+    },
+    Dsbn {
+        x: Var,
+        residual: Option<Var>,
+        datasets: Var,
+        bn: BnId,
+        saved: B::BnSaved,
+        opts: DsbnOptions,
+        out: Var,
+    },
+    Relu {
+        out: Var,
+        x: Var,
+    },
+    Add {
+        a: Var,
+        b: Var,
+        out: Var,
+    },
+    MaxPool {
+        x: Var,
+        indices: B::Tensor,
+        input_hw: (usize, usize),
+        out: Var,
+    },
+    AvgPool {
+        x: Var,
+        input_hw: (usize, usize),
+        out: Var,
+    },
+    Resize {
+        x: Var,
+        input_hw: (usize, usize),
+        align_corners: bool,
+        out: Var,
+    },
+    Concat {
+        parts: Vec<(Var, usize)>,
+        out: Var,
+    },
+    Dropout {
+        x: Var,
+        opts: Dropout2dOptions,
+        out: Var,
+    },
+    SliceBatch {
+        x: Var,
+        start: usize,
+        len: usize,
+        out: Var,
+    },
+    ConcatBatch {
+        parts: Vec<(Var, usize)>,
+        out: Var,
+    },
+    CrossEntropy {
+        logits: Var,
+        labels: Var,
+        datasets: Var,
+        num_classes: Vec<usize>,
+        weights: Option<Vec<f32>>,
+        out: Scalar,
+    },
+    Sum {
+        terms: Vec<(Scalar, f32)>,
+        out: Scalar,
+    },
 }
 
 /// One step's values and tape.
@@ -321,11 +381,7 @@ impl<B: Backend> Graph<B> {
             parts.iter().map(|&p| (p, self.values[p.0].shape().first().copied().unwrap_or(0))).collect();
         let refs: Vec<&B::Tensor> = parts.iter().map(|p| &self.values[p.0]).collect();
         let y = self.backend.concat_batch(&refs)?;
-        let host = parts
-            .iter()
-            .map(|p| self.host_i32[p.0].clone())
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.concat());
+        let host = parts.iter().map(|p| self.host_i32[p.0].clone()).collect::<Option<Vec<_>>>().map(|v| v.concat());
         let out = self.push(y, true);
         self.host_i32[out.0] = host;
         self.rec(Node::ConcatBatch { parts: with_n, out });
@@ -421,7 +477,8 @@ impl<B: Backend> Graph<B> {
                         let dx = b.conv2d_backward_data(&dy, wt, (h, wd), &geometry)?;
                         acc(&mut grads, x, dx)?;
                     }
-                    let (dw, db) = b.conv2d_backward_filter(&dy, &self.values[x.0], (k, r, s), bias.is_some(), &geometry)?;
+                    let (dw, db) =
+                        b.conv2d_backward_filter(&dy, &self.values[x.0], (k, r, s), bias.is_some(), &geometry)?;
                     store.accumulate_weight_grad(w, dw)?;
                     if let (Some(bid), Some(db)) = (bias, db) {
                         store.accumulate_weight_grad(bid, db)?;

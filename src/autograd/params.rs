@@ -111,7 +111,13 @@ impl<B: Backend> ParamStore<B> {
     }
 
     /// Registers a DSBN layer in PyTorch's initial state (γ = 1, β = 0, μ = 0, σ² = 1).
-    pub fn add_bn(&mut self, name: impl Into<String>, num_datasets: usize, channels: usize, group: Group) -> Result<BnId> {
+    pub fn add_bn(
+        &mut self,
+        name: impl Into<String>,
+        num_datasets: usize,
+        channels: usize,
+        group: Group,
+    ) -> Result<BnId> {
         let name = name.into();
         self.check_new_name(&name)?;
         let tables = self.backend.bn_new(num_datasets, channels)?;
@@ -171,7 +177,8 @@ impl<B: Backend> ParamStore<B> {
 
     /// Number of trainable scalars (weights, biases, γ and β of every dataset).
     pub fn num_parameters(&self) -> usize {
-        let w: usize = self.weights.iter().map(|w| crate::backend::TensorLike::shape(&w.value).iter().product::<usize>()).sum();
+        let w: usize =
+            self.weights.iter().map(|w| crate::backend::TensorLike::shape(&w.value).iter().product::<usize>()).sum();
         let b: usize = self.bns.iter().map(|b| 2 * b.num_datasets * b.channels).sum();
         w + b
     }

@@ -139,8 +139,13 @@ impl Classifier {
         seed: u64,
     ) -> Result<Self> {
         let (w, b) = conv_default(param_seed(seed, store.weights().len()), classes, 1, 1, in_channels);
-        let weight =
-            store.add_weight(format!("{name}.weight"), &[classes, 1, 1, in_channels], &w, Group::Head, Some(dataset))?;
+        let weight = store.add_weight(
+            format!("{name}.weight"),
+            &[classes, 1, 1, in_channels],
+            &w,
+            Group::Head,
+            Some(dataset),
+        )?;
         let bias = store.add_weight(format!("{name}.bias"), &[classes], &b, Group::Head, Some(dataset))?;
         Ok(Classifier { weight, bias, classes })
     }

@@ -99,7 +99,7 @@ impl PspNet {
         if config.num_bn == 0 || config.bins.is_empty() || config.bins.contains(&0) {
             return Err(Error::InvalidArgument("num_bn and every pyramid bin must be at least 1".into()));
         }
-        if !(0.0..1.0).contains(&config.dropout) || !(config.width > 0.0) {
+        if !(0.0..1.0).contains(&config.dropout) || config.width.is_nan() || config.width <= 0.0 {
             return Err(Error::InvalidArgument("dropout must be in [0, 1) and width positive".into()));
         }
         let seed = config.seed;
@@ -107,18 +107,17 @@ impl PspNet {
         use DabSpec as S;
         let backbone = S::backbone;
         let mut stem = Vec::new();
-        let stem_out;
-        if config.deep_stem {
+        let stem_out = if config.deep_stem {
             let (a, b) = (config.ch(64), config.ch(128));
             stem.push(Dab::new(store, backbone("conv1", "bn1", 3, a, 3, ConvGeometry::square(2, 1, 1)), nb, seed)?);
             stem.push(Dab::new(store, backbone("conv2", "bn2", a, a, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?);
             stem.push(Dab::new(store, backbone("conv3", "bn3", a, b, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?);
-            stem_out = b;
+            b
         } else {
             let a = config.ch(64);
             stem.push(Dab::new(store, backbone("conv1", "bn1", 3, a, 7, ConvGeometry::square(2, 3, 1)), nb, seed)?);
-            stem_out = a;
-        }
+            a
+        };
         let (counts, kind) = config.depth.layout();
         let mut inplanes = stem_out;
         let mut layers: [Vec<Block>; 4] = Default::default();
@@ -146,7 +145,8 @@ impl PspNet {
         }
         let cat = feat + red * config.bins.len();
         let mid = config.ch(512);
-        let bottleneck = Dab::new(store, S::head("cls.0", "cls.1", cat, mid, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?;
+        let bottleneck =
+            Dab::new(store, S::head("cls.0", "cls.1", cat, mid, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?;
         let mut cls = Vec::new();
         for (d, &c) in config.num_classes.iter().enumerate() {
             cls.push(Classifier::new(store, &format!("cls.4.{d}"), mid, c, d, seed)?);

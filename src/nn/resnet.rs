@@ -91,7 +91,9 @@ impl Block {
         let out = planes * kind.expansion();
         let g3 = |s: usize| ConvGeometry::square(s, dilation, dilation);
         let plans: Vec<(&str, &str, usize, usize, usize, ConvGeometry)> = match kind {
-            BlockKind::Basic => vec![("conv1", "bn1", inplanes, planes, 3, g3(stride)), ("conv2", "bn2", planes, planes, 3, g3(1))],
+            BlockKind::Basic => {
+                vec![("conv1", "bn1", inplanes, planes, 3, g3(stride)), ("conv2", "bn2", planes, planes, 3, g3(1))]
+            }
             BlockKind::Bottleneck => vec![
                 ("conv1", "bn1", inplanes, planes, 1, ConvGeometry::default()),
                 ("conv2", "bn2", planes, planes, 3, g3(stride)),

@@ -76,7 +76,11 @@ impl<B: Backend> Trainer<B> {
             let host: Vec<Vec<f32>> = tables.iter().map(|t| be.to_f32(t)).collect::<Result<_>>()?;
             for d in 0..l.num_datasets {
                 for (field, data) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&host) {
-                    tensors.push(f32s(format!("{}.bn.{d}.{field}", l.name), vec![c], data[d * c..(d + 1) * c].to_vec()));
+                    tensors.push(f32s(
+                        format!("{}.bn.{d}.{field}", l.name),
+                        vec![c],
+                        data[d * c..(d + 1) * c].to_vec(),
+                    ));
                 }
                 tensors.push(NamedTensor {
                     name: format!("{}.bn.{d}.num_batches_tracked", l.name),
@@ -124,7 +128,8 @@ impl<B: Backend> Trainer<B> {
                 },
             }
         };
-        let need = |name: &str, shape: &[usize]| -> Result<&[f32]> { get(name, shape)?.ok_or_else(|| bad(name, "missing")) };
+        let need =
+            |name: &str, shape: &[usize]| -> Result<&[f32]> { get(name, shape)?.ok_or_else(|| bad(name, "missing")) };
         let iteration: usize = ck
             .metadata
             .get("iteration")
@@ -143,7 +148,7 @@ impl<B: Backend> Trainer<B> {
         let mut bn_vals = Vec::new();
         for l in self.store.bn_layers() {
             let c = l.channels;
-            let mut tables = vec![Vec::with_capacity(l.num_datasets * c); 4];
+            let mut tables: Vec<Vec<f32>> = (0..4).map(|_| Vec::with_capacity(l.num_datasets * c)).collect();
             let mut moms: [Option<Vec<f32>>; 2] = [None, None];
             let mut tracked = Vec::new();
             for d in 0..l.num_datasets {

@@ -270,7 +270,12 @@ impl<B: Backend> Trainer<B> {
 
     /// Forward of every batch of a mixed iteration as ONE batch through the trunk, then each
     /// dataset's head on its samples.
-    fn forward_mixed(&mut self, g: &mut Graph<B>, batches: &[Batch], terms: &mut Vec<(Scalar, f32)>) -> Result<Vec<(usize, f32)>> {
+    fn forward_mixed(
+        &mut self,
+        g: &mut Graph<B>,
+        batches: &[Batch],
+        terms: &mut Vec<(Scalar, f32)>,
+    ) -> Result<Vec<(usize, f32)>> {
         let first = batches.first().ok_or_else(|| Error::InvalidArgument("no batch".into()))?;
         let (h, w) = (first.h, first.w);
         let mut images = Vec::new();
@@ -303,8 +308,7 @@ impl<B: Backend> Trainer<B> {
             let classes = [self.model.config.num_classes[head]];
             let wd = self.weight_of(b.dataset);
             let up = g.resize_bilinear(out.main, h, w, align)?;
-            let (loss, l) =
-                g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
+            let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
             terms.push((loss, wd));
             if let Some(aux) = out.aux {
                 let up = g.resize_bilinear(aux, h, w, align)?;
@@ -392,8 +396,12 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let root = g.weighted_sum(&terms);
-        let stats =
-            StepStats { iter: self.iter, total: g.scalar(root), per_dataset: means(&sums), lr: self.learning_rate(self.iter) };
+        let stats = StepStats {
+            iter: self.iter,
+            total: g.scalar(root),
+            per_dataset: means(&sums),
+            lr: self.learning_rate(self.iter),
+        };
         Ok((g, root, stats))
     }
 
@@ -509,7 +517,11 @@ pub(crate) fn check_batch(b: &Batch) -> Result<()> {
         _ => Err(Error::InvalidShape {
             what: "training batch",
             shape: vec![b.n, b.h, b.w],
-            reason: format!("{} image values and {} labels do not make N×H×W×3 and N×H×W", b.images.len(), b.labels.len()),
+            reason: format!(
+                "{} image values and {} labels do not make N×H×W×3 and N×H×W",
+                b.images.len(),
+                b.labels.len()
+            ),
         }),
     }
 }
