@@ -381,3 +381,25 @@ fn bad_input_is_a_typed_error() {
     }
     assert_eq!(t.iteration(), 0);
 }
+
+/// The Bottleneck ResNets with the deep stem build with PyTorch's names and train a step; the
+/// feature map is at 1/8 of the input (output stride 8) whatever the depth.
+#[test]
+fn resnet50_deep_stem_builds_and_steps() {
+    let be = CpuBackend::new();
+    let model = ModelConfig { depth: Depth::R50, deep_stem: true, ..tiny_model(vec![3, 2], 0.1) };
+    let mut t = Trainer::new(&be, model, TrainConfig::default()).unwrap();
+    let names: Vec<&str> = t.store.weights().iter().map(|w| w.name.as_str()).collect();
+    for n in ["conv3.weight", "layer1.0.downsample.0.weight", "layer3.5.conv3.weight", "layer4.2.conv2.weight"] {
+        assert!(names.contains(&n), "{n} missing");
+    }
+    let s = t.step(&[batch(0, 2, 32, 32, 3, 1), batch(1, 2, 32, 32, 2, 2)]).unwrap();
+    assert!(s.total.is_finite());
+    let mut g = Graph::new(&be, false);
+    let x = g.input(be.tensor_f32(&[1, 40, 48, 3], &vec![0.5; 40 * 48 * 3]).unwrap());
+    let ds = g.datasets(&[1]).unwrap();
+    let out = t.model.forward(&mut g, &mut t.store, x, ds, 1, 0).unwrap();
+    assert_eq!(cdcl::backend::TensorLike::shape(g.value(out.main)), &[1, 5, 6, 2]);
+    assert!(out.aux.is_none(), "no auxiliary head in evaluation");
+    assert!(matches!(Depth::parse("resnet152"), Err(cdcl::Error::InvalidArgument(_))));
+}
