@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::backend::{Backend, BnTables, TensorLike};
-use crate::checkpoint::{Checkpoint, NamedTensor, TensorData};
+use crate::checkpoint::{Checkpoint, NamedTensor};
 use crate::error::{Error, Result};
 
 use super::Trainer;
@@ -53,10 +53,6 @@ fn to_torch(data: Vec<f32>, shape: &[usize]) -> Vec<f32> {
     }
 }
 
-fn f32s(name: String, shape: Vec<usize>, data: Vec<f32>) -> NamedTensor {
-    NamedTensor { name, shape, data: TensorData::F32(data) }
-}
-
 impl<B: Backend> Trainer<B> {
     /// Everything a resumed run needs, as named host tensors.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
@@ -64,10 +60,10 @@ impl<B: Backend> Trainer<B> {
         let mut tensors = Vec::new();
         for w in self.store.weights() {
             let shape = w.value.shape().to_vec();
-            tensors.push(f32s(w.name.clone(), torch_shape(&shape), to_torch(be.to_f32(&w.value)?, &shape)));
+            tensors.push(NamedTensor::f32(w.name.clone(), torch_shape(&shape), to_torch(be.to_f32(&w.value)?, &shape)));
             if let Some(m) = &w.momentum {
                 let name = format!("{OPT}{}.momentum_buffer", w.name);
-                tensors.push(f32s(name, torch_shape(&shape), to_torch(be.to_f32(m)?, &shape)));
+                tensors.push(NamedTensor::f32(name, torch_shape(&shape), to_torch(be.to_f32(m)?, &shape)));
             }
         }
         for l in self.store.bn_layers() {
@@ -76,22 +72,19 @@ impl<B: Backend> Trainer<B> {
             let host: Vec<Vec<f32>> = tables.iter().map(|t| be.to_f32(t)).collect::<Result<_>>()?;
             for d in 0..l.num_datasets {
                 for (field, data) in ["weight", "bias", "running_mean", "running_var"].iter().zip(&host) {
-                    tensors.push(f32s(
+                    tensors.push(NamedTensor::f32(
                         format!("{}.bn.{d}.{field}", l.name),
                         vec![c],
                         data[d * c..(d + 1) * c].to_vec(),
                     ));
                 }
-                tensors.push(NamedTensor {
-                    name: format!("{}.bn.{d}.num_batches_tracked", l.name),
-                    shape: vec![],
-                    data: TensorData::I64(vec![l.batches_tracked[d]]),
-                });
+                let name = format!("{}.bn.{d}.num_batches_tracked", l.name);
+                tensors.push(NamedTensor::i64(name, vec![], vec![l.batches_tracked[d]]));
                 for (field, m) in [("weight", &l.momentum_gamma), ("bias", &l.momentum_beta)] {
                     if let Some(m) = m {
                         let all = be.to_f32(m)?;
                         let name = format!("{OPT}{}.bn.{d}.{field}.momentum_buffer", l.name);
-                        tensors.push(f32s(name, vec![c], all[d * c..(d + 1) * c].to_vec()));
+                        tensors.push(NamedTensor::f32(name, vec![c], all[d * c..(d + 1) * c].to_vec()));
                     }
                 }
             }
@@ -118,23 +111,13 @@ impl<B: Backend> Trainer<B> {
     /// Loads parameters, running statistics, momentum buffers and the iteration. Every model
     /// tensor must be present with its shape; nothing is changed when one is not.
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        let bad = |name: &str, why: &str| Error::InvalidArgument(format!("checkpoint tensor {name}: {why}"));
-        let get = |name: &str, shape: &[usize]| -> Result<Option<&[f32]>> {
-            match ck.get(name) {
-                None => Ok(None),
-                Some(t) => match &t.data {
-                    TensorData::F32(v) if t.shape == shape => Ok(Some(v.as_slice())),
-                    _ => Err(bad(name, &format!("expected f32 {shape:?}, got {:?}", t.shape))),
-                },
-            }
-        };
-        let need =
-            |name: &str, shape: &[usize]| -> Result<&[f32]> { get(name, shape)?.ok_or_else(|| bad(name, "missing")) };
-        let iteration: usize = ck
-            .metadata
-            .get("iteration")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("metadata.iteration", "missing or not a number"))?;
+        // Momentum buffers are optional (a parameter that never had a gradient has none).
+        let optional = |name: &str, shape: &[usize]| ck.get(name).map(|_| ck.f32(name, shape)).transpose();
+        let need = |name: &str, shape: &[usize]| ck.f32(name, shape);
+        let iteration: usize =
+            ck.metadata.get("iteration").and_then(|s| s.parse().ok()).ok_or_else(|| {
+                Error::InvalidArgument("checkpoint metadata: iteration missing or not a number".into())
+            })?;
         // Validate everything first, then write.
         let mut weight_vals = Vec::new();
         for w in self.store.weights() {
@@ -142,7 +125,7 @@ impl<B: Backend> Trainer<B> {
             let ts = torch_shape(&shape);
             let from = |v: &[f32]| if shape.len() == 4 { permute(v, &shape, false) } else { v.to_vec() };
             let val = from(need(&w.name, &ts)?);
-            let mom = get(&format!("{OPT}{}.momentum_buffer", w.name), &ts)?.map(from);
+            let mom = optional(&format!("{OPT}{}.momentum_buffer", w.name), &ts)?.map(from);
             weight_vals.push((val, mom));
         }
         let mut bn_vals = Vec::new();
@@ -155,13 +138,13 @@ impl<B: Backend> Trainer<B> {
                 for (i, field) in ["weight", "bias", "running_mean", "running_var"].iter().enumerate() {
                     tables[i].extend_from_slice(need(&format!("{}.bn.{d}.{field}", l.name), &[c])?);
                 }
-                let tn = format!("{}.bn.{d}.num_batches_tracked", l.name);
-                match ck.get(&tn).map(|t| &t.data) {
-                    Some(TensorData::I64(v)) if v.len() == 1 => tracked.push(v[0]),
-                    _ => return Err(bad(&tn, "missing or not an i64 scalar")),
+                let name = format!("{}.bn.{d}.num_batches_tracked", l.name);
+                match ck.i64(&name, &[])? {
+                    [count] => tracked.push(*count),
+                    _ => return Err(Error::InvalidArgument(format!("checkpoint tensor {name}: not one i64"))),
                 }
                 for (i, field) in ["weight", "bias"].iter().enumerate() {
-                    if let Some(m) = get(&format!("{OPT}{}.bn.{d}.{field}.momentum_buffer", l.name), &[c])? {
+                    if let Some(m) = optional(&format!("{OPT}{}.bn.{d}.{field}.momentum_buffer", l.name), &[c])? {
                         moms[i].get_or_insert_with(|| vec![0.0; l.num_datasets * c])[d * c..(d + 1) * c]
                             .copy_from_slice(m);
                     }

@@ -16,7 +16,7 @@ pub use eval::{evaluate, EvalResult};
 use crate::autograd::{Graph, Group, ParamStore, Scalar};
 use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
-use crate::nn::{ModelConfig, PspNet};
+use crate::nn::{ModelConfig, Outputs, PspNet};
 use crate::ops::sgd::SgdOptions;
 use crate::reference::dropout::splitmix64;
 
@@ -46,7 +46,7 @@ pub enum Mode {
     /// One forward over a batch that mixes every dataset (our kernels pick each sample's BN
     /// slice), then each dataset's head on its samples.
     Mixed,
-    /// Baseline: train on dataset `0` only.
+    /// Baseline: train on the given dataset only.
     Single(usize),
     /// Baseline: DAT, but every BatchNorm is shared by all datasets (build the model with
     /// `num_bn = 1`).
@@ -252,6 +252,19 @@ impl<B: Backend> Trainer<B> {
         let head = self.head_of(b.dataset);
         let seed = splitmix64(self.config.seed, ((self.iter as u64) << 16) | pass as u64);
         let out = self.model.forward(g, &mut self.store, x, ds, head, seed)?;
+        self.add_losses(g, b, head, out, terms)
+    }
+
+    /// Upsamples head `head`'s logits of batch `b` to the label size and adds their weighted
+    /// main and auxiliary losses to `terms`; returns the main loss.
+    fn add_losses(
+        &self,
+        g: &mut Graph<B>,
+        b: &Batch,
+        head: usize,
+        out: Outputs,
+        terms: &mut Vec<(Scalar, f32)>,
+    ) -> Result<f32> {
         let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
         let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
         let classes = [self.model.config.num_classes[head]];
@@ -294,7 +307,6 @@ impl<B: Backend> Trainer<B> {
         let dsv = g.datasets(&ds)?;
         let seed = splitmix64(self.config.seed, (self.iter as u64) << 16);
         let (feat, aux) = self.model.features(g, &mut self.store, x, dsv, seed)?;
-        let align = self.model.config.align_corners;
         let mut start = 0;
         let mut losses = Vec::new();
         for b in batches {
@@ -303,19 +315,7 @@ impl<B: Backend> Trainer<B> {
             start += b.n;
             let head = self.head_of(b.dataset);
             let out = self.model.classify(g, &self.store, (f, a), head)?;
-            let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
-            let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
-            let classes = [self.model.config.num_classes[head]];
-            let wd = self.weight_of(b.dataset);
-            let up = g.resize_bilinear(out.main, h, w, align)?;
-            let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
-            terms.push((loss, wd));
-            if let Some(aux) = out.aux {
-                let up = g.resize_bilinear(aux, h, w, align)?;
-                let (al, _) = g.cross_entropy(up, labels, zeros, &classes, None)?;
-                terms.push((al, wd * self.config.aux_weight));
-            }
-            losses.push((b.dataset, l.total));
+            losses.push((b.dataset, self.add_losses(g, b, head, out, terms)?));
         }
         Ok(losses)
     }
