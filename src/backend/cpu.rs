@@ -30,14 +30,16 @@ use rayon::prelude::*;
 
 use super::{Backend, BnGrads, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
+use crate::ops::check::{self, finite_positive};
 use crate::ops::conv::ConvGeometry;
-use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions, IGNORE_LABEL};
+use crate::ops::cross_entropy::{check_heads, CrossEntropyLoss, CrossEntropyOptions, IGNORE_LABEL};
 use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::pool::MAX_RESIZE_DIM;
 use crate::ops::sgd::SgdOptions;
 use crate::reference::dropout::keep;
+use crate::reference::pool::{bilinear_taps, pool_bin};
 use crate::tensor::DType;
 
 // ---- tensors ------------------------------------------------------------------------------------
@@ -231,26 +233,7 @@ fn shape_is(what: &'static str, t: &CpuTensor, expected: &[usize]) -> Result<()>
 
 /// A 4-D NHWC tensor with every dimension in 1..=i32::MAX (as `ops::check::nhwc`).
 fn nhwc(what: &'static str, t: &CpuTensor) -> Result<[usize; 4]> {
-    let s = t.shape();
-    let bad = |reason: &str| Err(Error::InvalidShape { what, shape: s.to_vec(), reason: reason.into() });
-    if s.len() != 4 {
-        return bad("expected 4 dimensions, NHWC");
-    }
-    if s.contains(&0) {
-        return bad("every dimension must be at least 1");
-    }
-    if s.iter().any(|&d| d > i32::MAX as usize) || t.numel() > i64::MAX as usize / 8 {
-        return bad("too large for 32-bit dimensions");
-    }
-    Ok([s[0], s[1], s[2], s[3]])
-}
-
-fn finite_positive(what: &str, v: f32) -> Result<()> {
-    if v.is_finite() && v > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!("{what} must be finite and positive, got {v}")))
-    }
+    check::nhwc_dims(what, t.shape())
 }
 
 /// Every index in `0..num_datasets`, else the first bad one (before anything is written).
@@ -266,24 +249,6 @@ fn dataset_indices(datasets: &[i32], num_datasets: usize) -> Result<Vec<usize>> 
             }
         })
         .collect()
-}
-
-/// As `ops::cross_entropy::check_heads`.
-fn check_heads(num_classes: &[usize], cmax: usize) -> Result<()> {
-    if num_classes.is_empty() || num_classes.len() > i32::MAX as usize {
-        return Err(Error::InvalidArgument(format!(
-            "num_classes must name between 1 and 2^31 - 1 datasets, got {}",
-            num_classes.len()
-        )));
-    }
-    for (d, &c) in num_classes.iter().enumerate() {
-        if c == 0 || c > cmax {
-            return Err(Error::InvalidArgument(format!(
-                "dataset {d} has {c} classes: every head needs 1..={cmax} classes (the logits' channels)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// PyTorch's ReLU: NaN passes through.
@@ -1646,32 +1611,6 @@ fn resize_limit(what: &'static str, [n, h, w, c]: [usize; 4], oh: usize, ow: usi
         });
     }
     Ok(())
-}
-
-/// Input range `[floor(i·In/Out), ceil((i+1)·In/Out))` of adaptive-pooling bin `i`.
-fn pool_bin(i: usize, inp: usize, out: usize) -> (usize, usize) {
-    (i * inp / out, ((i + 1) * inp).div_ceil(out))
-}
-
-/// PyTorch's bilinear source taps of output index `dst` along an axis, in f64:
-/// `src = dst·(In−1)/(Out−1)` (0 when Out = 1) with `align_corners`, else
-/// `max((dst + ½)·In/Out − ½, 0)`; taps `lo = floor(src)`, `hi = min(lo + 1, In − 1)` with
-/// weights `1 − λ`, `λ = src − lo`.
-fn bilinear_taps(dst: usize, inp: usize, out: usize, align_corners: bool) -> [(usize, f64); 2] {
-    let (i, o, d) = (inp as f64, out as f64, dst as f64);
-    let src = if align_corners {
-        if out > 1 {
-            d * (i - 1.0) / (o - 1.0)
-        } else {
-            0.0
-        }
-    } else {
-        ((d + 0.5) * i / o - 0.5).max(0.0)
-    };
-    let lo = (src.floor() as usize).min(inp - 1);
-    let hi = (lo + 1).min(inp - 1);
-    let lambda = src - lo as f64;
-    [(lo, 1.0 - lambda), (hi, lambda)]
 }
 
 /// Dropout2d as the kernels do it: per (sample, channel) a factor, 0 where

@@ -30,6 +30,7 @@ use crate::backend::{Backend, BnGrads, BnTables, SgdTensor};
 use crate::device::{CopyRegion, Device};
 use crate::error::{Error, Result};
 use crate::ops;
+use crate::ops::check::{self, nhwc};
 use crate::ops::conv::ConvGeometry;
 use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions};
 use crate::ops::dropout::Dropout2dOptions;
@@ -70,26 +71,6 @@ impl BnTables<Tensor> for DsbnState {
     }
 }
 
-fn dtype_is(what: &'static str, t: &Tensor, expected: DType) -> Result<()> {
-    if t.dtype() == expected {
-        Ok(())
-    } else {
-        Err(Error::DTypeMismatch { what, expected, got: t.dtype() })
-    }
-}
-
-/// The dimensions of a 4-D NHWC tensor, every one at least 1.
-fn nhwc(what: &'static str, t: &Tensor) -> Result<[usize; 4]> {
-    match *t.shape() {
-        [n, h, w, c] if n > 0 && h > 0 && w > 0 && c > 0 => Ok([n, h, w, c]),
-        _ => Err(Error::InvalidShape {
-            what,
-            shape: t.shape().to_vec(),
-            reason: "expected 4 dimensions NHWC, each at least 1".into(),
-        }),
-    }
-}
-
 /// A residual must match the DSBN input exactly (checked before anything is written).
 fn check_residual(x: &Tensor, residual: &Tensor) -> Result<()> {
     if residual.shape() != x.shape() {
@@ -99,7 +80,7 @@ fn check_residual(x: &Tensor, residual: &Tensor) -> Result<()> {
             got: residual.shape().to_vec(),
         });
     }
-    dtype_is("DSBN residual", residual, x.dtype())?;
+    check::dtype("DSBN residual", residual, x.dtype())?;
     x.device().check_same(residual.device())
 }
 
@@ -109,7 +90,7 @@ fn check_parts(what: &'static str, parts: &[&Tensor]) -> Result<DType> {
         return Err(Error::InvalidArgument(format!("{what}: nothing to concatenate")));
     };
     for p in parts {
-        dtype_is(what, p, first.dtype())?;
+        check::dtype(what, p, first.dtype())?;
     }
     Ok(first.dtype())
 }
@@ -145,13 +126,13 @@ impl Backend for DeviceBackend {
 
     fn to_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         self.on_device(&[t])?;
-        dtype_is("read-back as f32", t, DType::F32)?;
+        check::dtype("read-back as f32", t, DType::F32)?;
         t.to_vec()
     }
 
     fn to_i32(&self, t: &Tensor) -> Result<Vec<i32>> {
         self.on_device(&[t])?;
-        dtype_is("read-back as i32", t, DType::I32)?;
+        check::dtype("read-back as i32", t, DType::I32)?;
         t.to_vec()
     }
 
@@ -301,8 +282,8 @@ impl Backend for DeviceBackend {
     fn max_pool2d_backward(&self, dy: &Tensor, indices: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
         self.on_device(&[dy, indices])?;
         let [n, p, q, c] = nhwc("max pooling output gradient", dy)?;
-        dtype_is("max pooling output gradient", dy, DType::F32)?;
-        dtype_is("max pooling indices", indices, DType::I32)?;
+        check::dtype("max pooling output gradient", dy, DType::F32)?;
+        check::dtype("max pooling indices", indices, DType::I32)?;
         if indices.shape() != dy.shape() {
             return Err(Error::ShapeMismatch {
                 what: "max pooling indices",

@@ -1,7 +1,7 @@
 //! One safe function per kernel family: validate shapes, dtypes, devices and ranges; launch;
 //! turn the kernels' device error record into typed errors.
 
-mod check;
+pub(crate) mod check;
 pub mod conv;
 pub mod cross_entropy;
 pub mod dab;
