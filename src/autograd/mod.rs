@@ -123,7 +123,7 @@ pub struct Graph<B: Backend> {
     recording: bool,
     values: Vec<B::Tensor>,
     needs_grad: Vec<bool>,
-    host_i32: Vec<Option<Vec<i32>>>,
+    host_datasets: Vec<Option<Vec<i32>>>,
     scalars: Vec<f32>,
     tape: Vec<Node<B>>,
 }
@@ -156,7 +156,7 @@ impl<B: Backend> Graph<B> {
             recording: training,
             values: Vec::new(),
             needs_grad: Vec::new(),
-            host_i32: Vec::new(),
+            host_datasets: Vec::new(),
             scalars: Vec::new(),
             tape: Vec::new(),
         }
@@ -180,7 +180,7 @@ impl<B: Backend> Graph<B> {
     fn push(&mut self, t: B::Tensor, needs_grad: bool) -> Var {
         self.values.push(t);
         self.needs_grad.push(needs_grad && self.recording);
-        self.host_i32.push(None);
+        self.host_datasets.push(None);
         Var(self.values.len() - 1)
     }
 
@@ -209,17 +209,18 @@ impl<B: Backend> Graph<B> {
         self.push(t, true)
     }
 
-    /// An i32 tensor from host data (labels), kept on the host too.
+    /// An i32 tensor from host data (labels).
     pub fn input_i32(&mut self, shape: &[usize], data: &[i32]) -> Result<Var> {
         let t = self.backend.tensor_i32(shape, data)?;
-        let v = self.push(t, false);
-        self.host_i32[v.0] = Some(data.to_vec());
-        Ok(v)
+        Ok(self.push(t, false))
     }
 
-    /// The dataset index of every sample of a batch.
+    /// The dataset index of every sample of a batch, kept on the host too (DSBN counts the
+    /// batches each dataset saw from it).
     pub fn datasets(&mut self, indices: &[i32]) -> Result<Datasets> {
-        Ok(Datasets(self.input_i32(&[indices.len()], indices)?))
+        let v = self.input_i32(&[indices.len()], indices)?;
+        self.host_datasets[v.0] = Some(indices.to_vec());
+        Ok(Datasets(v))
     }
 
     /// The tensor behind a [`Datasets`].
@@ -279,7 +280,7 @@ impl<B: Backend> Graph<B> {
         let layer = store.bn_mut(bn);
         let (y, saved) =
             self.backend.dsbn_forward_train(&self.values[x.0], &self.values[dv.0], &mut layer.tables, &opts, res)?;
-        if let Some(host) = &self.host_i32[dv.0] {
+        if let Some(host) = &self.host_datasets[dv.0] {
             let mut seen = vec![false; layer.num_datasets];
             for &d in host {
                 if let Some(s) = seen.get_mut(d as usize) {
@@ -365,12 +366,12 @@ impl<B: Backend> Graph<B> {
     /// Samples `start .. start + len` of `x`.
     pub fn slice_batch(&mut self, x: Var, start: usize, len: usize) -> Result<Var> {
         let y = self.backend.slice_batch(&self.values[x.0], start, len)?;
-        let host = self.host_i32[x.0].as_ref().map(|h| {
+        let host = self.host_datasets[x.0].as_ref().map(|h| {
             let per = h.len() / self.values[x.0].shape().first().copied().unwrap_or(1).max(1);
             h[start * per..(start + len) * per].to_vec()
         });
         let out = self.push(y, true);
-        self.host_i32[out.0] = host;
+        self.host_datasets[out.0] = host;
         self.rec(Node::SliceBatch { x, start, len, out });
         Ok(out)
     }
@@ -381,9 +382,10 @@ impl<B: Backend> Graph<B> {
             parts.iter().map(|&p| (p, self.values[p.0].shape().first().copied().unwrap_or(0))).collect();
         let refs: Vec<&B::Tensor> = parts.iter().map(|p| &self.values[p.0]).collect();
         let y = self.backend.concat_batch(&refs)?;
-        let host = parts.iter().map(|p| self.host_i32[p.0].clone()).collect::<Option<Vec<_>>>().map(|v| v.concat());
+        let host =
+            parts.iter().map(|p| self.host_datasets[p.0].clone()).collect::<Option<Vec<_>>>().map(|v| v.concat());
         let out = self.push(y, true);
-        self.host_i32[out.0] = host;
+        self.host_datasets[out.0] = host;
         self.rec(Node::ConcatBatch { parts: with_n, out });
         Ok(out)
     }
