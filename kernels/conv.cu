@@ -1,5 +1,5 @@
-// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA) or, for the
-// forward, f16 / bf16 storage through tensor cores (nvcuda::wmma, f32 accumulation), any
+// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA) or f16 / bf16
+// storage through tensor cores (nvcuda::wmma, f32 accumulation), forward and backward, any
 // stride, padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
 //   forward:          M = N*P*Q, N = K, K = R*S*C   (A = im2col(x), B = w^T)
 //   data gradient:    M = N*H*W, N = C, K = R*S*K   (A = the strided gather of dy, B = w)
@@ -60,8 +60,9 @@ struct ConvForward {
     const cdcl_conv_params& p;
     __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
     __device__ int cols() const { return p.k; }
-    __device__ int depth() const { return p.r * p.s * p.c; }
-    __device__ float a(long long m, int kk) const {
+    __device__ long long depth() const { return (long long)p.r * p.s * p.c; }
+    __device__ float a(long long m, long long kidx) const {
+        const int kk = (int)kidx;
         const int q = (int)(m % p.q);
         const long long t = m / p.q;
         const int pp = (int)(t % p.p), n = (int)(t / p.p);
@@ -71,7 +72,7 @@ struct ConvForward {
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
         return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
     }
-    __device__ float b(int kk, int col) const {
+    __device__ float b(long long kk, int col) const {
         return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
     }
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
@@ -91,45 +92,57 @@ struct ConvForward {
         }
         return v;
     }
-    // `v` is already representable in T (the mainloops round before the statistics).
-    __device__ void store(long long m, int col, float v, int) const { static_cast<T*>(p.y)[m * p.k + col] = from_f32<T>(v); }
+    // Returns the value as stored, which is what the statistics describe.
+    __device__ float store(long long m, int col, float v, int) const {
+        const T t = from_f32<T>(v);
+        static_cast<T*>(p.y)[m * p.k + col] = t;
+        return to_f32(t);
+    }
 };
 
+template <typename T>
 struct ConvBackwardData {
     const cdcl_conv_params& p;
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
-    __device__ int depth() const { return p.r * p.s * p.k; }
+    __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
     // dx[n,h,w,c] = sum over (r, s, k) of dy[n, p, q, k] * w[k, r, s, c] where
     // h = p*stride - pad + r*dil: only offsets that land on the stride grid contribute.
-    __device__ float a(long long m, int kk) const {
+    __device__ float a(long long m, long long kk) const {
         const int w = (int)(m % p.w);
         const long long t = m / p.w;
         const int h = (int)(t % p.h), n = (int)(t / p.h);
-        const int k = kk % p.k, rs = kk / p.k, s = rs % p.s, r = rs / p.s;
+        const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
         const int hp = h + p.pad_h - r * p.dil_h;
         const int wp = w + p.pad_w - s * p.dil_w;
         if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return 0.0f;
         const int pp = hp / p.stride_h, q = wp / p.stride_w;
         if (pp >= p.p || q >= p.q) return 0.0f;
-        return static_cast<const float*>(p.dy)[(((long long)n * p.p + pp) * p.q + q) * p.k + k];
+        return to_f32(static_cast<const T*>(p.dy)[(((long long)n * p.p + pp) * p.q + q) * p.k + k]);
     }
-    __device__ float b(int kk, int col) const {
-        const int k = kk % p.k, rs = kk / p.k;
-        return static_cast<const float*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col];
+    __device__ float b(long long kk, int col) const {
+        const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
+        return to_f32(static_cast<const T*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col]);
     }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
-    __device__ void store(long long m, int col, float v, int) const { static_cast<float*>(p.dx)[m * p.c + col] = v; }
+    __device__ float store(long long m, int col, float v, int) const {
+        const T t = from_f32<T>(v);
+        static_cast<T*>(p.dx)[m * p.c + col] = t;
+        return to_f32(t);
+    }
 };
 
+// With 16-bit storage the split-K slices stay f32 in the workspace; only the final sum (here
+// when unsplit, else in conv_filter_reduce) is rounded to T.
+template <typename T>
 struct ConvBackwardFilter {
     const cdcl_conv_params& p;
     __device__ long long rows() const { return p.k; }
     __device__ int cols() const { return p.r * p.s * p.c; }
-    __device__ long long reduction() const { return (long long)p.n * p.p * p.q; }
+    __device__ long long depth() const { return (long long)p.n * p.p * p.q; }
     __device__ float a(long long m, long long j) const {  // dy^T
-        return static_cast<const float*>(p.dy)[j * p.k + m];
+        return to_f32(static_cast<const T*>(p.dy)[j * p.k + m]);
     }
     __device__ float b(long long j, int col) const {  // im2col(x)
         const int q = (int)(j % p.q);
@@ -139,27 +152,21 @@ struct ConvBackwardFilter {
         const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
         const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return input_value(p, n, c, static_cast<const float*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]);
+        return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
     }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
-    __device__ void store(long long m, int col, float v, int slice) const {
+    __device__ float store(long long m, int col, float v, int slice) const {
         const long long i = m * cols() + col;
-        if (conv_split(p) == 1)
-            static_cast<float*>(p.dweight)[i] = v;
-        else
-            p.workspace[(long long)slice * p.k * cols() + i] = v;
+        if (conv_split(p) == 1) {
+            const T t = from_f32<T>(v);
+            static_cast<T*>(p.dweight)[i] = t;
+            return to_f32(t);
+        }
+        p.workspace[(long long)slice * p.k * cols() + i] = v;
+        return v;
     }
 };
-
-template <class Prob>
-__device__ __forceinline__ long long depth_of(const Prob& prob) {
-    return prob.depth();
-}
-template <>
-__device__ __forceinline__ long long depth_of<ConvBackwardFilter>(const ConvBackwardFilter& prob) {
-    return prob.reduction();
-}
 
 // Training epilogue: per channel of the tile, the mean and M2 of its (up to 64) valid rows, in a
 // fixed order: Welford over 16 rows in each of 4 groups, then Chan merges of the groups in
@@ -207,7 +214,7 @@ template <class Prob>
 __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_params p, long long slice_len) {
     const Prob prob{p};
     const int cols = prob.cols();
-    const long long depth = depth_of(prob);
+    const long long depth = prob.depth();
     // Rows are tiled flat, or per segment (one sample's P*Q rows) when the epilogue needs
     // tiles that do not straddle samples.
     const long long seg = prob.segment();
@@ -270,10 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
-            if (m < rows && col < cols) {
-                acc[i][j] = prob.finish(seg_idx, m, col, acc[i][j]);
-                prob.store(m, col, acc[i][j], (int)blockIdx.z);
-            }
+            if (m < rows && col < cols) acc[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, acc[i][j]), (int)blockIdx.z);
         }
     }
     if (p.stats && seg > 0) {
@@ -305,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     };
     const Prob prob{p};
     const int cols = prob.cols();
-    const long long depth = depth_of(prob);
+    const long long depth = prob.depth();
     const long long seg = prob.segment();
     const long long tiles_per_seg = seg > 0 ? (seg + kBM - 1) / kBM : 0;
     const long long seg_idx = seg > 0 ? blockIdx.x / tiles_per_seg : 0;
@@ -372,10 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
             v[i][j] = sm.c[ty + 16 * i][tx + 16 * j];
-            if (m < rows && col < cols) {
-                v[i][j] = to_f32(from_f32<T>(prob.finish(seg_idx, m, col, v[i][j])));
-                prob.store(m, col, v[i][j], (int)blockIdx.z);
-            }
+            if (m < rows && col < cols) v[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, v[i][j]), (int)blockIdx.z);
         }
     }
     if (p.stats && seg > 0) {
@@ -389,20 +390,22 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     }
 }
 
-// dweight = sum of the split-K slices in slice order.
+// dweight = sum of the split-K slices in slice order, rounded once to the storage type.
+template <typename T>
 __global__ void conv_filter_reduce(const cdcl_conv_params p, int split) {
     const long long total = (long long)p.k * p.r * p.s * p.c;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         float v = 0.0f;
         for (int z = 0; z < split; ++z) v += p.workspace[(long long)z * total + i];
-        static_cast<float*>(p.dweight)[i] = v;
+        static_cast<T*>(p.dweight)[i] = from_f32<T>(v);
     }
 }
 
 // dbias[k] = sum of dy over n, p, q: 32 filters x 8 rows per block over a chunk of 1024 rows,
 // fixed-order row merge in shared memory; then chunks summed in order by conv_bias_finalize.
 constexpr int kBiasRows = 1024;
+template <typename T>
 __global__ void conv_bias_partial(const cdcl_conv_params p, float* partial) {
     const long long rows = (long long)p.n * p.p * p.q;
     const long long r0 = (long long)blockIdx.x * kBiasRows;
@@ -410,7 +413,7 @@ __global__ void conv_bias_partial(const cdcl_conv_params p, float* partial) {
     const int k = (int)(blockIdx.y * 32 + threadIdx.x);
     float sum = 0.0f;
     if (k < p.k)
-        for (long long r = r0 + threadIdx.y; r < r1; r += 8) sum += static_cast<const float*>(p.dy)[r * p.k + k];
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) sum += to_f32(static_cast<const T*>(p.dy)[r * p.k + k]);
     CDCL_SHARED(float, s_sum, [8][32]);
     s_sum[threadIdx.y][threadIdx.x] = sum;
     __syncthreads();
@@ -445,6 +448,10 @@ __host__ inline bool conv_params_ok(const cdcl_conv_params* p) {
            rsc <= 2147483647LL && (long long)p->r * p->s * p->k <= 2147483647LL;
 }
 
+__host__ inline bool conv_dtype_ok(int32_t dtype) {
+    return dtype == CDCL_DTYPE_F32 || dtype == CDCL_DTYPE_F16 || dtype == CDCL_DTYPE_BF16;
+}
+
 __host__ inline dim3 gemm_grid(long long rows, long long cols, int split) {
     return dim3((unsigned)((rows + kBM - 1) / kBM), (unsigned)((cols + kBN - 1) / kBN), (unsigned)split);
 }
@@ -463,8 +470,7 @@ CDCL_API size_t CDCL_PREFIX(conv_workspace_bytes)(const cdcl_conv_params* p) {
 
 CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* stream) {
     if (!conv_params_ok(pp) || !pp->x || !pp->weight || !pp->y) return CDCL_ERR_INVALID_PARAMS;
-    if (pp->dtype != CDCL_DTYPE_F32 && pp->dtype != CDCL_DTYPE_F16 && pp->dtype != CDCL_DTYPE_BF16)
-        return CDCL_ERR_UNSUPPORTED_DTYPE;
+    if (!conv_dtype_ok(pp->dtype)) return CDCL_ERR_UNSUPPORTED_DTYPE;
     const cdcl_conv_params p = *pp;
     if ((p.pro_mean || p.epi_mean || p.stats) && (!p.dataset || p.num_datasets <= 0)) return CDCL_ERR_INVALID_PARAMS;
     if (p.pro_mean && (!p.pro_invstd || !p.pro_gamma || !p.pro_beta)) return CDCL_ERR_INVALID_PARAMS;
@@ -483,18 +489,30 @@ CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* str
     return CDCL_LAUNCH(implicit_gemm<ConvForward<float>>, grid, dim3(kThreads), 0, stream, p, depth);
 }
 
+// The three storage types of the backward passes: f32 through the FFMA mainloop, f16 / bf16
+// through the tensor-core one.
+template <template <typename> class Prob>
+__host__ inline int launch_gemm(const cdcl_conv_params& p, dim3 grid, long long slice, void* stream) {
+    if (p.dtype == CDCL_DTYPE_F16)
+        return CDCL_LAUNCH((implicit_gemm_wmma<Prob<__half>, __half>), grid, dim3(kThreads), 0, stream, p, slice);
+    if (p.dtype == CDCL_DTYPE_BF16)
+        return CDCL_LAUNCH((implicit_gemm_wmma<Prob<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream, p,
+                           slice);
+    return CDCL_LAUNCH(implicit_gemm<Prob<float>>, grid, dim3(kThreads), 0, stream, p, slice);
+}
+
 CDCL_API int32_t CDCL_PREFIX(conv_backward_data)(const cdcl_conv_params* pp, void* stream) {
     if (!conv_params_ok(pp) || !pp->dy || !pp->weight || !pp->dx) return CDCL_ERR_INVALID_PARAMS;
-    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    if (!conv_dtype_ok(pp->dtype)) return CDCL_ERR_UNSUPPORTED_DTYPE;
     const cdcl_conv_params p = *pp;
     const long long rows = (long long)p.n * p.h * p.w;
     const long long depth = (long long)p.r * p.s * p.k;
-    return CDCL_LAUNCH(implicit_gemm<ConvBackwardData>, gemm_grid(rows, p.c, 1), dim3(kThreads), 0, stream, p, depth);
+    return launch_gemm<ConvBackwardData>(p, gemm_grid(rows, p.c, 1), depth, stream);
 }
 
 CDCL_API int32_t CDCL_PREFIX(conv_backward_filter)(const cdcl_conv_params* pp, void* stream) {
     if (!conv_params_ok(pp) || !pp->dy || !pp->x || !pp->dweight) return CDCL_ERR_INVALID_PARAMS;
-    if (pp->dtype != CDCL_DTYPE_F32) return CDCL_ERR_UNSUPPORTED_DTYPE;
+    if (!conv_dtype_ok(pp->dtype)) return CDCL_ERR_UNSUPPORTED_DTYPE;
     const cdcl_conv_params p = *pp;
     const int split = conv_split(p);
     if ((split > 1 || p.dbias) && !p.workspace) return CDCL_ERR_INVALID_PARAMS;
@@ -503,20 +521,25 @@ CDCL_API int32_t CDCL_PREFIX(conv_backward_filter)(const cdcl_conv_params* pp, v
     const long long reduction = (long long)p.n * p.p * p.q;
     const long long slice = (reduction + split - 1) / split;
     const long long rsc = (long long)p.r * p.s * p.c;
-    int st = CDCL_LAUNCH(implicit_gemm<ConvBackwardFilter>, gemm_grid(p.k, rsc, split), dim3(kThreads), 0, stream, p, slice);
-    if (st == CDCL_OK && split > 1) {
-        const long long total = p.k * rsc;
-        const unsigned blocks = (unsigned)((total + 255) / 256 < 1024 ? (total + 255) / 256 : 1024);
-        st = CDCL_LAUNCH(conv_filter_reduce, dim3(blocks), dim3(256), 0, stream, p, split);
-    }
-    if (st == CDCL_OK && p.dbias) {
-        // The workspace is free again once the filter reduction has consumed it (same stream).
-        const int chunks = bias_chunks(p);
-        st = CDCL_LAUNCH(conv_bias_partial, dim3((unsigned)chunks, ceil_div((unsigned)p.k, 32)), dim3(32, 8), 0, stream, p,
-                         p.workspace);
-        if (st == CDCL_OK)
-            st = CDCL_LAUNCH(conv_bias_finalize, dim3(ceil_div((unsigned)p.k, 256)), dim3(256), 0, stream, p,
-                             (const float*)p.workspace, chunks);
-    }
-    return st;
+    int st = launch_gemm<ConvBackwardFilter>(p, gemm_grid(p.k, rsc, split), slice, stream);
+    const auto by_dtype = [&](auto tag) -> int {
+        using T = decltype(tag);
+        int s = CDCL_OK;
+        if (split > 1) {
+            const long long total = p.k * rsc;
+            const unsigned blocks = (unsigned)((total + 255) / 256 < 1024 ? (total + 255) / 256 : 1024);
+            s = CDCL_LAUNCH(conv_filter_reduce<T>, dim3(blocks), dim3(256), 0, stream, p, split);
+        }
+        if (s == CDCL_OK && p.dbias) {
+            // The workspace is free again once the filter reduction has consumed it (same stream).
+            const int chunks = bias_chunks(p);
+            s = CDCL_LAUNCH(conv_bias_partial<T>, dim3((unsigned)chunks, ceil_div((unsigned)p.k, 32)), dim3(32, 8), 0,
+                            stream, p, p.workspace);
+            if (s == CDCL_OK)
+                s = CDCL_LAUNCH(conv_bias_finalize, dim3(ceil_div((unsigned)p.k, 256)), dim3(256), 0, stream, p,
+                                (const float*)p.workspace, chunks);
+        }
+        return s;
+    };
+    return st != CDCL_OK ? st : dispatch_float_dtype(p.dtype, by_dtype);
 }

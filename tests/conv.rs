@@ -255,10 +255,15 @@ fn bad_input_is_a_typed_error() {
     let xi = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::I32).unwrap();
     let wi = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::I32).unwrap();
     assert!(matches!(conv::conv2d(&xi, &wi, None, &g), Err(Error::UnsupportedDType { .. })));
-    // The backward passes are f32 only for now.
+    // The backward passes want one storage type throughout.
     let w16 = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::F16).unwrap();
     let dy16 = Tensor::zeros(&dev, &[1, 3, 3, 4], DType::F16).unwrap();
-    assert!(matches!(conv::conv2d_backward_data(&dy16, &w16, (5, 5), &g), Err(Error::UnsupportedDType { .. })));
+    let dyb16 = Tensor::zeros(&dev, &[1, 3, 3, 4], DType::BF16).unwrap();
+    assert!(matches!(conv::conv2d_backward_data(&dyb16, &w16, (5, 5), &g), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(conv::conv2d_backward_filter(&dy16, &x, (4, 3, 3), false, &g), Err(Error::DTypeMismatch { .. })));
+    let dyi = Tensor::zeros(&dev, &[1, 3, 3, 4], DType::I32).unwrap();
+    assert!(matches!(conv::conv2d_backward_data(&dyi, &wi, (5, 5), &g), Err(Error::UnsupportedDType { .. })));
+    assert!(conv::conv2d_backward_data(&dy16, &w16, (5, 5), &g).is_ok());
     let bias_bad = Tensor::zeros(&dev, &[5], DType::F32).unwrap();
     assert!(matches!(conv::conv2d(&x, &w, Some(&bias_bad), &g), Err(Error::ShapeMismatch { .. })));
     let dy_bad = Tensor::zeros(&dev, &[1, 4, 3, 4], DType::F32).unwrap();
@@ -272,12 +277,15 @@ fn bad_input_is_a_typed_error() {
 
 // ---- f16 / bf16 storage: the tensor-core mainloop ---------------------------------------------
 
-/// Forward with 16-bit x and weight (bias f32) against the f64 reference computed from the same
-/// 16-bit-rounded inputs. Tolerance: a product of two 16-bit values is exact in f32, so the f32
-/// accumulation of the D = R*S*C products (in 16-deep tensor-core steps, then across steps) and
-/// the bias add are bounded as in the f32 path by gamma(D)·sum|a·b|; the result is then rounded
-/// once to the storage type: at most u_T·|y| (u_T = 2^-11 for f16, 2^-8 for bf16), plus half the
-/// smallest f16 subnormal (2^-25) for outputs that land in f16's subnormal range.
+/// Forward, data gradient and filter (+ bias) gradient with 16-bit x, weight and dy (bias and
+/// its gradient f32) against the f64 reference computed from the same 16-bit-rounded inputs.
+/// Tolerance: a product of two 16-bit values is exact in f32, so the f32 accumulation of the D
+/// products (D = R*S*C forward, R*S*K data gradient, N*P*Q filter gradient; in 16-deep
+/// tensor-core steps, then across steps, then across at most 32 split-K slices kept in f32) and
+/// the bias add are bounded as in the f32 path by gamma(D + 32)·sum|a·b|; the result is then
+/// rounded once to the storage type: at most u_T·|y| (u_T = 2^-11 for f16, 2^-8 for bf16), plus
+/// half the smallest f16 subnormal (2^-25) for results that land in f16's subnormal range. The
+/// bias gradient is an f32 sum of 16-bit dy values: gamma(N*P*Q)·sum|dy| with no final rounding.
 fn run_case_16(k: &Case, dev: &Device, dtype: DType) -> Result<Vec<u8>, String> {
     let hst = make(k);
     let (p, q) = k.out();
@@ -296,12 +304,48 @@ fn run_case_16(k: &Case, dev: &Device, dtype: DType) -> Result<Vec<u8>, String> 
     let absb = Array1::from(abs(&hst.b));
     let mag = rconv::conv2d(a4(&abs(&xq), xd), a4(&abs(&wq), wd), k.bias.then(|| absb.view()), &spec);
     let (want, mag) = (want.as_slice().unwrap(), mag.as_slice().unwrap());
-    let (u, depth) = (common::unit_roundoff(dtype), k.r * k.s * k.c);
-    assert_close(&format!("{dtype} forward"), &host(&y), want, |i| {
-        let acc = gamma(depth) * mag[i];
-        u * (want[i].abs() + acc) + acc + 2f64.powi(-25)
-    })?;
-    Ok(common::bits(&y))
+    let u = common::unit_roundoff(dtype);
+    let rounded = |want: &[f64], mag: &[f64], depth: usize| {
+        let (want, mag) = (want.to_vec(), mag.to_vec());
+        move |i: usize| {
+            let acc = gamma(depth + 32) * mag[i];
+            u * (want[i].abs() + acc) + acc + 2f64.powi(-25)
+        }
+    };
+    assert_close(&format!("{dtype} forward"), &host(&y), want, rounded(want, mag, k.r * k.s * k.c))?;
+
+    let yd = (k.n, p, q, k.k);
+    let dyq = common::quantize(&hst.dy, dtype);
+    let dy = tensor(dev, &[k.n, p, q, k.k], &dyq, dtype);
+    let wg = rconv::conv2d_backward(a4(&dyq, yd), a4(&xq, xd), a4(&wq, wd), &spec);
+    let mg = rconv::conv2d_backward(a4(&abs(&dyq), yd), a4(&abs(&xq), xd), a4(&abs(&wq), wd), &spec);
+    let dx = conv::conv2d_backward_data(&dy, &w, (k.h, k.w), &k.geom).map_err(|e| e.to_string())?;
+    if dx.dtype() != dtype {
+        return Err(format!("data gradient is {:?}", dx.dtype()));
+    }
+    let (want, mag) = (wg.dx.as_slice().unwrap(), mg.dx.as_slice().unwrap());
+    assert_close(&format!("{dtype} data gradient"), &host(&dx), want, rounded(want, mag, k.r * k.s * k.k))?;
+    let fg = conv::conv2d_backward_filter(&dy, &x, (k.k, k.r, k.s), k.bias, &k.geom).map_err(|e| e.to_string())?;
+    if fg.dweight.dtype() != dtype {
+        return Err(format!("filter gradient is {:?}", fg.dweight.dtype()));
+    }
+    let npq = k.n * p * q;
+    let (want, mag) = (wg.dw.as_slice().unwrap(), mg.dw.as_slice().unwrap());
+    assert_close(&format!("{dtype} filter gradient"), &host(&fg.dweight), want, rounded(want, mag, npq))?;
+    let mut bits = [common::bits(&y), common::bits(&dx), common::bits(&fg.dweight)].concat();
+    match (&fg.dbias, k.bias) {
+        (Some(db), true) => {
+            if db.dtype() != DType::F32 {
+                return Err(format!("bias gradient is {:?}", db.dtype()));
+            }
+            let (want, mag) = (wg.dbias.as_slice().unwrap(), mg.dbias.as_slice().unwrap());
+            assert_close(&format!("{dtype} bias gradient"), &host(db), want, |i| gamma(npq) * mag[i] + 1e-30)?;
+            bits.extend(common::bits(db));
+        }
+        (None, false) => {}
+        _ => return Err("bias gradient presence does not follow the request".into()),
+    }
+    Ok(bits)
 }
 
 proptest! {
@@ -325,6 +369,7 @@ fn conv_16bit_network_shapes_and_bitwise_determinism() {
         (2, 17, 17, 3, 16, 7, 2, 3, 1), // stem: 7x7 stride 2
         (2, 9, 9, 16, 16, 3, 1, 2, 2),  // layer3: dilation 2
         (2, 9, 9, 33, 65, 1, 1, 0, 1),  // 1x1 projection, odd channels
+        (2, 65, 65, 5, 6, 3, 1, 1, 1),  // N*P*Q = 8450: a split-K filter gradient
     ];
     for dtype in [DType::F16, DType::BF16] {
         for (i, &(n, h, w, c, k, r, stride, pad, dil)) in cases.iter().enumerate() {
@@ -341,7 +386,7 @@ fn conv_16bit_network_shapes_and_bitwise_determinism() {
                 seed: i as u64,
             };
             let base = run_case_16(&case, &emulator(), dtype).unwrap_or_else(|e| panic!("{case:?}: {e}"));
-            if i == 2 {
+            if i >= 2 {
                 for (seed, threads) in [(1, 2), (0xFEED, 1)] {
                     let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
                     assert!(run_case_16(&case, &dev, dtype).unwrap() == base, "{dtype}: seed {seed} changed the bits");

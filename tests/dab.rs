@@ -479,3 +479,145 @@ fn dab_forward_in_16_bit_storage() {
         }
     }
 }
+
+/// Training backward with f16 / bf16 activations, weights and output gradient: dγ, dβ (f32)
+/// against the f64 DSBN backward of the stored convolution output; dx and dweight (stored as T)
+/// against the f64 convolution backward of that reference. Tolerance, per element: the BN
+/// backward's output is rounded to T (≤ u_T of its scale) on top of its f32 error (≤ 1e-4 of
+/// the scale, see `run`), the convolution backward sums those with exact 16-bit × 16-bit
+/// products in f32, and the result is rounded to T once more: (2·u_T + 1e-4)·mag with mag the
+/// scale bound of `run` pushed through the convolution backward on |x| and |w|. The DAB
+/// backward is also the composition of the public DSBN and convolution backwards, bit for bit,
+/// and gives the same bits on every emulator seed.
+#[test]
+fn dab_backward_in_16_bit_storage() {
+    let k = Case {
+        n: 4,
+        h: 9,
+        w: 7,
+        c: 12,
+        k: 20,
+        r: 3,
+        geom: ConvGeometry::square(1, 2, 2),
+        d: 3,
+        datasets: vec![1, 0, 1, 1],
+        relu: true,
+        residual: true,
+        seed: 22,
+    };
+    let dt = data(&k);
+    let (p, q) = out_hw(&k);
+    let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, 3, 3, k.c), (k.n, p, q, k.k));
+    let ds_i32: Vec<i32> = k.datasets.iter().map(|&d| d as i32).collect();
+    for dtype in [DType::F16, DType::BF16] {
+        let u = common::unit_roundoff(dtype);
+        let q16 = |v: &[f64]| common::quantize(v, dtype);
+        let (xq, wq, rq, dyq) = (q16(&dt.x), q16(&dt.w), q16(&dt.res), q16(&dt.dy));
+        let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
+        let one = |seed: u64, threads: u32| {
+            let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+            let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &xq, dtype);
+            let w = tensor(&dev, &[k.k, 3, 3, k.c], &wq, dtype);
+            let r = tensor(&dev, &[k.n, p, q, k.k], &rq, dtype);
+            let dy = tensor(&dev, &[k.n, p, q, k.k], &dyq, dtype);
+            let ds = Tensor::from_slice(&dev, &[k.n], &ds_i32).unwrap();
+            let mut st = state(&dev, &k, &dt);
+            let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
+            let g = dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, Some(&r)).unwrap();
+            // The same chain through the public ops.
+            let bn = dsbn::backward_train_residual(&dy, &f.conv_out, Some(&r), &ds, &st, &f.saved, &opts).unwrap();
+            let dx = cdcl::ops::conv::conv2d_backward_data(&bn.dx, &w, (k.h, k.w), &k.geom).unwrap();
+            let fg = cdcl::ops::conv::conv2d_backward_filter(&bn.dx, &x, (k.k, 3, 3), false, &k.geom).unwrap();
+            assert!(bits(&dx) == bits(&g.dx) && bits(&fg.dweight) == bits(&g.dweight), "{dtype}: not the composition");
+            (f, g)
+        };
+        let (f, g) = one(0, 1);
+        assert_eq!((g.dx.dtype(), g.dweight.dtype(), g.dgamma.dtype()), (dtype, dtype, DType::F32));
+
+        // Reference chain from the stored (16-bit) convolution output.
+        let conv = host(&f.conv_out);
+        let a2 = |v: &[f64]| ArrayView2::from_shape((k.d, k.k), v).unwrap().to_owned();
+        let cfg = rdsbn::DsbnConfig { relu: false, ..rdsbn::DsbnConfig::default() };
+        let conv4 = ArrayView4::from_shape(yd, &conv).unwrap();
+        let (ones, zeros) = (vec![1.0; k.d * k.k], vec![0.0; k.d * k.k]);
+        let bn = rdsbn::dsbn_forward_train(
+            conv4,
+            &k.datasets,
+            a2(&dt.gamma).view(),
+            a2(&dt.beta).view(),
+            a2(&zeros).view(),
+            a2(&ones).view(),
+            &cfg,
+        )
+        .unwrap();
+        // The kernel's ReLU mask is taken on its own (16-bit) output; agree with it where the
+        // pre-activation is too close to 0 for the reference to decide the same way.
+        let out = host(f.output.as_ref().unwrap());
+        let pre: Vec<f64> = bn.y.iter().zip(&rq).map(|(y, r)| y + r).collect();
+        let gm: Vec<f64> = dyq.iter().zip(&out).map(|(&g, &o)| if o > 0.0 { g } else { 0.0 }).collect();
+        for (i, (&o, &v)) in out.iter().zip(&pre).enumerate() {
+            assert!(
+                (o > 0.0) == (v > 0.0) || v.abs() < 4.0 * u * (1.0 + v.abs()) + 1e-3,
+                "{dtype}: mask at {i}: {o} vs {v}"
+            );
+        }
+        let rb = rdsbn::dsbn_backward_train(
+            ArrayView4::from_shape(yd, &gm).unwrap(),
+            conv4,
+            &k.datasets,
+            a2(&dt.gamma).view(),
+            a2(&dt.beta).view(),
+            &cfg,
+        )
+        .unwrap();
+        close("dgamma", &host(&g.dgamma), rb.dgamma.as_slice().unwrap()).unwrap();
+        close("dbeta", &host(&g.dbeta), rb.dbeta.as_slice().unwrap()).unwrap();
+        let rc = rconv::conv2d_backward(
+            rb.dx.view(),
+            ArrayView4::from_shape(xd, &xq).unwrap(),
+            ArrayView4::from_shape(wd, &wq).unwrap(),
+            &spec(&k),
+        );
+        let mut group = vec![0.0f64; k.d * k.k];
+        let cd = |e: usize| (e % k.k, k.datasets[e / (p * q * k.k)]);
+        let xhat = |e: usize| {
+            let (c, d) = cd(e);
+            (conv[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]
+        };
+        for (e, ge) in gm.iter().enumerate() {
+            let (c, d) = cd(e);
+            group[d * k.k + c] += ge.abs() * (1.0 + xhat(e).abs());
+        }
+        let scale: Vec<f64> = (0..gm.len())
+            .map(|e| {
+                let (c, d) = cd(e);
+                dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (gm[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
+            })
+            .collect();
+        let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+        let (ax, aw) = (abs(&xq), abs(&wq));
+        let mag = rconv::conv2d_backward(
+            ArrayView4::from_shape(yd, &scale).unwrap(),
+            ArrayView4::from_shape(xd, &ax).unwrap(),
+            ArrayView4::from_shape(wd, &aw).unwrap(),
+            &spec(&k),
+        );
+        let tol = 2.0 * u + 1e-4;
+        common::assert_close(&format!("{dtype} dweight"), &host(&g.dweight), rc.dw.as_slice().unwrap(), |i| {
+            tol * mag.dw.as_slice().unwrap()[i] + 1e-30
+        })
+        .unwrap();
+        common::assert_close(&format!("{dtype} dx"), &host(&g.dx), rc.dx.as_slice().unwrap(), |i| {
+            tol * mag.dx.as_slice().unwrap()[i] + 1e-30
+        })
+        .unwrap();
+
+        let all = |g: &dab::DabGrads| {
+            [&g.dx, &g.dweight, &g.dgamma, &g.dbeta, g.dresidual.as_ref().unwrap()].map(bits).to_vec()
+        };
+        let base = all(&g);
+        for (seed, threads) in [(7, 2), (0xC0DE, 1)] {
+            assert!(all(&one(seed, threads).1) == base, "{dtype}: seed {seed} threads {threads} changed the bits");
+        }
+    }
+}

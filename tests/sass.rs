@@ -67,8 +67,15 @@ fn the_16_bit_convolution_mainloop_uses_tensor_cores() {
             fns.iter().filter(|f| f.0 == *arch && f.1.contains(pat)).map(|f| (&f.1, &f.2)).collect::<Vec<_>>()
         };
         let wmma = of_arch("implicit_gemm_wmma");
-        // One instantiation per 16-bit type: __half (6__half) and __nv_bfloat16 (13__nv_bfloat16).
-        assert_eq!(wmma.len(), 2, "{arch}: the f16 and bf16 tensor-core mainloops: {:?}", wmma.iter().map(|f| f.0));
+        // One instantiation per problem (forward, data gradient, filter gradient) and 16-bit type
+        // (__half, __nv_bfloat16): the mangled names carry both.
+        for problem in ["ConvForward", "ConvBackwardData", "ConvBackwardFilter"] {
+            for ty in ["6__half", "13__nv_bfloat16"] {
+                let n = wmma.iter().filter(|f| f.0.contains(problem) && f.0.contains(ty)).count();
+                assert!(n >= 1, "{arch}: no {problem}<{ty}> tensor-core mainloop in {:?}", wmma.iter().map(|f| f.0));
+            }
+        }
+        assert_eq!(wmma.len(), 6, "{arch}: the tensor-core mainloops: {:?}", wmma.iter().map(|f| f.0));
         for (name, sass) in &wmma {
             let hmma = sass.lines().filter(|l| l.contains("HMMA")).count();
             // Two m16n16k16 MMAs per reduction step: several HMMA instructions each.

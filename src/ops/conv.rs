@@ -2,8 +2,8 @@
 //! weights as implicit GEMM: forward with optional bias, data gradient, and filter gradient with
 //! optional bias gradient (deterministic split-K). The forward takes f32 storage (FFMA mainloop)
 //! or f16 / bf16 storage (tensor-core mainloop through `nvcuda::wmma`, f32 accumulation, one
-//! rounding of the stored output); the backward passes are f32 only for now and report
-//! `UnsupportedDType` for 16-bit tensors.
+//! rounding of the stored output), in all three passes. A 16-bit filter gradient keeps its
+//! split-K slices in f32 and rounds only their sum; the bias gradient is always f32.
 //!
 //! Kernels: `kernels/conv.cu`. Reference: [`crate::reference::conv`].
 
@@ -67,9 +67,10 @@ const BACKWARD_DATA: Launcher<ffi::cdcl_conv_params> =
 const BACKWARD_FILTER: Launcher<ffi::cdcl_conv_params> =
     launcher!(conv_backward_filter: cdcl_emu_conv_backward_filter, cdcl_cuda_conv_backward_filter);
 
-fn f32_only(what: &'static str, t: &Tensor) -> Result<()> {
+/// The storage types the convolution kernels take: f32, f16, bf16.
+fn conv_dtype(what: &'static str, t: &Tensor) -> Result<()> {
     match t.dtype() {
-        DType::F32 => Ok(()),
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
         dtype => Err(Error::UnsupportedDType { what, dtype }),
     }
 }
@@ -212,9 +213,7 @@ pub(crate) fn conv2d_fused(
 ) -> Result<Tensor> {
     let [n, h, w, c] = check::nhwc("convolution input", x)?;
     let [k, r, s, wc] = filter_shape(weight)?;
-    if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        return Err(Error::UnsupportedDType { what: "convolution input", dtype: x.dtype() });
-    }
+    conv_dtype("convolution input", x)?;
     check::dtype("convolution weight", weight, x.dtype())?;
     if wc != c {
         return Err(Error::ShapeMismatch {
@@ -286,7 +285,7 @@ pub fn conv2d_backward_data(
 ) -> Result<Tensor> {
     let [n, p_out, q_out, k] = check::nhwc("convolution output gradient", dy)?;
     let [wk, r, s, c] = filter_shape(weight)?;
-    f32_only("convolution output gradient", dy)?;
+    conv_dtype("convolution output gradient", dy)?;
     check::dtype("convolution weight", weight, dy.dtype())?;
     check::same_device(dy.device(), &[weight])?;
     if wk != k {
@@ -312,6 +311,7 @@ pub fn conv2d_backward_data(
             got: dy.shape().to_vec(),
         });
     }
+    p.dtype = dy.dtype().to_ffi();
     let mut dx = Tensor::zeros(dy.device(), &[n, h, w, c], dy.dtype())?;
     p.dy = dy.ptr();
     p.weight = weight.ptr();
@@ -329,8 +329,8 @@ pub struct ConvFilterGrads {
     pub dbias: Option<Tensor>,
 }
 
-/// Gradient of [`conv2d`] with respect to the weight (`[K, R, S]` taken from `filter_krs`) and,
-/// with `with_bias`, the bias. The reduction over N·P·Q is split into fixed slices summed in a
+/// Gradient of [`conv2d`] with respect to the weight (`[K, R, S]` taken from `filter_krs`, in
+/// the storage type of `x` and `dy`) and, with `with_bias`, the bias (f32). The reduction over N·P·Q is split into fixed slices summed in a
 /// fixed order: the same bits on every run.
 pub fn conv2d_backward_filter(
     dy: &Tensor,
@@ -354,7 +354,7 @@ pub(crate) fn conv2d_backward_filter_fused(
 ) -> Result<ConvFilterGrads> {
     let [n, h, w, c] = check::nhwc("convolution input", x)?;
     let [dn, p_out, q_out, k] = check::nhwc("convolution output gradient", dy)?;
-    f32_only("convolution input", x)?;
+    conv_dtype("convolution input", x)?;
     check::dtype("convolution output gradient", dy, x.dtype())?;
     check::same_device(x.device(), &[dy])?;
     let (fk, r, s) = filter_krs;
@@ -376,6 +376,7 @@ pub(crate) fn conv2d_backward_filter_fused(
     if let Some(pro) = prologue {
         set_prologue(&mut p, pro, x)?;
     }
+    p.dtype = x.dtype().to_ffi();
     let device = x.device();
     let mut dweight = Tensor::zeros(device, &[k, r, s, c], x.dtype())?;
     let mut dbias = if with_bias { Some(Tensor::zeros(device, &[k], DType::F32)?) } else { None };

@@ -12,7 +12,8 @@
 //!   fly instead of reading a saved activation.
 //!
 //! The forwards take f32, f16 or bf16 activations and weights (the 16-bit ones through the
-//! tensor-core convolution; BN tables stay f32); the backward is f32 only for now.
+//! tensor-core convolution; BN tables stay f32), and so does the backward (16-bit gradients of
+//! the activation and weight, f32 gradients of γ and β).
 
 use crate::device::DeviceBuffer;
 use crate::error::{Error, Result};
