@@ -3,8 +3,8 @@
 //! forward, on the ResNet-18 3x3 layer shapes of a dilated (output stride 8) network at batch 8
 //! on 512x512 crops, f32. Without a GPU the bench says so and measures the f64 CPU reference on
 //! a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
-//! kernels). The cuDNN comparison (conv + per-dataset BatchNorm on the split batch + ReLU) is
-//! not written yet.
+//! kernels). The comparison with cuDNN (conv + per-dataset BatchNorm on the split batch + ReLU)
+//! is benches/dab_cudnn.rs.
 
 use cdcl::ops::conv::{self, ConvGeometry};
 use cdcl::ops::dab;
