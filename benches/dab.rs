@@ -1,7 +1,7 @@
 //! Convolution and Dataset-Aware Block throughput. On a GPU: our conv forward / data gradient /
 //! filter gradient, the fused DAB training forward + backward and the one-kernel inference
 //! forward, on the ResNet-18 3x3 layer shapes of a dilated (output stride 8) network at batch 8
-//! on 512x512 crops, f32. Without a GPU the bench says so and measures the f64 CPU reference on
+//! on 512x512 crops, in f32 (FFMA mainloop) and bf16 (tensor-core mainloop). Without a GPU the bench says so and measures the f64 CPU reference on
 //! a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
 //! kernels). The comparison with cuDNN (conv + per-dataset BatchNorm on the split batch + ReLU)
 //! is benches/dab_cudnn.rs.
@@ -10,8 +10,9 @@ use cdcl::ops::conv::{self, ConvGeometry};
 use cdcl::ops::dab;
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::reference::conv as rconv;
-use cdcl::{Device, DeviceKind, Tensor};
+use cdcl::{DType, Device, DeviceKind, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
 use ndarray::Array4;
 
 struct Layer {
@@ -30,51 +31,56 @@ const LAYERS: [Layer; 4] = [
     Layer { name: "layer4", hw: 64, c: 512, k: 512, dilation: 4 },
 ];
 
-fn filled(dev: &Device, shape: &[usize], seed: usize) -> Tensor {
+fn filled(dev: &Device, shape: &[usize], seed: usize, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|i| (((i + seed) * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
-    Tensor::from_slice(dev, shape, &v).unwrap()
+    match dtype {
+        DType::BF16 => Tensor::from_slice(dev, shape, &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+        _ => Tensor::from_slice(dev, shape, &v),
+    }
+    .unwrap()
 }
 
 fn gpu_benches(c: &mut Criterion, dev: &Device) {
     let mut g = c.benchmark_group("dab/gpu");
     g.sample_size(10);
     let batch = 8;
-    for l in &LAYERS {
+    for (l, dtype) in LAYERS.iter().flat_map(|l| [(l, DType::F32), (l, DType::BF16)]) {
+        let name = format!("{}/{dtype}", l.name);
         let geom = ConvGeometry::square(1, l.dilation, l.dilation);
-        let x = filled(dev, &[batch, l.hw, l.hw, l.c], 1);
-        let w = filled(dev, &[l.k, 3, 3, l.c], 2);
-        let dy = filled(dev, &[batch, l.hw, l.hw, l.k], 3);
+        let x = filled(dev, &[batch, l.hw, l.hw, l.c], 1, dtype);
+        let w = filled(dev, &[l.k, 3, 3, l.c], 2, dtype);
+        let dy = filled(dev, &[batch, l.hw, l.hw, l.k], 3, dtype);
         let ds = Tensor::from_slice(dev, &[batch], &[0i32, 1, 0, 1, 0, 1, 0, 1]).unwrap();
         let mut st = DsbnState::new(dev, 2, l.k).unwrap();
         let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
         g.throughput(Throughput::Elements((2 * batch * l.hw * l.hw * l.k * 9 * l.c) as u64)); // FLOPs
-        g.bench_function(BenchmarkId::new("conv_forward", l.name), |b| {
+        g.bench_function(BenchmarkId::new("conv_forward", &name), |b| {
             b.iter(|| {
                 conv::conv2d(&x, &w, None, &geom).unwrap();
                 dev.synchronize().unwrap();
             })
         });
-        g.bench_function(BenchmarkId::new("conv_backward_data", l.name), |b| {
+        g.bench_function(BenchmarkId::new("conv_backward_data", &name), |b| {
             b.iter(|| {
                 conv::conv2d_backward_data(&dy, &w, (l.hw, l.hw), &geom).unwrap();
                 dev.synchronize().unwrap();
             })
         });
-        g.bench_function(BenchmarkId::new("conv_backward_filter", l.name), |b| {
+        g.bench_function(BenchmarkId::new("conv_backward_filter", &name), |b| {
             b.iter(|| {
                 conv::conv2d_backward_filter(&dy, &x, (l.k, 3, 3), false, &geom).unwrap();
                 dev.synchronize().unwrap();
             })
         });
-        g.bench_function(BenchmarkId::new("dab_train_forward_backward", l.name), |b| {
+        g.bench_function(BenchmarkId::new("dab_train_forward_backward", &name), |b| {
             b.iter(|| {
                 let f = dab::forward_train(&x, &w, &geom, &ds, &mut st, &opts, None, None, true).unwrap();
                 dab::backward_train(&dy, &x, &w, &geom, &ds, &st, &f, &opts, None, None).unwrap();
                 dev.synchronize().unwrap();
             })
         });
-        g.bench_function(BenchmarkId::new("dab_inference", l.name), |b| {
+        g.bench_function(BenchmarkId::new("dab_inference", &name), |b| {
             b.iter(|| {
                 dab::forward_infer(&x, &w, &geom, &ds, &st, &opts, None).unwrap();
                 dev.synchronize().unwrap();
