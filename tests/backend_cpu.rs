@@ -554,7 +554,7 @@ proptest! {
         prop_assert_eq!(iv, ridx.iter().copied().collect::<Vec<_>>());
 
         let dy = randv(&mut rng, y.as_f32().unwrap().len(), 1.0, 0.0);
-        let dx = be().max_pool2d_backward(&t32(y.shape(), &dy), &idx, (k.h, k.w)).unwrap();
+        let dx = be().max_pool2d_backward(&t32(y.shape(), &dy), &idx, (k.h, k.w), &k.g).unwrap();
         let want = reference::maxpool::max_pool2d_backward(a4(y.shape(), &dy).view(), ridx.view(), k.h, k.w);
         let absdy = a4(y.shape(), &abs(&dy));
         let mag = flat(&reference::maxpool::max_pool2d_backward(absdy.view(), ridx.view(), k.h, k.w));
@@ -1032,9 +1032,9 @@ fn shape_and_dtype_errors_are_typed() {
     let err = b.max_pool2d(&x, &PoolGeometry::square(2, 2, 2)).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     let (y, idx) = b.max_pool2d(&x, &PoolGeometry::default()).unwrap();
-    let err = b.max_pool2d_backward(&y, &y, (5, 5)).unwrap_err();
+    let err = b.max_pool2d_backward(&y, &y, (5, 5), &PoolGeometry::default()).unwrap_err();
     assert!(matches!(err, Error::DTypeMismatch { what: "max pooling indices", .. }), "{err:?}");
-    let err = b.max_pool2d_backward(&y, &idx, (0, 5)).unwrap_err();
+    let err = b.max_pool2d_backward(&y, &idx, (0, 5), &PoolGeometry::default()).unwrap_err();
     assert!(matches!(err, Error::InvalidShape { .. }), "{err:?}");
     assert!(matches!(b.adaptive_avg_pool(&x, 0, 2), Err(Error::InvalidShape { .. })));
     assert!(matches!(b.resize_bilinear(&x, 3, 0, true), Err(Error::InvalidShape { .. })));
@@ -1129,7 +1129,7 @@ fn pipeline() -> Vec<Vec<u32>> {
     let dx1 = b.conv2d_backward_data(&y1, &w1, (48, 48), &ConvGeometry::default()).unwrap();
     let (dw1, _) = b.conv2d_backward_filter(&y1, &x, (8, 1, 1), false, &ConvGeometry::default()).unwrap();
     let (mp, idx) = b.max_pool2d(&z, &PoolGeometry::default()).unwrap();
-    let dmp = b.max_pool2d_backward(&mp, &idx, (48, 48)).unwrap();
+    let dmp = b.max_pool2d_backward(&mp, &idx, (48, 48), &PoolGeometry::default()).unwrap();
     let pred = b.argmax(&logits, &ds, &[8, 5]).unwrap();
     for t in [&y, &z, &saved.mean, &saved.invstd, &up, &dl, &grads.dx, &grads.dgamma, &grads.dbeta, &dx, &dw] {
         out.push(bits(t));
@@ -1151,4 +1151,23 @@ fn same_bits_with_one_and_two_threads() {
         assert!(a == b, "output {i} differs between 1 and 2 threads");
     }
     assert!(run(2) == two, "two runs with 2 threads differ");
+}
+
+/// Indices the forward cannot have written (outside the plane, negative, or inside the plane but
+/// outside their output's window) send their gradient nowhere, as the device kernel does; a
+/// gradient whose size does not follow from the geometry is a typed error.
+#[test]
+fn max_pool_backward_drops_foreign_indices() {
+    let g = PoolGeometry::square(2, 2, 0);
+    let dy = t32(&[1, 2, 2, 1], &[1.0, 2.0, 4.0, 8.0]);
+    let dx = be().max_pool2d_backward(&dy, &ti32(&[1, 2, 2, 1], &[5, 3, 12, 15]), (4, 4), &g).unwrap();
+    let mut want = vec![0.0; 16];
+    (want[5], want[3], want[12], want[15]) = (1.0, 2.0, 4.0, 8.0);
+    assert_eq!(host(&dx), want);
+    let dx = be().max_pool2d_backward(&dy, &ti32(&[1, 2, 2, 1], &[16, -1, 3, 15]), (4, 4), &g).unwrap();
+    let mut want = vec![0.0; 16];
+    want[15] = 8.0;
+    assert_eq!(host(&dx), want);
+    let err = be().max_pool2d_backward(&dy, &ti32(&[1, 2, 2, 1], &[0; 4]), (6, 6), &g).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err:?}");
 }

@@ -733,13 +733,13 @@ fn check_max_pool(k: &MaxCase) -> Result<(), String> {
     let ys = y.shape().to_vec();
     let dy = normals(&mut rng, ys.iter().product(), 1.0);
     let tdy = be.tensor_f32(&ys, &dy).unwrap();
-    let dx = be.max_pool2d_backward(&tdy, &idx, (k.h, k.w)).map_err(|e| e.to_string())?;
+    let dx = be.max_pool2d_backward(&tdy, &idx, (k.h, k.w), &k.geom).map_err(|e| e.to_string())?;
     let ys4 = [ys[0], ys[1], ys[2], ys[3]];
     let want = flat(&rmax::max_pool2d_backward(arr4(ys4, wide(&dy)).view(), widx.view(), k.h, k.w));
     let mag = flat(&rmax::max_pool2d_backward(arr4(ys4, abs(&wide(&dy))).view(), widx.view(), k.h, k.w));
     let terms = (k.geom.kernel.0 * k.geom.kernel.1 + 1) as f64;
     assert_close("max_pool2d_backward", &read(&be, &dx), &want, |i| 2.0 * terms * U * mag[i])?;
-    // The host scatter sums in the device gather's order: the same bits as the kernel.
+    // The backend is the device gather kernel: the same bits.
     let kernel = maxpool::max_pool2d_backward(&tdy, &idx, (k.h, k.w), &k.geom).map_err(|e| e.to_string())?;
     if bits(&be, &dx) != bits(&be, &kernel) {
         return Err("max_pool2d_backward differs from the device gather kernel".into());
@@ -757,25 +757,36 @@ proptest! {
 }
 
 #[test]
-fn max_pool_backward_typed_errors() {
+fn max_pool_backward_typed_errors_and_foreign_indices() {
     let be = backend();
+    let g = PoolGeometry::square(2, 2, 0);
     let dy = be.tensor_f32(&[1, 2, 2, 1], &[1.0; 4]).unwrap();
-    let outside = be.tensor_i32(&[1, 2, 2, 1], &[0, 3, 16, 1]).unwrap();
-    assert!(matches!(be.max_pool2d_backward(&dy, &outside, (4, 4)), Err(Error::InvalidArgument(_))));
-    let negative = be.tensor_i32(&[1, 2, 2, 1], &[0, -1, 2, 1]).unwrap();
-    assert!(matches!(be.max_pool2d_backward(&dy, &negative, (4, 4)), Err(Error::InvalidArgument(_))));
     let short = be.tensor_i32(&[1, 2, 1, 1], &[0, 1]).unwrap();
-    assert!(matches!(be.max_pool2d_backward(&dy, &short, (4, 4)), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(be.max_pool2d_backward(&dy, &short, (4, 4), &g), Err(Error::ShapeMismatch { .. })));
     let as_f32 = be.tensor_f32(&[1, 2, 2, 1], &[0.0; 4]).unwrap();
-    assert!(matches!(be.max_pool2d_backward(&dy, &as_f32, (4, 4)), Err(Error::DTypeMismatch { .. })));
-    let good = be.tensor_i32(&[1, 2, 2, 1], &[0, 3, 15, 3]).unwrap();
-    assert!(matches!(be.max_pool2d_backward(&dy, &good, (0, 4)), Err(Error::InvalidShape { .. })));
-    let dx = be.max_pool2d_backward(&dy, &good, (4, 4)).unwrap();
+    assert!(matches!(be.max_pool2d_backward(&dy, &as_f32, (4, 4), &g), Err(Error::DTypeMismatch { .. })));
+    let good = be.tensor_i32(&[1, 2, 2, 1], &[5, 3, 12, 15]).unwrap();
+    assert!(matches!(be.max_pool2d_backward(&dy, &good, (0, 4), &g), Err(Error::InvalidShape { .. })));
+    assert!(matches!(be.max_pool2d_backward(&dy, &good, (6, 6), &g), Err(Error::ShapeMismatch { .. })));
+    let dx = be.max_pool2d_backward(&dy, &good, (4, 4), &g).unwrap();
     let mut want = vec![0.0f32; 16];
-    want[0] = 1.0;
-    want[3] = 2.0;
+    for i in [5, 3, 12, 15] {
+        want[i] = 1.0;
+    }
+    assert_eq!(be.to_f32(&dx).unwrap(), want);
+    // Indices the forward cannot have written (outside the plane, negative, or in the plane but
+    // outside their output's window) send their gradient nowhere.
+    let foreign = be.tensor_i32(&[1, 2, 2, 1], &[16, -1, 3, 15]).unwrap();
+    let dx = be.max_pool2d_backward(&dy, &foreign, (4, 4), &g).unwrap();
+    let mut want = vec![0.0f32; 16];
     want[15] = 1.0;
     assert_eq!(be.to_f32(&dx).unwrap(), want);
+    // Overlapping windows (3x3, stride 1): one input collects every output's gradient, in order.
+    let g3 = PoolGeometry::square(3, 1, 0);
+    let dy = be.tensor_f32(&[1, 2, 2, 1], &[1.0, 2.0, 4.0, 8.0]).unwrap();
+    let same = be.tensor_i32(&[1, 2, 2, 1], &[5; 4]).unwrap();
+    let dx = be.max_pool2d_backward(&dy, &same, (4, 4), &g3).unwrap();
+    assert_eq!(be.to_f32(&dx).unwrap()[5], 15.0);
 }
 
 // ---- channel and batch slices -----------------------------------------------------------------

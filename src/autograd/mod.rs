@@ -70,6 +70,7 @@ enum Node<B: Backend> {
         x: Var,
         indices: B::Tensor,
         input_hw: (usize, usize),
+        geometry: PoolGeometry,
         out: Var,
     },
     AvgPool {
@@ -317,7 +318,7 @@ impl<B: Backend> Graph<B> {
         let [_, h, w, _] = nhwc(&self.values[x.0], "max pooling input")?;
         let (y, indices) = self.backend.max_pool2d(&self.values[x.0], &geometry)?;
         let out = self.push(y, true);
-        self.rec(Node::MaxPool { x, indices, input_hw: (h, w), out });
+        self.rec(Node::MaxPool { x, indices, input_hw: (h, w), geometry, out });
         Ok(out)
     }
 
@@ -520,10 +521,10 @@ impl<B: Backend> Graph<B> {
                         acc(&mut grads, bv, dy)?;
                     }
                 }
-                Node::MaxPool { x, indices, input_hw, out } => {
+                Node::MaxPool { x, indices, input_hw, geometry, out } => {
                     let Some(dy) = grads[out.0].take() else { continue };
                     if needs[x.0] {
-                        let dx = b.max_pool2d_backward(&dy, &indices, input_hw)?;
+                        let dx = b.max_pool2d_backward(&dy, &indices, input_hw, &geometry)?;
                         acc(&mut grads, x, dx)?;
                     }
                 }

@@ -1091,9 +1091,15 @@ impl Backend for CpuBackend {
     }
 
     /// Scatter of every output gradient to its argmax, in (p, q) order per sample (samples in
-    /// parallel). Without the geometry an index cannot be checked against its window, only
-    /// against the plane: an index outside `0..H·W` sends its gradient nowhere.
-    fn max_pool2d_backward(&self, dy: &CpuTensor, indices: &CpuTensor, input_hw: (usize, usize)) -> Result<CpuTensor> {
+    /// parallel). An index outside its output's window sends its gradient nowhere, as the
+    /// device kernel does.
+    fn max_pool2d_backward(
+        &self,
+        dy: &CpuTensor,
+        indices: &CpuTensor,
+        input_hw: (usize, usize),
+        geometry: &PoolGeometry,
+    ) -> Result<CpuTensor> {
         let [n, p, q, c] = nhwc("max pooling output gradient", dy)?;
         let dyv = float_of("max pooling output gradient", dy)?;
         let iv = i32_of("max pooling indices", indices)?;
@@ -1107,13 +1113,32 @@ impl Backend for CpuBackend {
                 reason: "H·W must fit the i32 indices".into(),
             });
         }
+        if geometry.output_size(h, w)? != (p, q) {
+            let (ep, eq) = geometry.output_size(h, w)?;
+            return Err(Error::ShapeMismatch {
+                what: "max pooling output gradient",
+                expected: vec![n, ep, eq, c],
+                got: dy.shape().to_vec(),
+            });
+        }
+        // The window of output (pp, qq) on one axis, in padded coordinates shifted back.
+        let inside = |o: usize, at: usize, k: usize, s: usize, pad: usize| {
+            let start = o * s;
+            (start..start + k).contains(&(at + pad))
+        };
+        let g = geometry;
         let mut dx = vec![0.0f32; n * h * w * c];
         dx.par_chunks_mut(h * w * c).enumerate().for_each(|(ni, plane)| {
             let base = ni * p * q * c;
             for e in 0..p * q * c {
-                let (at, ci) = (iv[base + e], e % c);
-                if at >= 0 && (at as usize) < h * w {
-                    plane[at as usize * c + ci] += dyv[base + e];
+                let (at, ci, pix) = (iv[base + e], e % c, e / c);
+                let Ok(at) = usize::try_from(at) else { continue };
+                let (hh, ww) = (at / w, at % w);
+                if hh < h
+                    && inside(pix / q, hh, g.kernel.0, g.stride.0, g.padding.0)
+                    && inside(pix % q, ww, g.kernel.1, g.stride.1, g.padding.1)
+                {
+                    plane[at * c + ci] += dyv[base + e];
                 }
             }
         });

@@ -16,12 +16,6 @@
 //! - **Channel and batch slices / concatenations** are device-to-device copies of byte ranges
 //!   (strided rows for channels, one contiguous range for samples): bit-exact, any dtype, no
 //!   kernel and no host round trip.
-//! - **Max-pooling backward** is told the input size but not the pooling geometry, which the
-//!   device kernel (a deterministic gather over the windows covering each input) needs. It is
-//!   therefore a scatter of `dy` to the indices on the host, in the gather kernel's summation
-//!   order, so the result has the same bits as [`ops::maxpool::max_pool2d_backward`]. Cost: `dy`
-//!   and the indices down and `dx` up, each activation-sized, once per call (negligible on the
-//!   emulator; on a GPU, three PCIe transfers of the stem's pooled activation per step).
 //!
 //! Every tensor handed in must live on the backend's device ([`Error::DeviceMismatch`]
 //! otherwise).
@@ -279,48 +273,15 @@ impl Backend for DeviceBackend {
         Ok((out.y, out.indices))
     }
 
-    fn max_pool2d_backward(&self, dy: &Tensor, indices: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
+    fn max_pool2d_backward(
+        &self,
+        dy: &Tensor,
+        indices: &Tensor,
+        input_hw: (usize, usize),
+        geometry: &PoolGeometry,
+    ) -> Result<Tensor> {
         self.on_device(&[dy, indices])?;
-        let [n, p, q, c] = nhwc("max pooling output gradient", dy)?;
-        check::dtype("max pooling output gradient", dy, DType::F32)?;
-        check::dtype("max pooling indices", indices, DType::I32)?;
-        if indices.shape() != dy.shape() {
-            return Err(Error::ShapeMismatch {
-                what: "max pooling indices",
-                expected: dy.shape().to_vec(),
-                got: indices.shape().to_vec(),
-            });
-        }
-        let (h, w) = input_hw;
-        let plane = h.checked_mul(w).filter(|&hw| hw > 0 && hw <= i32::MAX as usize);
-        let Some(plane) = plane else {
-            return Err(Error::InvalidShape {
-                what: "max pooling input",
-                shape: vec![n, h, w, c],
-                reason: "H and W must be at least 1 and H*W fit the i32 indices".into(),
-            });
-        };
-        let g = dy.to_vec::<f32>()?;
-        let idx = indices.to_vec::<i32>()?;
-        let numel = n.checked_mul(plane).and_then(|v| v.checked_mul(c)).ok_or_else(|| Error::InvalidShape {
-            what: "max pooling input",
-            shape: vec![n, h, w, c],
-            reason: "element count overflows usize".into(),
-        })?;
-        let mut dx = vec![0.0f32; numel];
-        // For each (sample, channel) the outputs are visited in (p, q) order: every element of dx
-        // sums its contributions in the order the device's gather kernel does.
-        for (o, (&gv, &at)) in g.iter().zip(&idx).enumerate() {
-            let ch = o % c;
-            let sample = o / (p * q * c);
-            let at = usize::try_from(at).ok().filter(|&a| a < plane).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "max pooling index {at} at output element {o} is outside the {h}x{w} input plane"
-                ))
-            })?;
-            dx[(sample * plane + at) * c + ch] += gv;
-        }
-        Tensor::from_slice(&self.device, &[n, h, w, c], &dx)
+        ops::maxpool::max_pool2d_backward(dy, indices, input_hw, geometry)
     }
 
     fn adaptive_avg_pool(&self, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {

@@ -182,12 +182,16 @@ pub trait Backend: Clone + fmt::Debug + 'static {
 
     /// Max pooling: the output and the argmax indices its backward needs.
     fn max_pool2d(&self, x: &Self::Tensor, geometry: &PoolGeometry) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Backward of [`Backend::max_pool2d`] to an input of spatial size `input_hw`.
+    /// Backward of [`Backend::max_pool2d`] to an input of spatial size `input_hw`, pooled with
+    /// `geometry`: each output's gradient goes to its argmax. An index that does not lie in its
+    /// output's window (not one the forward wrote) sends its gradient nowhere, as
+    /// [`crate::ops::maxpool::max_pool2d_backward`] does.
     fn max_pool2d_backward(
         &self,
         dy: &Self::Tensor,
         indices: &Self::Tensor,
         input_hw: (usize, usize),
+        geometry: &PoolGeometry,
     ) -> Result<Self::Tensor>;
     /// Adaptive average pooling to `out_h × out_w` bins.
     fn adaptive_avg_pool(&self, x: &Self::Tensor, out_h: usize, out_w: usize) -> Result<Self::Tensor>;
