@@ -79,6 +79,7 @@ fn to_conv_prologue<'a>(p: &Prologue<'a>, datasets: &'a Tensor) -> conv::Prologu
 /// `[K, R, S, C]`, `datasets` `[N]` i32; `state` has `[D, K]` tables and its running statistics
 /// move for the datasets present. With `materialize`, the activation is written (needed when
 /// the consumer is not a convolution, or with a residual).
+#[doc(alias = "conv_dsbn_relu")]
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train(
     x: &Tensor,
@@ -113,6 +114,7 @@ pub fn forward_train(
 }
 
 /// Inference forward in one kernel: `relu?(BN_running(conv(x)) + residual)`.
+#[doc(alias = "conv_dsbn_relu")]
 #[allow(clippy::too_many_arguments)]
 pub fn forward_infer(
     x: &Tensor,
@@ -144,6 +146,7 @@ pub fn forward_infer(
 
 /// Backward of [`forward_train`]: `dy` is the gradient of the block's output; `x`, `conv_out`,
 /// `saved` and `residual` are what the forward used and produced.
+#[doc(alias = "conv_dsbn_relu")]
 #[allow(clippy::too_many_arguments)]
 pub fn backward_train(
     dy: &Tensor,
