@@ -262,17 +262,25 @@ proptest! {
 }
 
 /// Two blocks where block 2 applies block 1's BN + ReLU in its prologue equal two blocks with a
-/// separate apply pass, bit for bit — forward, running statistics and every gradient.
+/// separate apply pass, bit for bit — forward, running statistics and every gradient. In 16-bit
+/// storage too: the separate pass rounds the activation to T once when it stores it, and the
+/// prologue rounds the same f32 value to T once when it stashes it for the tensor cores.
 #[test]
 fn chained_prologue_fusion_equals_separate_apply() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        chained_prologue_case(dtype);
+    }
+}
+
+fn chained_prologue_case(dtype: DType) {
     let dev = emulator();
     let (n, h, w, c0, c1, c2) = (4, 11, 9, 5, 12, 7);
     let mut g = Rng(5);
-    let mut v = |len: usize| -> Vec<f64> { (0..len).map(|_| g.normal()).collect() };
-    let x = tensor(&dev, &[n, h, w, c0], &v(n * h * w * c0), DType::F32);
-    let w1 = tensor(&dev, &[c1, 3, 3, c0], &v(c1 * 9 * c0), DType::F32);
-    let w2 = tensor(&dev, &[c2, 3, 3, c1], &v(c2 * 9 * c1), DType::F32);
-    let dy = tensor(&dev, &[n, 6, 5, c2], &v(n * 6 * 5 * c2), DType::F32);
+    let mut v = |len: usize| -> Vec<f64> { common::quantize(&(0..len).map(|_| g.normal()).collect::<Vec<_>>(), dtype) };
+    let x = tensor(&dev, &[n, h, w, c0], &v(n * h * w * c0), dtype);
+    let w1 = tensor(&dev, &[c1, 3, 3, c0], &v(c1 * 9 * c0), dtype);
+    let w2 = tensor(&dev, &[c2, 3, 3, c1], &v(c2 * 9 * c1), dtype);
+    let dy = tensor(&dev, &[n, 6, 5, c2], &v(n * 6 * 5 * c2), dtype);
     let ds = Tensor::from_slice(&dev, &[n], &[0i32, 2, 2, 0]).unwrap();
     let g1 = ConvGeometry::square(1, 2, 2);
     let g2 = ConvGeometry::square(2, 1, 1);
@@ -304,7 +312,7 @@ fn chained_prologue_fusion_equals_separate_apply() {
         .map(|t| bits(t))
         .collect()
     };
-    assert!(run(true) == run(false), "prologue fusion changed the results");
+    assert!(run(true) == run(false), "{dtype}: prologue fusion changed the results");
 }
 
 /// The one-kernel inference path equals conv followed by the inference DSBN, bit for bit.
