@@ -1,6 +1,7 @@
 //! The fused Dataset-Aware Block (conv → DSBN → ReLU, optional residual) against the
-//! composition of the f64 references, fused chains against unfused ones (bitwise), the
-//! one-kernel inference path against conv + inference DSBN (bitwise), and determinism.
+//! composition of the f64 references — in f32, and in f16 / bf16 storage (`run16`, with its own
+//! tolerances) — fused chains against unfused ones (bitwise, all three types), the one-kernel
+//! inference path against conv + inference DSBN (bitwise), and determinism.
 //!
 //! Tolerances. A DAB output is a normalised convolution: the convolution's relative error is
 //! bounded by gamma_D * sum|a*b| / |y| (see tests/conv.rs), and normalisation divides the
@@ -627,5 +628,176 @@ fn dab_backward_in_16_bit_storage() {
         for (seed, threads) in [(7, 2), (0xC0DE, 1)] {
             assert!(all(&one(seed, threads).1) == base, "{dtype}: seed {seed} threads {threads} changed the bits");
         }
+    }
+}
+
+/// The whole DAB in f16 / bf16 storage on one case against the f64 references of the same
+/// (rounded) inputs: training forward (convolution output, running statistics, output),
+/// every backward output, and the one-kernel inference forward. Tolerances:
+/// - convolution output: exact 16-bit products, f32 accumulation (gamma_D·sum|a·b|), one
+///   rounding to T (u_T·|y|), as tests/conv.rs;
+/// - statistics and output: against the f64 DSBN of the *stored* convolution output (the
+///   epilogue rounds before its statistics), the output within one more rounding to T;
+/// - backward: as `dab_backward_in_16_bit_storage`, (2·u_T + 1e-4) times the magnitude bound;
+/// - inference: the f32 accumulator goes through the epilogue unrounded, so the error is
+///   |γ|/σ times the convolution's f32 error, a few f32 roundings of the epilogue's terms, and
+///   one rounding of the result to T.
+fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
+    // gamma_D of the f32 accumulation (tests/conv.rs), with slack for the reduction's tail.
+    let gamma = |d: usize| {
+        let du = (d as f64 + 2.0) * 2f64.powi(-24);
+        du / (1.0 - du)
+    };
+    let dt = data(k);
+    let (p, q) = out_hw(k);
+    let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, k.r, k.r, k.c), (k.n, p, q, k.k));
+    let u = common::unit_roundoff(dtype);
+    let q16 = |v: &[f64]| common::quantize(v, dtype);
+    let (xq, wq, rq, dyq) = (q16(&dt.x), q16(&dt.w), q16(&dt.res), q16(&dt.dy));
+    let x = tensor(dev, &[k.n, k.h, k.w, k.c], &xq, dtype);
+    let w = tensor(dev, &[k.k, k.r, k.r, k.c], &wq, dtype);
+    let res = tensor(dev, &[k.n, p, q, k.k], &rq, dtype);
+    let dy = tensor(dev, &[k.n, p, q, k.k], &dyq, dtype);
+    let ds: Vec<i32> = k.datasets.iter().map(|&d| d as i32).collect();
+    let ds = Tensor::from_slice(dev, &[k.n], &ds).unwrap();
+    let mut st = state(dev, k, &dt);
+    let opts = DsbnOptions { relu: k.relu, ..DsbnOptions::default() };
+    let residual = k.residual.then_some(&res);
+    let rq_used: Vec<f64> = if k.residual { rq.clone() } else { vec![0.0; rq.len()] };
+    let a2 = |v: &[f64]| ArrayView2::from_shape((k.d, k.k), v).unwrap().to_owned();
+    let (ones, zeros) = (vec![1.0; k.d * k.k], vec![0.0; k.d * k.k]);
+    let cfg = rdsbn::DsbnConfig { relu: false, ..rdsbn::DsbnConfig::default() };
+    let bn_ref = |conv: ArrayView4<f64>| {
+        rdsbn::dsbn_forward_train(
+            conv,
+            &k.datasets,
+            a2(&dt.gamma).view(),
+            a2(&dt.beta).view(),
+            a2(&zeros).view(),
+            a2(&ones).view(),
+            &cfg,
+        )
+    };
+    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let conv = rconv::conv2d(
+        ArrayView4::from_shape(xd, &xq).unwrap(),
+        ArrayView4::from_shape(wd, &wq).unwrap(),
+        None,
+        &spec(k),
+    );
+    let (ax, aw) = (abs(&xq), abs(&wq));
+    let mag = rconv::conv2d(
+        ArrayView4::from_shape(xd, &ax).unwrap(),
+        ArrayView4::from_shape(wd, &aw).unwrap(),
+        None,
+        &spec(k),
+    );
+    let (conv, mag) = (conv.as_slice().unwrap().to_vec(), mag.as_slice().unwrap().to_vec());
+    let depth = k.r * k.r * k.c;
+
+    let fwd = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, residual, true);
+    if let Err(rdsbn::ReferenceError::TooFewValues { .. }) = bn_ref(ArrayView4::from_shape(yd, &conv).unwrap()) {
+        return match fwd {
+            Err(Error::TooFewValues { .. }) => Ok(()),
+            other => Err(format!("expected TooFewValues, got {other:?}")),
+        };
+    }
+    let f = fwd.map_err(|e| e.to_string())?;
+    let stored = host(&f.conv_out);
+    common::assert_close(&format!("{dtype} conv_out"), &stored, &conv, |i| {
+        let acc = gamma(depth) * mag[i];
+        u * (conv[i].abs() + acc) + acc + 2f64.powi(-25)
+    })?;
+    let bn = bn_ref(ArrayView4::from_shape(yd, &stored).unwrap()).map_err(|e| e.to_string())?;
+    close("running_mean", &host(&st.running_mean), bn.running_mean.as_slice().unwrap())?;
+    close("running_var", &host(&st.running_var), bn.running_var.as_slice().unwrap())?;
+    let pre: Vec<f64> = bn.y.iter().zip(&rq_used).map(|(y, r)| y + r).collect();
+    let want: Vec<f64> = pre.iter().map(|&v| if k.relu { v.max(0.0) } else { v }).collect();
+    let max_out = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let out = host(f.output.as_ref().unwrap());
+    common::assert_close(&format!("{dtype} output"), &out, &want, |i| u * want[i].abs() + 2e-4 * max_out + 1e-30)?;
+
+    // Backward, with the ReLU mask the kernel took (its own output's sign).
+    let grads =
+        dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, residual).map_err(|e| e.to_string())?;
+    let gm: Vec<f64> = dyq.iter().zip(&out).map(|(&g, &o)| if !k.relu || o > 0.0 { g } else { 0.0 }).collect();
+    let stored4 = ArrayView4::from_shape(yd, &stored).unwrap();
+    let rb = rdsbn::dsbn_backward_train(
+        ArrayView4::from_shape(yd, &gm).unwrap(),
+        stored4,
+        &k.datasets,
+        a2(&dt.gamma).view(),
+        a2(&dt.beta).view(),
+        &cfg,
+    )
+    .map_err(|e| e.to_string())?;
+    close("dgamma", &host(&grads.dgamma), rb.dgamma.as_slice().unwrap())?;
+    close("dbeta", &host(&grads.dbeta), rb.dbeta.as_slice().unwrap())?;
+    let rc = rconv::conv2d_backward(
+        rb.dx.view(),
+        ArrayView4::from_shape(xd, &xq).unwrap(),
+        ArrayView4::from_shape(wd, &wq).unwrap(),
+        &spec(k),
+    );
+    let cd = |e: usize| (e % k.k, k.datasets[e / (p * q * k.k)]);
+    let mut group = vec![0.0f64; k.d * k.k];
+    for (e, ge) in gm.iter().enumerate() {
+        let (c, d) = cd(e);
+        group[d * k.k + c] += ge.abs() * (1.0 + ((stored[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]).abs());
+    }
+    let scale: Vec<f64> = (0..gm.len())
+        .map(|e| {
+            let (c, d) = cd(e);
+            dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (gm[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
+        })
+        .collect();
+    let bmag = rconv::conv2d_backward(
+        ArrayView4::from_shape(yd, &scale).unwrap(),
+        ArrayView4::from_shape(xd, &ax).unwrap(),
+        ArrayView4::from_shape(wd, &aw).unwrap(),
+        &spec(k),
+    );
+    let tol = 2.0 * u + 1e-4;
+    let (dwm, dxm) = (bmag.dw.as_slice().unwrap(), bmag.dx.as_slice().unwrap());
+    common::assert_close(&format!("{dtype} dweight"), &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
+        tol * dwm[i] + 1e-30
+    })?;
+    common::assert_close(&format!("{dtype} dx"), &host(&grads.dx), rc.dx.as_slice().unwrap(), |i| {
+        tol * dxm[i] + 1e-30
+    })?;
+    match (&grads.dresidual, k.residual) {
+        (Some(dr), true) => common::assert_close(&format!("{dtype} dresidual"), &host(dr), &gm, |_| 0.0)?,
+        (None, false) => {}
+        _ => return Err("dresidual presence does not follow the residual".into()),
+    }
+
+    // Inference with the running statistics the training forward left.
+    let inf = dab::forward_infer(&x, &w, &k.geom, &ds, &st, &opts, residual).map_err(|e| e.to_string())?;
+    let (rm, rv) = (host(&st.running_mean), host(&st.running_var));
+    let eps = f64::from(opts.eps);
+    let mut want = vec![0.0; conv.len()];
+    let mut tols = vec![0.0; conv.len()];
+    for e in 0..conv.len() {
+        let (c, d) = cd(e);
+        let s = dt.gamma[d * k.k + c] / (rv[d * k.k + c] + eps).sqrt();
+        let v = s * (conv[e] - rm[d * k.k + c]) + dt.beta[d * k.k + c] + rq_used[e];
+        want[e] = if k.relu { v.max(0.0) } else { v };
+        let terms = s.abs() * (conv[e].abs() + rm[d * k.k + c].abs()) + dt.beta[d * k.k + c].abs() + rq_used[e].abs();
+        tols[e] = s.abs() * gamma(depth) * mag[e] + 2f64.powi(-20) * terms + u * want[e].abs() + 2f64.powi(-25);
+    }
+    common::assert_close(&format!("{dtype} inference"), &host(&inf), &want, |i| tols[i])?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #[test]
+    fn dab_f16_matches_reference(k in strategy()) {
+        run16(&k, &emulator(), DType::F16).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn dab_bf16_matches_reference(k in strategy()) {
+        run16(&k, &emulator(), DType::BF16).map_err(TestCaseError::fail)?;
     }
 }
