@@ -75,6 +75,35 @@ struct ConvForward {
     __device__ float b(long long kk, int col) const {
         return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
     }
+    // Fast path when C is a multiple of 4: four consecutive reduction indices are four
+    // consecutive channels of one filter tap, contiguous and (with 4-element-aligned tensors)
+    // vector-aligned in both x and the weight, so a thread loads them with one instruction and
+    // decomposes its row once per step instead of once per element.
+    static constexpr bool kVec4 = true;
+    __device__ bool vec4() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x) && vec4_aligned<T>(p.weight); }
+    __device__ void a4(long long m, long long kidx, float (&v)[4]) const {
+        const int kk = (int)kidx;
+        const int q = (int)(m % p.q);
+        const long long t = m / p.q;
+        const int pp = (int)(t % p.p), n = (int)(t / p.p);
+        const int c = kk % p.c, rs = kk / p.c, s = rs % p.s, r = rs / p.s;
+        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
+        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
+        if (h < 0 || h >= p.h || w < 0 || w >= p.w) {
+            for (int j = 0; j < 4; ++j) v[j] = 0.0f;
+            return;
+        }
+        const T* src = static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c;
+        const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(src);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, to_f32(x4.v[j]));
+    }
+    __device__ void b4(long long kk, int col, float (&v)[4]) const {
+        const T* src = static_cast<const T*>(p.weight) + (long long)col * depth() + kk;
+        const Vec4<T> w4 = *reinterpret_cast<const Vec4<T>*>(src);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) v[j] = to_f32(w4.v[j]);
+    }
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
     // dataset; the inference epilogue knows its sample without a division).
     __device__ long long segment() const { return (p.stats || p.epi_mean) ? (long long)p.p * p.q : 0; }
@@ -103,6 +132,8 @@ struct ConvForward {
 template <typename T>
 struct ConvBackwardData {
     const cdcl_conv_params& p;
+    // No vector fast path: B (the weight read along K) is strided for this problem.
+    static constexpr bool kVec4 = false;
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
@@ -138,6 +169,8 @@ struct ConvBackwardData {
 template <typename T>
 struct ConvBackwardFilter {
     const cdcl_conv_params& p;
+    // No vector fast path: A (dy read along the pixels) is strided for this problem.
+    static constexpr bool kVec4 = false;
     __device__ long long rows() const { return p.k; }
     __device__ int cols() const { return p.r * p.s * p.c; }
     __device__ long long depth() const { return (long long)p.n * p.p * p.q; }
@@ -232,7 +265,23 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
     CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
     float ra[4], rb[4];
+    // Vector fast path (see ConvForward::vec4): thread t loads reduction indices 4(t%4)..+3 of
+    // row / column t/4. The depth is then a multiple of 4, so a group is all in or all out.
+    bool vec = false;
+    if constexpr (Prob::kVec4) vec = prob.vec4();
+    const int vrow = t / 4, vk = (t % 4) * 4;
     auto load = [&](long long kt) {
+        if constexpr (Prob::kVec4) {
+            if (vec) {
+                const long long kk = kt + vk, m = m0 + vrow;
+                const int col = n0 + vrow;
+                if (kk < k_end && m < rows) prob.a4(m, kk, ra);
+                else for (int j = 0; j < 4; ++j) ra[j] = 0.0f;
+                if (kk < k_end && col < cols) prob.b4(kk, col, rb);
+                else for (int j = 0; j < 4; ++j) rb[j] = 0.0f;
+                return;
+            }
+        }
         const long long kk = kt + lk;
         for (int i = 0; i < 4; ++i) {
             const long long m = m0 + lrow + 16 * i;
@@ -242,6 +291,13 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
         }
     };
     auto stash = [&](int buf) {
+        if (vec) {
+            for (int j = 0; j < 4; ++j) {
+                As[buf][vk + j][vrow] = ra[j];
+                Bs[buf][vk + j][vrow] = rb[j];
+            }
+            return;
+        }
         for (int i = 0; i < 4; ++i) {
             As[buf][lk][lrow + 16 * i] = ra[i];
             Bs[buf][lk][lrow + 16 * i] = rb[i];
@@ -325,7 +381,21 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
 
     CDCL_SHARED(Tiles, sm, );
     float ra[4], rb[4];
+    bool vec = false;  // the vector fast path, as in implicit_gemm
+    if constexpr (Prob::kVec4) vec = prob.vec4();
+    const int vrow = t / 4, vk = (t % 4) * 4;
     auto load = [&](long long kt) {
+        if constexpr (Prob::kVec4) {
+            if (vec) {
+                const long long kk = kt + vk, m = m0 + vrow;
+                const int col = n0 + vrow;
+                if (kk < k_end && m < rows) prob.a4(m, kk, ra);
+                else for (int j = 0; j < 4; ++j) ra[j] = 0.0f;
+                if (kk < k_end && col < cols) prob.b4(kk, col, rb);
+                else for (int j = 0; j < 4; ++j) rb[j] = 0.0f;
+                return;
+            }
+        }
         const long long kk = kt + lk;
         for (int i = 0; i < 4; ++i) {
             const long long m = m0 + lrow + 16 * i;
@@ -335,6 +405,13 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         }
     };
     auto stash = [&](int buf) {
+        if (vec) {
+            for (int j = 0; j < 4; ++j) {
+                sm.a[buf][vrow][vk + j] = from_f32<T>(ra[j]);
+                sm.b[buf][vk + j][vrow] = from_f32<T>(rb[j]);
+            }
+            return;
+        }
         for (int i = 0; i < 4; ++i) {
             sm.a[buf][lrow + 16 * i][lk] = from_f32<T>(ra[i]);
             sm.b[buf][lk][lrow + 16 * i] = from_f32<T>(rb[i]);
