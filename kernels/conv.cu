@@ -51,6 +51,69 @@ __device__ __forceinline__ float input_value(const cdcl_conv_params& p, int n, i
     return p.pro_relu ? fmaxf(v, 0.0f) : v;
 }
 
+// ---- operand loading: the general mapping and the vector fast paths ---------------------------
+//
+// Each step, a block loads a 16 (reduction) x 64 (rows of A, or columns of B) slab of each
+// operand, 4 values per thread. The general mapping puts 16 consecutive threads on 16
+// consecutive reduction indices of one row, and works for any sizes. When 4 consecutive
+// elements along one axis are contiguous and aligned in memory, a thread loads them with one
+// vector instruction instead (and computes their address once):
+//   kAlongK:  4 consecutive reduction indices of one row (thread t: row t/4, k 4(t%4)..+3);
+//   kAlongMN: 4 consecutive rows at one reduction index (thread t: k t/16, rows 4(t%16)..+3).
+// Which applies is a property of the problem (its kVecA / kVecB) and of the sizes and pointers
+// (its vec_a() / vec_b(), uniform per launch).
+constexpr int kNoVec = 0, kAlongK = 1, kAlongMN = 2;
+
+// `one(i, kk)` loads a single element, `four(i, kk, r)` the 4-vector of the fast path; `base` is
+// the slab's first row, `bound` one past the last valid row; reduction indices from `k_end` on
+// read as zero. In the fast paths the 4 elements are all valid or all not: the problem only
+// enables them when the bound along the vector's axis is a multiple of 4.
+template <int kMode, class One, class Four>
+__device__ __forceinline__ void load_operand(bool vec, long long kt, long long k_end, long long base, long long bound,
+                                             One one, Four four, float (&r)[4]) {
+    const int t = (int)threadIdx.x;
+    if constexpr (kMode != kNoVec) {
+        if (vec) {
+            const long long kk = kMode == kAlongK ? kt + (t % 4) * 4 : kt + t / 16;
+            const long long i = kMode == kAlongK ? base + t / 4 : base + (t % 16) * 4;
+            if (kk < k_end && i < bound)
+                four(i, kk, r);
+            else
+                for (int j = 0; j < 4; ++j) r[j] = 0.0f;
+            return;
+        }
+    }
+    const long long kk = kt + t % 16;
+    for (int j = 0; j < 4; ++j) {
+        const long long i = base + t / 16 + 16 * j;
+        r[j] = (kk < k_end && i < bound) ? one(i, kk) : 0.0f;
+    }
+}
+
+// Writes what load_operand loaded: `store(k, i, v)` with k the reduction offset in the step and
+// i the row offset in the slab.
+template <int kMode, class Store>
+__device__ __forceinline__ void stash_operand(bool vec, const float (&r)[4], Store store) {
+    const int t = (int)threadIdx.x;
+    if constexpr (kMode != kNoVec) {
+        if (vec) {
+            for (int j = 0; j < 4; ++j) {
+                if (kMode == kAlongK)
+                    store((t % 4) * 4 + j, t / 4, r[j]);
+                else
+                    store(t / 16, (t % 16) * 4 + j, r[j]);
+            }
+            return;
+        }
+    }
+    for (int j = 0; j < 4; ++j) store(t % 16, t / 16 + 16 * j, r[j]);
+}
+
+template <typename T>
+__device__ __forceinline__ Vec4<T> load_vec4(const T* src) {
+    return *reinterpret_cast<const Vec4<T>*>(src);
+}
+
 // ---- the three problems: sizes, loaders, epilogues -------------------------------------------
 
 // T: the storage type of x, weight, residual and y (f32, or f16 / bf16 for the tensor-core
@@ -75,12 +138,11 @@ struct ConvForward {
     __device__ float b(long long kk, int col) const {
         return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
     }
-    // Fast path when C is a multiple of 4: four consecutive reduction indices are four
-    // consecutive channels of one filter tap, contiguous and (with 4-element-aligned tensors)
-    // vector-aligned in both x and the weight, so a thread loads them with one instruction and
-    // decomposes its row once per step instead of once per element.
-    static constexpr bool kVec4 = true;
-    __device__ bool vec4() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x) && vec4_aligned<T>(p.weight); }
+    // Both operands are contiguous along the reduction (4 consecutive indices = 4 channels of
+    // one filter tap) when C is a multiple of 4.
+    static constexpr int kVecA = kAlongK, kVecB = kAlongK;
+    __device__ bool vec_a() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x); }
+    __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.weight); }
     __device__ void a4(long long m, long long kidx, float (&v)[4]) const {
         const int kk = (int)kidx;
         const int q = (int)(m % p.q);
@@ -93,14 +155,12 @@ struct ConvForward {
             for (int j = 0; j < 4; ++j) v[j] = 0.0f;
             return;
         }
-        const T* src = static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c;
-        const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(src);
+        const Vec4<T> x4 = load_vec4(static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c);
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, to_f32(x4.v[j]));
     }
     __device__ void b4(long long kk, int col, float (&v)[4]) const {
-        const T* src = static_cast<const T*>(p.weight) + (long long)col * depth() + kk;
-        const Vec4<T> w4 = *reinterpret_cast<const Vec4<T>*>(src);
+        const Vec4<T> w4 = load_vec4(static_cast<const T*>(p.weight) + (long long)col * depth() + kk);
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) v[j] = to_f32(w4.v[j]);
     }
@@ -132,8 +192,12 @@ struct ConvForward {
 template <typename T>
 struct ConvBackwardData {
     const cdcl_conv_params& p;
-    // No vector fast path: B (the weight read along K) is strided for this problem.
-    static constexpr bool kVec4 = false;
+    // A (dy) is contiguous along the reduction when K is a multiple of 4 (4 consecutive indices
+    // = 4 output channels of one tap); B (the weight) along its columns (input channels) when C
+    // is.
+    static constexpr int kVecA = kAlongK, kVecB = kAlongMN;
+    __device__ bool vec_a() const { return p.k % 4 == 0 && vec4_aligned<T>(p.dy); }
+    __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.weight); }
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
@@ -155,6 +219,28 @@ struct ConvBackwardData {
         const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
         return to_f32(static_cast<const T*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col]);
     }
+    __device__ void a4(long long m, long long kk, float (&v)[4]) const {
+        const int w = (int)(m % p.w);
+        const long long t = m / p.w;
+        const int h = (int)(t % p.h), n = (int)(t / p.h);
+        const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
+        const int hp = h + p.pad_h - r * p.dil_h;
+        const int wp = w + p.pad_w - s * p.dil_w;
+        const int pp = hp / p.stride_h, q = wp / p.stride_w;
+        if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0 || pp >= p.p || q >= p.q) {
+            for (int j = 0; j < 4; ++j) v[j] = 0.0f;
+            return;
+        }
+        const Vec4<T> d4 = load_vec4(static_cast<const T*>(p.dy) + (((long long)n * p.p + pp) * p.q + q) * p.k + k);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) v[j] = to_f32(d4.v[j]);
+    }
+    __device__ void b4(long long kk, int col, float (&v)[4]) const {
+        const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
+        const Vec4<T> w4 = load_vec4(static_cast<const T*>(p.weight) + ((long long)k * p.r * p.s + rs) * p.c + col);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) v[j] = to_f32(w4.v[j]);
+    }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int) const {
@@ -169,8 +255,11 @@ struct ConvBackwardData {
 template <typename T>
 struct ConvBackwardFilter {
     const cdcl_conv_params& p;
-    // No vector fast path: A (dy read along the pixels) is strided for this problem.
-    static constexpr bool kVec4 = false;
+    // A (dy^T) is contiguous along its rows (output channels) when K is a multiple of 4, B
+    // (im2col(x)) along its columns (4 input channels of one tap) when C is.
+    static constexpr int kVecA = kAlongMN, kVecB = kAlongMN;
+    __device__ bool vec_a() const { return p.k % 4 == 0 && vec4_aligned<T>(p.dy); }
+    __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x); }
     __device__ long long rows() const { return p.k; }
     __device__ int cols() const { return p.r * p.s * p.c; }
     __device__ long long depth() const { return (long long)p.n * p.p * p.q; }
@@ -186,6 +275,26 @@ struct ConvBackwardFilter {
         const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
         if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
         return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
+    }
+    __device__ void a4(long long m, long long j, float (&v)[4]) const {
+        const Vec4<T> d4 = load_vec4(static_cast<const T*>(p.dy) + j * p.k + m);
+        CDCL_UNROLL
+        for (int i = 0; i < 4; ++i) v[i] = to_f32(d4.v[i]);
+    }
+    __device__ void b4(long long j, int col, float (&v)[4]) const {
+        const int q = (int)(j % p.q);
+        const long long t = j / p.q;
+        const int pp = (int)(t % p.p), n = (int)(t / p.p);
+        const int c = col % p.c, rs = col / p.c, s = rs % p.s, r = rs / p.s;
+        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
+        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
+        if (h < 0 || h >= p.h || w < 0 || w >= p.w) {
+            for (int i = 0; i < 4; ++i) v[i] = 0.0f;
+            return;
+        }
+        const Vec4<T> x4 = load_vec4(static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c);
+        CDCL_UNROLL
+        for (int i = 0; i < 4; ++i) v[i] = input_value(p, n, c + i, to_f32(x4.v[i]));
     }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
@@ -259,49 +368,25 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     const long long k_begin = (long long)blockIdx.z * slice_len;
     const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
     const int t = (int)threadIdx.x;
-    const int lk = t % kBK, lrow = t / kBK;  // loader: reduction index, first row/col
     const int tx = t % 16, ty = t / 16;      // compute: 4 rows ty + 16i, 4 cols tx + 16j
 
     CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
     CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
     float ra[4], rb[4];
-    // Vector fast path (see ConvForward::vec4): thread t loads reduction indices 4(t%4)..+3 of
-    // row / column t/4. The depth is then a multiple of 4, so a group is all in or all out.
-    bool vec = false;
-    if constexpr (Prob::kVec4) vec = prob.vec4();
-    const int vrow = t / 4, vk = (t % 4) * 4;
+    bool va = false, vb = false;  // the vector fast paths (see load_operand)
+    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
+    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
     auto load = [&](long long kt) {
-        if constexpr (Prob::kVec4) {
-            if (vec) {
-                const long long kk = kt + vk, m = m0 + vrow;
-                const int col = n0 + vrow;
-                if (kk < k_end && m < rows) prob.a4(m, kk, ra);
-                else for (int j = 0; j < 4; ++j) ra[j] = 0.0f;
-                if (kk < k_end && col < cols) prob.b4(kk, col, rb);
-                else for (int j = 0; j < 4; ++j) rb[j] = 0.0f;
-                return;
-            }
-        }
-        const long long kk = kt + lk;
-        for (int i = 0; i < 4; ++i) {
-            const long long m = m0 + lrow + 16 * i;
-            const int col = n0 + lrow + 16 * i;
-            ra[i] = (kk < k_end && m < rows) ? prob.a(m, kk) : 0.0f;
-            rb[i] = (kk < k_end && col < cols) ? prob.b(kk, col) : 0.0f;
-        }
+        load_operand<Prob::kVecA>(
+            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
+            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
+        load_operand<Prob::kVecB>(
+            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
+            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
     };
     auto stash = [&](int buf) {
-        if (vec) {
-            for (int j = 0; j < 4; ++j) {
-                As[buf][vk + j][vrow] = ra[j];
-                Bs[buf][vk + j][vrow] = rb[j];
-            }
-            return;
-        }
-        for (int i = 0; i < 4; ++i) {
-            As[buf][lk][lrow + 16 * i] = ra[i];
-            Bs[buf][lk][lrow + 16 * i] = rb[i];
-        }
+        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { As[buf][k][i] = v; });
+        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { Bs[buf][k][i] = v; });
     };
 
     float acc[4][4];
@@ -375,47 +460,25 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     const long long k_begin = (long long)blockIdx.z * slice_len;
     const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
     const int t = (int)threadIdx.x;
-    const int lk = t % kBK, lrow = t / kBK;
     const int tx = t % 16, ty = t / 16;
     const int warp = t / 32, wr = (warp % 4) * 16, wc = (warp / 4) * 32;
 
     CDCL_SHARED(Tiles, sm, );
     float ra[4], rb[4];
-    bool vec = false;  // the vector fast path, as in implicit_gemm
-    if constexpr (Prob::kVec4) vec = prob.vec4();
-    const int vrow = t / 4, vk = (t % 4) * 4;
+    bool va = false, vb = false;  // the vector fast paths, as in implicit_gemm
+    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
+    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
     auto load = [&](long long kt) {
-        if constexpr (Prob::kVec4) {
-            if (vec) {
-                const long long kk = kt + vk, m = m0 + vrow;
-                const int col = n0 + vrow;
-                if (kk < k_end && m < rows) prob.a4(m, kk, ra);
-                else for (int j = 0; j < 4; ++j) ra[j] = 0.0f;
-                if (kk < k_end && col < cols) prob.b4(kk, col, rb);
-                else for (int j = 0; j < 4; ++j) rb[j] = 0.0f;
-                return;
-            }
-        }
-        const long long kk = kt + lk;
-        for (int i = 0; i < 4; ++i) {
-            const long long m = m0 + lrow + 16 * i;
-            const int col = n0 + lrow + 16 * i;
-            ra[i] = (kk < k_end && m < rows) ? prob.a(m, kk) : 0.0f;
-            rb[i] = (kk < k_end && col < cols) ? prob.b(kk, col) : 0.0f;
-        }
+        load_operand<Prob::kVecA>(
+            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
+            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
+        load_operand<Prob::kVecB>(
+            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
+            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
     };
     auto stash = [&](int buf) {
-        if (vec) {
-            for (int j = 0; j < 4; ++j) {
-                sm.a[buf][vrow][vk + j] = from_f32<T>(ra[j]);
-                sm.b[buf][vk + j][vrow] = from_f32<T>(rb[j]);
-            }
-            return;
-        }
-        for (int i = 0; i < 4; ++i) {
-            sm.a[buf][lrow + 16 * i][lk] = from_f32<T>(ra[i]);
-            sm.b[buf][lk][lrow + 16 * i] = from_f32<T>(rb[i]);
-        }
+        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); });
+        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
     };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];

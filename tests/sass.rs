@@ -1,7 +1,7 @@
 //! Facts about the machine code of the GPU build, read with `cuobjdump -sass` from the nvcc
 //! objects that build.rs keeps (OUT_DIR/cuda-obj): the f16/bf16 convolution mainloops run on
 //! the tensor cores (HMMA instructions) for every compiled architecture, the f32 ones do not,
-//! and the forward's channel-aligned fast path issues vector loads.
+//! and the channel-aligned fast paths issue vector loads.
 //!
 //! Needs the nvcc build and cuobjdump, looked up as $CUOBJDUMP, then on PATH, then next to the
 //! nvcc the build used. CI installs it with
@@ -82,11 +82,11 @@ fn the_16_bit_convolution_mainloop_uses_tensor_cores() {
             // Two m16n16k16 MMAs per reduction step: several HMMA instructions each.
             assert!(hmma >= 4, "{arch} {name}: {hmma} HMMA instructions");
         }
-        // The forward's fast path for C % 4 == 0 loads four channels with one instruction:
-        // 128-bit loads for f32, 64-bit for f16 / bf16.
-        for (name, sass) in of_arch("ConvForward") {
+        // Every problem's fast path (channel counts multiple of 4) loads four elements with one
+        // instruction: 128-bit loads for f32, 64-bit for f16 / bf16.
+        for (name, sass) in of_arch("implicit_gemm") {
             let wide = if name.contains("implicit_gemm_wmma") { "LDG.E.64" } else { "LDG.E.128" };
-            assert!(sass.contains(wide), "{arch} {name}: no {wide} vector load in the forward's fast path");
+            assert!(sass.contains(wide), "{arch} {name}: no {wide} vector load in the fast path");
         }
         for (name, sass) in of_arch("implicit_gemm").iter().filter(|f| !f.0.contains("implicit_gemm_wmma")) {
             assert!(!sass.contains("HMMA"), "{arch} {name}: the f32 mainloop should not use tensor cores");
