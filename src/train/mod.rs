@@ -478,7 +478,13 @@ impl<B: Backend> Trainer<B> {
         let mut list: Vec<SgdTensor<'_, B::Tensor>> = Vec::new();
         for w in weights.iter_mut() {
             if let (Some(grad), Some(buf)) = (w.grad.as_ref(), w.momentum.as_mut()) {
-                list.push(SgdTensor { param: &mut w.value, grad, momentum_buffer: buf, lr: rate(w.group) });
+                list.push(SgdTensor {
+                    param: &mut w.value,
+                    grad,
+                    momentum_buffer: buf,
+                    lr: rate(w.group),
+                    frozen_rows: None,
+                });
             }
         }
         for l in bns.iter_mut() {
@@ -487,8 +493,8 @@ impl<B: Backend> Trainer<B> {
                 (l.grad_gamma.as_ref(), l.grad_beta.as_ref(), l.momentum_gamma.as_mut(), l.momentum_beta.as_mut())
             {
                 let [gamma, beta, ..] = l.tables.tables_mut();
-                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr });
-                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr });
+                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr, frozen_rows: None });
+                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr, frozen_rows: None });
             }
         }
         let opts = SgdOptions { momentum: self.config.momentum, weight_decay: self.config.weight_decay };
