@@ -336,19 +336,21 @@ impl<B: Backend> Trainer<B> {
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
             let mut total = 0.0f32;
             for (pass, b) in batches.iter().enumerate() {
+                let tracked = self.batches_tracked();
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
                 let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
                 let root = g.weighted_sum(&terms);
                 total += g.scalar(root);
-                self.optimise(&mut g, root, lr)?;
+                self.optimise(&mut g, root, lr, &tracked)?;
                 sums[b.dataset].0 += l as f64;
                 sums[b.dataset].1 += 1;
             }
             StepStats { iter: self.iter, total, per_dataset: means(&sums), lr }
         } else {
+            let tracked = self.batches_tracked();
             let (mut g, root, stats) = self.forward_all(batches)?;
-            self.optimise(&mut g, root, lr)?;
+            self.optimise(&mut g, root, lr, &tracked)?;
             stats
         };
         self.iter += 1;
@@ -413,16 +415,24 @@ impl<B: Backend> Trainer<B> {
         Ok((g, root, stats))
     }
 
+    /// Every BN layer's training-forward count per dataset. Taken before the forwards of a
+    /// step, it tells [`Trainer::optimise`] which datasets the step left out (the forwards
+    /// count the datasets they see; the backward does not).
+    fn batches_tracked(&self) -> Vec<Vec<i64>> {
+        self.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect()
+    }
+
     /// Backward from `root`, then one SGD step at backbone rate `lr`. Parameters that got no
     /// gradient are skipped (as PyTorch skips `grad is None`), and so are the DSBN rows of
-    /// datasets absent from the step: their γ, β and momentum stay bit-for-bit unchanged.
-    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32) -> Result<()> {
-        let before: Vec<Vec<i64>> = self.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect();
+    /// datasets absent from the step, i.e. whose count in `before` (taken by
+    /// [`Trainer::batches_tracked`] before the step's forwards) did not move: their γ, β and
+    /// momentum stay bit-for-bit unchanged.
+    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<()> {
         let _ = g.backward(root, &mut self.store)?;
         // Their gradient rows are zero, but weight decay and momentum would still move them:
         // the SGD step leaves them out (Trainer::new bounds the datasets by what a mask holds).
         let mut frozen = Vec::with_capacity(before.len());
-        for (layer, before) in self.store.bn_layers().iter().zip(&before) {
+        for (layer, before) in self.store.bn_layers().iter().zip(before) {
             let absent: Vec<usize> =
                 (0..layer.num_datasets).filter(|&d| layer.batches_tracked[d] == before[d]).collect();
             let empty = absent.is_empty() || layer.channels == 0;
