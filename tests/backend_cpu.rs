@@ -22,7 +22,7 @@ use cdcl::ops::cross_entropy::CrossEntropyOptions;
 use cdcl::ops::dropout::Dropout2dOptions;
 use cdcl::ops::dsbn::DsbnOptions;
 use cdcl::ops::maxpool::PoolGeometry;
-use cdcl::ops::sgd::SgdOptions;
+use cdcl::ops::sgd::{FrozenRows, SgdOptions};
 use cdcl::reference;
 use cdcl::reference::conv::ConvSpec;
 use cdcl::reference::dsbn::DsbnConfig;
@@ -845,7 +845,7 @@ proptest! {
                 .zip(bufs.iter_mut())
                 .zip(&grads)
                 .zip(&lrs)
-                .map(|(((param, momentum_buffer), grad), &lr)| SgdTensor { param, grad, momentum_buffer, lr })
+                .map(|(((param, momentum_buffer), grad), &lr)| SgdTensor { param, grad, momentum_buffer, lr, frozen_rows: None })
                 .collect();
             be().sgd_step(&mut list, &opt, first).unwrap();
             for i in 0..lens.len() {
@@ -1053,6 +1053,104 @@ fn shape_and_dtype_errors_are_typed() {
     assert!(matches!(b.concat_batch(&[&x, &xi]), Err(Error::DTypeMismatch { .. })));
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Frozen rows (none, one, every row, random ones; one-row tensors; more rows than a mask
+    /// names) keep their parameter and buffer bits; the other rows match the reference as in
+    /// `sgd_matches_reference`.
+    #[test]
+    fn sgd_frozen_rows_match_reference(
+        shapes in prop::collection::vec((1..=70usize, 1..=20usize, 0u8..4, any::<u64>()), 1..=3),
+        momentum in 0.0f32..1.0, wd in 0.0f32..0.01, seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let masks: Vec<FrozenRows> = shapes
+            .iter()
+            .map(|&(rows, row_len, kind, bits)| {
+                let all = if rows >= 64 { u64::MAX } else { (1u64 << rows) - 1 };
+                let mask = match kind {
+                    0 => bits & all,
+                    1 => 1 << (bits % rows.min(64) as u64),
+                    2 => all,
+                    _ => 0,
+                };
+                FrozenRows { row_len, rows: mask }
+            })
+            .collect();
+        let lens: Vec<usize> = shapes.iter().map(|&(rows, row_len, ..)| rows * row_len).collect();
+        let mut params: Vec<CpuTensor> = lens.iter().map(|&l| t32(&[l], &randv(&mut rng, l, 1.0, 0.0))).collect();
+        let mut bufs: Vec<CpuTensor> = lens.iter().map(|&l| t32(&[l], &randv(&mut rng, l, 1.0, 0.0))).collect();
+        let lrs: Vec<f32> = lens.iter().map(|_| rng.uniform(0.0, 0.1) as f32).collect();
+        let opt = SgdOptions { momentum, weight_decay: wd };
+        for first in [true, false] {
+            let grads: Vec<CpuTensor> = lens.iter().map(|&l| t32(&[l], &randv(&mut rng, l, 1.0, 0.0))).collect();
+            let (p0, b0): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+                params.iter().zip(&bufs).map(|(p, b)| (host(p), host(b))).unzip();
+            let (pb0, bb0): (Vec<Vec<u32>>, Vec<Vec<u32>>) = params.iter().zip(&bufs).map(|(p, b)| (bits(p), bits(b))).unzip();
+            let mut list: Vec<SgdTensor<'_, CpuTensor>> = params
+                .iter_mut()
+                .zip(bufs.iter_mut())
+                .zip(&grads)
+                .zip(&lrs)
+                .zip(&masks)
+                .map(|((((param, momentum_buffer), grad), &lr), &f)| SgdTensor {
+                    param,
+                    grad,
+                    momentum_buffer,
+                    lr,
+                    frozen_rows: Some(f),
+                })
+                .collect();
+            be().sgd_step(&mut list, &opt, first).unwrap();
+            for i in 0..lens.len() {
+                let f = masks[i];
+                let frozen: Vec<usize> = (0..64).filter(|&r| f.is_frozen(r)).collect();
+                let (mut p, mut b, g) = (p0[i].clone(), b0[i].clone(), host(&grads[i]));
+                let (lr, mom, wd) = (lrs[i] as f64, momentum as f64, wd as f64);
+                reference::sgd::sgd_step_frozen(&mut p, &g, &mut b, lr, mom, wd, first, f.row_len, &frozen);
+                let dmag = |j: usize| g[j].abs() + wd * p0[i][j].abs() + if first { 0.0 } else { mom * b0[i][j].abs() };
+                assert_close("momentum buffer", &host(&bufs[i]), &b, |j| 4.0 * U * dmag(j))
+                    .map_err(TestCaseError::fail)?;
+                assert_close("parameter", &host(&params[i]), &p, |j| 4.0 * U * (p0[i][j].abs() + lr * dmag(j)))
+                    .map_err(TestCaseError::fail)?;
+                let (pb, bb) = (bits(&params[i]), bits(&bufs[i]));
+                for j in 0..lens[i] {
+                    if frozen.contains(&(j / f.row_len)) {
+                        prop_assert!(pb[j] == pb0[i][j] && bb[j] == bb0[i][j], "tensor {} element {} written", i, j);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sgd_bad_frozen_rows_are_typed_errors() {
+    let b = be();
+    let mut p1 = t32(&[3], &[1.0, 2.0, 3.0]);
+    let mut p2 = t32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let (mut b1, mut b2) = (b.zeros(&[3]).unwrap(), b.zeros(&[2, 2]).unwrap());
+    let g1 = t32(&[3], &[0.5; 3]);
+    let g2 = t32(&[2, 2], &[0.5; 4]);
+    let before = bits(&p1);
+    for f in [
+        FrozenRows { row_len: 0, rows: 0 },
+        FrozenRows { row_len: 3, rows: 1 },
+        FrozenRows { row_len: 2, rows: 0b100 },
+        FrozenRows { row_len: 4, rows: 0b10 },
+    ] {
+        let mut list = vec![
+            SgdTensor { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None },
+            SgdTensor { param: &mut p2, grad: &g2, momentum_buffer: &mut b2, lr: 0.1, frozen_rows: Some(f) },
+        ];
+        let r = b.sgd_step(&mut list, &SgdOptions::default(), true);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f:?}: {r:?}");
+        drop(list);
+        assert_eq!(bits(&p1), before, "{f:?}: written before the mask was checked");
+    }
+}
+
 #[test]
 fn sgd_validates_every_tensor_before_writing() {
     let b = be();
@@ -1063,14 +1161,14 @@ fn sgd_validates_every_tensor_before_writing() {
     let g2 = t32(&[3], &[0.5; 3]);
     let before = bits(&p1);
     let mut list = vec![
-        SgdTensor { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1 },
-        SgdTensor { param: &mut p2, grad: &g2, momentum_buffer: &mut b2, lr: 0.1 },
+        SgdTensor { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None },
+        SgdTensor { param: &mut p2, grad: &g2, momentum_buffer: &mut b2, lr: 0.1, frozen_rows: None },
     ];
     let err = b.sgd_step(&mut list, &SgdOptions::default(), true).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { what: "SGD gradient", .. }), "{err:?}");
     drop(list);
     assert_eq!(bits(&p1), before, "the first tensor was updated before the second was checked");
-    let mut list = vec![SgdTensor { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: -1.0 }];
+    let mut list = vec![SgdTensor { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: -1.0, frozen_rows: None }];
     assert!(matches!(b.sgd_step(&mut list, &SgdOptions::default(), true), Err(Error::InvalidArgument(_))));
     let bad = SgdOptions { momentum: 1.5, weight_decay: 0.0 };
     assert!(matches!(b.sgd_step(&mut list, &bad, true), Err(Error::InvalidArgument(_))));

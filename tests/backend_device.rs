@@ -33,13 +33,13 @@
 
 mod common;
 
-use cdcl::backend::{Backend, BnTables, DeviceBackend, SgdTensor, TensorLike};
+use cdcl::backend::{Backend, BnTables, CpuBackend, DeviceBackend, SgdTensor, TensorLike};
 use cdcl::ops::conv::ConvGeometry;
 use cdcl::ops::cross_entropy::CrossEntropyOptions;
 use cdcl::ops::dropout::Dropout2dOptions;
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::ops::maxpool::{self, PoolGeometry};
-use cdcl::ops::sgd::SgdOptions;
+use cdcl::ops::sgd::{FrozenRows, SgdOptions};
 use cdcl::reference::{
     conv as rconv, cross_entropy as rce, dropout as rdrop, dsbn as rdsbn, elementwise as relt, maxpool as rmax,
     metrics as rmet, pool as rpool, sgd as rsgd,
@@ -1128,7 +1128,13 @@ fn check_sgd(sizes: &[usize], momentum: f32, weight_decay: f32, seed: u64) -> Re
             .zip(bufs.iter_mut())
             .zip(&grads)
             .zip(&lrs)
-            .map(|(((param, momentum_buffer), grad), &lr)| SgdTensor { param, grad, momentum_buffer, lr })
+            .map(|(((param, momentum_buffer), grad), &lr)| SgdTensor {
+                param,
+                grad,
+                momentum_buffer,
+                lr,
+                frozen_rows: None,
+            })
             .collect();
         be.sgd_step(&mut list, &opts, first).map_err(|e| e.to_string())?;
         for i in 0..sizes.len() {
@@ -1148,12 +1154,83 @@ fn check_sgd(sizes: &[usize], momentum: f32, weight_decay: f32, seed: u64) -> Re
     // A gradient of another shape: typed error, nothing written.
     let before = read(&be, &params[0]);
     let wrong = be.zeros(&[sizes[0] + 1]).unwrap();
-    let mut list = [SgdTensor { param: &mut params[0], grad: &wrong, momentum_buffer: &mut bufs[0], lr: 0.1 }];
+    let mut list =
+        [SgdTensor { param: &mut params[0], grad: &wrong, momentum_buffer: &mut bufs[0], lr: 0.1, frozen_rows: None }];
     match be.sgd_step(&mut list, &opts, false) {
         Err(Error::ShapeMismatch { .. }) => {}
         other => return Err(format!("SGD with a wrong gradient shape: {other:?}")),
     }
     assert_close("param after error", &read(&be, &params[0]), &before, |_| 0.0)
+}
+
+/// The backend hands frozen rows to the kernel: DSBN-shaped [D, C] tables with absent
+/// datasets step to the CPU backend's bits (both evaluate the formula with the same FMAs), and
+/// frozen rows keep theirs.
+#[test]
+fn sgd_frozen_rows_match_cpu_backend() {
+    let (be, cpu) = (backend(), CpuBackend::new());
+    let mut r = Rng(77);
+    let shapes: [(usize, usize, &[usize]); 4] = [(3, 64, &[1]), (5, 300, &[0, 2, 4]), (2, 8, &[0, 1]), (1, 5000, &[])];
+    let data: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = shapes
+        .iter()
+        .map(|&(d, c, _)| (normals(&mut r, d * c, 1.0), normals(&mut r, d * c, 0.1), normals(&mut r, d * c, 0.1)))
+        .collect();
+    let masks: Vec<FrozenRows> =
+        shapes.iter().map(|&(_, c, rows)| FrozenRows::from_rows(c, rows.iter().copied()).unwrap()).collect();
+    let opts = SgdOptions::default();
+    let mut dev_out = Vec::new();
+    let mut dev_in = Vec::new();
+    {
+        let t = |shape: [usize; 2], v: &[f32]| be.tensor_f32(&shape, v).unwrap();
+        let mut ts: Vec<(Tensor, Tensor, Tensor)> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(d, c, _), (p, g, b))| (t([d, c], p), t([d, c], g), t([d, c], b)))
+            .collect();
+        let mut list: Vec<SgdTensor<'_, Tensor>> = ts
+            .iter_mut()
+            .zip(&masks)
+            .map(|((p, g, b), &f)| SgdTensor {
+                param: p,
+                grad: &*g,
+                momentum_buffer: b,
+                lr: 0.05,
+                frozen_rows: Some(f),
+            })
+            .collect();
+        be.sgd_step(&mut list, &opts, false).unwrap();
+        drop(list);
+        for (p, _, b) in &ts {
+            dev_out.push((bits(&be, p), bits(&be, b)));
+        }
+        for (p, _, b) in &data {
+            dev_in.push((
+                p.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            ));
+        }
+    }
+    let t = |shape: [usize; 2], v: &[f32]| cpu.tensor_f32(&shape, v).unwrap();
+    let mut ts: Vec<_> =
+        shapes.iter().zip(&data).map(|(&(d, c, _), (p, g, b))| (t([d, c], p), t([d, c], g), t([d, c], b))).collect();
+    let mut list: Vec<SgdTensor<'_, _>> = ts
+        .iter_mut()
+        .zip(&masks)
+        .map(|((p, g, b), &f)| SgdTensor { param: p, grad: &*g, momentum_buffer: b, lr: 0.05, frozen_rows: Some(f) })
+        .collect();
+    cpu.sgd_step(&mut list, &opts, false).unwrap();
+    drop(list);
+    for (i, ((p, _, b), &(_, c, rows))) in ts.iter().zip(&shapes).enumerate() {
+        let cpu_p: Vec<u32> = cpu.to_f32(p).unwrap().iter().map(|v| v.to_bits()).collect();
+        let cpu_b: Vec<u32> = cpu.to_f32(b).unwrap().iter().map(|v| v.to_bits()).collect();
+        assert!(dev_out[i].0 == cpu_p && dev_out[i].1 == cpu_b, "tensor {i}: device and CPU backends differ");
+        for j in 0..cpu_p.len() {
+            let frozen = rows.contains(&(j / c));
+            let kept = dev_out[i].0[j] == dev_in[i].0[j] && dev_out[i].1[j] == dev_in[i].1[j];
+            assert!(!frozen || kept, "tensor {i} element {j}: a frozen row was written");
+        }
+        assert!(dev_out[i].0 != dev_in[i].0 || rows.len() == shapes[i].0, "tensor {i}: nothing moved");
+    }
 }
 
 proptest! {

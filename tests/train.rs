@@ -240,6 +240,61 @@ fn absent_dataset_untouched_end_to_end() {
     }
 }
 
+/// γ and β of the datasets present in a step move, those of an absent dataset do not, and an
+/// absent dataset's momentum rows stay as they were: zero while it has never been stepped.
+/// Covers DAT over a subset, DSBN without DAT (one step per batch) and mixed batches.
+#[test]
+fn present_datasets_train_bn_absent_ones_keep_theirs() {
+    let be = CpuBackend::new();
+    for mode in [Mode::Dat, Mode::DsbnNoDat, Mode::Mixed] {
+        let config = TrainConfig { mode: mode.clone(), ..TrainConfig::default() };
+        let mut t = Trainer::new(&be, tiny_model(vec![3, 4, 5], 0.0), config).unwrap();
+        let rows = |t: &Trainer<CpuBackend>| -> Vec<[Vec<f32>; 4]> {
+            t.store
+                .bn_layers()
+                .iter()
+                .map(|l| {
+                    let [g, b, ..] = l.tables.tables();
+                    let mom = |m: &Option<_>| m.as_ref().map_or_else(Vec::new, |m| be.to_f32(m).unwrap());
+                    [be.to_f32(g).unwrap(), be.to_f32(b).unwrap(), mom(&l.momentum_gamma), mom(&l.momentum_beta)]
+                })
+                .collect()
+        };
+        let check = |before: &[[Vec<f32>; 4]], after: &[[Vec<f32>; 4]], present: &[usize], step: &str| {
+            for (li, (a, b)) in before.iter().zip(after).enumerate() {
+                let c = b[0].len() / 3;
+                for d in 0..3 {
+                    let r = d * c..(d + 1) * c;
+                    for (k, what) in ["gamma", "beta"].iter().enumerate() {
+                        if present.contains(&d) {
+                            assert_ne!(a[k][r.clone()], b[k][r.clone()], "{mode:?} {step}: layer {li} {what} of {d}");
+                        } else {
+                            assert_eq!(a[k][r.clone()], b[k][r.clone()], "{mode:?} {step}: layer {li} {what} of {d}");
+                            // Never stepped: the buffer is zero (or absent before the first step).
+                            let was = a[2 + k].get(r.clone()).map_or(vec![0.0; c], <[f32]>::to_vec);
+                            assert_eq!(was, b[2 + k][r.clone()], "{mode:?} {step}: layer {li} {what} momentum of {d}");
+                        }
+                    }
+                }
+            }
+        };
+        let r0 = rows(&t);
+        t.step(&[batch(0, 2, 24, 24, 3, 1), batch(2, 2, 24, 24, 5, 3)]).unwrap();
+        let r1 = rows(&t);
+        check(&r0, &r1, &[0, 2], "first step");
+        t.step(&[batch(0, 2, 24, 24, 3, 4), batch(1, 2, 24, 24, 4, 5), batch(2, 2, 24, 24, 5, 6)]).unwrap();
+        check(&r1, &rows(&t), &[0, 1, 2], "second step");
+    }
+}
+
+/// A model with more BN slices than the SGD step's frozen-row mask names is refused up front.
+#[test]
+fn more_than_64_bn_slices_is_a_typed_error() {
+    let be = CpuBackend::new();
+    let r = Trainer::new(&be, tiny_model(vec![2; 65], 0.0), TrainConfig::default());
+    assert!(matches!(r, Err(cdcl::Error::InvalidArgument(_))), "{r:?}");
+}
+
 /// Training 4 iterations equals training 2, saving, loading into a fresh trainer and training
 /// 2 more: every parameter, running statistic and momentum buffer bit for bit.
 #[test]

@@ -344,7 +344,9 @@ typedef struct cdcl_dropout_params {
 /* Multi-tensor SGD (PyTorch's formula, dampening 0, no Nesterov), f32, in place:              */
 /*   d = g + weight_decay * p;  buf = first_step ? d : momentum * buf + d;  p -= lr * buf.      */
 /* One launch updates every tensor of the table: one block per chunk of CDCL_SGD_CHUNK         */
-/* elements, chunks numbered across the tensors in table order.                                */
+/* elements, chunks numbered across the tensors in table order. A tensor viewed as             */
+/* [numel / row_len, row_len] may have up to 64 frozen rows (the DSBN rows of datasets absent  */
+/* from a step), whose parameter and buffer elements are neither read nor written.            */
 /* ------------------------------------------------------------------------------------------ */
 #define CDCL_SGD_CHUNK 4096
 
@@ -354,6 +356,8 @@ typedef struct cdcl_sgd_tensor {
     float* momentum_buffer;
     int64_t numel;       /* >= 1 */
     int64_t first_chunk; /* index of this tensor's first chunk; strictly increasing in the table */
+    int64_t row_len;     /* >= 1, divides numel; read only when frozen_rows != 0 (< 1: tensor skipped) */
+    uint64_t frozen_rows; /* bit r set: row r is left untouched; bits >= numel / row_len are 0 */
     float lr;
     int32_t reserved; /* explicit padding: the struct has no implicit padding bytes */
 } cdcl_sgd_tensor;

@@ -1553,7 +1553,8 @@ impl Backend for CpuBackend {
     }
 
     /// PyTorch's formula in f32 with the kernels' fused multiply-adds (`f32::mul_add` rounds
-    /// once, as `fmaf` does), so a step gives the same bits as the device's.
+    /// once, as `fmaf` does), so a step gives the same bits as the device's; frozen rows are
+    /// skipped whole, as the kernel skips them.
     fn sgd_step(&self, params: &mut [SgdTensor<'_, CpuTensor>], opts: &SgdOptions, first_step: bool) -> Result<()> {
         if !(opts.momentum.is_finite() && (0.0..=1.0).contains(&opts.momentum)) {
             return Err(Error::InvalidArgument(format!("momentum must be in [0, 1], got {}", opts.momentum)));
@@ -1576,8 +1577,16 @@ impl Backend for CpuBackend {
                     sp.lr
                 )));
             }
+            if let Some(f) = sp.frozen_rows {
+                f.check(sp.param.numel())?;
+            }
         }
         let (mom, wd) = (opts.momentum, opts.weight_decay);
+        let update = move |lr: f32, p: &mut f32, b: &mut f32, g: f32| {
+            let d = wd.mul_add(*p, g);
+            *b = if first_step { d } else { mom.mul_add(*b, d) };
+            *p = (-lr).mul_add(*b, *p);
+        };
         for sp in params.iter_mut() {
             let lr = sp.lr;
             let (Some(p), Some(g), Some(b)) =
@@ -1585,11 +1594,21 @@ impl Backend for CpuBackend {
             else {
                 continue; // not reached: every dtype was checked above
             };
-            p.par_iter_mut().zip(b.par_iter_mut()).zip(g.par_iter()).for_each(|((p, b), &g)| {
-                let d = wd.mul_add(*p, g);
-                *b = if first_step { d } else { mom.mul_add(*b, d) };
-                *p = (-lr).mul_add(*b, *p);
-            });
+            match sp.frozen_rows.filter(|f| f.rows != 0 && !p.is_empty()) {
+                None => p.par_iter_mut().zip(b.par_iter_mut()).zip(g.par_iter()).for_each(|((p, b), &g)| {
+                    update(lr, p, b, g);
+                }),
+                Some(f) => {
+                    let n = f.row_len;
+                    p.par_chunks_mut(n).zip(b.par_chunks_mut(n)).zip(g.par_chunks(n)).enumerate().for_each(
+                        |(row, ((p, b), g))| {
+                            if !f.is_frozen(row) {
+                                p.iter_mut().zip(b).zip(g).for_each(|((p, b), &g)| update(lr, p, b, g));
+                            }
+                        },
+                    );
+                }
+            }
         }
         Ok(())
     }

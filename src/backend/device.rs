@@ -469,6 +469,7 @@ impl Backend for DeviceBackend {
                 grad: t.grad,
                 momentum_buffer: &mut *t.momentum_buffer,
                 lr: t.lr,
+                frozen_rows: t.frozen_rows,
             })
             .collect();
         ops::sgd::sgd_step(&mut list, opts, first_step)

@@ -19,7 +19,7 @@ use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions};
 use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
-use crate::ops::sgd::SgdOptions;
+use crate::ops::sgd::{FrozenRows, SgdOptions};
 
 pub mod cpu;
 pub mod device;
@@ -70,6 +70,8 @@ pub struct SgdTensor<'a, T> {
     pub momentum_buffer: &'a mut T,
     /// The learning rate of its parameter group.
     pub lr: f32,
+    /// Rows the step leaves untouched, parameter and buffer alike (`None`: none).
+    pub frozen_rows: Option<FrozenRows>,
 }
 
 /// The ops a PSPNet with dataset-aware blocks needs, forward and backward.

@@ -175,8 +175,9 @@ impl DeviceBuffer {
 
     /// A device copy of a multi-tensor SGD table (the `cdcl_sgd_tensor` entries of one launch).
     pub(crate) fn from_sgd_table(device: &Device, table: &[ffi::cdcl_sgd_tensor]) -> Result<Self> {
-        // Three pointers, two i64, one f32 and one i32 fill the struct: it has no padding bytes.
-        const _: () = assert!(std::mem::size_of::<ffi::cdcl_sgd_tensor>() == 3 * 8 + 2 * 8 + 4 + 4);
+        // Three pointers, three i64, one u64, one f32 and one i32 fill the struct: it has no
+        // padding bytes.
+        const _: () = assert!(std::mem::size_of::<ffi::cdcl_sgd_tensor>() == 3 * 8 + 3 * 8 + 8 + 4 + 4);
         let bytes = std::mem::size_of_val(table);
         // SAFETY: `cdcl_sgd_tensor` is `#[repr(C)]` without padding (asserted above), so all
         // `bytes` bytes of the slice are initialised; the byte view does not outlive `table`.

@@ -606,12 +606,14 @@ pub struct cdcl_sgd_tensor {
     pub momentum_buffer: *mut f32,
     pub numel: i64,
     pub first_chunk: i64,
+    pub row_len: i64,
+    pub frozen_rows: u64,
     pub lr: f32,
     pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of cdcl_sgd_tensor"][::std::mem::size_of::<cdcl_sgd_tensor>() - 48usize];
+    ["Size of cdcl_sgd_tensor"][::std::mem::size_of::<cdcl_sgd_tensor>() - 64usize];
     ["Alignment of cdcl_sgd_tensor"][::std::mem::align_of::<cdcl_sgd_tensor>() - 8usize];
     ["Offset of field: cdcl_sgd_tensor::param"][::std::mem::offset_of!(cdcl_sgd_tensor, param) - 0usize];
     ["Offset of field: cdcl_sgd_tensor::grad"][::std::mem::offset_of!(cdcl_sgd_tensor, grad) - 8usize];
@@ -619,8 +621,10 @@ const _: () = {
         [::std::mem::offset_of!(cdcl_sgd_tensor, momentum_buffer) - 16usize];
     ["Offset of field: cdcl_sgd_tensor::numel"][::std::mem::offset_of!(cdcl_sgd_tensor, numel) - 24usize];
     ["Offset of field: cdcl_sgd_tensor::first_chunk"][::std::mem::offset_of!(cdcl_sgd_tensor, first_chunk) - 32usize];
-    ["Offset of field: cdcl_sgd_tensor::lr"][::std::mem::offset_of!(cdcl_sgd_tensor, lr) - 40usize];
-    ["Offset of field: cdcl_sgd_tensor::reserved"][::std::mem::offset_of!(cdcl_sgd_tensor, reserved) - 44usize];
+    ["Offset of field: cdcl_sgd_tensor::row_len"][::std::mem::offset_of!(cdcl_sgd_tensor, row_len) - 40usize];
+    ["Offset of field: cdcl_sgd_tensor::frozen_rows"][::std::mem::offset_of!(cdcl_sgd_tensor, frozen_rows) - 48usize];
+    ["Offset of field: cdcl_sgd_tensor::lr"][::std::mem::offset_of!(cdcl_sgd_tensor, lr) - 56usize];
+    ["Offset of field: cdcl_sgd_tensor::reserved"][::std::mem::offset_of!(cdcl_sgd_tensor, reserved) - 60usize];
 };
 impl Default for cdcl_sgd_tensor {
     fn default() -> Self {

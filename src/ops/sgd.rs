@@ -8,8 +8,10 @@
 //! p   = p − lr · buf               (lr per tensor: per-parameter-group learning rates)
 //! ```
 //!
-//! The launch reads a small device table of (pointers, length, lr) per tensor; each block
-//! updates one chunk of `CDCL_SGD_CHUNK` elements of one tensor.
+//! The launch reads a small device table of (pointers, length, lr, frozen rows) per tensor; each
+//! block updates one chunk of `CDCL_SGD_CHUNK` elements of one tensor. A tensor may leave up to
+//! 64 of its rows untouched ([`FrozenRows`]): the DSBN rows of datasets absent from a step keep
+//! their γ, β and momentum bit for bit, without a copy through the host.
 //!
 //! Kernels: `kernels/sgd.cu`. Reference: [`crate::reference::sgd`].
 
@@ -34,6 +36,66 @@ impl Default for SgdOptions {
     }
 }
 
+/// Rows of a tensor that an SGD step leaves untouched: the tensor is viewed as
+/// `[numel / row_len, row_len]` (row-major), and neither the parameter nor the momentum buffer
+/// of a frozen row is read or written. Only rows 0..64 ([`FrozenRows::MAX_ROWS`]) can be
+/// frozen, which covers a DSBN table's `[D, C]` rows for up to 64 datasets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrozenRows {
+    /// Elements per row: at least 1, and it divides the tensor's element count.
+    pub row_len: usize,
+    /// Bit `r` set: row `r` is frozen. Every set bit must name a row the tensor has.
+    pub rows: u64,
+}
+
+impl FrozenRows {
+    /// The most rows a mask can name: rows `0..MAX_ROWS`.
+    pub const MAX_ROWS: usize = 64;
+
+    /// The mask of `rows` (indices, in any order, repeats allowed) of `row_len` elements each.
+    /// `InvalidArgument` for an index ≥ [`FrozenRows::MAX_ROWS`] or a zero `row_len`.
+    pub fn from_rows(row_len: usize, rows: impl IntoIterator<Item = usize>) -> Result<Self> {
+        if row_len == 0 {
+            return Err(Error::InvalidArgument("frozen rows need a row length of at least 1".into()));
+        }
+        let mut mask = 0u64;
+        for r in rows {
+            if r >= Self::MAX_ROWS {
+                return Err(Error::InvalidArgument(format!(
+                    "row {r} cannot be frozen: only rows 0..{} can",
+                    Self::MAX_ROWS
+                )));
+            }
+            mask |= 1 << r;
+        }
+        Ok(FrozenRows { row_len, rows: mask })
+    }
+
+    /// Whether row `row` is frozen.
+    pub fn is_frozen(&self, row: usize) -> bool {
+        row < Self::MAX_ROWS && (self.rows >> row) & 1 == 1
+    }
+
+    /// Checks the mask against a tensor of `numel` elements: `row_len` ≥ 1 divides `numel` and
+    /// every frozen row exists. Returns the number of rows.
+    pub fn check(&self, numel: usize) -> Result<usize> {
+        if self.row_len == 0 || numel % self.row_len != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "frozen rows of length {} do not tile a tensor of {numel} elements",
+                self.row_len
+            )));
+        }
+        let rows = numel / self.row_len;
+        if rows < Self::MAX_ROWS && self.rows >> rows != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "frozen-row mask {:#x} names a row beyond the tensor's {rows}",
+                self.rows
+            )));
+        }
+        Ok(rows)
+    }
+}
+
 /// One parameter tensor of a step, with its gradient, momentum buffer and learning rate.
 #[derive(Debug)]
 pub struct SgdParam<'a> {
@@ -45,6 +107,8 @@ pub struct SgdParam<'a> {
     pub momentum_buffer: &'a mut Tensor,
     /// Learning rate of the tensor's parameter group (finite, ≥ 0).
     pub lr: f32,
+    /// Rows the step leaves untouched (`None`: every element is updated).
+    pub frozen_rows: Option<FrozenRows>,
 }
 
 const SGD_STEP: Launcher<ffi::cdcl_sgd_params> = launcher!(sgd_step: cdcl_emu_sgd_step, cdcl_cuda_sgd_step);
@@ -55,7 +119,8 @@ const CHUNK: usize = ffi::CDCL_SGD_CHUNK as usize;
 /// momentum buffers (`buf = d`) instead of reading them, as PyTorch does when a parameter has
 /// no buffer yet. Validation: every tensor f32, grad and buffer shaped like the parameter, all
 /// on one device, no device memory shared between any two of them (gradients may not alias a
-/// parameter or buffer), options in range. On an error nothing is written.
+/// parameter or buffer), options in range, frozen rows as [`FrozenRows::check`] asks. On an
+/// error nothing is written.
 pub fn sgd_step(params: &mut [SgdParam<'_>], opts: &SgdOptions, first_step: bool) -> Result<()> {
     if !(opts.momentum.is_finite() && (0.0..=1.0).contains(&opts.momentum)) {
         return Err(Error::InvalidArgument(format!("momentum must be in [0, 1], got {}", opts.momentum)));
@@ -86,6 +151,13 @@ pub fn sgd_step(params: &mut [SgdParam<'_>], opts: &SgdOptions, first_step: bool
             )));
         }
         let numel = sp.param.numel();
+        let (row_len, frozen, all_frozen) = match sp.frozen_rows {
+            Some(f) => {
+                let rows = f.check(numel)?;
+                (f.row_len, f.rows, f.rows.count_ones() as usize == rows)
+            }
+            None => (numel, 0, false),
+        };
         if numel == 0 {
             continue;
         }
@@ -93,12 +165,17 @@ pub fn sgd_step(params: &mut [SgdParam<'_>], opts: &SgdOptions, first_step: bool
         written.push(span(sp.param));
         written.push(span(sp.momentum_buffer));
         read.push(span(sp.grad));
+        if all_frozen {
+            continue; // no block would touch an element of it
+        }
         table.push(ffi::cdcl_sgd_tensor {
             param: sp.param.ptr_mut().cast(),
             grad: sp.grad.ptr().cast(),
             momentum_buffer: sp.momentum_buffer.ptr_mut().cast(),
             numel: numel as i64,
             first_chunk: chunks as i64,
+            row_len: row_len as i64,
+            frozen_rows: frozen,
             lr: sp.lr,
             reserved: 0,
         });

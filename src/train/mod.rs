@@ -17,7 +17,7 @@ use crate::autograd::{Graph, Group, ParamStore, Scalar};
 use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
 use crate::nn::{ModelConfig, Outputs, PspNet};
-use crate::ops::sgd::SgdOptions;
+use crate::ops::sgd::{FrozenRows, SgdOptions};
 use crate::reference::dropout::splitmix64;
 
 /// One dataset's batch, on the host: images `[N, H, W, 3]` f32, labels `[N, H, W]` i32 in the
@@ -152,6 +152,14 @@ impl<B: Backend> Trainer<B> {
             return Err(Error::InvalidArgument(format!(
                 "mode {:?} needs a model with {expect_bn} BN slice(s), got {}",
                 config.mode, model.num_bn
+            )));
+        }
+        if model.num_bn > FrozenRows::MAX_ROWS {
+            // The SGD step freezes the DSBN rows of absent datasets with a 64-bit row mask.
+            return Err(Error::InvalidArgument(format!(
+                "at most {} BN slices (datasets) can be trained, got {}",
+                FrozenRows::MAX_ROWS,
+                model.num_bn
             )));
         }
         if let Mode::LabelRemap { class_map } = &config.mode {
@@ -328,19 +336,21 @@ impl<B: Backend> Trainer<B> {
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
             let mut total = 0.0f32;
             for (pass, b) in batches.iter().enumerate() {
+                let tracked = self.batches_tracked();
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
                 let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
                 let root = g.weighted_sum(&terms);
                 total += g.scalar(root);
-                self.optimise(&mut g, root, lr)?;
+                self.optimise(&mut g, root, lr, &tracked)?;
                 sums[b.dataset].0 += l as f64;
                 sums[b.dataset].1 += 1;
             }
             StepStats { iter: self.iter, total, per_dataset: means(&sums), lr }
         } else {
+            let tracked = self.batches_tracked();
             let (mut g, root, stats) = self.forward_all(batches)?;
-            self.optimise(&mut g, root, lr)?;
+            self.optimise(&mut g, root, lr, &tracked)?;
             stats
         };
         self.iter += 1;
@@ -405,61 +415,39 @@ impl<B: Backend> Trainer<B> {
         Ok((g, root, stats))
     }
 
+    /// Every BN layer's training-forward count per dataset. Taken before the forwards of a
+    /// step, it tells [`Trainer::optimise`] which datasets the step left out (the forwards
+    /// count the datasets they see; the backward does not).
+    fn batches_tracked(&self) -> Vec<Vec<i64>> {
+        self.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect()
+    }
+
     /// Backward from `root`, then one SGD step at backbone rate `lr`. Parameters that got no
     /// gradient are skipped (as PyTorch skips `grad is None`), and so are the DSBN rows of
-    /// datasets absent from the step: their γ, β and momentum stay bit-for-bit unchanged.
-    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32) -> Result<()> {
-        let before: Vec<Vec<i64>> = self.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect();
+    /// datasets absent from the step, i.e. whose count in `before` (taken by
+    /// [`Trainer::batches_tracked`] before the step's forwards) did not move: their γ, β and
+    /// momentum stay bit-for-bit unchanged.
+    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<()> {
         let _ = g.backward(root, &mut self.store)?;
-        // Restore rows of absent datasets after the update (host round trip only for layers
-        // that have absent datasets: none in a DAT step over every dataset).
-        let mut saved_rows = Vec::new();
-        for (li, layer) in self.store.bn_layers().iter().enumerate() {
+        // Their gradient rows are zero, but weight decay and momentum would still move them:
+        // the SGD step leaves them out (Trainer::new bounds the datasets by what a mask holds).
+        let mut frozen = Vec::with_capacity(before.len());
+        for (layer, before) in self.store.bn_layers().iter().zip(before) {
             let absent: Vec<usize> =
-                (0..layer.num_datasets).filter(|&d| layer.batches_tracked[d] == before[li][d]).collect();
-            if absent.is_empty() || layer.grad_gamma.is_none() {
-                continue;
-            }
-            let [gm, bt, ..] = layer.tables.tables();
-            let host = |t: Option<&B::Tensor>| t.map(|t| self.backend.to_f32(t)).transpose();
-            saved_rows.push((
-                li,
-                absent,
-                self.backend.to_f32(gm)?,
-                self.backend.to_f32(bt)?,
-                host(layer.momentum_gamma.as_ref())?,
-                host(layer.momentum_beta.as_ref())?,
-            ));
+                (0..layer.num_datasets).filter(|&d| layer.batches_tracked[d] == before[d]).collect();
+            let empty = absent.is_empty() || layer.channels == 0;
+            frozen.push(if empty { None } else { Some(FrozenRows::from_rows(layer.channels, absent)?) });
         }
-        self.sgd(lr)?;
-        for (li, absent, gm, bt, mg, mb) in saved_rows {
-            let layer = &mut self.store.bn_layers_mut()[li];
-            let c = layer.channels;
-            let restore = |be: &B, t: &mut B::Tensor, old: &[f32]| -> Result<()> {
-                let mut now = be.to_f32(t)?;
-                for &d in &absent {
-                    now[d * c..(d + 1) * c].copy_from_slice(&old[d * c..(d + 1) * c]);
-                }
-                be.write_f32(t, &now)
-            };
-            let [tg, tb, ..] = layer.tables.tables_mut();
-            restore(&self.backend, tg, &gm)?;
-            restore(&self.backend, tb, &bt)?;
-            let zeros = vec![0.0f32; gm.len()];
-            if let Some(t) = layer.momentum_gamma.as_mut() {
-                restore(&self.backend, t, mg.as_deref().unwrap_or(&zeros))?;
-            }
-            if let Some(t) = layer.momentum_beta.as_mut() {
-                restore(&self.backend, t, mb.as_deref().unwrap_or(&zeros))?;
-            }
-        }
+        self.sgd(lr, &frozen)?;
         self.store.zero_grad();
         Ok(())
     }
 
-    /// One multi-tensor SGD step over every parameter with a gradient. Momentum buffers start
-    /// at zero, so `buf = momentum · 0 + d = d` on a parameter's first step, as PyTorch.
-    fn sgd(&mut self, lr: f32) -> Result<()> {
+    /// One multi-tensor SGD step over every parameter with a gradient, leaving the rows
+    /// `frozen[i]` of BN layer i's γ and β (and of their buffers) untouched. Momentum buffers
+    /// start at zero, so `buf = momentum · 0 + d = d` on a parameter's first step, as PyTorch;
+    /// a frozen row's buffer stays as it was, zero included.
+    fn sgd(&mut self, lr: f32, frozen: &[Option<FrozenRows>]) -> Result<()> {
         let head_lr = lr * self.config.head_lr_mult;
         let rate = |g: Group| if g == Group::Head { head_lr } else { lr };
         let be = self.backend.clone();
@@ -478,17 +466,24 @@ impl<B: Backend> Trainer<B> {
         let mut list: Vec<SgdTensor<'_, B::Tensor>> = Vec::new();
         for w in weights.iter_mut() {
             if let (Some(grad), Some(buf)) = (w.grad.as_ref(), w.momentum.as_mut()) {
-                list.push(SgdTensor { param: &mut w.value, grad, momentum_buffer: buf, lr: rate(w.group) });
+                list.push(SgdTensor {
+                    param: &mut w.value,
+                    grad,
+                    momentum_buffer: buf,
+                    lr: rate(w.group),
+                    frozen_rows: None,
+                });
             }
         }
-        for l in bns.iter_mut() {
+        for (li, l) in bns.iter_mut().enumerate() {
             let lr = rate(l.group);
+            let frozen_rows = frozen.get(li).copied().flatten();
             if let (Some(gg), Some(gb), Some(mg), Some(mb)) =
                 (l.grad_gamma.as_ref(), l.grad_beta.as_ref(), l.momentum_gamma.as_mut(), l.momentum_beta.as_mut())
             {
                 let [gamma, beta, ..] = l.tables.tables_mut();
-                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr });
-                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr });
+                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr, frozen_rows });
+                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr, frozen_rows });
             }
         }
         let opts = SgdOptions { momentum: self.config.momentum, weight_decay: self.config.weight_decay };
