@@ -52,7 +52,7 @@ use proptest::prelude::*;
 const U: f64 = f32::EPSILON as f64 / 2.0;
 
 fn backend() -> DeviceBackend {
-    DeviceBackend::new(Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap())
+    DeviceBackend::new(common::test_device())
 }
 
 fn normals(r: &mut Rng, len: usize, scale: f64) -> Vec<f32> {

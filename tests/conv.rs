@@ -133,8 +133,8 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -142,7 +142,7 @@ proptest! {
 
     #[test]
     fn conv_matches_reference(k in case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -150,7 +150,7 @@ proptest! {
 /// enough to be split into several slices (N*P*Q > 8192).
 #[test]
 fn network_shapes() {
-    let dev = emulator();
+    let dev = device();
     let cases = [
         (2, 17, 17, 3, 16, 7, 2, 3, 1), // stem: 7x7 stride 2
         (2, 9, 9, 16, 16, 3, 1, 2, 2),  // layer3: dilation 2
@@ -241,7 +241,7 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::F32).unwrap();
     let w = Tensor::zeros(&dev, &[4, 3, 3, 3], DType::F32).unwrap();
     let g = ConvGeometry::default();
@@ -353,12 +353,12 @@ proptest! {
 
     #[test]
     fn conv_f16_matches_reference(k in case_strategy()) {
-        run_case_16(&k, &emulator(), DType::F16).map_err(TestCaseError::fail)?;
+        run_case_16(&k, &device(), DType::F16).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn conv_bf16_matches_reference(k in case_strategy()) {
-        run_case_16(&k, &emulator(), DType::BF16).map_err(TestCaseError::fail)?;
+        run_case_16(&k, &device(), DType::BF16).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -385,7 +385,7 @@ fn conv_16bit_network_shapes_and_bitwise_determinism() {
                 bias: true,
                 seed: i as u64,
             };
-            let base = run_case_16(&case, &emulator(), dtype).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+            let base = run_case_16(&case, &device(), dtype).unwrap_or_else(|e| panic!("{case:?}: {e}"));
             if i >= 2 {
                 for (seed, threads) in [(1, 2), (0xFEED, 1)] {
                     let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();

@@ -229,8 +229,8 @@ fn check_case(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -238,7 +238,7 @@ proptest! {
 
     #[test]
     fn loss_and_gradient_match_reference_f32(k in case_strategy()) {
-        check_case(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(&k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -247,7 +247,7 @@ proptest! {
 
     #[test]
     fn loss_and_gradient_match_reference_half_types(k in case_strategy(), bf in any::<bool>()) {
-        check_case(&k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(&k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -270,7 +270,7 @@ fn fixed_case(datasets: Vec<usize>, ignore: f64, seed: u64) -> Case {
 
 #[test]
 fn every_label_ignored_gives_zero_loss_and_zero_gradient() {
-    let dev = emulator();
+    let dev = device();
     for dtype in [DType::F32, DType::F16] {
         let k = fixed_case(vec![0, 2, 1, 0], 1.0, 3);
         let data = make_data(&k, dtype);
@@ -319,7 +319,7 @@ fn two_step(k: &Case, logits: &[f64], labels: &[i64], w: &[f64]) -> (f64, Vec<f6
 
 #[test]
 fn parity_with_the_two_step_definition() {
-    let dev = emulator();
+    let dev = device();
     for (i, ds) in [vec![0, 1, 2, 0, 2], vec![2, 2], vec![1, 0, 0]].into_iter().enumerate() {
         let k = fixed_case(ds, 0.3, 10 + i as u64);
         let data = make_data(&k, DType::F32);
@@ -371,7 +371,7 @@ fn bitwise_identical_across_emulator_seeds() {
 
 #[test]
 fn bad_inputs_are_typed_errors_and_write_nothing() {
-    let dev = emulator();
+    let dev = device();
     let k = fixed_case(vec![0, 1], 0.0, 5);
     let data = make_data(&k, DType::F32);
     let logits = tensor(&dev, &k.shape(), &data.logits, DType::F32);
@@ -438,7 +438,7 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
         cross_entropy::forward_backward_into(&logits, &labels, &ds, &k.heads, &o, &mut half_grad),
         Err(Error::DTypeMismatch { .. })
     ));
-    let other = emulator();
+    let other = device();
     let ds_other = dataset_tensor(&other, &k.datasets);
     assert!(matches!(
         cross_entropy::forward(&logits, &labels, &ds_other, &k.heads, &o),
@@ -604,7 +604,7 @@ proptest! {
 
     #[test]
     fn upsampled_loss_and_gradient_match_reference_f32(k in up_strategy()) {
-        check_up_case(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_up_case(&k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -613,7 +613,7 @@ proptest! {
 
     #[test]
     fn upsampled_loss_and_gradient_match_reference_half_types(k in up_strategy(), bf in any::<bool>()) {
-        check_up_case(&k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_up_case(&k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -629,7 +629,7 @@ const UP_SHAPES: [(usize, usize, usize, usize); 7] =
 
 #[test]
 fn upsampled_named_shapes() {
-    let dev = emulator();
+    let dev = device();
     for (i, &(lh, lw, h, w)) in UP_SHAPES.iter().enumerate() {
         for align_corners in [false, true] {
             let k = up_case(lh, lw, h, w, align_corners, 30 + i as u64);
@@ -644,7 +644,7 @@ fn upsampled_named_shapes() {
 /// interpolation, same per-pixel expression, same gather order.
 #[test]
 fn upsampled_equals_resize_then_loss_bitwise() {
-    let dev = emulator();
+    let dev = device();
     for (i, &(lh, lw, h, w)) in UP_SHAPES.iter().enumerate() {
         for align_corners in [false, true] {
             let k = up_case(lh, lw, h, w, align_corners, 50 + i as u64);
@@ -702,7 +702,7 @@ fn upsampled_bitwise_identical_across_emulator_seeds() {
 
 #[test]
 fn upsampled_bad_inputs_are_typed_errors_and_write_nothing() {
-    let dev = emulator();
+    let dev = device();
     let k = up_case(3, 4, 13, 23, true, 5);
     let b = &k.base;
     let data = make_up_data(&k, DType::F32);

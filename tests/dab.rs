@@ -250,15 +250,15 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
     #[test]
     fn dab_matches_reference(k in strategy()) {
-        run(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -274,7 +274,7 @@ fn chained_prologue_fusion_equals_separate_apply() {
 }
 
 fn chained_prologue_case(dtype: DType) {
-    let dev = emulator();
+    let dev = device();
     let (n, h, w, c0, c1, c2) = (4, 11, 9, 5, 12, 7);
     let mut g = Rng(5);
     let mut v = |len: usize| -> Vec<f64> { common::quantize(&(0..len).map(|_| g.normal()).collect::<Vec<_>>(), dtype) };
@@ -319,7 +319,7 @@ fn chained_prologue_case(dtype: DType) {
 /// The one-kernel inference path equals conv followed by the inference DSBN, bit for bit.
 #[test]
 fn inference_kernel_equals_conv_then_dsbn() {
-    let dev = emulator();
+    let dev = device();
     let (n, h, w, c, k) = (5, 7, 8, 6, 10);
     let mut g = Rng(8);
     let mut v = |len: usize, lo: f64, hi: f64| -> Vec<f64> { (0..len).map(|_| g.uniform(lo, hi)).collect() };
@@ -793,11 +793,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
     #[test]
     fn dab_f16_matches_reference(k in strategy()) {
-        run16(&k, &emulator(), DType::F16).map_err(TestCaseError::fail)?;
+        run16(&k, &device(), DType::F16).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn dab_bf16_matches_reference(k in strategy()) {
-        run16(&k, &emulator(), DType::BF16).map_err(TestCaseError::fail)?;
+        run16(&k, &device(), DType::BF16).map_err(TestCaseError::fail)?;
     }
 }

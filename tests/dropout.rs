@@ -81,8 +81,8 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -90,14 +90,14 @@ proptest! {
 
     #[test]
     fn dropout_matches_reference(k in case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
 /// p = 1 writes zeros even over inf and NaN inputs; p = 0 is the identity bit for bit.
 #[test]
 fn extreme_probabilities() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::from_slice(&dev, &[1, 1, 2, 3], &[f32::NAN, f32::INFINITY, -1.0, 2.5, -0.0, 7.0]).unwrap();
     let y = dropout::dropout2d(&x, &Dropout2dOptions { p: 1.0, seed: 3 }).unwrap();
     assert!(y.to_vec::<f32>().unwrap().iter().all(|v| v.to_bits() == 0));
@@ -109,7 +109,7 @@ fn extreme_probabilities() {
 /// device (zeros of an all-ones input) and in the reference hash.
 #[test]
 fn drop_rate_matches_p() {
-    let dev = emulator();
+    let dev = device();
     let (n, c) = (200, 200);
     let x = Tensor::full(&dev, &[n, 1, 1, c], 1.0f32).unwrap();
     for (p, seed) in [(0.1f32, 1u64), (0.5, 2), (0.9, 0xFFFF_FFFF_FFFF_FFFF)] {
@@ -178,7 +178,7 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::zeros(&dev, &[1, 2, 2, 3], DType::F32).unwrap();
     for p in [-0.1f32, 1.5, f32::NAN] {
         let r = dropout::dropout2d(&x, &Dropout2dOptions { p, seed: 0 });

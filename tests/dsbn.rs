@@ -290,8 +290,8 @@ fn check_inference(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     check_grads(k, dtype, &data, &pre, &mean, &invstd, &[], &grads, &wg, false)
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -299,12 +299,12 @@ proptest! {
 
     #[test]
     fn training_matches_reference_f32(k in case_strategy(70)) {
-        check_training(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_training(&k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn inference_matches_reference_f32(k in case_strategy(70)) {
-        check_inference(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_inference(&k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -313,17 +313,17 @@ proptest! {
 
     #[test]
     fn training_matches_reference_f16(k in case_strategy(40)) {
-        check_training(&k, DType::F16, &emulator()).map_err(TestCaseError::fail)?;
+        check_training(&k, DType::F16, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn training_matches_reference_bf16(k in case_strategy(40)) {
-        check_training(&k, DType::BF16, &emulator()).map_err(TestCaseError::fail)?;
+        check_training(&k, DType::BF16, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn inference_matches_reference_half_types(k in case_strategy(40), bf in any::<bool>()) {
-        check_inference(&k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_inference(&k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -331,7 +331,7 @@ proptest! {
 /// dataset beside a large one, a 1x1 input where a lone sample must be refused.
 #[test]
 fn named_dataset_mixes() {
-    let dev = emulator();
+    let dev = device();
     let mixes: &[(usize, usize, usize, usize, &[usize])] = &[
         (5, 3, 7, 33, &[2, 2, 2, 2, 2]),
         (6, 5, 5, 9, &[0, 0, 0, 0, 0, 3]),
@@ -379,7 +379,7 @@ fn small_inputs(dev: &Device) -> (Tensor, Tensor, DsbnState) {
 
 #[test]
 fn dataset_index_out_of_range_is_a_typed_error_and_nothing_is_written() {
-    let dev = emulator();
+    let dev = device();
     let (x, _, mut state) = small_inputs(&dev);
     for bad in [[0i32, 2], [-1, 0], [5, 7]] {
         let ds = Tensor::from_slice(&dev, &[2], &bad).unwrap();
@@ -404,7 +404,7 @@ fn dataset_index_out_of_range_is_a_typed_error_and_nothing_is_written() {
 
 #[test]
 fn wrong_shapes_dtypes_and_options_are_typed_errors() {
-    let dev = emulator();
+    let dev = device();
     let (x, ds, mut state) = small_inputs(&dev);
     let o = DsbnOptions::default();
     let x3 = Tensor::zeros(&dev, &[2, 2, 6], DType::F32).unwrap();
@@ -422,7 +422,7 @@ fn wrong_shapes_dtypes_and_options_are_typed_errors() {
     }
     let zero = Tensor::zeros(&dev, &[0, 2, 2, 3], DType::F32).unwrap();
     assert!(matches!(dsbn::forward_infer(&zero, &ds, &state, &o), Err(Error::InvalidShape { .. })));
-    let other = emulator();
+    let other = device();
     let ds_other = Tensor::from_slice(&other, &[2], &[0i32, 1]).unwrap();
     assert!(matches!(dsbn::forward_train(&x, &ds_other, &mut state, &o), Err(Error::DeviceMismatch { .. })));
     let (_, saved) = dsbn::forward_train(&x, &ds, &mut state, &o).unwrap();

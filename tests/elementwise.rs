@@ -102,8 +102,8 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -111,7 +111,7 @@ proptest! {
 
     #[test]
     fn elementwise_matches_reference(k in case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -119,12 +119,12 @@ proptest! {
 #[test]
 fn longer_than_one_grid() {
     let k = Case { shape: vec![4096 * 256 + 77], dtype: DType::BF16, special: true, seed: 3 };
-    run_case(&k, &emulator()).unwrap();
+    run_case(&k, &device()).unwrap();
 }
 
 #[test]
 fn nan_and_zero_semantics() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::from_slice(&dev, &[5], &[f32::NAN, -0.0, 0.0, -1.0, 2.0]).unwrap();
     let y = elt::relu(&x).unwrap().to_vec::<f32>().unwrap();
     assert!(y[0].is_nan());
@@ -197,7 +197,7 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let a = Tensor::zeros(&dev, &[2, 3], DType::F32).unwrap();
     let b16 = Tensor::zeros(&dev, &[2, 3], DType::F16).unwrap();
     let b_shape = Tensor::zeros(&dev, &[3, 2], DType::F32).unwrap();

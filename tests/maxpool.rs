@@ -126,8 +126,8 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     assert_close("backward", &host(&dx), want.as_slice().unwrap(), |i| rel * mag[i])
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -135,14 +135,14 @@ proptest! {
 
     #[test]
     fn maxpool_matches_reference(k in case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
 /// The ResNet stem (3x3, stride 2, padding 1) on odd and even sizes, 1x1 included.
 #[test]
 fn resnet_stem_shapes() {
-    let dev = emulator();
+    let dev = device();
     let shapes = [(1, 1, 1, 1), (2, 7, 9, 3), (1, 16, 16, 64), (2, 17, 15, 33), (1, 2, 2, 5)];
     for (i, &(n, h, w, c)) in shapes.iter().enumerate() {
         for dtype in [DType::F32, DType::BF16] {
@@ -156,7 +156,7 @@ fn resnet_stem_shapes() {
 /// all -inf window reports its first in-image pixel.
 #[test]
 fn padding_never_wins_and_nan_propagates() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::from_slice(&dev, &[1, 2, 2, 1], &[-5.0f32, -3.0, f32::NEG_INFINITY, -4.0]).unwrap();
     let out = maxpool::max_pool2d(&x, &PoolGeometry::default()).unwrap();
     assert_eq!(out.y.to_vec::<f32>().unwrap(), vec![-3.0]);
@@ -226,7 +226,7 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::zeros(&dev, &[1, 5, 5, 3], DType::F32).unwrap();
     let bad = |g: PoolGeometry| maxpool::max_pool2d(&x, &g).unwrap_err();
     assert!(matches!(bad(PoolGeometry::square(3, 0, 1)), Error::InvalidArgument(_)));

@@ -216,8 +216,8 @@ fn untouched(k: &Case, dtype: DType, before: &[u8], after: &[u8]) -> Result<(), 
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -225,12 +225,12 @@ proptest! {
 
     #[test]
     fn adaptive_avg_pool_matches_reference_f32(k in case_strategy(70)) {
-        check_case(Op::Pool, &k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(Op::Pool, &k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn resize_bilinear_matches_reference_f32(k in case_strategy(70)) {
-        check_case(Op::Resize, &k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(Op::Resize, &k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -239,12 +239,12 @@ proptest! {
 
     #[test]
     fn adaptive_avg_pool_matches_reference_half_types(k in case_strategy(40), bf in any::<bool>()) {
-        check_case(Op::Pool, &k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(Op::Pool, &k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn resize_bilinear_matches_reference_half_types(k in case_strategy(40), bf in any::<bool>()) {
-        check_case(Op::Resize, &k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(Op::Resize, &k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -253,7 +253,7 @@ proptest! {
 /// 60 -> 6 and 6 -> 60, C = 1 and C = 70 at the far end of a 75-channel tensor.
 #[test]
 fn named_edge_shapes() {
-    let dev = emulator();
+    let dev = device();
     let shapes: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
         // (h, w, oh, ow, c, before, after)
         (1, 1, 1, 1, 3, 0, 0),
@@ -278,7 +278,7 @@ fn named_edge_shapes() {
 /// (bins of one pixel) are the identity, bit for bit.
 #[test]
 fn same_size_is_the_identity_bitwise() {
-    let dev = emulator();
+    let dev = device();
     let mut r = Rng(3);
     let v: Vec<f64> = (0..2 * 5 * 7 * 9).map(|_| r.normal()).collect();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -295,7 +295,7 @@ fn same_size_is_the_identity_bitwise() {
 /// branches and the features themselves into one concatenated tensor without copies.
 #[test]
 fn pyramid_concatenation_through_channel_slices() {
-    let dev = emulator();
+    let dev = device();
     let (n, h, w, c) = (2, 12, 10, 5);
     let mut r = Rng(11);
     let v: Vec<f64> = quantize(&(0..n * h * w * c).map(|_| r.normal()).collect::<Vec<_>>(), DType::F32);
@@ -350,7 +350,7 @@ fn bitwise_identical_across_emulator_seeds_and_thread_counts() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let x = Tensor::zeros(&dev, &[2, 4, 4, 3], DType::F32).unwrap();
     let mut out = Tensor::zeros(&dev, &[2, 2, 2, 8], DType::F32).unwrap();
 
@@ -381,7 +381,7 @@ fn bad_input_is_a_typed_error() {
     }
 
     // Devices.
-    let other = emulator();
+    let other = device();
     let mut out_other = Tensor::zeros(&other, &[2, 2, 2, 8], DType::F32).unwrap();
     assert!(matches!(pool::adaptive_avg_pool_into(&x, &mut out_other, 0), Err(Error::DeviceMismatch { .. })));
 
@@ -404,7 +404,7 @@ fn bad_input_is_a_typed_error() {
 /// runs in f32 on the same values and is rounded once: exactly the f32 result, rounded.
 #[test]
 fn pyramid_backward_sum_equals_separate_backwards_and_adds() {
-    let dev = emulator();
+    let dev = device();
     let mut r = Rng(11);
     for case in 0..24 {
         let (n, h, w, c) = (1 + r.below(3), 1 + r.below(13), 1 + r.below(13), 1 + r.below(40));
@@ -468,7 +468,7 @@ fn pyramid_backward_sum_equals_separate_backwards_and_adds() {
 
 #[test]
 fn pyramid_backward_sum_rejects_bad_shapes() {
-    let dev = emulator();
+    let dev = device();
     let base = Tensor::zeros(&dev, &[2, 5, 6, 10], DType::F32).unwrap();
     let good = Tensor::zeros(&dev, &[2, 3, 3, 4], DType::F32).unwrap();
     let ok = pool::adaptive_avg_pool_backward_sum(&base, &[&good], &[2, 5, 6, 4]).unwrap();

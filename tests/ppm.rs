@@ -478,15 +478,15 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     assert_close("dx", &host(&grads.dx), want_dx, |e| 2.0 * mag_dx[e] + 4.0 * U * want_dx[e].abs())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn ppm_matches_reference(k in strategy()) {
-        run(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -510,7 +510,7 @@ fn fixed_case() -> Case {
 /// smaller than every bin but 1, bins in decreasing order, one branch, align_corners false.
 #[test]
 fn named_edge_shapes() {
-    let dev = emulator();
+    let dev = device();
     let base = fixed_case();
     let cases = [
         Case { h: 1, w: 1, ..base.clone() },
@@ -631,7 +631,7 @@ fn param(b: &mut rppm::PpmBranch, which: usize, e: usize) -> &mut f64 {
 /// roundings of |γ| invstd times the convolution's scale.
 #[test]
 fn forward_in_16_bit_storage() {
-    let dev = emulator();
+    let dev = device();
     let k = Case { n: 4, h: 12, w: 10, c: 16, datasets: vec![0, 1, 1, 0], d: 2, ..fixed_case() };
     for dtype in [DType::F16, DType::BF16] {
         let u = common::unit_roundoff(dtype);
@@ -678,7 +678,7 @@ fn forward_in_16_bit_storage() {
 
 #[test]
 fn bad_inputs_are_typed_errors_and_write_nothing() {
-    let dev = emulator();
+    let dev = device();
     let k = fixed_case();
     let dt = make_data(&k);
     let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
@@ -750,7 +750,7 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
         std::mem::replace(&mut branches[1].state.running_var, Tensor::zeros(&dev, &[3, 4], DType::F32).unwrap());
     expect_err(&opts, &x, &ds, &mut branches, |e| matches!(e, Error::ShapeMismatch { .. }));
     branches[1].state.running_var = good_rv;
-    let other = emulator();
+    let other = device();
     let ds_other = dataset_tensor(&other, &k.datasets);
     expect_err(&opts, &x, &ds_other, &mut branches, |e| matches!(e, Error::DeviceMismatch { .. }));
     assert!(running_stats_bits(&branches) == before, "a rejected call moved running statistics");

@@ -204,8 +204,8 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     Ok(())
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -213,12 +213,12 @@ proptest! {
 
     #[test]
     fn sgd_matches_reference(k in case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 
     #[test]
     fn frozen_rows_untouched_and_others_match_reference(k in frozen_case_strategy()) {
-        run_case(&k, &emulator()).map_err(TestCaseError::fail)?;
+        run_case(&k, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -238,7 +238,7 @@ fn dsbn_tables_with_absent_datasets_in_one_launch() {
         Some(FrozenRows::from_rows(2048, [63, 0, 17, 17]).unwrap()),
     ];
     let k = Case { sizes, lrs, frozen, momentum: 0.9, weight_decay: 1e-4, seed: 31 };
-    run_case(&k, &emulator()).unwrap();
+    run_case(&k, &device()).unwrap();
 }
 
 /// Parameter groups as a CDCL model has them: backbone at lr, heads at 10x lr, many small
@@ -249,7 +249,7 @@ fn parameter_groups_in_one_launch() {
     sizes.extend(std::iter::repeat_n(19, 20));
     let lrs: Vec<f32> = sizes.iter().enumerate().map(|(i, _)| if i % 3 == 0 { 0.1 } else { 0.01 }).collect();
     let k = Case { sizes, lrs, frozen: Vec::new(), momentum: 0.9, weight_decay: 1e-4, seed: 12 };
-    run_case(&k, &emulator()).unwrap();
+    run_case(&k, &device()).unwrap();
 }
 
 fn all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
@@ -279,7 +279,7 @@ fn bitwise_identical_across_emulator_seeds() {
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let z = |shape: &[usize], d: DType| Tensor::zeros(&dev, shape, d).unwrap();
     let opts = SgdOptions::default();
     let (mut p, g, mut b) = (z(&[4, 3], DType::F32), z(&[4, 3], DType::F32), z(&[4, 3], DType::F32));
@@ -308,7 +308,7 @@ fn bad_input_is_a_typed_error() {
 
 #[test]
 fn bad_frozen_rows_are_typed_errors() {
-    let dev = emulator();
+    let dev = device();
     let t = |v: &[f32]| Tensor::from_slice(&dev, &[v.len()], v).unwrap();
     let opts = SgdOptions::default();
     let (mut p1, g1, mut b1) = (t(&[1.0; 12]), t(&[0.5; 12]), t(&[0.0; 12]));

@@ -264,8 +264,8 @@ fn check_case(k: &Case, dtype: DType, dev: &Device) -> Result<(), String> {
     })
 }
 
-fn emulator() -> Device {
-    Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap()
+fn device() -> Device {
+    common::test_device()
 }
 
 proptest! {
@@ -273,7 +273,7 @@ proptest! {
 
     #[test]
     fn matches_reference_f32(k in case_strategy()) {
-        check_case(&k, DType::F32, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(&k, DType::F32, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -282,7 +282,7 @@ proptest! {
 
     #[test]
     fn matches_reference_half_types(k in case_strategy(), bf in any::<bool>()) {
-        check_case(&k, if bf { DType::BF16 } else { DType::F16 }, &emulator()).map_err(TestCaseError::fail)?;
+        check_case(&k, if bf { DType::BF16 } else { DType::F16 }, &device()).map_err(TestCaseError::fail)?;
     }
 }
 
@@ -291,7 +291,7 @@ proptest! {
 /// batch, low temperature (peaked softmax).
 #[test]
 fn named_cases() {
-    let dev = emulator();
+    let dev = device();
     let base = Case {
         n: 2,
         h: 3,
@@ -407,7 +407,7 @@ fn reference_backward_matches_finite_differences() {
 
 #[test]
 fn normalize_prototypes_gives_unit_rows() {
-    let dev = emulator();
+    let dev = device();
     let v: Vec<f32> = vec![3.0, 4.0, 0.0, -1.0, 1e-3, 2e-3, 0.0, 0.0, 7.5];
     let t = Tensor::from_slice(&dev, &[3, 3], &v).unwrap();
     let out = usss::normalize_prototypes(&t).unwrap().to_vec::<f32>().unwrap();
@@ -434,7 +434,7 @@ fn small(dev: &Device) -> (Tensor, Tensor, UsssPrototypes) {
 
 #[test]
 fn dataset_index_out_of_range_is_a_typed_error() {
-    let dev = emulator();
+    let dev = device();
     let (x, _, protos) = small(&dev);
     let o = UsssOptions::default();
     for bad in [[0i32, 2], [-1, 0], [5, 7]] {
@@ -448,7 +448,7 @@ fn dataset_index_out_of_range_is_a_typed_error() {
 
 #[test]
 fn wrong_shapes_dtypes_and_options_are_typed_errors() {
-    let dev = emulator();
+    let dev = device();
     let (x, ds, protos) = small(&dev);
     let o = UsssOptions::default();
     let xi = Tensor::zeros(&dev, &[2, 2, 1, 3], DType::I32).unwrap();
@@ -477,7 +477,7 @@ fn wrong_shapes_dtypes_and_options_are_typed_errors() {
         assert!(matches!(usss::backward(1.0, &x, &ds, &protos, None, &bad), Err(Error::InvalidArgument(_))));
     }
     assert!(matches!(usss::backward(f32::NAN, &x, &ds, &protos, None, &o), Err(Error::InvalidArgument(_))));
-    let other = emulator();
+    let other = device();
     let ds_other = Tensor::from_slice(&other, &[2], &[0i32, 1]).unwrap();
     assert!(matches!(usss::forward(&x, &ds_other, &protos, None, &o), Err(Error::DeviceMismatch { .. })));
 

@@ -2,7 +2,7 @@
 //! every float storage type, and tolerance checks that report the worst element.
 #![allow(dead_code)]
 
-use cdcl::{DType, Device, Tensor};
+use cdcl::{DType, Device, EmulatorConfig, Tensor};
 use half::{bf16, f16};
 
 /// splitmix64: tiny, seedable, good enough for test data.
@@ -106,5 +106,17 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize) -
             (got[i] - want[i]).abs(),
             tol(i)
         )),
+    }
+}
+
+/// The device the kernel tests run on: the emulator (the default, and what CI runs), or the first
+/// CUDA GPU with `CDCL_TEST_DEVICE=cuda`, so that the same property tests check the nvcc build
+/// on hardware (scripts/gpu-check.sh). Tests about the emulator itself (schedule seeds, worker
+/// counts) build their emulators directly.
+pub fn test_device() -> Device {
+    match std::env::var("CDCL_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("emulator") => Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap(),
+        Ok("cuda") => Device::cuda(0).unwrap_or_else(|e| panic!("CDCL_TEST_DEVICE=cuda, but no usable GPU: {e}")),
+        Ok(other) => panic!("CDCL_TEST_DEVICE={other}: expected `emulator` or `cuda`"),
     }
 }
