@@ -625,7 +625,8 @@ fn param(b: &mut rppm::PpmBranch, which: usize, e: usize) -> &mut f64 {
     }
 }
 
-/// Forward in f16 / bf16 storage against the f64 reference of the same (rounded) inputs:
+/// Forward in f16 / bf16 storage against the f64 reference of the same (rounded) inputs, then
+/// the backward (see `backward_is_the_composition_of_its_ops`):
 /// every stored value (pooled input, convolution output, branch output, upsampled output) is
 /// rounded once more to the storage type, so the branch slices are within a few storage
 /// roundings of |γ| invstd times the convolution's scale.
@@ -671,9 +672,57 @@ fn forward_in_16_bit_storage() {
             8.0 * u * (gamma * rbr.bn.invstd[[d, kk]] * 3.0 * max_conv + 2.0 * want[e].abs() + 1.0)
         })
         .unwrap();
-        let err = ppm::backward_train(&fwd.output, &ds, &branches, &fwd, &options(&k)).unwrap_err();
-        assert!(matches!(err, Error::UnsupportedDType { .. }), "{err:?}");
+        backward_is_the_composition_of_its_ops(&dev, &k, &dt, dtype, &ds, &branches, &fwd);
     }
+}
+
+/// The 16-bit backward is, bit for bit, resize backward → DAB backward per branch, then the
+/// pooling-backward sum — each of which tests/pool.rs and tests/dab.rs check in f16 / bf16
+/// against the f64 references with their own tolerances.
+fn backward_is_the_composition_of_its_ops(
+    dev: &Device,
+    k: &Case,
+    dt: &Data,
+    dtype: DType,
+    ds: &Tensor,
+    branches: &[PpmBranch],
+    fwd: &ppm::PpmForward,
+) {
+    let opts = options(k);
+    let dy = tensor(dev, &[k.n, k.h, k.w, k.total()], &common::quantize(&dt.dy, dtype), dtype);
+    let g = ppm::backward_train(&dy, ds, branches, fwd, &opts).unwrap();
+    assert_eq!(g.dx.dtype(), dtype);
+    let mut levels = Vec::new();
+    for (i, ((br, saved), off)) in branches.iter().zip(&fwd.branches).zip(k.offsets()).enumerate() {
+        let (b, kk) = (k.bins[i], k.ks[i]);
+        let dlow = cdcl::ops::pool::resize_bilinear_backward(&dy, off, &[k.n, b, b, kk], k.align_corners).unwrap();
+        let one = cdcl::ops::conv::ConvGeometry::default();
+        let gb = cdcl::ops::dab::backward_train(
+            &dlow,
+            &saved.pooled,
+            &br.weight,
+            &one,
+            ds,
+            &br.state,
+            &saved.dab,
+            &opts.dsbn,
+            None,
+            None,
+        )
+        .unwrap();
+        let got = &g.branches[i];
+        for (what, a, b) in [
+            ("dweight", &got.dweight, &gb.dweight),
+            ("dgamma", &got.dgamma, &gb.dgamma),
+            ("dbeta", &got.dbeta, &gb.dbeta),
+        ] {
+            assert!(common::bits(a) == common::bits(b), "{dtype} branch {i} {what}: not the composition");
+        }
+        levels.push(gb.dx);
+    }
+    let refs: Vec<&Tensor> = levels.iter().collect();
+    let dx = cdcl::ops::pool::adaptive_avg_pool_backward_sum(&dy, &refs, &[k.n, k.h, k.w, k.c]).unwrap();
+    assert!(common::bits(&dx) == common::bits(&g.dx), "{dtype} dx: not the composition");
 }
 
 #[test]
@@ -760,7 +809,7 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
     let dy_bad = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total() + 1], DType::F32).unwrap();
     assert!(matches!(ppm::backward_train(&dy_bad, &ds, &branches, &fwd, &opts), Err(Error::ShapeMismatch { .. })));
     let dy_h = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total()], DType::F16).unwrap();
-    assert!(matches!(ppm::backward_train(&dy_h, &ds, &branches, &fwd, &opts), Err(Error::UnsupportedDType { .. })));
+    assert!(matches!(ppm::backward_train(&dy_h, &ds, &branches, &fwd, &opts), Err(Error::DTypeMismatch { .. })));
     let dy = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total()], DType::F32).unwrap();
     assert!(matches!(ppm::backward_train(&dy, &ds, &branches[..3], &fwd, &opts), Err(Error::InvalidArgument(_))));
     let no_bins = PpmOptions { bins: vec![], ..opts.clone() };

@@ -27,8 +27,8 @@
 //! one value per channel at the smallest bin has more at every larger one, so no later branch
 //! can fail on data after an earlier one moved its statistics.
 //!
-//! Storage: f32, f16 or bf16 for the forwards (DSBN tables f32); the backward is f32 only, like
-//! the DAB backward it is built on. Reference: [`crate::reference::ppm`].
+//! Storage: f32, f16 or bf16 for the forwards and the backward (DSBN tables and their
+//! gradients f32). Reference: [`crate::reference::ppm`].
 
 use crate::error::{Error, Result};
 use crate::ops::check;
@@ -282,8 +282,8 @@ pub fn forward_infer(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts
 }
 
 /// Backward of [`forward_train`]: `dy` is the gradient of the whole output
-/// `[N, H, W, C + Σ K_i]` (f32); `branches` and `opts` as in the forward (γ and β unchanged
-/// since), `forward` what it returned. Returns `dx` `[N, H, W, C]` (identity slice included)
+/// `[N, H, W, C + Σ K_i]`, in the forward's storage type; `branches` and `opts` as in the
+/// forward (γ and β unchanged since), `forward` what it returned. Returns `dx` `[N, H, W, C]` (identity slice included)
 /// and every branch's weight, γ and β gradients.
 pub fn backward_train(
     dy: &Tensor,
@@ -292,13 +292,8 @@ pub fn backward_train(
     forward: &PpmForward,
     opts: &PpmOptions,
 ) -> Result<PpmGrads> {
-    if dy.dtype() != DType::F32 {
-        return Err(Error::UnsupportedDType {
-            what: "PPM output gradient (the backward is f32 only)",
-            dtype: dy.dtype(),
-        });
-    }
     let [n, h, w, total] = check::nhwc("PPM output", &forward.output)?;
+    check::dtype("PPM output gradient", dy, forward.output.dtype())?;
     check::shape("PPM output gradient", dy, &[n, h, w, total])?;
     check::same_device(forward.output.device(), &[dy])?;
     if branches.is_empty() || forward.branches.len() != branches.len() || opts.bins.len() != branches.len() {
