@@ -109,9 +109,72 @@ __device__ __forceinline__ void stash_operand(bool vec, const float (&r)[4], Sto
     for (int j = 0; j < 4; ++j) store(t % 16, t / 16 + 16 * j, r[j]);
 }
 
+// The 4 elements of storage type T at `base + off` as f32, one vector load; zeros for off < 0.
 template <typename T>
-__device__ __forceinline__ Vec4<T> load_vec4(const T* src) {
-    return *reinterpret_cast<const Vec4<T>*>(src);
+__device__ __forceinline__ void load4(const void* base, long long off, float (&v)[4]) {
+    if (off < 0) {
+        for (int j = 0; j < 4; ++j) v[j] = 0.0f;
+        return;
+    }
+    const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(static_cast<const T*>(base) + off);
+    CDCL_UNROLL
+    for (int j = 0; j < 4; ++j) v[j] = to_f32(x4.v[j]);
+}
+
+// ---- where the operands' elements live -------------------------------------------------------
+
+// im2col(x)[pixel, kk], pixel = (n, p, q) and kk = (r, s, c) flattened: its offset in x, with
+// its sample and channel, or -1 in the zero padding. The forward's A and the filter gradient's B.
+__device__ __forceinline__ long long im2col_at(const cdcl_conv_params& p, long long pixel, int kk, int& n, int& c) {
+    const int q = (int)(pixel % p.q);
+    const long long t = pixel / p.q;
+    const int pp = (int)(t % p.p);
+    n = (int)(t / p.p);
+    c = kk % p.c;
+    const int rs = kk / p.c, s = rs % p.s, r = rs / p.s;
+    const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
+    const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
+    if (h < 0 || h >= p.h || w < 0 || w >= p.w) return -1;
+    return (((long long)n * p.h + h) * p.w + w) * p.c + c;
+}
+
+// im2col(x)[pixel, kk] as the convolution sees it (through the prologue, if any), one element
+// or the 4 consecutive channels of the vector fast path.
+template <typename T>
+__device__ __forceinline__ float im2col_value(const cdcl_conv_params& p, long long pixel, long long kk) {
+    int n, c;
+    const long long at = im2col_at(p, pixel, (int)kk, n, c);
+    return at < 0 ? 0.0f : input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[at]));
+}
+template <typename T>
+__device__ __forceinline__ void im2col_value4(const cdcl_conv_params& p, long long pixel, long long kk, float (&v)[4]) {
+    int n, c;
+    const long long at = im2col_at(p, pixel, (int)kk, n, c);
+    load4<T>(p.x, at, v);
+    if (at >= 0)
+        for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, v[j]);
+}
+
+// The data gradient's A[m, kk], m = (n, h, w) and kk = (r, s, k) flattened: dx[n,h,w,c] sums
+// dy[n, p, q, k] * w[k, r, s, c] over the taps with h = p*stride - pad + r*dil, so only offsets
+// that land on the stride grid contribute. The offset in dy, or -1 where none does.
+__device__ __forceinline__ long long dgrad_dy_at(const cdcl_conv_params& p, long long m, long long kk) {
+    const int w = (int)(m % p.w);
+    const long long t = m / p.w;
+    const int h = (int)(t % p.h), n = (int)(t / p.h);
+    const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
+    const int hp = h + p.pad_h - r * p.dil_h;
+    const int wp = w + p.pad_w - s * p.dil_w;
+    if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return -1;
+    const int pp = hp / p.stride_h, q = wp / p.stride_w;
+    if (pp >= p.p || q >= p.q) return -1;
+    return (((long long)n * p.p + pp) * p.q + q) * p.k + k;
+}
+
+// The data gradient's B[kk, col] = w[k, r, s, col], kk = (r, s, k): its offset in the weight.
+__device__ __forceinline__ long long dgrad_w_at(const cdcl_conv_params& p, long long kk, int col) {
+    const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
+    return ((long long)k * p.r * p.s + rs) * p.c + col;
 }
 
 // ---- the three problems: sizes, loaders, epilogues -------------------------------------------
@@ -124,17 +187,7 @@ struct ConvForward {
     __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
     __device__ int cols() const { return p.k; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.c; }
-    __device__ float a(long long m, long long kidx) const {
-        const int kk = (int)kidx;
-        const int q = (int)(m % p.q);
-        const long long t = m / p.q;
-        const int pp = (int)(t % p.p), n = (int)(t / p.p);
-        const int c = kk % p.c, rs = kk / p.c, s = rs % p.s, r = rs / p.s;
-        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-        if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
-    }
+    __device__ float a(long long m, long long kk) const { return im2col_value<T>(p, m, kk); }
     __device__ float b(long long kk, int col) const {
         return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
     }
@@ -143,26 +196,9 @@ struct ConvForward {
     static constexpr int kVecA = kAlongK, kVecB = kAlongK;
     __device__ bool vec_a() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x); }
     __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.weight); }
-    __device__ void a4(long long m, long long kidx, float (&v)[4]) const {
-        const int kk = (int)kidx;
-        const int q = (int)(m % p.q);
-        const long long t = m / p.q;
-        const int pp = (int)(t % p.p), n = (int)(t / p.p);
-        const int c = kk % p.c, rs = kk / p.c, s = rs % p.s, r = rs / p.s;
-        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-        if (h < 0 || h >= p.h || w < 0 || w >= p.w) {
-            for (int j = 0; j < 4; ++j) v[j] = 0.0f;
-            return;
-        }
-        const Vec4<T> x4 = load_vec4(static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c);
-        CDCL_UNROLL
-        for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, to_f32(x4.v[j]));
-    }
+    __device__ void a4(long long m, long long kk, float (&v)[4]) const { im2col_value4<T>(p, m, kk, v); }
     __device__ void b4(long long kk, int col, float (&v)[4]) const {
-        const Vec4<T> w4 = load_vec4(static_cast<const T*>(p.weight) + (long long)col * depth() + kk);
-        CDCL_UNROLL
-        for (int j = 0; j < 4; ++j) v[j] = to_f32(w4.v[j]);
+        load4<T>(p.weight, (long long)col * depth() + kk, v);
     }
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
     // dataset; the inference epilogue knows its sample without a division).
@@ -201,46 +237,15 @@ struct ConvBackwardData {
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
-    // dx[n,h,w,c] = sum over (r, s, k) of dy[n, p, q, k] * w[k, r, s, c] where
-    // h = p*stride - pad + r*dil: only offsets that land on the stride grid contribute.
     __device__ float a(long long m, long long kk) const {
-        const int w = (int)(m % p.w);
-        const long long t = m / p.w;
-        const int h = (int)(t % p.h), n = (int)(t / p.h);
-        const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
-        const int hp = h + p.pad_h - r * p.dil_h;
-        const int wp = w + p.pad_w - s * p.dil_w;
-        if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return 0.0f;
-        const int pp = hp / p.stride_h, q = wp / p.stride_w;
-        if (pp >= p.p || q >= p.q) return 0.0f;
-        return to_f32(static_cast<const T*>(p.dy)[(((long long)n * p.p + pp) * p.q + q) * p.k + k]);
+        const long long at = dgrad_dy_at(p, m, kk);
+        return at < 0 ? 0.0f : to_f32(static_cast<const T*>(p.dy)[at]);
     }
     __device__ float b(long long kk, int col) const {
-        const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
-        return to_f32(static_cast<const T*>(p.weight)[((long long)k * p.r * p.s + rs) * p.c + col]);
+        return to_f32(static_cast<const T*>(p.weight)[dgrad_w_at(p, kk, col)]);
     }
-    __device__ void a4(long long m, long long kk, float (&v)[4]) const {
-        const int w = (int)(m % p.w);
-        const long long t = m / p.w;
-        const int h = (int)(t % p.h), n = (int)(t / p.h);
-        const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
-        const int hp = h + p.pad_h - r * p.dil_h;
-        const int wp = w + p.pad_w - s * p.dil_w;
-        const int pp = hp / p.stride_h, q = wp / p.stride_w;
-        if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0 || pp >= p.p || q >= p.q) {
-            for (int j = 0; j < 4; ++j) v[j] = 0.0f;
-            return;
-        }
-        const Vec4<T> d4 = load_vec4(static_cast<const T*>(p.dy) + (((long long)n * p.p + pp) * p.q + q) * p.k + k);
-        CDCL_UNROLL
-        for (int j = 0; j < 4; ++j) v[j] = to_f32(d4.v[j]);
-    }
-    __device__ void b4(long long kk, int col, float (&v)[4]) const {
-        const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
-        const Vec4<T> w4 = load_vec4(static_cast<const T*>(p.weight) + ((long long)k * p.r * p.s + rs) * p.c + col);
-        CDCL_UNROLL
-        for (int j = 0; j < 4; ++j) v[j] = to_f32(w4.v[j]);
-    }
+    __device__ void a4(long long m, long long kk, float (&v)[4]) const { load4<T>(p.dy, dgrad_dy_at(p, m, kk), v); }
+    __device__ void b4(long long kk, int col, float (&v)[4]) const { load4<T>(p.weight, dgrad_w_at(p, kk, col), v); }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int) const {
@@ -266,36 +271,9 @@ struct ConvBackwardFilter {
     __device__ float a(long long m, long long j) const {  // dy^T
         return to_f32(static_cast<const T*>(p.dy)[j * p.k + m]);
     }
-    __device__ float b(long long j, int col) const {  // im2col(x)
-        const int q = (int)(j % p.q);
-        const long long t = j / p.q;
-        const int pp = (int)(t % p.p), n = (int)(t / p.p);
-        const int c = col % p.c, rs = col / p.c, s = rs % p.s, r = rs / p.s;
-        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-        if (h < 0 || h >= p.h || w < 0 || w >= p.w) return 0.0f;
-        return input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[(((long long)n * p.h + h) * p.w + w) * p.c + c]));
-    }
-    __device__ void a4(long long m, long long j, float (&v)[4]) const {
-        const Vec4<T> d4 = load_vec4(static_cast<const T*>(p.dy) + j * p.k + m);
-        CDCL_UNROLL
-        for (int i = 0; i < 4; ++i) v[i] = to_f32(d4.v[i]);
-    }
-    __device__ void b4(long long j, int col, float (&v)[4]) const {
-        const int q = (int)(j % p.q);
-        const long long t = j / p.q;
-        const int pp = (int)(t % p.p), n = (int)(t / p.p);
-        const int c = col % p.c, rs = col / p.c, s = rs % p.s, r = rs / p.s;
-        const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-        const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-        if (h < 0 || h >= p.h || w < 0 || w >= p.w) {
-            for (int i = 0; i < 4; ++i) v[i] = 0.0f;
-            return;
-        }
-        const Vec4<T> x4 = load_vec4(static_cast<const T*>(p.x) + (((long long)n * p.h + h) * p.w + w) * p.c + c);
-        CDCL_UNROLL
-        for (int i = 0; i < 4; ++i) v[i] = input_value(p, n, c + i, to_f32(x4.v[i]));
-    }
+    __device__ float b(long long j, int col) const { return im2col_value<T>(p, j, col); }
+    __device__ void a4(long long m, long long j, float (&v)[4]) const { load4<T>(p.dy, j * p.k + m, v); }
+    __device__ void b4(long long j, int col, float (&v)[4]) const { im2col_value4<T>(p, j, col, v); }
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int slice) const {
