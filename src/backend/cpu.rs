@@ -1113,8 +1113,8 @@ impl Backend for CpuBackend {
                 reason: "H·W must fit the i32 indices".into(),
             });
         }
-        if geometry.output_size(h, w)? != (p, q) {
-            let (ep, eq) = geometry.output_size(h, w)?;
+        let (ep, eq) = geometry.output_size(h, w)?;
+        if (ep, eq) != (p, q) {
             return Err(Error::ShapeMismatch {
                 what: "max pooling output gradient",
                 expected: vec![n, ep, eq, c],

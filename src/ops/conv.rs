@@ -330,8 +330,8 @@ pub struct ConvFilterGrads {
 }
 
 /// Gradient of [`conv2d`] with respect to the weight (`[K, R, S]` taken from `filter_krs`, in
-/// the storage type of `x` and `dy`) and, with `with_bias`, the bias (f32). The reduction over N·P·Q is split into fixed slices summed in a
-/// fixed order: the same bits on every run.
+/// the storage type of `x` and `dy`) and, with `with_bias`, the bias (f32). The reduction over
+/// N·P·Q is split into fixed slices summed in a fixed order: the same bits on every run.
 pub fn conv2d_backward_filter(
     dy: &Tensor,
     x: &Tensor,

@@ -283,8 +283,8 @@ pub fn forward_infer(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts
 
 /// Backward of [`forward_train`]: `dy` is the gradient of the whole output
 /// `[N, H, W, C + Σ K_i]`, in the forward's storage type; `branches` and `opts` as in the
-/// forward (γ and β unchanged since), `forward` what it returned. Returns `dx` `[N, H, W, C]` (identity slice included)
-/// and every branch's weight, γ and β gradients.
+/// forward (γ and β unchanged since), `forward` what it returned. Returns `dx` `[N, H, W, C]`
+/// (identity slice included) and every branch's weight, γ and β gradients.
 pub fn backward_train(
     dy: &Tensor,
     datasets: &Tensor,
