@@ -121,6 +121,45 @@ fn close(what: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
     Ok(())
 }
 
+/// A bound on the terms that each dx and dweight element of the DAB backward sums. Those sums
+/// cancel by construction (the BN backward's outputs sum to zero per (dataset, channel)), so their
+/// size says nothing about the rounding of the terms. The bound is the BN backward output's scale
+/// per element, γ·invstd·(|g| + S/M) with S the sum over its (dataset, channel) of |g|(1 + |x̂|),
+/// pushed through the convolution backward on |x| and |w|. `g` is the gradient after the ReLU
+/// mask, `conv` the convolution output the statistics `bn` were taken of.
+fn backward_magnitude(
+    k: &Case,
+    g: &[f64],
+    conv: &[f64],
+    bn: &rdsbn::DsbnTrainOutput,
+    gamma: &[f64],
+    x: &[f64],
+    w: &[f64],
+) -> rconv::ConvGrads {
+    let (p, q) = out_hw(k);
+    let cd = |e: usize| (e % k.k, k.datasets[e / (p * q * k.k)]);
+    let mut group = vec![0.0f64; k.d * k.k];
+    for (e, ge) in g.iter().enumerate() {
+        let (c, d) = cd(e);
+        let xhat = (conv[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]];
+        group[d * k.k + c] += ge.abs() * (1.0 + xhat.abs());
+    }
+    let scale: Vec<f64> = (0..g.len())
+        .map(|e| {
+            let (c, d) = cd(e);
+            gamma[d * k.k + c] * bn.invstd[[d, c]] * (g[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
+        })
+        .collect();
+    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+    let (ax, aw) = (abs(x), abs(w));
+    rconv::conv2d_backward(
+        ArrayView4::from_shape((k.n, p, q, k.k), &scale).unwrap(),
+        ArrayView4::from_shape((k.n, k.h, k.w, k.c), &ax).unwrap(),
+        ArrayView4::from_shape((k.k, k.r, k.r, k.c), &aw).unwrap(),
+        &spec(k),
+    )
+}
+
 fn state(dev: &Device, k: &Case, dt: &Data) -> DsbnState {
     let mut s = DsbnState::new(dev, k.d, k.k).unwrap();
     s.gamma = tensor(dev, &[k.d, k.k], &dt.gamma, DType::F32);
@@ -208,34 +247,9 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     );
     close("dgamma", &host(&grads.dgamma), rb.dgamma.as_slice().unwrap())?;
     close("dbeta", &host(&grads.dbeta), rb.dbeta.as_slice().unwrap())?;
-    // dweight and dx sum BN-backward outputs that cancel by construction (they sum to zero per
-    // (dataset, channel)), so their size says nothing about the rounding of the terms. Bound
-    // the error by the terms instead: the BN backward output's scale per element,
-    // gamma*invstd*(|g| + S/M) with S = sum over its group of |g|(1 + |xhat|), pushed through
-    // the convolution backward on |x| and |w|; 1e-4 of that is ~10x the f32 error of the chain.
-    let mut group = vec![0.0f64; k.d * k.k];
-    let xhat = |e: usize| {
-        let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
-        (conv.as_slice().unwrap()[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]
-    };
-    for (e, ge) in g.iter().enumerate() {
-        let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
-        group[d * k.k + c] += ge.abs() * (1.0 + xhat(e).abs());
-    }
-    let scale: Vec<f64> = (0..g.len())
-        .map(|e| {
-            let (c, d) = (e % k.k, k.datasets[e / (p * q * k.k)]);
-            dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (g[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
-        })
-        .collect();
-    let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
-    let (ax, aw) = (abs(&dt.x), abs(&dt.w));
-    let mag = rconv::conv2d_backward(
-        ArrayView4::from_shape(yd, &scale).unwrap(),
-        ArrayView4::from_shape(xd, &ax).unwrap(),
-        ArrayView4::from_shape(wd, &aw).unwrap(),
-        &spec(k),
-    );
+    // dweight and dx: against the bound on their terms (`backward_magnitude`); 1e-4 of it is
+    // ~10x the f32 error of the chain.
+    let mag = backward_magnitude(k, &g, conv.as_slice().unwrap(), &bn, &dt.gamma, &dt.x, &dt.w);
     common::assert_close("dweight", &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
         1e-4 * mag.dw.as_slice().unwrap()[i] + 1e-30
     })?;
@@ -489,15 +503,10 @@ fn dab_forward_in_16_bit_storage() {
     }
 }
 
-/// Training backward with f16 / bf16 activations, weights and output gradient: dγ, dβ (f32)
-/// against the f64 DSBN backward of the stored convolution output; dx and dweight (stored as T)
-/// against the f64 convolution backward of that reference. Tolerance, per element: the BN
-/// backward's output is rounded to T (≤ u_T of its scale) on top of its f32 error (≤ 1e-4 of
-/// the scale, see `run`), the convolution backward sums those with exact 16-bit × 16-bit
-/// products in f32, and the result is rounded to T once more: (2·u_T + 1e-4)·mag with mag the
-/// scale bound of `run` pushed through the convolution backward on |x| and |w|. The DAB
-/// backward is also the composition of the public DSBN and convolution backwards, bit for bit,
-/// and gives the same bits on every emulator seed.
+/// Training backward with f16 / bf16 activations, weights and output gradient: the values
+/// against the f64 references as `run16` checks them, the output types (16-bit dx and dweight,
+/// f32 dγ), the DAB backward as the composition of the public DSBN and convolution backwards,
+/// bit for bit, and the same bits on every emulator seed.
 #[test]
 fn dab_backward_in_16_bit_storage() {
     let k = Case {
@@ -516,10 +525,9 @@ fn dab_backward_in_16_bit_storage() {
     };
     let dt = data(&k);
     let (p, q) = out_hw(&k);
-    let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, 3, 3, k.c), (k.n, p, q, k.k));
     let ds_i32: Vec<i32> = k.datasets.iter().map(|&d| d as i32).collect();
     for dtype in [DType::F16, DType::BF16] {
-        let u = common::unit_roundoff(dtype);
+        run16(&k, &device(), dtype).unwrap();
         let q16 = |v: &[f64]| common::quantize(v, dtype);
         let (xq, wq, rq, dyq) = (q16(&dt.x), q16(&dt.w), q16(&dt.res), q16(&dt.dy));
         let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
@@ -538,95 +546,16 @@ fn dab_backward_in_16_bit_storage() {
             let dx = cdcl::ops::conv::conv2d_backward_data(&bn.dx, &w, (k.h, k.w), &k.geom).unwrap();
             let fg = cdcl::ops::conv::conv2d_backward_filter(&bn.dx, &x, (k.k, 3, 3), false, &k.geom).unwrap();
             assert!(bits(&dx) == bits(&g.dx) && bits(&fg.dweight) == bits(&g.dweight), "{dtype}: not the composition");
-            (f, g)
+            g
         };
-        let (f, g) = one(0, 1);
+        let g = one(0, 1);
         assert_eq!((g.dx.dtype(), g.dweight.dtype(), g.dgamma.dtype()), (dtype, dtype, DType::F32));
-
-        // Reference chain from the stored (16-bit) convolution output.
-        let conv = host(&f.conv_out);
-        let a2 = |v: &[f64]| ArrayView2::from_shape((k.d, k.k), v).unwrap().to_owned();
-        let cfg = rdsbn::DsbnConfig { relu: false, ..rdsbn::DsbnConfig::default() };
-        let conv4 = ArrayView4::from_shape(yd, &conv).unwrap();
-        let (ones, zeros) = (vec![1.0; k.d * k.k], vec![0.0; k.d * k.k]);
-        let bn = rdsbn::dsbn_forward_train(
-            conv4,
-            &k.datasets,
-            a2(&dt.gamma).view(),
-            a2(&dt.beta).view(),
-            a2(&zeros).view(),
-            a2(&ones).view(),
-            &cfg,
-        )
-        .unwrap();
-        // The kernel's ReLU mask is taken on its own (16-bit) output; agree with it where the
-        // pre-activation is too close to 0 for the reference to decide the same way.
-        let out = host(f.output.as_ref().unwrap());
-        let pre: Vec<f64> = bn.y.iter().zip(&rq).map(|(y, r)| y + r).collect();
-        let gm: Vec<f64> = dyq.iter().zip(&out).map(|(&g, &o)| if o > 0.0 { g } else { 0.0 }).collect();
-        for (i, (&o, &v)) in out.iter().zip(&pre).enumerate() {
-            assert!(
-                (o > 0.0) == (v > 0.0) || v.abs() < 4.0 * u * (1.0 + v.abs()) + 1e-3,
-                "{dtype}: mask at {i}: {o} vs {v}"
-            );
-        }
-        let rb = rdsbn::dsbn_backward_train(
-            ArrayView4::from_shape(yd, &gm).unwrap(),
-            conv4,
-            &k.datasets,
-            a2(&dt.gamma).view(),
-            a2(&dt.beta).view(),
-            &cfg,
-        )
-        .unwrap();
-        close("dgamma", &host(&g.dgamma), rb.dgamma.as_slice().unwrap()).unwrap();
-        close("dbeta", &host(&g.dbeta), rb.dbeta.as_slice().unwrap()).unwrap();
-        let rc = rconv::conv2d_backward(
-            rb.dx.view(),
-            ArrayView4::from_shape(xd, &xq).unwrap(),
-            ArrayView4::from_shape(wd, &wq).unwrap(),
-            &spec(&k),
-        );
-        let mut group = vec![0.0f64; k.d * k.k];
-        let cd = |e: usize| (e % k.k, k.datasets[e / (p * q * k.k)]);
-        let xhat = |e: usize| {
-            let (c, d) = cd(e);
-            (conv[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]
-        };
-        for (e, ge) in gm.iter().enumerate() {
-            let (c, d) = cd(e);
-            group[d * k.k + c] += ge.abs() * (1.0 + xhat(e).abs());
-        }
-        let scale: Vec<f64> = (0..gm.len())
-            .map(|e| {
-                let (c, d) = cd(e);
-                dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (gm[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
-            })
-            .collect();
-        let abs = |v: &[f64]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
-        let (ax, aw) = (abs(&xq), abs(&wq));
-        let mag = rconv::conv2d_backward(
-            ArrayView4::from_shape(yd, &scale).unwrap(),
-            ArrayView4::from_shape(xd, &ax).unwrap(),
-            ArrayView4::from_shape(wd, &aw).unwrap(),
-            &spec(&k),
-        );
-        let tol = 2.0 * u + 1e-4;
-        common::assert_close(&format!("{dtype} dweight"), &host(&g.dweight), rc.dw.as_slice().unwrap(), |i| {
-            tol * mag.dw.as_slice().unwrap()[i] + 1e-30
-        })
-        .unwrap();
-        common::assert_close(&format!("{dtype} dx"), &host(&g.dx), rc.dx.as_slice().unwrap(), |i| {
-            tol * mag.dx.as_slice().unwrap()[i] + 1e-30
-        })
-        .unwrap();
-
         let all = |g: &dab::DabGrads| {
             [&g.dx, &g.dweight, &g.dgamma, &g.dbeta, g.dresidual.as_ref().unwrap()].map(bits).to_vec()
         };
         let base = all(&g);
         for (seed, threads) in [(7, 2), (0xC0DE, 1)] {
-            assert!(all(&one(seed, threads).1) == base, "{dtype}: seed {seed} threads {threads} changed the bits");
+            assert!(all(&one(seed, threads)) == base, "{dtype}: seed {seed} threads {threads} changed the bits");
         }
     }
 }
@@ -717,6 +646,15 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
     let out = host(f.output.as_ref().unwrap());
     common::assert_close(&format!("{dtype} output"), &out, &want, |i| u * want[i].abs() + 2e-4 * max_out + 1e-30)?;
 
+    // The kernel's ReLU mask (its own output's sign) agrees with the reference wherever the
+    // pre-activation is not too close to 0 for the two to decide differently.
+    if k.relu {
+        for (i, (&o, &v)) in out.iter().zip(&pre).enumerate() {
+            if (o > 0.0) != (v > 0.0) && v.abs() >= 4.0 * u * (1.0 + v.abs()) + 1e-3 {
+                return Err(format!("{dtype}: ReLU mask at {i}: kernel {o}, reference pre-activation {v}"));
+            }
+        }
+    }
     // Backward, with the ReLU mask the kernel took (its own output's sign).
     let grads =
         dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, residual).map_err(|e| e.to_string())?;
@@ -739,24 +677,8 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
         ArrayView4::from_shape(wd, &wq).unwrap(),
         &spec(k),
     );
+    let bmag = backward_magnitude(k, &gm, &stored, &bn, &dt.gamma, &xq, &wq);
     let cd = |e: usize| (e % k.k, k.datasets[e / (p * q * k.k)]);
-    let mut group = vec![0.0f64; k.d * k.k];
-    for (e, ge) in gm.iter().enumerate() {
-        let (c, d) = cd(e);
-        group[d * k.k + c] += ge.abs() * (1.0 + ((stored[e] - bn.mean[[d, c]]) * bn.invstd[[d, c]]).abs());
-    }
-    let scale: Vec<f64> = (0..gm.len())
-        .map(|e| {
-            let (c, d) = cd(e);
-            dt.gamma[d * k.k + c] * bn.invstd[[d, c]] * (gm[e].abs() + group[d * k.k + c] / bn.counts[d] as f64)
-        })
-        .collect();
-    let bmag = rconv::conv2d_backward(
-        ArrayView4::from_shape(yd, &scale).unwrap(),
-        ArrayView4::from_shape(xd, &ax).unwrap(),
-        ArrayView4::from_shape(wd, &aw).unwrap(),
-        &spec(k),
-    );
     let tol = 2.0 * u + 1e-4;
     let (dwm, dxm) = (bmag.dw.as_slice().unwrap(), bmag.dx.as_slice().unwrap());
     common::assert_close(&format!("{dtype} dweight"), &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
