@@ -1,8 +1,8 @@
 //! Convolution and Dataset-Aware Block throughput. On a GPU: our conv forward / data gradient /
 //! filter gradient, the fused DAB training forward + backward and the one-kernel inference
 //! forward, on the ResNet-18 3x3 layer shapes of a dilated (output stride 8) network at batch 8
-//! on 512x512 crops, in f32 (FFMA mainloop) and bf16 (tensor-core mainloop). Without a GPU the bench says so and measures the f64 CPU reference on
-//! a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
+//! on 512x512 crops, in f32 (FFMA mainloop) and bf16 (tensor-core mainloop). Without a GPU the
+//! bench says so and measures the f64 CPU reference on a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
 //! kernels). The comparison with cuDNN (conv + per-dataset BatchNorm on the split batch + ReLU)
 //! is benches/dab_cudnn.rs.
 
@@ -10,30 +10,16 @@ use cdcl::ops::conv::{self, ConvGeometry};
 use cdcl::ops::dab;
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::reference::conv as rconv;
-use cdcl::{DType, Device, DeviceKind, Tensor};
+use cdcl::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use ndarray::Array4;
 
-struct Layer {
-    name: &'static str,
-    hw: usize,
-    c: usize,
-    k: usize,
-    dilation: usize,
-}
-
-// Output stride 8: layer1 at 128x128, layer2 at 64x64, dilated layer3/4 stay at 64x64.
-const LAYERS: [Layer; 4] = [
-    Layer { name: "layer1", hw: 128, c: 64, k: 64, dilation: 1 },
-    Layer { name: "layer2", hw: 64, c: 128, k: 128, dilation: 1 },
-    Layer { name: "layer3", hw: 64, c: 256, k: 256, dilation: 2 },
-    Layer { name: "layer4", hw: 64, c: 512, k: 512, dilation: 4 },
-];
+mod common;
+use common::{values, LAYERS};
 
 fn filled(dev: &Device, shape: &[usize], seed: usize, dtype: DType) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|i| (((i + seed) * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
+    let v = values(shape.iter().product(), seed);
     match dtype {
         DType::BF16 => Tensor::from_slice(dev, shape, &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
         _ => Tensor::from_slice(dev, shape, &v),
@@ -107,17 +93,7 @@ fn reference_benches(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    match Device::cuda(0) {
-        Ok(gpu) if gpu.kind() == DeviceKind::Cuda => {
-            eprintln!("benchmarking convolutions and DABs on {}", gpu.name());
-            gpu_benches(c, &gpu);
-        }
-        other => {
-            let why = other.err().map(|e| e.to_string()).unwrap_or_default();
-            eprintln!("no GPU ({why}): measuring the CPU reference instead");
-            reference_benches(c);
-        }
-    }
+    common::on_gpu_or_cpu(c, "convolutions and DABs", "the CPU reference", gpu_benches, reference_benches);
 }
 
 criterion_group!(dab_benches, benches);

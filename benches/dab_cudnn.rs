@@ -50,36 +50,17 @@ use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::reference::conv as rconv;
 use cdcl::reference::dsbn as refd;
 use cdcl::reference::elementwise as relem;
-use cdcl::{Device, DeviceKind, Tensor};
+use cdcl::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{s, Array2, Array4, ArrayView2};
 
-struct Layer {
-    name: &'static str,
-    hw: usize,
-    c: usize,
-    k: usize,
-    dilation: usize,
-}
-
-// The table of benches/dab.rs. Output stride 8: layer1 at 128x128, layer2 at 64x64, dilated
-// layer3/4 stay at 64x64. Stride 1 and padding = dilation keep the spatial size.
-const LAYERS: [Layer; 4] = [
-    Layer { name: "layer1", hw: 128, c: 64, k: 64, dilation: 1 },
-    Layer { name: "layer2", hw: 64, c: 128, k: 128, dilation: 1 },
-    Layer { name: "layer3", hw: 64, c: 256, k: 256, dilation: 2 },
-    Layer { name: "layer4", hw: 64, c: 512, k: 512, dilation: 4 },
-];
+mod common;
+use common::{values, Layer, LAYERS};
 
 const NUM_DATASETS: usize = 2;
 const DATASETS: [i32; 8] = [0, 0, 0, 0, 1, 1, 1, 1];
 const MOMENTUM: f64 = 0.1;
 const EPS: f64 = 1e-5;
-
-/// Deterministic values in [-1, 1), the generator of benches/dab.rs.
-fn values(len: usize, seed: usize) -> Vec<f32> {
-    (0..len).map(|i| (((i + seed) * 7919) % 1000) as f32 * 0.002 - 1.0).collect()
-}
 
 /// The sample range of each dataset, or `None` when some dataset's samples are not contiguous
 /// (then a per-dataset call on a sub-batch would need a gather, which this bench does not model).
@@ -877,17 +858,13 @@ fn reference_benches(c: &mut Criterion) {
 }
 
 fn benches(c: &mut Criterion) {
-    match Device::cuda(0) {
-        Ok(gpu) if gpu.kind() == DeviceKind::Cuda => {
-            eprintln!("benchmarking our DAB against cuDNN on {}", gpu.name());
-            gpu_benches(c, &gpu);
-        }
-        other => {
-            let why = other.err().map(|e| e.to_string()).unwrap_or_default();
-            eprintln!("no GPU ({why}): measuring the CPU reference of the unfused pipeline instead");
-            reference_benches(c);
-        }
-    }
+    common::on_gpu_or_cpu(
+        c,
+        "our DAB against cuDNN",
+        "the CPU reference of the unfused pipeline",
+        gpu_benches,
+        reference_benches,
+    );
 }
 
 criterion_group!(dab_cudnn_benches, benches);

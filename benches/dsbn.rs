@@ -6,9 +6,11 @@
 
 use cdcl::ops::dsbn::{self, DsbnOptions, DsbnState};
 use cdcl::reference::dsbn as refd;
-use cdcl::{DType, Device, DeviceKind, Tensor};
+use cdcl::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array2, Array4};
+
+mod common;
 
 fn inputs(dev: &Device, shape: [usize; 4], dtype: DType) -> (Tensor, Tensor, Tensor, DsbnState) {
     let n: usize = shape.iter().product();
@@ -83,22 +85,21 @@ fn bench_reference(c: &mut Criterion, shape: [usize; 4]) {
 }
 
 fn dsbn_benches(c: &mut Criterion) {
-    match Device::cuda(0) {
-        Ok(gpu) if gpu.kind() == DeviceKind::Cuda => {
-            eprintln!("benchmarking DSBN on {}", gpu.name());
-            // ResNet-18 at batch 8, 512x512 crops, output stride 8: stem/layer1 128x128x64,
-            // layer2 64x64x128, dilated layer3/4 64x64x256 and 64x64x512.
-            let shapes = [[8, 128, 128, 64], [8, 64, 64, 128], [8, 64, 64, 256], [8, 64, 64, 512]];
-            bench_device(c, &gpu, &shapes, &[DType::F32, DType::BF16], "gpu");
-        }
-        other => {
-            let why = other.err().map(|e| e.to_string()).unwrap_or_default();
-            eprintln!("no GPU ({why}): measuring the emulator and the CPU reference instead");
+    common::on_gpu_or_cpu(
+        c,
+        "DSBN",
+        "the emulator and the CPU reference",
+        |c, gpu| {
+            // The activations of the ResNet-18 layers at batch 8 (benches/common: output stride 8).
+            let shapes = common::LAYERS.map(|l| [8, l.hw, l.hw, l.k]);
+            bench_device(c, gpu, &shapes, &[DType::F32, DType::BF16], "gpu");
+        },
+        |c| {
             let emu = Device::emulator();
             bench_device(c, &emu, &[[8, 16, 16, 64]], &[DType::F32], "emulator");
             bench_reference(c, [8, 16, 16, 64]);
-        }
-    }
+        },
+    );
 }
 
 criterion_group!(benches, dsbn_benches);
