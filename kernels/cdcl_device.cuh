@@ -26,8 +26,12 @@
 #define CDCL_DYNAMIC_SHARED(T, name)                            \
     extern __shared__ __align__(16) unsigned char cdcl_dyn_smem_[]; \
     T* name = reinterpret_cast<T*>(cdcl_dyn_smem_)
+#include <atomic>
+// Kernels launched by this process (read by cdcl_cuda_kernel_launch_count, kernels/runtime.cu).
+inline std::atomic<unsigned long long> cdcl_cuda_launches{0};
 #define CDCL_LAUNCH(kernel, grid, block, smem, stream, ...)                                        \
-    (kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__),          \
+    (cdcl_cuda_launches.fetch_add(1, std::memory_order_relaxed),                                  \
+     kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__),          \
      cudaGetLastError() == cudaSuccess ? (int)CDCL_OK : (int)CDCL_ERR_LAUNCH)
 #endif
 

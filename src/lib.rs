@@ -35,6 +35,6 @@ pub mod reference;
 pub mod tensor;
 pub mod train;
 
-pub use device::{Device, DeviceKind, EmulatorConfig};
+pub use device::{Device, DeviceCounters, DeviceKind, EmulatorConfig};
 pub use error::{Error, Result};
 pub use tensor::{DType, Element, Tensor};

@@ -38,6 +38,7 @@ struct cdcl_emu_stream {
     uint32_t threads = 0;
     std::mutex mu;  // a stream runs one launch at a time, as a CUDA stream does
     std::string last_error;
+    std::atomic<uint64_t> launches{0};  // every launch attempted, as CUDA would count it
 };
 
 namespace cdcl_emu {
@@ -614,6 +615,7 @@ int launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem, 
     cdcl_emu_stream* s = static_cast<cdcl_emu_stream*>(stream);
     if (!s) return CDCL_ERR_INVALID_PARAMS;
     std::lock_guard<std::mutex> lk(s->mu);
+    s->launches.fetch_add(1, std::memory_order_relaxed);
     s->last_error.clear();
     std::string err = config_error(kernel_name, grid, block, dynamic_smem);
     if (!err.empty()) {
@@ -670,6 +672,11 @@ extern "C" size_t cdcl_emu_stream_last_error(const cdcl_emu_stream* s, char* buf
         buf[n] = 0;
     }
     return e.size();
+}
+
+extern "C" uint64_t cdcl_emu_kernel_launch_count(void* stream) {
+    const cdcl_emu_stream* s = static_cast<const cdcl_emu_stream*>(stream);
+    return s ? s->launches.load(std::memory_order_relaxed) : 0;
 }
 
 extern "C" void* cdcl_emu_malloc(size_t bytes) {

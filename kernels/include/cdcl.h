@@ -441,6 +441,9 @@ CDCL_DECLARE_BOTH(int32_t, sgd_step, (const cdcl_sgd_params* p, void* stream))
 CDCL_DECLARE_BOTH(size_t, usss_workspace_bytes, (const cdcl_usss_params* p))
 CDCL_DECLARE_BOTH(int32_t, usss_forward, (const cdcl_usss_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, usss_backward, (const cdcl_usss_params* p, void* stream))
+/* Kernels launched so far: on the emulator, on this stream; on the GPU, by this process (the
+   GPU build has no per-stream state of its own). Step accounting reads the difference. */
+CDCL_DECLARE_BOTH(uint64_t, kernel_launch_count, (void* stream))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Emulator runtime (CPU only).                                                                */

@@ -104,6 +104,10 @@ impl Backend for DeviceBackend {
         self.device.name()
     }
 
+    fn device_counters(&self) -> Option<crate::DeviceCounters> {
+        Some(self.device.counters())
+    }
+
     // ---- tensors ----------------------------------------------------------------------------
 
     fn tensor_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {

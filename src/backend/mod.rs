@@ -89,6 +89,12 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     /// A short human-readable name ("cpu", "emulator", "cuda:0 (NVIDIA H100 ...)").
     fn name(&self) -> String;
 
+    /// What the device under this backend has been asked to do so far (launches, allocations,
+    /// copies, host synchronisations), for step accounting; `None` for a host backend.
+    fn device_counters(&self) -> Option<crate::DeviceCounters> {
+        None
+    }
+
     // ---- tensors ----------------------------------------------------------------------------
 
     /// An f32 tensor from row-major host data.

@@ -35,6 +35,8 @@ impl DeviceBuffer {
         let mem = if len == 0 {
             Mem::Empty
         } else {
+            device.counters.allocation(len);
+            device.counters.memset(len);
             match &*device.inner {
                 Backend::Emulator(_) => {
                     // SAFETY: plain allocation; null is handled.
@@ -68,6 +70,9 @@ impl DeviceBuffer {
     /// Copies `src` (exactly `len` bytes) from the host into the buffer.
     pub fn copy_from_host(&mut self, src: &[u8]) -> Result<()> {
         self.check_len(src.len())?;
+        if !src.is_empty() {
+            self.device.counters.host_to_device(src.len());
+        }
         match &mut self.mem {
             Mem::Empty => Ok(()),
             // SAFETY: `p` owns `len` bytes; `src` has `len` bytes; they cannot overlap because
@@ -83,6 +88,9 @@ impl DeviceBuffer {
     /// Copies the buffer (exactly `len` bytes) to the host.
     pub fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
         self.check_len(dst.len())?;
+        if !dst.is_empty() {
+            self.device.counters.device_to_host(dst.len());
+        }
         match &self.mem {
             Mem::Empty => Ok(()),
             // SAFETY: as in copy_from_host, with the roles swapped.
@@ -96,6 +104,9 @@ impl DeviceBuffer {
 
     /// Fills the buffer with one byte value.
     pub fn fill_bytes(&mut self, value: u8) -> Result<()> {
+        if self.len > 0 {
+            self.device.counters.memset(self.len);
+        }
         match &mut self.mem {
             Mem::Empty => Ok(()),
             // SAFETY: `p` owns `len` writable bytes.
@@ -136,6 +147,7 @@ impl DeviceBuffer {
                 src.len, self.len
             )));
         }
+        self.device.counters.device_to_device();
         match (&mut self.mem, &src.mem) {
             (Mem::Emu(d), Mem::Emu(s)) => {
                 for i in 0..r.rows {

@@ -5,12 +5,14 @@
 //! `docs/architecture.md`). Launches on one device are ordered, like a CUDA stream.
 
 mod buffer;
+mod counters;
 mod cuda;
 pub mod emulator;
 mod launch;
 
 pub(crate) use buffer::CopyRegion;
 pub use buffer::DeviceBuffer;
+pub use counters::DeviceCounters;
 pub(crate) use launch::{launcher, workspace_bytes, DeviceErrorRecord, Launcher};
 
 use std::fmt;
@@ -64,6 +66,7 @@ pub(crate) enum Backend {
 #[derive(Clone)]
 pub struct Device {
     pub(crate) inner: Arc<Backend>,
+    pub(crate) counters: Arc<counters::Counters>,
 }
 
 impl Device {
@@ -77,14 +80,14 @@ impl Device {
 
     /// The CPU emulator with explicit settings.
     pub fn emulator_with(config: EmulatorConfig) -> Result<Device> {
-        Ok(Device { inner: Arc::new(Backend::Emulator(emulator::EmuStream::new(config)?)) })
+        Ok(Device { inner: Arc::new(Backend::Emulator(emulator::EmuStream::new(config)?)), counters: Arc::default() })
     }
 
     /// The CUDA GPU with this ordinal. Returns a typed error, never panics, when the crate was
     /// built without nvcc ([`Error::CudaNotBuilt`]), there is no driver ([`Error::NoDriver`]) or
     /// no such GPU ([`Error::NoDevice`]).
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device { inner: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)) })
+        Ok(Device { inner: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)), counters: Arc::default() })
     }
 
     /// The first GPU if there is one, else the emulator.
@@ -113,8 +116,23 @@ impl Device {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
+    /// What this device has been asked to do since it was created (see [`DeviceCounters`]).
+    pub fn counters(&self) -> DeviceCounters {
+        let launches = match &*self.inner {
+            // SAFETY: reads one atomic of the live stream object this device owns.
+            Backend::Emulator(s) => unsafe { crate::ffi::cdcl_emu_kernel_launch_count(s.as_stream_ptr()) },
+            #[cfg(cdcl_cuda)]
+            // SAFETY: reads a process-wide atomic; the stream argument is not used.
+            Backend::Cuda(_) => unsafe { crate::ffi::cdcl_cuda_kernel_launch_count(std::ptr::null_mut()) },
+            #[cfg(not(cdcl_cuda))]
+            Backend::Cuda(_) => 0,
+        };
+        self.counters.snapshot(launches)
+    }
+
     /// Waits until every launch on this device has finished.
     pub fn synchronize(&self) -> Result<()> {
+        self.counters.host_sync();
         match &*self.inner {
             Backend::Emulator(_) => Ok(()), // emulator launches are synchronous
             Backend::Cuda(c) => c.synchronize(),

@@ -925,6 +925,12 @@ unsafe extern "C" {
 unsafe extern "C" {
     pub fn cdcl_emu_usss_backward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
+unsafe extern "C" {
+    pub fn cdcl_cuda_kernel_launch_count(stream: *mut ::std::os::raw::c_void) -> u64;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_kernel_launch_count(stream: *mut ::std::os::raw::c_void) -> u64;
+}
 #[repr(C)]
 #[derive(Debug)]
 pub struct cdcl_emu_stream {
