@@ -32,6 +32,8 @@ pub mod ffi;
 pub mod nn;
 pub mod ops;
 pub mod reference;
+pub mod resample;
+pub mod rng;
 pub mod tensor;
 pub mod train;
 

@@ -2,23 +2,18 @@
 //! differences of its own loss (for the gradient), hand-computed values, and structure (padding
 //! and other heads do not matter, empty datasets give 0).
 
+mod common;
+
 use cdcl::reference::cross_entropy::*;
 use cdcl::reference::metrics;
+use common::Rng;
 use ndarray::{array, Array3, Array4};
-
-struct Lcg(u64);
-impl Lcg {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// Logits, labels, dataset per sample, classes per head, weight per dataset.
 type Problem = (Array4<f64>, Array3<i64>, Vec<usize>, Vec<usize>, Vec<f64>);
 
 fn problem(seed: u64) -> Problem {
-    let mut r = Lcg(seed);
+    let mut r = Rng(seed);
     let heads = vec![5, 2, 7];
     let datasets = vec![0, 2, 1, 2];
     let (n, h, w, cmax) = (4, 3, 2, 8);
@@ -111,7 +106,7 @@ fn metrics_reference_by_hand() {
 #[test]
 fn upsampled_gradient_matches_central_finite_differences() {
     let (_, _, ds, heads, w) = problem(1);
-    let mut r = Lcg(17);
+    let mut r = Rng(17);
     for &((h, wd), (lh, lw)) in &[((3, 2), (7, 5)), ((2, 2), (8, 8)), ((1, 1), (3, 4)), ((4, 3), (3, 2))] {
         for align_corners in [false, true] {
             let logits = Array4::from_shape_simple_fn((4, h, wd, 8), || 4.0 * r.unit() - 2.0);

@@ -5,41 +5,21 @@
 //! statistics recomputed here from gathered values, hand-computed numbers, and structural
 //! properties (datasets are independent, absent datasets are untouched, error cases).
 
+mod common;
+
 use cdcl::reference::dsbn::*;
+use common::Rng;
 use ndarray::{s, Array2, Array4, ArrayView2, ArrayView4, Axis};
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic test data
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64: tiny, deterministic, good enough for test data.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * self.unit()
-    }
-}
-
-fn rand4(rng: &mut SplitMix64, shape: (usize, usize, usize, usize), lo: f64, hi: f64) -> Array4<f64> {
+fn rand4(rng: &mut Rng, shape: (usize, usize, usize, usize), lo: f64, hi: f64) -> Array4<f64> {
     Array4::from_shape_simple_fn(shape, || rng.uniform(lo, hi))
 }
 
-fn rand2(rng: &mut SplitMix64, shape: (usize, usize), lo: f64, hi: f64) -> Array2<f64> {
+fn rand2(rng: &mut Rng, shape: (usize, usize), lo: f64, hi: f64) -> Array2<f64> {
     Array2::from_shape_simple_fn(shape, || rng.uniform(lo, hi))
 }
 
@@ -58,7 +38,7 @@ impl Problem {
     /// Random problem of shape `[N, H, W, C]` (N = `datasets.len()`) with `d` datasets.
     /// Each (dataset, channel) gets its own offset and scale so that means and variances differ.
     fn new(seed: u64, datasets: &[usize], (h, w, c): (usize, usize, usize), d: usize) -> Self {
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng(seed);
         let n = datasets.len();
         let offset = rand2(&mut rng, (d, c), -2.0, 2.0);
         let scale = rand2(&mut rng, (d, c), 0.5, 2.0);
@@ -239,7 +219,7 @@ fn grad_check(mode: Mode, relu: bool, seed: u64) {
     let p = Problem::new(seed, &datasets, (2, 3, 5), 3);
     let c = cfg(1e-5, 0.1, relu);
     let c_pre = cfg(1e-5, 0.1, false);
-    let mut rng = SplitMix64(seed ^ 0xDEAD_BEEF);
+    let mut rng = Rng(seed ^ 0xDEAD_BEEF);
     let w = rand4(&mut rng, p.x.dim(), -1.0, 1.0);
 
     // dL/dy = w.
@@ -458,7 +438,7 @@ fn absent_dataset_is_untouched() {
             assert_ne!(out.running_mean[[0, ci]], p.running_mean[[0, ci]]);
             assert_ne!(out.running_var[[2, ci]], p.running_var[[2, ci]]);
         }
-        let dy = rand4(&mut SplitMix64(5), p.x.dim(), -1.0, 1.0);
+        let dy = rand4(&mut Rng(5), p.x.dim(), -1.0, 1.0);
         let grads = p.backward_train(&dy, &cfg(1e-5, 0.25, relu)).unwrap();
         for ci in 0..3 {
             assert_eq!(grads.dgamma[[1, ci]].to_bits(), 0.0f64.to_bits());
@@ -485,7 +465,7 @@ fn single_sample_dataset_uses_own_stats() {
         assert_close2(mixed.var.slice(s![2..3, ..]), single.var.view(), 1e-13, &what);
         assert_close2(mixed.running_var.slice(s![2..3, ..]), single.running_var.view(), 1e-13, &what);
 
-        let dy = rand4(&mut SplitMix64(9), p.x.dim(), -1.0, 1.0);
+        let dy = rand4(&mut Rng(9), p.x.dim(), -1.0, 1.0);
         let gm = p.backward_train(&dy, &c).unwrap();
         let gs = alone.backward_train(&dy.slice(s![1..2, .., .., ..]).to_owned(), &c).unwrap();
         assert_close4(gm.dx.slice(s![1..2, .., .., ..]), gs.dx.view(), 1e-13, &what);
@@ -501,7 +481,7 @@ fn mixed_batch_equals_separate_batches() {
     let datasets = [1, 0, 1, 2, 0, 1];
     let d = 4; // dataset 3 absent
     let p = Problem::new(41, &datasets, (2, 2, 3), d);
-    let dy = rand4(&mut SplitMix64(77), p.x.dim(), -1.0, 1.0);
+    let dy = rand4(&mut Rng(77), p.x.dim(), -1.0, 1.0);
     for relu in [false, true] {
         let c = cfg(1e-3, 0.2, relu);
         let mixed = p.train(&c).unwrap();
@@ -571,7 +551,7 @@ fn train_dx_sums_to_zero_per_group() {
     let datasets = [0, 2, 0, 1];
     let (h, w, c) = (2, 3, 3);
     let p = Problem::new(61, &datasets, (h, w, c), 3);
-    let dy = rand4(&mut SplitMix64(13), p.x.dim(), -1.0, 1.0);
+    let dy = rand4(&mut Rng(13), p.x.dim(), -1.0, 1.0);
     let g = p.backward_train(&dy, &cfg(1e-5, 0.1, false)).unwrap();
     let mut sums = Array2::<f64>::zeros((3, c));
     let mut scale = Array2::<f64>::zeros((3, c));

@@ -3,28 +3,13 @@
 //! the adjoint identity <f(x), dy> = <x, f'(dy)>, and structural properties (constants are
 //! preserved, bins cover the input).
 
+mod common;
+
 use cdcl::reference::pool::*;
+use common::Rng;
 use ndarray::{Array4, ArrayView4};
 
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
-
-fn rand4(rng: &mut SplitMix64, shape: (usize, usize, usize, usize)) -> Array4<f64> {
+fn rand4(rng: &mut Rng, shape: (usize, usize, usize, usize)) -> Array4<f64> {
     Array4::from_shape_simple_fn(shape, || rng.uniform(-1.0, 1.0))
 }
 
@@ -61,7 +46,7 @@ const SIZES: [(usize, usize, usize, usize); 7] =
 
 #[test]
 fn finite_differences_match_the_backward() {
-    let mut rng = SplitMix64(1);
+    let mut rng = Rng(1);
     for op in OPS {
         for &(h, w, oh, ow) in &SIZES {
             let x = rand4(&mut rng, (2, h, w, 3));
@@ -84,7 +69,7 @@ fn finite_differences_match_the_backward() {
 
 #[test]
 fn backward_is_the_adjoint_of_the_forward() {
-    let mut rng = SplitMix64(2);
+    let mut rng = Rng(2);
     for op in OPS {
         for &(h, w, oh, ow) in &SIZES {
             let x = rand4(&mut rng, (2, h, w, 4));

@@ -6,7 +6,7 @@ use cdcl::autograd::{Graph, Group, ParamStore};
 use cdcl::backend::{Backend, BnTables, CpuBackend, DeviceBackend};
 use cdcl::nn::{Classifier, Dab, DabSpec, Depth, ModelConfig};
 use cdcl::ops::conv::ConvGeometry;
-use cdcl::reference::dropout::splitmix64;
+use cdcl::rng::splitmix64;
 use cdcl::train::{Batch, Mode, TrainConfig, Trainer};
 use cdcl::Device;
 

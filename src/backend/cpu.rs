@@ -38,8 +38,8 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::pool::MAX_RESIZE_DIM;
 use crate::ops::sgd::SgdOptions;
-use crate::reference::dropout::keep;
-use crate::reference::pool::{bilinear_taps, pool_bin};
+use crate::resample::{bilinear_taps, pool_bin};
+use crate::rng::dropout_keep as keep;
 use crate::tensor::DType;
 
 // ---- tensors ------------------------------------------------------------------------------------
@@ -1658,7 +1658,7 @@ fn resize_limit(what: &'static str, [n, h, w, c]: [usize; 4], oh: usize, ow: usi
 }
 
 /// Dropout2d as the kernels do it: per (sample, channel) a factor, 0 where
-/// [`keep`](crate::reference::dropout::keep) says drop, else `1/(1−p)` in f32; dropped
+/// [`keep`](crate::rng::dropout_keep) says drop, else `1/(1−p)` in f32; dropped
 /// channels are exact zeros whatever the input (inf and NaN included).
 fn dropout(what: &'static str, x: &CpuTensor, opts: &Dropout2dOptions) -> Result<CpuTensor> {
     let [n, h, w, c] = nhwc(what, x)?;

@@ -1,7 +1,7 @@
 //! PyTorch's initialisations, drawn from a counter-based generator so that a model is a pure
 //! function of its seed.
 
-use crate::reference::dropout::splitmix64;
+use crate::rng::splitmix64;
 
 /// Uniform in [0, 1) from output `i` of the stream `seed` (53 bits).
 fn uniform(seed: u64, i: u64) -> f64 {

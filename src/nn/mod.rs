@@ -16,7 +16,7 @@ use crate::backend::Backend;
 use crate::error::Result;
 use crate::ops::conv::ConvGeometry;
 use crate::ops::dsbn::DsbnOptions;
-use crate::reference::dropout::splitmix64;
+use crate::rng::splitmix64;
 
 /// A Dataset-Aware Block: a convolution shared by all datasets (no bias), DSBN with each
 /// sample's dataset slice, optional ReLU; the DSBN may add a residual before the ReLU.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ops::conv::ConvGeometry;
 use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::maxpool::PoolGeometry;
-use crate::reference::dropout::splitmix64;
+use crate::rng::splitmix64;
 
 use super::resnet::{Block, Depth};
 use super::{Classifier, Dab, DabSpec};

@@ -9,23 +9,16 @@
 
 use ndarray::{Array4, ArrayView4};
 
-/// Output number `index` (counting from 0) of the splitmix64 stream seeded with `seed`.
-pub fn splitmix64(seed: u64, index: u64) -> u64 {
-    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use crate::rng::splitmix64;
 
 /// The uniform number in [0, 1) that decides channel `c` of sample `n`.
 pub fn uniform(seed: u64, n: usize, c: usize) -> f64 {
-    let h = splitmix64(seed, ((n as u64) << 32) | c as u64);
-    (h >> 40) as f64 / (1u64 << 24) as f64
+    crate::rng::dropout_uniform(seed, n, c)
 }
 
 /// True when channel `c` of sample `n` is kept at drop probability `p`.
 pub fn keep(seed: u64, n: usize, c: usize, p: f64) -> bool {
-    uniform(seed, n, c) >= p
+    crate::rng::dropout_keep(seed, n, c, p)
 }
 
 /// Forward: `x` `[N, H, W, C]`; kept channels times `1 / (1 − p)`, dropped ones 0.

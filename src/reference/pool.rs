@@ -17,31 +17,7 @@
 
 use ndarray::{Array4, ArrayView4};
 
-/// Input index range `[start, end)` of adaptive-pooling bin `i` (of `out`) over an axis of `inp`.
-pub fn pool_bin(i: usize, inp: usize, out: usize) -> (usize, usize) {
-    let start = i * inp / out;
-    let end = ((i + 1) * inp).div_ceil(out);
-    (start, end)
-}
-
-/// The two taps `[(lo, 1 - λ), (hi, λ)]` that output index `dst` (of `out`) reads along an
-/// axis of `inp` input positions.
-pub fn bilinear_taps(dst: usize, inp: usize, out: usize, align_corners: bool) -> [(usize, f64); 2] {
-    let (inp_f, out_f, d) = (inp as f64, out as f64, dst as f64);
-    let src = if align_corners {
-        if out > 1 {
-            d * (inp_f - 1.0) / (out_f - 1.0)
-        } else {
-            0.0
-        }
-    } else {
-        ((d + 0.5) * inp_f / out_f - 0.5).max(0.0)
-    };
-    let lo = (src.floor() as usize).min(inp - 1);
-    let hi = (lo + 1).min(inp - 1);
-    let lambda = src - lo as f64;
-    [(lo, 1.0 - lambda), (hi, lambda)]
-}
+pub use crate::resample::{bilinear_taps, pool_bin};
 
 fn check_sizes(what: &str, sizes: &[usize]) {
     assert!(sizes.iter().all(|&s| s >= 1), "{what}: every size must be at least 1, got {sizes:?}");

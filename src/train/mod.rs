@@ -18,7 +18,7 @@ use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
 use crate::nn::{ModelConfig, Outputs, PspNet};
 use crate::ops::sgd::{FrozenRows, SgdOptions};
-use crate::reference::dropout::splitmix64;
+use crate::rng::splitmix64;
 
 /// One dataset's batch, on the host: images `[N, H, W, 3]` f32, labels `[N, H, W]` i32 in the
 /// dataset's own label space (255 = ignore).

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: a seeded PRNG, host <-> tensor conversions for
+//! Helpers shared by the integration tests (one copy for every test file): a seeded PRNG, host <-> tensor conversions for
 //! every float storage type, and tolerance checks that report the worst element.
 #![allow(dead_code)]
 
@@ -15,6 +15,10 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1) (53 bits).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
