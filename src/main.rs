@@ -99,7 +99,8 @@ struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Print, per iteration, its wall time and what the device was asked to do (kernel
-    /// launches, allocations, memsets, copies, host synchronisations).
+    /// launches, allocations, memsets, copies, host synchronisations, activation-sized tensors
+    /// written, convolutions by storage type).
     #[arg(long)]
     profile: bool,
 }
@@ -224,14 +225,17 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             let idx: Vec<u64> = (0..args.batch as u64).map(|i| base + i).collect();
             batches.push(to_train_batch(data.batch(ds, &idx)?, ds));
         }
-        let (before, t0) = (backend.device_counters(), Instant::now());
+        let (before, ops_before, t0) = (backend.device_counters(), backend.op_counters(), Instant::now());
         let stats = trainer.step(&batches)?;
         if args.profile {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            let line = match (backend.device_counters(), before) {
+            let mut line = match (backend.device_counters(), before) {
                 (Some(after), Some(before)) => format!("profile: iteration {it}: {ms:.1} ms | {}", after - before),
                 _ => format!("profile: iteration {it}: {ms:.1} ms (host backend: no device counters)"),
             };
+            if let (Some(after), Some(before)) = (backend.op_counters(), ops_before) {
+                line.push_str(&format!(" | {}", after - before));
+            }
             // Not bar.println: that prints nothing when the bar is hidden (no terminal).
             bar.suspend(|| eprintln!("{line}"));
         }

@@ -20,6 +20,7 @@
 //! Every tensor handed in must live on the backend's device ([`Error::DeviceMismatch`]
 //! otherwise).
 
+use crate::backend::counters::{ConvProblem, OpCounters, OpTally};
 use crate::backend::{Backend, BnGrads, BnTables, SgdTensor};
 use crate::device::{CopyRegion, Device};
 use crate::error::{Error, Result};
@@ -37,12 +38,13 @@ use crate::tensor::{DType, Tensor};
 #[derive(Clone, Debug)]
 pub struct DeviceBackend {
     device: Device,
+    tally: OpTally,
 }
 
 impl DeviceBackend {
     /// A backend computing on `device`.
     pub fn new(device: Device) -> Self {
-        DeviceBackend { device }
+        DeviceBackend { device, tally: OpTally::default() }
     }
 
     /// The device every tensor of this backend lives on.
@@ -52,6 +54,19 @@ impl DeviceBackend {
 
     fn on_device(&self, tensors: &[&Tensor]) -> Result<()> {
         tensors.iter().try_for_each(|t| self.device.check_same(t.device()))
+    }
+
+    /// Counts `t` if it is activation-sized (rank ≥ 3, batch first: see [`crate::backend::counters`]) and
+    /// hands it back.
+    fn wrote(&self, t: Tensor) -> Tensor {
+        if t.shape().len() >= 3 {
+            self.tally.activation(t.buffer().len());
+        }
+        t
+    }
+
+    fn conv(&self, problem: ConvProblem, dtype: DType) {
+        self.tally.convolution(problem, dtype);
     }
 }
 
@@ -108,6 +123,10 @@ impl Backend for DeviceBackend {
         Some(self.device.counters())
     }
 
+    fn op_counters(&self) -> Option<OpCounters> {
+        Some(self.tally.snapshot())
+    }
+
     // ---- tensors ----------------------------------------------------------------------------
 
     fn tensor_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
@@ -144,24 +163,24 @@ impl Backend for DeviceBackend {
         let mut out = Tensor::zeros(&self.device, t.shape(), t.dtype())?;
         let bytes = t.buffer().len();
         out.buffer_mut().copy_region_from(t.buffer(), CopyRegion::contiguous(0, 0, bytes))?;
-        Ok(out)
+        Ok(self.wrote(out))
     }
 
     // ---- element-wise -----------------------------------------------------------------------
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         self.on_device(&[a, b])?;
-        ops::elementwise::add(a, b)
+        ops::elementwise::add(a, b).map(|t| self.wrote(t))
     }
 
     fn relu(&self, x: &Tensor) -> Result<Tensor> {
         self.on_device(&[x])?;
-        ops::elementwise::relu(x)
+        ops::elementwise::relu(x).map(|t| self.wrote(t))
     }
 
     fn relu_backward(&self, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.on_device(&[dy, y])?;
-        ops::elementwise::relu_backward(dy, y)
+        ops::elementwise::relu_backward(dy, y).map(|t| self.wrote(t))
     }
 
     // ---- convolution ------------------------------------------------------------------------
@@ -171,7 +190,8 @@ impl Backend for DeviceBackend {
         if let Some(b) = bias {
             self.on_device(&[b])?;
         }
-        ops::conv::conv2d(x, w, bias, geometry)
+        self.conv(ConvProblem::Forward, x.dtype());
+        ops::conv::conv2d(x, w, bias, geometry).map(|t| self.wrote(t))
     }
 
     fn conv2d_backward_data(
@@ -182,7 +202,8 @@ impl Backend for DeviceBackend {
         geometry: &ConvGeometry,
     ) -> Result<Tensor> {
         self.on_device(&[dy, w])?;
-        ops::conv::conv2d_backward_data(dy, w, input_hw, geometry)
+        self.conv(ConvProblem::BackwardData, dy.dtype());
+        ops::conv::conv2d_backward_data(dy, w, input_hw, geometry).map(|t| self.wrote(t))
     }
 
     fn conv2d_backward_filter(
@@ -194,6 +215,7 @@ impl Backend for DeviceBackend {
         geometry: &ConvGeometry,
     ) -> Result<(Tensor, Option<Tensor>)> {
         self.on_device(&[dy, x])?;
+        self.conv(ConvProblem::BackwardFilter, x.dtype());
         let g = ops::conv::conv2d_backward_filter(dy, x, filter_krs, with_bias, geometry)?;
         Ok((g.dweight, g.dbias))
     }
@@ -215,16 +237,17 @@ impl Backend for DeviceBackend {
         self.on_device(&[x, datasets])?;
         self.on_device(&bn.tables())?;
         let Some(r) = residual else {
-            return ops::dsbn::forward_train(x, datasets, bn, opts);
+            return ops::dsbn::forward_train(x, datasets, bn, opts).map(|(y, s)| (self.wrote(y), s));
         };
         self.on_device(&[r])?;
         check_residual(x, r)?;
         // Statistics pass (moves the running statistics, once); its output is not the answer.
         let stats_opts = DsbnOptions { relu: false, ..*opts };
-        let (_, saved) = ops::dsbn::forward_train(x, datasets, bn, &stats_opts)?;
+        let (dropped, saved) = ops::dsbn::forward_train(x, datasets, bn, &stats_opts)?;
+        self.wrote(dropped);
         // The apply pass reads the saved statistics only: the running ones stay as moved.
         let y = ops::dsbn::apply(x, Some(r), datasets, bn, &saved, opts)?;
-        Ok((y, saved))
+        Ok((self.wrote(y), saved))
     }
 
     fn dsbn_forward_infer(
@@ -238,15 +261,15 @@ impl Backend for DeviceBackend {
         self.on_device(&[x, datasets])?;
         self.on_device(&bn.tables())?;
         let Some(r) = residual else {
-            return ops::dsbn::forward_infer(x, datasets, bn, opts);
+            return ops::dsbn::forward_infer(x, datasets, bn, opts).map(|t| self.wrote(t));
         };
         self.on_device(&[r])?;
         check_residual(x, r)?;
-        let bn_out = ops::dsbn::forward_infer(x, datasets, bn, &DsbnOptions { relu: false, ..*opts })?;
+        let bn_out = self.wrote(ops::dsbn::forward_infer(x, datasets, bn, &DsbnOptions { relu: false, ..*opts })?);
         if opts.relu {
-            ops::elementwise::add_relu(&bn_out, r)
+            ops::elementwise::add_relu(&bn_out, r).map(|t| self.wrote(t))
         } else {
-            ops::elementwise::add(&bn_out, r)
+            ops::elementwise::add(&bn_out, r).map(|t| self.wrote(t))
         }
     }
 
@@ -266,7 +289,12 @@ impl Backend for DeviceBackend {
             self.on_device(&[r])?;
         }
         let g = ops::dsbn::backward_train_residual(dy, x, residual, datasets, bn, saved, opts)?;
-        Ok(BnGrads { dx: g.dx, dgamma: g.dgamma, dbeta: g.dbeta, dresidual: g.dresidual })
+        Ok(BnGrads {
+            dx: self.wrote(g.dx),
+            dgamma: g.dgamma,
+            dbeta: g.dbeta,
+            dresidual: g.dresidual.map(|t| self.wrote(t)),
+        })
     }
 
     // ---- pooling, resizing, channel and batch slices ----------------------------------------
@@ -274,7 +302,7 @@ impl Backend for DeviceBackend {
     fn max_pool2d(&self, x: &Tensor, geometry: &PoolGeometry) -> Result<(Tensor, Tensor)> {
         self.on_device(&[x])?;
         let out = ops::maxpool::max_pool2d(x, geometry)?;
-        Ok((out.y, out.indices))
+        Ok((self.wrote(out.y), self.wrote(out.indices)))
     }
 
     fn max_pool2d_backward(
@@ -285,29 +313,29 @@ impl Backend for DeviceBackend {
         geometry: &PoolGeometry,
     ) -> Result<Tensor> {
         self.on_device(&[dy, indices])?;
-        ops::maxpool::max_pool2d_backward(dy, indices, input_hw, geometry)
+        ops::maxpool::max_pool2d_backward(dy, indices, input_hw, geometry).map(|t| self.wrote(t))
     }
 
     fn adaptive_avg_pool(&self, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
         self.on_device(&[x])?;
-        ops::pool::adaptive_avg_pool(x, out_h, out_w)
+        ops::pool::adaptive_avg_pool(x, out_h, out_w).map(|t| self.wrote(t))
     }
 
     fn adaptive_avg_pool_backward(&self, dy: &Tensor, input_hw: (usize, usize)) -> Result<Tensor> {
         self.on_device(&[dy])?;
         let shape = input_shape("adaptive_avg_pool output gradient", dy, input_hw)?;
-        ops::pool::adaptive_avg_pool_backward(dy, 0, &shape)
+        ops::pool::adaptive_avg_pool_backward(dy, 0, &shape).map(|t| self.wrote(t))
     }
 
     fn resize_bilinear(&self, x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<Tensor> {
         self.on_device(&[x])?;
-        ops::pool::resize_bilinear(x, out_h, out_w, align_corners)
+        ops::pool::resize_bilinear(x, out_h, out_w, align_corners).map(|t| self.wrote(t))
     }
 
     fn resize_bilinear_backward(&self, dy: &Tensor, input_hw: (usize, usize), align_corners: bool) -> Result<Tensor> {
         self.on_device(&[dy])?;
         let shape = input_shape("resize_bilinear output gradient", dy, input_hw)?;
-        ops::pool::resize_bilinear_backward(dy, 0, &shape, align_corners)
+        ops::pool::resize_bilinear_backward(dy, 0, &shape, align_corners).map(|t| self.wrote(t))
     }
 
     fn concat_channels(&self, parts: &[&Tensor]) -> Result<Tensor> {
@@ -342,7 +370,7 @@ impl Backend for DeviceBackend {
             out.buffer_mut().copy_region_from(p.buffer(), region)?;
             offset += pc;
         }
-        Ok(out)
+        Ok(self.wrote(out))
     }
 
     fn slice_channels(&self, x: &Tensor, offset: usize, len: usize) -> Result<Tensor> {
@@ -365,7 +393,7 @@ impl Backend for DeviceBackend {
             rows: n * h * w,
         };
         out.buffer_mut().copy_region_from(x.buffer(), region)?;
-        Ok(out)
+        Ok(self.wrote(out))
     }
 
     fn slice_batch(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
@@ -389,7 +417,7 @@ impl Backend for DeviceBackend {
         let mut out = Tensor::zeros(&self.device, &shape, x.dtype())?;
         let region = CopyRegion::contiguous(start * sample_bytes, 0, len * sample_bytes);
         out.buffer_mut().copy_region_from(x.buffer(), region)?;
-        Ok(out)
+        Ok(self.wrote(out))
     }
 
     fn concat_batch(&self, parts: &[&Tensor]) -> Result<Tensor> {
@@ -424,19 +452,19 @@ impl Backend for DeviceBackend {
             out.buffer_mut().copy_region_from(p.buffer(), CopyRegion::contiguous(0, offset, bytes))?;
             offset += bytes;
         }
-        Ok(out)
+        Ok(self.wrote(out))
     }
 
     // ---- regularisation, loss, metrics, optimiser -------------------------------------------
 
     fn dropout2d(&self, x: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor> {
         self.on_device(&[x])?;
-        ops::dropout::dropout2d(x, opts)
+        ops::dropout::dropout2d(x, opts).map(|t| self.wrote(t))
     }
 
     fn dropout2d_backward(&self, dy: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor> {
         self.on_device(&[dy])?;
-        ops::dropout::dropout2d_backward(dy, opts)
+        ops::dropout::dropout2d_backward(dy, opts).map(|t| self.wrote(t))
     }
 
     fn cross_entropy(
@@ -451,7 +479,7 @@ impl Backend for DeviceBackend {
         self.on_device(&[logits, labels, datasets])?;
         if with_grad {
             let (loss, dlogits) = ops::cross_entropy::forward_backward(logits, labels, datasets, num_classes, opts)?;
-            Ok((loss, Some(dlogits)))
+            Ok((loss, Some(self.wrote(dlogits))))
         } else {
             Ok((ops::cross_entropy::forward(logits, labels, datasets, num_classes, opts)?, None))
         }
@@ -459,7 +487,7 @@ impl Backend for DeviceBackend {
 
     fn argmax(&self, logits: &Tensor, datasets: &Tensor, num_classes: &[usize]) -> Result<Tensor> {
         self.on_device(&[logits, datasets])?;
-        ops::metrics::argmax(logits, datasets, num_classes)
+        ops::metrics::argmax(logits, datasets, num_classes).map(|t| self.wrote(t))
     }
 
     fn sgd_step(&self, params: &mut [SgdTensor<'_, Tensor>], opts: &SgdOptions, first_step: bool) -> Result<()> {

@@ -21,8 +21,10 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::sgd::{FrozenRows, SgdOptions};
 
+pub mod counters;
 pub mod cpu;
 pub mod device;
+pub use counters::{ConvProblem, OpCounters};
 pub use cpu::{CpuBackend, CpuTensor};
 pub use device::DeviceBackend;
 
@@ -92,6 +94,12 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     /// What the device under this backend has been asked to do so far (launches, allocations,
     /// copies, host synchronisations), for step accounting; `None` for a host backend.
     fn device_counters(&self) -> Option<crate::DeviceCounters> {
+        None
+    }
+
+    /// What the ops of this backend wrote and ran so far (activation-sized tensors, convolutions
+    /// by storage type; see [`counters`]), for step accounting; `None` when it does not count.
+    fn op_counters(&self) -> Option<OpCounters> {
         None
     }
 
