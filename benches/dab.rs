@@ -7,7 +7,7 @@
 //! is benches/dab_cudnn.rs.
 
 use cdcl::ops::conv::{self, ConvGeometry};
-use cdcl::ops::dab;
+use cdcl::ops::dab::{self, DabOptions};
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::reference::conv as rconv;
 use cdcl::{DType, Device, Tensor};
@@ -61,14 +61,31 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
         });
         g.bench_function(BenchmarkId::new("dab_train_forward_backward", &name), |b| {
             b.iter(|| {
-                let f = dab::forward_train(&x, &w, &geom, &ds, &mut st, &opts, None, None, true).unwrap();
-                dab::backward_train(&dy, &x, &w, &geom, &ds, &st, &f, &opts, None, None).unwrap();
+                let f = dab::forward_train(
+                    &x,
+                    &w,
+                    &ds,
+                    &mut st,
+                    &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+                )
+                .unwrap();
+                dab::backward_train(
+                    &dy,
+                    &x,
+                    &w,
+                    &ds,
+                    &st,
+                    f.saved(),
+                    &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+                )
+                .unwrap();
                 dev.synchronize().unwrap();
             })
         });
         g.bench_function(BenchmarkId::new("dab_inference", &name), |b| {
             b.iter(|| {
-                dab::forward_infer(&x, &w, &geom, &ds, &st, &opts, None).unwrap();
+                dab::forward_infer(&x, &w, &ds, &st, &DabOptions { geometry: geom, dsbn: opts, ..Default::default() })
+                    .unwrap();
                 dev.synchronize().unwrap();
             })
         });

@@ -45,7 +45,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use cdcl::ops::conv::ConvGeometry;
-use cdcl::ops::dab;
+use cdcl::ops::dab::{self, DabOptions};
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
 use cdcl::reference::conv as rconv;
 use cdcl::reference::dsbn as refd;
@@ -641,17 +641,32 @@ fn cross_check(
     let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
     let mut st = DsbnState::new(dev, NUM_DATASETS, l.k)?;
 
-    let y_ours = dab::forward_infer(x, w, &geom, ds, &st, &opts, None)?.to_vec::<f32>()?;
+    let y_ours = dab::forward_infer(x, w, ds, &st, &DabOptions { geometry: geom, dsbn: opts, ..Default::default() })?
+        .to_vec::<f32>()?;
     p.infer_step()?;
     p.synchronize()?;
     let (d_infer, m_infer) = max_diff(&p.output()?, &y_ours);
 
-    let f = dab::forward_train(x, w, &geom, ds, &mut st, &opts, None, None, true)?;
-    let g = dab::backward_train(dy, x, w, &geom, ds, &st, &f, &opts, None, None)?;
+    let f = dab::forward_train(
+        x,
+        w,
+        ds,
+        &mut st,
+        &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+    )?;
+    let g = dab::backward_train(
+        dy,
+        x,
+        w,
+        ds,
+        &st,
+        f.saved(),
+        &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+    )?;
     p.train_step()?;
     p.synchronize()?;
     let (dx, dw) = p.grads()?;
-    let (d_dx, m_dx) = max_diff(&dx, &g.dx.to_vec::<f32>()?);
+    let (d_dx, m_dx) = max_diff(&dx, &g.dx.as_ref().unwrap().to_vec::<f32>()?);
     let (d_dw, m_dw) = max_diff(&dw, &g.dweight.to_vec::<f32>()?);
     Ok(format!(
         "max |cuDNN - ours|: inference output {d_infer:.3e} (of {m_infer:.3e}), dx {d_dx:.3e} (of {m_dx:.3e}), \
@@ -717,8 +732,24 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
         g.throughput(Throughput::Elements(3 * flops));
         g.bench_function(BenchmarkId::new("ours/train_fwd_bwd", l.name), |b| {
             b.iter(|| {
-                let f = dab::forward_train(&x, &w, &geom, &ds, &mut st, &opts, None, None, true).unwrap();
-                dab::backward_train(&dy, &x, &w, &geom, &ds, &st, &f, &opts, None, None).unwrap();
+                let f = dab::forward_train(
+                    &x,
+                    &w,
+                    &ds,
+                    &mut st,
+                    &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+                )
+                .unwrap();
+                dab::backward_train(
+                    &dy,
+                    &x,
+                    &w,
+                    &ds,
+                    &st,
+                    f.saved(),
+                    &DabOptions { geometry: geom, dsbn: opts, materialize: true, ..Default::default() },
+                )
+                .unwrap();
                 dev.synchronize().unwrap();
             })
         });
@@ -733,7 +764,8 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
         g.throughput(Throughput::Elements(flops));
         g.bench_function(BenchmarkId::new("ours/infer_fwd", l.name), |b| {
             b.iter(|| {
-                dab::forward_infer(&x, &w, &geom, &ds, &st, &opts, None).unwrap();
+                dab::forward_infer(&x, &w, &ds, &st, &DabOptions { geometry: geom, dsbn: opts, ..Default::default() })
+                    .unwrap();
                 dev.synchronize().unwrap();
             })
         });

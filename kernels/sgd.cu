@@ -4,6 +4,7 @@
 //   d   = g + weight_decay * p
 //   buf = first_step ? d : momentum * buf + d
 //   p   = p - lr * buf                       (lr per tensor: per-parameter-group learning rates)
+//   copy = round(p)                          (mixed precision: the 16-bit weights convs read)
 //
 // The tensors are described by a table in device memory (cdcl_sgd_tensor: pointers, length, lr,
 // index of the tensor's first chunk). Block b updates chunk b: it finds its tensor by a binary
@@ -19,19 +20,41 @@
 // is uniform per tensor, so a tensor without frozen rows pays one uniform branch per block and
 // runs the unmasked loop. In the masked loop each thread tracks its row incrementally (one
 // division per thread, not per element), and skipped elements are not even loaded, so a frozen
-// row costs no memory traffic. Design and cost model: docs/kernels.md.
+// row costs no memory traffic.
+//
+// Mixed precision: the f32 parameter is the master; its 16-bit copy (f16 or bf16, what the
+// tensor-core convolutions read) is written from the updated value in the same pass, so the copy
+// costs 2 bytes per element of traffic and no launch. A step can be skipped on the device: with
+// `skip_if` set, every block reads the flag first and returns if it is nonzero (the loss-scaling
+// overflow flag that sum_scaled wrote), so an overflowing f16 step changes nothing without the
+// host having to look at the flag first.
+//
+// sum_scaled gathers a parameter's gradient from every pass that produced one (16-bit or f32),
+// sums in f32 in a fixed order, unscales, writes f32, and raises the overflow flag on any
+// non-finite value: one launch for every parameter of the model. Design and cost model:
+// docs/kernels.md.
 #include "cdcl_device.cuh"
 
 namespace CDCL_NAMESPACE {
 
 constexpr int kSgdThreads = 256;
 
-__device__ __forceinline__ void sgd_update(const cdcl_sgd_params& p, const cdcl_sgd_tensor& t, long long i) {
+__device__ __forceinline__ void store_copy(void* copy, int dtype, long long i, float v) {
+    if (dtype == CDCL_DTYPE_F16)
+        static_cast<__half*>(copy)[i] = from_f32<__half>(v);
+    else
+        static_cast<__nv_bfloat16*>(copy)[i] = from_f32<__nv_bfloat16>(v);
+}
+
+__device__ __forceinline__ void sgd_update(const cdcl_sgd_params& p, const cdcl_sgd_tensor& t, void* copy,
+                                           long long i) {
     const float w = t.param[i];
     const float d = fmaf(p.weight_decay, w, t.grad[i]);
     const float buf = p.first_step ? d : fmaf(p.momentum, t.momentum_buffer[i], d);
     t.momentum_buffer[i] = buf;
-    t.param[i] = fmaf(-t.lr, buf, w);
+    const float nw = fmaf(-t.lr, buf, w);
+    t.param[i] = nw;
+    if (copy) store_copy(copy, p.copy_dtype, i, nw);
 }
 
 // Blocks that fill an SM's resident threads (CUDA C++ Programming Guide, table of compute
@@ -44,18 +67,26 @@ constexpr int kSgdMinBlocks = 1536 / kSgdThreads;
 constexpr int kSgdMinBlocks = 2048 / kSgdThreads;
 #endif
 
-__global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(const cdcl_sgd_params p) {
-    const long long chunk = (long long)blockIdx.x;
-    // The last tensor whose first chunk is <= this chunk.
-    int lo = 0, hi = p.num_tensors - 1;
+// The last table entry whose first chunk is <= chunk (first_chunk strictly increasing).
+template <typename E>
+__device__ __forceinline__ int find_entry(const E* table, int count, long long chunk) {
+    int lo = 0, hi = count - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (p.tensors[mid].first_chunk <= chunk)
+        if (table[mid].first_chunk <= chunk)
             lo = mid;
         else
             hi = mid - 1;
     }
+    return lo;
+}
+
+__global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(const cdcl_sgd_params p) {
+    if (p.skip_if && *p.skip_if != 0.0f) return;  // uniform: every block returns
+    const long long chunk = (long long)blockIdx.x;
+    const int lo = find_entry(p.tensors, p.num_tensors, chunk);
     const cdcl_sgd_tensor t = p.tensors[lo];
+    void* copy = p.copies ? p.copies[lo] : nullptr;
     if (chunk < t.first_chunk) return;
     const long long begin = (chunk - t.first_chunk) * CDCL_SGD_CHUNK;
     const long long end = begin + CDCL_SGD_CHUNK < t.numel ? begin + CDCL_SGD_CHUNK : t.numel;
@@ -63,7 +94,7 @@ __global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(co
     // Only rows 0..63 can be frozen: a chunk that starts beyond them needs no mask either.
     if (t.frozen_rows == 0 || begin / t.row_len >= 64) {
         for (long long i = begin + threadIdx.x; i < end; i += kSgdThreads)
-            sgd_update(p, t, i);
+            sgd_update(p, t, copy, i);
         return;
     }
     // The thread's row and offset in it, advanced by kSgdThreads elements per iteration.
@@ -71,7 +102,7 @@ __global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(co
     long long i = begin + threadIdx.x;
     long long row = i / t.row_len, rem = i % t.row_len;
     for (; i < end; i += kSgdThreads) {
-        if (row >= 64 || ((t.frozen_rows >> row) & 1ull) == 0) sgd_update(p, t, i);
+        if (row >= 64 || ((t.frozen_rows >> row) & 1ull) == 0) sgd_update(p, t, copy, i);
         row += row_step;
         rem += rem_step;
         if (rem >= t.row_len) {
@@ -81,6 +112,33 @@ __global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(co
     }
 }
 
+template <typename T>
+__device__ __forceinline__ float sum_sources(const cdcl_sum_entry& e, long long i) {
+    float acc = 0.0f;
+    for (int s = 0; s < e.num_srcs; ++s) acc += to_f32(static_cast<const T*>(e.srcs[s])[i]);
+    return acc;
+}
+
+__global__ void __launch_bounds__(kSgdThreads) sum_scaled_kernel(const cdcl_sum_params p) {
+    const long long chunk = (long long)blockIdx.x;
+    const cdcl_sum_entry e = p.entries[find_entry(p.entries, p.num_entries, chunk)];
+    if (chunk < e.first_chunk) return;
+    const long long begin = (chunk - e.first_chunk) * CDCL_SGD_CHUNK;
+    const long long end = begin + CDCL_SGD_CHUNK < e.numel ? begin + CDCL_SGD_CHUNK : e.numel;
+    bool bad = false;
+    for (long long i = begin + threadIdx.x; i < end; i += kSgdThreads) {
+        // A sum of finite f32 / f16 / bf16 values is finite unless it overflows f32, which
+        // gradients of these magnitudes do not; an infinite or NaN source makes it non-finite.
+        const float acc = e.src_dtype == CDCL_DTYPE_F16            ? sum_sources<__half>(e, i)
+                          : e.src_dtype == CDCL_DTYPE_BF16         ? sum_sources<__nv_bfloat16>(e, i)
+                                                                   : sum_sources<float>(e, i);
+        bad |= !isfinite(acc);
+        e.dst[i] = acc * p.scale;
+    }
+    // Every writer stores the bits of 1.0f: the flag's value does not depend on who wins.
+    if (bad) atomicExch(reinterpret_cast<unsigned int*>(p.nonfinite), 0x3f800000u);
+}
+
 }  // namespace CDCL_NAMESPACE
 
 using namespace CDCL_NAMESPACE;
@@ -88,6 +146,16 @@ using namespace CDCL_NAMESPACE;
 CDCL_API int32_t CDCL_PREFIX(sgd_step)(const cdcl_sgd_params* pp, void* stream) {
     if (!pp || !pp->tensors || pp->num_tensors <= 0 || pp->total_chunks <= 0 || pp->total_chunks > 2147483647LL)
         return CDCL_ERR_INVALID_PARAMS;
+    if (pp->copies && pp->copy_dtype != CDCL_DTYPE_F16 && pp->copy_dtype != CDCL_DTYPE_BF16)
+        return CDCL_ERR_INVALID_PARAMS;
     const cdcl_sgd_params p = *pp;
     return CDCL_LAUNCH(sgd_step_kernel, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
+}
+
+CDCL_API int32_t CDCL_PREFIX(sum_scaled)(const cdcl_sum_params* pp, void* stream) {
+    if (!pp || !pp->entries || !pp->nonfinite || pp->num_entries <= 0 || pp->total_chunks <= 0 ||
+        pp->total_chunks > 2147483647LL)
+        return CDCL_ERR_INVALID_PARAMS;
+    const cdcl_sum_params p = *pp;
+    return CDCL_LAUNCH(sum_scaled_kernel, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
 }

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
 use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{evaluate, Batch, Mode, TrainConfig, Trainer};
+use cdcl::train::{evaluate, Batch, Mode, Precision, TrainConfig, Trainer};
 use cdcl::Device;
 
 #[derive(Parser, Debug)]
@@ -49,6 +49,13 @@ enum ModeArg {
     DsbnNoDat,
     Finetune,
     LabelRemap,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +105,10 @@ struct TrainArgs {
     /// Checkpoint to resume from.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Storage of activations and convolution weights: f32, or bf16 / f16 mixed precision
+    /// (f32 master weights, statistics and loss; f16 with dynamic loss scaling).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Print, per iteration, its wall time and what the device was asked to do (kernel
     /// launches, allocations, memsets, copies, host synchronisations, activation-sized tensors
     /// written, convolutions by storage type).
@@ -187,6 +198,11 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         base_lr: args.lr,
         max_iters: args.iters,
         seed: args.seed,
+        precision: match args.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        },
         ..Default::default()
     };
     let mut trainer = Trainer::new(&backend, model, config)?;
@@ -195,8 +211,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         eprintln!("resumed from {} at iteration {}", path.display(), trainer.iteration());
     }
     eprintln!(
-        "cdcl train: {} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {:?} | {} iterations of {}×{}×{}",
+        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {:?} | {} iterations of {}×{}×{}",
         backend.name(),
+        args.precision,
         args.depth,
         args.width,
         trainer.store.num_parameters(),
@@ -246,9 +263,11 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             .filter(|(_, l)| l.is_finite())
             .map(|(k, l)| format!("{}={l:.3}", data.info(k).name))
             .collect();
-        bar.set_message(format!("loss {:.3} [{}] lr {:.4}", stats.total, per.join(" "), stats.lr));
+        let scale = if stats.loss_scale != 1.0 { format!(" scale {}", stats.loss_scale) } else { String::new() };
+        let skipped = if stats.skipped { " (overflow: step skipped)" } else { "" };
+        bar.set_message(format!("loss {:.3} [{}] lr {:.4}{scale}{skipped}", stats.total, per.join(" "), stats.lr));
         bar.inc(1);
-        if !stats.total.is_finite() {
+        if !stats.total.is_finite() && !stats.skipped {
             bar.abandon();
             return Err(cdcl::Error::InvalidArgument(format!("loss became {} at iteration {it}", stats.total)));
         }

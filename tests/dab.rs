@@ -14,7 +14,7 @@
 mod common;
 
 use cdcl::ops::conv::ConvGeometry;
-use cdcl::ops::dab::{self, Prologue};
+use cdcl::ops::dab::{self, DabOptions, Prologue};
 use cdcl::ops::dsbn::{self, DsbnOptions, DsbnState};
 use cdcl::reference::{conv as rconv, dsbn as rdsbn};
 use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
@@ -204,7 +204,13 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
         a2(&ones).view(),
         &cfg,
     );
-    let fwd = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, residual, true);
+    let fwd = dab::forward_train(
+        &x,
+        &w,
+        &ds,
+        &mut st,
+        &DabOptions { geometry: k.geom, dsbn: opts, residual, materialize: true, ..Default::default() },
+    );
     let bn = match bn {
         Err(rdsbn::ReferenceError::TooFewValues { .. }) => {
             return match fwd {
@@ -227,8 +233,16 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     let dy_h: Vec<f64> =
         dt.dy.iter().zip(&pre).map(|(&g, &v)| if k.relu && v.abs() < 1e-3 { 0.0 } else { g }).collect();
     let dy = tensor(dev, &[k.n, p, q, k.k], &dy_h, DType::F32);
-    let grads =
-        dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &fwd, &opts, None, residual).map_err(|e| e.to_string())?;
+    let grads = dab::backward_train(
+        &dy,
+        &x,
+        &w,
+        &ds,
+        &st,
+        fwd.saved(),
+        &DabOptions { geometry: k.geom, dsbn: opts, residual, materialize: true, ..Default::default() },
+    )
+    .map_err(|e| e.to_string())?;
     let g: Vec<f64> = dy_h.iter().zip(&pre).map(|(&g, &v)| if !k.relu || v > 0.0 { g } else { 0.0 }).collect();
     let rb = rdsbn::dsbn_backward_train(
         ArrayView4::from_shape(yd, &g).unwrap(),
@@ -253,7 +267,7 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     common::assert_close("dweight", &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
         1e-4 * mag.dw.as_slice().unwrap()[i] + 1e-30
     })?;
-    common::assert_close("dx", &host(&grads.dx), rc.dx.as_slice().unwrap(), |i| {
+    common::assert_close("dx", &host(grads.dx.as_ref().unwrap()), rc.dx.as_slice().unwrap(), |i| {
         1e-4 * mag.dx.as_slice().unwrap()[i] + 1e-30
     })?;
     match (&grads.dresidual, k.residual) {
@@ -304,15 +318,47 @@ fn chained_prologue_case(dtype: DType) {
     let run = |fused: bool| -> Vec<Vec<u8>> {
         let mut s1 = DsbnState::new(&dev, 3, c1).unwrap();
         let mut s2 = DsbnState::new(&dev, 3, c2).unwrap();
-        let b1 = dab::forward_train(&x, &w1, &g1, &ds, &mut s1, &opts, None, None, !fused).unwrap();
+        let b1 = dab::forward_train(
+            &x,
+            &w1,
+            &ds,
+            &mut s1,
+            &DabOptions { geometry: g1, dsbn: opts, materialize: !fused, ..Default::default() },
+        )
+        .unwrap();
         let (input2, pro) = if fused {
             (&b1.conv_out, Some(Prologue { state: &s1, saved: &b1.saved, relu: true }))
         } else {
             (b1.output.as_ref().unwrap(), None)
         };
-        let b2 = dab::forward_train(input2, &w2, &g2, &ds, &mut s2, &opts, pro, None, true).unwrap();
-        let gr2 = dab::backward_train(&dy, input2, &w2, &g2, &ds, &s2, &b2, &opts, pro, None).unwrap();
-        let gr1 = dab::backward_train(&gr2.dx, &x, &w1, &g1, &ds, &s1, &b1, &opts, None, None).unwrap();
+        let b2 = dab::forward_train(
+            input2,
+            &w2,
+            &ds,
+            &mut s2,
+            &DabOptions { geometry: g2, dsbn: opts, prologue: pro, materialize: true, ..Default::default() },
+        )
+        .unwrap();
+        let gr2 = dab::backward_train(
+            &dy,
+            input2,
+            &w2,
+            &ds,
+            &s2,
+            b2.saved(),
+            &DabOptions { geometry: g2, dsbn: opts, prologue: pro, materialize: true, ..Default::default() },
+        )
+        .unwrap();
+        let gr1 = dab::backward_train(
+            gr2.dx.as_ref().unwrap(),
+            &x,
+            &w1,
+            &ds,
+            &s1,
+            b1.saved(),
+            &DabOptions { geometry: g1, dsbn: opts, materialize: true, ..Default::default() },
+        )
+        .unwrap();
         [
             b2.output.as_ref().unwrap(),
             &s1.running_mean,
@@ -320,7 +366,7 @@ fn chained_prologue_case(dtype: DType) {
             &gr2.dweight,
             &gr2.dgamma,
             &gr1.dweight,
-            &gr1.dx,
+            gr1.dx.as_ref().unwrap(),
             &gr1.dbeta,
         ]
         .iter()
@@ -347,13 +393,24 @@ fn inference_kernel_equals_conv_then_dsbn() {
     let geom = ConvGeometry::square(1, 1, 1);
     for relu in [false, true] {
         let opts = DsbnOptions { relu, ..DsbnOptions::default() };
-        let fused = dab::forward_infer(&x, &wt, &geom, &ds, &st, &opts, None).unwrap();
+        let fused =
+            dab::forward_infer(&x, &wt, &ds, &st, &DabOptions { geometry: geom, dsbn: opts, ..Default::default() })
+                .unwrap();
         let conv = cdcl::ops::conv::conv2d(&x, &wt, None, &geom).unwrap();
         let unfused = dsbn::forward_infer(&conv, &ds, &st, &opts).unwrap();
         assert!(bits(&fused) == bits(&unfused), "relu {relu}");
         // With a residual: y + r before the ReLU.
         let r = tensor(&dev, &[n, h, w, k], &v(n * h * w * k, -1.0, 1.0), DType::F32);
-        let with_r = host(&dab::forward_infer(&x, &wt, &geom, &ds, &st, &opts, Some(&r)).unwrap());
+        let with_r = host(
+            &dab::forward_infer(
+                &x,
+                &wt,
+                &ds,
+                &st,
+                &DabOptions { geometry: geom, dsbn: opts, residual: Some(&r), ..Default::default() },
+            )
+            .unwrap(),
+        );
         let no_relu = host(&dsbn::forward_infer(&conv, &ds, &st, &DsbnOptions { relu: false, ..opts }).unwrap());
         let want: Vec<f64> =
             no_relu.iter().zip(host(&r)).map(|(a, b)| if relu { (a + b).max(0.0) } else { a + b }).collect();
@@ -361,7 +418,14 @@ fn inference_kernel_equals_conv_then_dsbn() {
     }
     let bad = Tensor::from_slice(&dev, &[n], &[1i32, 0, 2, 1, 0]).unwrap();
     assert_eq!(
-        dab::forward_infer(&x, &wt, &geom, &bad, &st, &DsbnOptions::default(), None).unwrap_err(),
+        dab::forward_infer(
+            &x,
+            &wt,
+            &bad,
+            &st,
+            &DabOptions { geometry: geom, dsbn: DsbnOptions::default(), ..Default::default() }
+        )
+        .unwrap_err(),
         Error::DatasetIndexOutOfRange { sample: 2, index: 2, num_datasets: 2 }
     );
 }
@@ -392,13 +456,29 @@ fn bitwise_identical_across_emulator_seeds() {
         let ds = Tensor::from_slice(&dev, &[k.n], &[2i32, 0, 2, 1]).unwrap();
         let mut st = state(&dev, &k, &dt);
         let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
-        let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
-        let g = dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, Some(&r)).unwrap();
+        let f = dab::forward_train(
+            &x,
+            &w,
+            &ds,
+            &mut st,
+            &DabOptions { geometry: k.geom, dsbn: opts, residual: Some(&r), materialize: true, ..Default::default() },
+        )
+        .unwrap();
+        let g = dab::backward_train(
+            &dy,
+            &x,
+            &w,
+            &ds,
+            &st,
+            f.saved(),
+            &DabOptions { geometry: k.geom, dsbn: opts, residual: Some(&r), materialize: true, ..Default::default() },
+        )
+        .unwrap();
         [
             &f.conv_out,
             f.output.as_ref().unwrap(),
             &st.running_var,
-            &g.dx,
+            g.dx.as_ref().unwrap(),
             &g.dweight,
             &g.dgamma,
             g.dresidual.as_ref().unwrap(),
@@ -451,7 +531,20 @@ fn dab_forward_in_16_bit_storage() {
             let ds = Tensor::from_slice(&dev, &[k.n], &[1i32, 0, 1, 1]).unwrap();
             let mut st = state(&dev, &k, &dt);
             let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
-            let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
+            let f = dab::forward_train(
+                &x,
+                &w,
+                &ds,
+                &mut st,
+                &DabOptions {
+                    geometry: k.geom,
+                    dsbn: opts,
+                    residual: Some(&r),
+                    materialize: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             (f, st)
         };
         let (f, st) = one(0, 1);
@@ -539,19 +632,50 @@ fn dab_backward_in_16_bit_storage() {
             let dy = tensor(&dev, &[k.n, p, q, k.k], &dyq, dtype);
             let ds = Tensor::from_slice(&dev, &[k.n], &ds_i32).unwrap();
             let mut st = state(&dev, &k, &dt);
-            let f = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, Some(&r), true).unwrap();
-            let g = dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, Some(&r)).unwrap();
+            let f = dab::forward_train(
+                &x,
+                &w,
+                &ds,
+                &mut st,
+                &DabOptions {
+                    geometry: k.geom,
+                    dsbn: opts,
+                    residual: Some(&r),
+                    materialize: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let g = dab::backward_train(
+                &dy,
+                &x,
+                &w,
+                &ds,
+                &st,
+                f.saved(),
+                &DabOptions {
+                    geometry: k.geom,
+                    dsbn: opts,
+                    residual: Some(&r),
+                    materialize: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             // The same chain through the public ops.
             let bn = dsbn::backward_train_residual(&dy, &f.conv_out, Some(&r), &ds, &st, &f.saved, &opts).unwrap();
             let dx = cdcl::ops::conv::conv2d_backward_data(&bn.dx, &w, (k.h, k.w), &k.geom).unwrap();
             let fg = cdcl::ops::conv::conv2d_backward_filter(&bn.dx, &x, (k.k, 3, 3), false, &k.geom).unwrap();
-            assert!(bits(&dx) == bits(&g.dx) && bits(&fg.dweight) == bits(&g.dweight), "{dtype}: not the composition");
+            assert!(
+                bits(&dx) == bits(g.dx.as_ref().unwrap()) && bits(&fg.dweight) == bits(&g.dweight),
+                "{dtype}: not the composition"
+            );
             g
         };
         let g = one(0, 1);
-        assert_eq!((g.dx.dtype(), g.dweight.dtype(), g.dgamma.dtype()), (dtype, dtype, DType::F32));
+        assert_eq!((g.dx.as_ref().unwrap().dtype(), g.dweight.dtype(), g.dgamma.dtype()), (dtype, dtype, DType::F32));
         let all = |g: &dab::DabGrads| {
-            [&g.dx, &g.dweight, &g.dgamma, &g.dbeta, g.dresidual.as_ref().unwrap()].map(bits).to_vec()
+            [g.dx.as_ref().unwrap(), &g.dweight, &g.dgamma, &g.dbeta, g.dresidual.as_ref().unwrap()].map(bits).to_vec()
         };
         let base = all(&g);
         for (seed, threads) in [(7, 2), (0xC0DE, 1)] {
@@ -624,7 +748,13 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
     let (conv, mag) = (conv.as_slice().unwrap().to_vec(), mag.as_slice().unwrap().to_vec());
     let depth = k.r * k.r * k.c;
 
-    let fwd = dab::forward_train(&x, &w, &k.geom, &ds, &mut st, &opts, None, residual, true);
+    let fwd = dab::forward_train(
+        &x,
+        &w,
+        &ds,
+        &mut st,
+        &DabOptions { geometry: k.geom, dsbn: opts, residual, materialize: true, ..Default::default() },
+    );
     if let Err(rdsbn::ReferenceError::TooFewValues { .. }) = bn_ref(ArrayView4::from_shape(yd, &conv).unwrap()) {
         return match fwd {
             Err(Error::TooFewValues { .. }) => Ok(()),
@@ -656,8 +786,16 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
         }
     }
     // Backward, with the ReLU mask the kernel took (its own output's sign).
-    let grads =
-        dab::backward_train(&dy, &x, &w, &k.geom, &ds, &st, &f, &opts, None, residual).map_err(|e| e.to_string())?;
+    let grads = dab::backward_train(
+        &dy,
+        &x,
+        &w,
+        &ds,
+        &st,
+        f.saved(),
+        &DabOptions { geometry: k.geom, dsbn: opts, residual, materialize: true, ..Default::default() },
+    )
+    .map_err(|e| e.to_string())?;
     let gm: Vec<f64> = dyq.iter().zip(&out).map(|(&g, &o)| if !k.relu || o > 0.0 { g } else { 0.0 }).collect();
     let stored4 = ArrayView4::from_shape(yd, &stored).unwrap();
     let rb = rdsbn::dsbn_backward_train(
@@ -684,7 +822,7 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
     common::assert_close(&format!("{dtype} dweight"), &host(&grads.dweight), rc.dw.as_slice().unwrap(), |i| {
         tol * dwm[i] + 1e-30
     })?;
-    common::assert_close(&format!("{dtype} dx"), &host(&grads.dx), rc.dx.as_slice().unwrap(), |i| {
+    common::assert_close(&format!("{dtype} dx"), &host(grads.dx.as_ref().unwrap()), rc.dx.as_slice().unwrap(), |i| {
         tol * dxm[i] + 1e-30
     })?;
     match (&grads.dresidual, k.residual) {
@@ -694,7 +832,14 @@ fn run16(k: &Case, dev: &Device, dtype: DType) -> Result<(), String> {
     }
 
     // Inference with the running statistics the training forward left.
-    let inf = dab::forward_infer(&x, &w, &k.geom, &ds, &st, &opts, residual).map_err(|e| e.to_string())?;
+    let inf = dab::forward_infer(
+        &x,
+        &w,
+        &ds,
+        &st,
+        &DabOptions { geometry: k.geom, dsbn: opts, residual, ..Default::default() },
+    )
+    .map_err(|e| e.to_string())?;
     let (rm, rv) = (host(&st.running_mean), host(&st.running_var));
     let eps = f64::from(opts.eps);
     let mut want = vec![0.0; conv.len()];

@@ -35,12 +35,34 @@
 mod common;
 
 use cdcl::ops::dsbn::{DsbnOptions, DsbnState};
-use cdcl::ops::ppm::{self, PpmBranch, PpmOptions};
+use cdcl::ops::ppm::{self, PpmBranch, PpmForward, PpmOptions};
 use cdcl::reference::dsbn::{DsbnConfig, ReferenceError};
 use cdcl::reference::{conv as rconv, pool as rpool, ppm as rppm};
 use cdcl::{DType, Device, EmulatorConfig, Error, Tensor};
 use common::{assert_close, bits, host, tensor, Rng};
 use ndarray::{s, Array2, Array4, ArrayView4};
+
+/// The op with owned branches (the tests build their parameters as [`PpmBranch`]es).
+fn train_fwd(x: &Tensor, ds: &Tensor, branches: &mut [PpmBranch], opts: &PpmOptions) -> cdcl::Result<PpmForward> {
+    let mut views: Vec<_> = branches.iter_mut().map(PpmBranch::view_mut).collect();
+    ppm::forward_train(x, ds, &mut views, opts)
+}
+
+fn infer_fwd(x: &Tensor, ds: &Tensor, branches: &[PpmBranch], opts: &PpmOptions) -> cdcl::Result<Tensor> {
+    let views: Vec<_> = branches.iter().map(PpmBranch::view).collect();
+    ppm::forward_infer(x, ds, &views, opts)
+}
+
+fn train_bwd(
+    dy: &Tensor,
+    ds: &Tensor,
+    branches: &[PpmBranch],
+    fwd: &PpmForward,
+    opts: &PpmOptions,
+) -> cdcl::Result<ppm::PpmGrads> {
+    let views: Vec<_> = branches.iter().map(PpmBranch::view).collect();
+    ppm::backward_train(dy, ds, &views, &fwd.saved, opts)
+}
 use proptest::prelude::*;
 
 const U: f64 = f32::EPSILON as f64 / 2.0;
@@ -333,7 +355,7 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     {
         let x = tensor(dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
         let branches = kernel_branches(dev, k, &dt, DType::F32);
-        let got = ppm::forward_infer(&x, &ds, &branches, &opts).map_err(|e| format!("forward_infer: {e}"))?;
+        let got = infer_fwd(&x, &ds, &branches, &opts).map_err(|e| format!("forward_infer: {e}"))?;
         let rb = ref_branches(k, &dt);
         let want = rppm::ppm_forward_infer(x_view(&dt).view(), &k.datasets, &rb, &ref_config(k, k.relu))
             .map_err(|e| e.to_string())?;
@@ -362,7 +384,7 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
             let x = tensor(dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
             let mut branches = kernel_branches(dev, k, &dt, DType::F32);
             let before = running_stats_bits(&branches);
-            return match ppm::forward_train(&x, &ds, &mut branches, &opts) {
+            return match train_fwd(&x, &ds, &mut branches, &opts) {
                 Err(Error::TooFewValues { dataset: d2, count: c2 }) if (d2, c2) == (dataset, count) => {
                     if running_stats_bits(&branches) != before {
                         return Err("TooFewValues moved running statistics".into());
@@ -390,7 +412,7 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
 
     let x = tensor(dev, &[k.n, k.h, k.w, k.c], &dt.x, DType::F32);
     let mut branches = kernel_branches(dev, k, &dt, DType::F32);
-    let fwd = ppm::forward_train(&x, &ds, &mut branches, &opts).map_err(|e| format!("forward_train: {e}"))?;
+    let fwd = train_fwd(&x, &ds, &mut branches, &opts).map_err(|e| format!("forward_train: {e}"))?;
     if fwd.output.shape() != [k.n, k.h, k.w, k.total()] {
         return Err(format!("output shape {:?}", fwd.output.shape()));
     }
@@ -418,7 +440,7 @@ fn run(k: &Case, dev: &Device) -> Result<(), String> {
     // ---- backward -----------------------------------------------------------------------------
     let dyd = (k.n, k.h, k.w, k.total());
     let dy = tensor(dev, &[k.n, k.h, k.w, k.total()], &dt.dy, DType::F32);
-    let grads = ppm::backward_train(&dy, &ds, &branches, &fwd, &opts).map_err(|e| format!("backward: {e}"))?;
+    let grads = train_bwd(&dy, &ds, &branches, &fwd, &opts).map_err(|e| format!("backward: {e}"))?;
     let dy_view = ArrayView4::from_shape(dyd, &dt.dy).unwrap();
     let rg = rppm::ppm_backward_train(dy_view, x_view(&dt).view(), &k.datasets, &rbranches, &cfg)
         .map_err(|e| e.to_string())?;
@@ -532,9 +554,9 @@ fn run_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
     let ds = dataset_tensor(&dev, &k.datasets);
     let opts = options(&k);
     let mut branches = kernel_branches(&dev, &k, &dt, DType::F32);
-    let infer = ppm::forward_infer(&x, &ds, &branches, &opts).unwrap();
-    let fwd = ppm::forward_train(&x, &ds, &mut branches, &opts).unwrap();
-    let g = ppm::backward_train(&dy, &ds, &branches, &fwd, &opts).unwrap();
+    let infer = infer_fwd(&x, &ds, &branches, &opts).unwrap();
+    let fwd = train_fwd(&x, &ds, &mut branches, &opts).unwrap();
+    let g = train_bwd(&dy, &ds, &branches, &fwd, &opts).unwrap();
     let mut out = vec![bits(&infer), bits(&fwd.output), bits(&g.dx)];
     out.extend(running_stats_bits(&branches));
     for b in &g.branches {
@@ -644,7 +666,7 @@ fn forward_in_16_bit_storage() {
         let x = tensor(&dev, &[k.n, k.h, k.w, k.c], &dt.x, dtype);
         let ds = dataset_tensor(&dev, &k.datasets);
         let mut branches = kernel_branches(&dev, &k, &dt, dtype);
-        let fwd = ppm::forward_train(&x, &ds, &mut branches, &options(&k)).unwrap();
+        let fwd = train_fwd(&x, &ds, &mut branches, &options(&k)).unwrap();
         assert_eq!(fwd.output.dtype(), dtype);
         let rf = rppm::ppm_forward_train(
             ArrayView4::from_shape((k.n, k.h, k.w, k.c), &dt.x).unwrap(),
@@ -690,10 +712,10 @@ fn backward_is_the_composition_of_its_ops(
 ) {
     let opts = options(k);
     let dy = tensor(dev, &[k.n, k.h, k.w, k.total()], &common::quantize(&dt.dy, dtype), dtype);
-    let g = ppm::backward_train(&dy, ds, branches, fwd, &opts).unwrap();
+    let g = train_bwd(&dy, ds, branches, fwd, &opts).unwrap();
     assert_eq!(g.dx.dtype(), dtype);
     let mut levels = Vec::new();
-    for (i, ((br, saved), off)) in branches.iter().zip(&fwd.branches).zip(k.offsets()).enumerate() {
+    for (i, ((br, saved), off)) in branches.iter().zip(&fwd.saved.branches).zip(k.offsets()).enumerate() {
         let (b, kk) = (k.bins[i], k.ks[i]);
         let dlow = cdcl::ops::pool::resize_bilinear_backward(&dy, off, &[k.n, b, b, kk], k.align_corners).unwrap();
         let one = cdcl::ops::conv::ConvGeometry::default();
@@ -701,13 +723,10 @@ fn backward_is_the_composition_of_its_ops(
             &dlow,
             &saved.pooled,
             &br.weight,
-            &one,
             ds,
             &br.state,
-            &saved.dab,
-            &opts.dsbn,
-            None,
-            None,
+            saved.dab.saved(),
+            &cdcl::ops::dab::DabOptions { geometry: one, dsbn: opts.dsbn, materialize: true, ..Default::default() },
         )
         .unwrap();
         let got = &g.branches[i];
@@ -718,7 +737,7 @@ fn backward_is_the_composition_of_its_ops(
         ] {
             assert!(common::bits(a) == common::bits(b), "{dtype} branch {i} {what}: not the composition");
         }
-        levels.push(gb.dx);
+        levels.push(gb.dx.unwrap());
     }
     let refs: Vec<&Tensor> = levels.iter().collect();
     let dx = cdcl::ops::pool::adaptive_avg_pool_backward_sum(&dy, &refs, &[k.n, k.h, k.w, k.c]).unwrap();
@@ -739,28 +758,25 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
     // Bad dataset index: the first bad sample, nothing moved; inference too.
     let bad = Tensor::from_slice(&dev, &[4], &[0i32, 1, 5, -1]).unwrap();
     let want = Error::DatasetIndexOutOfRange { sample: 2, index: 5, num_datasets: 3 };
-    assert_eq!(ppm::forward_train(&x, &bad, &mut branches, &opts).unwrap_err(), want);
-    assert_eq!(ppm::forward_infer(&x, &bad, &branches, &opts).unwrap_err(), want);
+    assert_eq!(train_fwd(&x, &bad, &mut branches, &opts).unwrap_err(), want);
+    assert_eq!(infer_fwd(&x, &bad, &branches, &opts).unwrap_err(), want);
     assert!(running_stats_bits(&branches) == before);
 
     // A dataset with a single sample and a 1×1 bin listed after larger ones: the typed error,
     // and no branch moved its statistics (the smallest bin runs first).
     let single = dataset_tensor(&dev, &[2, 1, 2, 2]);
     let o = PpmOptions { bins: vec![6, 3, 1, 2], ..opts.clone() };
-    assert_eq!(
-        ppm::forward_train(&x, &single, &mut branches, &o).unwrap_err(),
-        Error::TooFewValues { dataset: 1, count: 1 }
-    );
+    assert_eq!(train_fwd(&x, &single, &mut branches, &o).unwrap_err(), Error::TooFewValues { dataset: 1, count: 1 });
     assert!(running_stats_bits(&branches) == before);
     // Inference has no such limit; without the 1×1 bin training works too.
-    ppm::forward_infer(&x, &single, &branches, &o).unwrap();
+    infer_fwd(&x, &single, &branches, &o).unwrap();
     let o2 = PpmOptions { bins: vec![6, 3, 2, 2], ..opts.clone() };
-    ppm::forward_train(&x, &single, &mut branches, &o2).unwrap();
+    train_fwd(&x, &single, &mut branches, &o2).unwrap();
     let before = running_stats_bits(&branches);
 
     // Host-side checks, before any launch.
     fn expect_err(o: &PpmOptions, x: &Tensor, ds: &Tensor, br: &mut [PpmBranch], pred: fn(&Error) -> bool) {
-        let e = ppm::forward_train(x, ds, br, o).unwrap_err();
+        let e = train_fwd(x, ds, br, o).unwrap_err();
         assert!(pred(&e), "unexpected {e:?}");
     }
     expect_err(&PpmOptions { bins: vec![], ..opts.clone() }, &x, &ds, &mut branches, |e| {
@@ -805,17 +821,17 @@ fn bad_inputs_are_typed_errors_and_write_nothing() {
     assert!(running_stats_bits(&branches) == before, "a rejected call moved running statistics");
 
     // Backward: dy of the wrong shape or dtype, mismatched branch lists.
-    let fwd = ppm::forward_train(&x, &ds, &mut branches, &opts).unwrap();
+    let fwd = train_fwd(&x, &ds, &mut branches, &opts).unwrap();
     let dy_bad = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total() + 1], DType::F32).unwrap();
-    assert!(matches!(ppm::backward_train(&dy_bad, &ds, &branches, &fwd, &opts), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(train_bwd(&dy_bad, &ds, &branches, &fwd, &opts), Err(Error::ShapeMismatch { .. })));
     let dy_h = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total()], DType::F16).unwrap();
-    assert!(matches!(ppm::backward_train(&dy_h, &ds, &branches, &fwd, &opts), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(train_bwd(&dy_h, &ds, &branches, &fwd, &opts), Err(Error::DTypeMismatch { .. })));
     let dy = Tensor::zeros(&dev, &[k.n, k.h, k.w, k.total()], DType::F32).unwrap();
-    assert!(matches!(ppm::backward_train(&dy, &ds, &branches[..3], &fwd, &opts), Err(Error::InvalidArgument(_))));
+    assert!(matches!(train_bwd(&dy, &ds, &branches[..3], &fwd, &opts), Err(Error::InvalidArgument(_))));
     let no_bins = PpmOptions { bins: vec![], ..opts.clone() };
-    let empty = ppm::PpmForward { output: fwd.output.try_clone().unwrap(), branches: vec![] };
-    assert!(matches!(ppm::backward_train(&dy, &ds, &[], &empty, &no_bins), Err(Error::InvalidArgument(_))));
-    let g = ppm::backward_train(&dy, &ds, &branches, &fwd, &opts).unwrap();
+    assert!(matches!(train_bwd(&dy, &ds, &[], &fwd, &no_bins), Err(Error::InvalidArgument(_))));
+    let g = train_bwd(&dy, &ds, &branches, &fwd, &opts).unwrap();
     assert!(host(&g.dx).iter().all(|&v| v == 0.0), "zero dy, zero dx");
-    assert_eq!(ppm::output_channels(k.c, &branches), k.total());
+    let views: Vec<_> = branches.iter().map(PpmBranch::view).collect();
+    assert_eq!(ppm::output_channels(k.c, &views), k.total());
 }

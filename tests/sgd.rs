@@ -128,6 +128,7 @@ fn step(k: &Case, st: &mut State, first: bool) -> cdcl::Result<()> {
             momentum_buffer,
             lr,
             frozen_rows: k.frozen.get(i).copied().flatten(),
+            copy: None,
         })
         .collect();
     sgd::sgd_step(&mut list, &SgdOptions { momentum: k.momentum, weight_decay: k.weight_decay }, first)
@@ -284,7 +285,11 @@ fn bad_input_is_a_typed_error() {
     let opts = SgdOptions::default();
     let (mut p, g, mut b) = (z(&[4, 3], DType::F32), z(&[4, 3], DType::F32), z(&[4, 3], DType::F32));
     let run = |p: &mut Tensor, g: &Tensor, b: &mut Tensor, lr: f32, o: &SgdOptions| {
-        sgd::sgd_step(&mut [SgdParam { param: p, grad: g, momentum_buffer: b, lr, frozen_rows: None }], o, false)
+        sgd::sgd_step(
+            &mut [SgdParam { param: p, grad: g, momentum_buffer: b, lr, frozen_rows: None, copy: None }],
+            o,
+            false,
+        )
     };
     assert!(run(&mut p, &g, &mut b, 0.01, &opts).is_ok());
     assert!(matches!(run(&mut p, &z(&[3, 4], DType::F32), &mut b, 0.01, &opts), Err(Error::ShapeMismatch { .. })));
@@ -327,8 +332,8 @@ fn bad_frozen_rows_are_typed_errors() {
     for f in bad {
         // A good tensor first: the bad mask of the second must stop the whole step.
         let mut list = [
-            SgdParam { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None },
-            SgdParam { param: &mut p2, grad: &g2, momentum_buffer: &mut b2, lr: 0.1, frozen_rows: Some(f) },
+            SgdParam { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None, copy: None },
+            SgdParam { param: &mut p2, grad: &g2, momentum_buffer: &mut b2, lr: 0.1, frozen_rows: Some(f), copy: None },
         ];
         let r = sgd::sgd_step(&mut list, &opts, false);
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f:?}: {r:?}");
@@ -342,6 +347,7 @@ fn bad_frozen_rows_are_typed_errors() {
             momentum_buffer: &mut be,
             lr: 0.1,
             frozen_rows: Some(FrozenRows { row_len: 1, rows: 1 }),
+            copy: None,
         }],
         &opts,
         false,
@@ -354,13 +360,14 @@ fn bad_frozen_rows_are_typed_errors() {
     // A good mask freezing every row of p2: the step runs and leaves p2 as it was.
     let p2_before = common::bits(&p2);
     let mut list = [
-        SgdParam { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None },
+        SgdParam { param: &mut p1, grad: &g1, momentum_buffer: &mut b1, lr: 0.1, frozen_rows: None, copy: None },
         SgdParam {
             param: &mut p2,
             grad: &g2,
             momentum_buffer: &mut b2,
             lr: 0.1,
             frozen_rows: Some(FrozenRows { row_len: 4, rows: 0b111 }),
+            copy: None,
         },
     ];
     sgd::sgd_step(&mut list, &opts, false).unwrap();

@@ -2,7 +2,7 @@
 //! our kernels (emulator), checked against each other, against finite differences, and for
 //! the DSBN, checkpoint and determinism properties users rely on.
 
-use cdcl::autograd::{Graph, Group, ParamStore};
+use cdcl::autograd::{Graph, Group, LossSpec, ParamStore};
 use cdcl::backend::{Backend, BnTables, CpuBackend, DeviceBackend};
 use cdcl::nn::{Classifier, Dab, DabSpec, Depth, ModelConfig};
 use cdcl::ops::conv::ConvGeometry;
@@ -174,9 +174,9 @@ fn gradient_check_dab_ppm_head() {
         let logits = head.forward(&mut g, store, cat).unwrap();
         let lab = g.input_i32(&[n, h, w], &labels).unwrap();
         let zeros = g.input_i32(&[n], &[0; 4]).unwrap();
-        let (l, _) = g.cross_entropy(logits, lab, zeros, &[4], None).unwrap();
+        let l = g.cross_entropy(logits, lab, zeros, &LossSpec { num_classes: vec![4], ..LossSpec::default() }).unwrap();
         let root = g.weighted_sum(&[(l, 1.0)]);
-        let v = g.scalar(root);
+        let v = g.scalar(root).unwrap();
         if !want {
             return (v, None);
         }

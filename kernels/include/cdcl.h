@@ -369,7 +369,40 @@ typedef struct cdcl_sgd_params {
     int64_t total_chunks;
     float momentum;
     float weight_decay;
+    /* Mixed precision. null, or a device array of num_tensors addresses (a null entry: none) of */
+    /* 16-bit copies of the parameters, each written as round(p) from the updated parameter in  */
+    /* the same pass (the weights the convolutions read); copy_dtype is F16 or BF16.           */
+    void* const* copies;
+    int32_t copy_dtype;
+    int32_t reserved;
+    /* null, or an f32 flag in device memory: when it is nonzero the launch writes nothing (a  */
+    /* step skipped for a loss-scaling overflow, decided on the device: no host round trip).   */
+    const float* skip_if;
 } cdcl_sgd_params;
+
+/* Multi-tensor scaled sum (the gradients of a mixed-precision step, gathered from every pass  */
+/* that used a parameter and unscaled): dst[i] = scale * (src_0[i] + src_1[i] + ...) in f32,   */
+/* the sources of one entry in order, in one launch over the table (chunks of CDCL_SGD_CHUNK   */
+/* elements, as the SGD table). Any source value that is infinite or NaN sets *nonfinite to    */
+/* 1.0f (it must hold 0 on entry).                                                             */
+typedef struct cdcl_sum_entry {
+    float* dst;              /* numel f32 */
+    const void* const* srcs; /* device array of num_srcs addresses of numel elements each */
+    int64_t numel;           /* >= 1 */
+    int64_t first_chunk;     /* index of this entry's first chunk; strictly increasing */
+    int32_t num_srcs;        /* >= 1 */
+    int32_t src_dtype;       /* F32, F16 or BF16 */
+} cdcl_sum_entry;
+
+typedef struct cdcl_sum_params {
+    const cdcl_sum_entry* entries; /* device memory, num_entries entries */
+    int32_t num_entries;
+    int32_t reserved;
+    int64_t total_chunks;
+    float scale;
+    int32_t reserved2;
+    float* nonfinite; /* [1] f32 */
+} cdcl_sum_params;
 
 /* ------------------------------------------------------------------------------------------ */
 /* USSS entropy regularisation: pixel features x NHWC [n,h,w,e] against fixed class prototypes */
@@ -438,6 +471,7 @@ CDCL_DECLARE_BOTH(int32_t, eltwise_relu_backward, (const cdcl_eltwise_params* p,
 CDCL_DECLARE_BOTH(size_t, dropout_workspace_bytes, (const cdcl_dropout_params* p))
 CDCL_DECLARE_BOTH(int32_t, dropout2d, (const cdcl_dropout_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, sgd_step, (const cdcl_sgd_params* p, void* stream))
+CDCL_DECLARE_BOTH(int32_t, sum_scaled, (const cdcl_sum_params* p, void* stream))
 CDCL_DECLARE_BOTH(size_t, usss_workspace_bytes, (const cdcl_usss_params* p))
 CDCL_DECLARE_BOTH(int32_t, usss_forward, (const cdcl_usss_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, usss_backward, (const cdcl_usss_params* p, void* stream))

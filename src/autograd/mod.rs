@@ -5,33 +5,56 @@
 //! (input values, the DSBN statistics it saved, max-pool indices). [`Graph::backward`] walks
 //! the tape in reverse: every tensor's gradient is the sum, in tape order, of what its
 //! consumers send it (a tensor used twice — a residual, a shared input — gets both), and
-//! parameter gradients are accumulated into the [`ParamStore`], across every forward of the
-//! step (Dataset Alternation Training runs one forward per dataset and ONE backward).
+//! parameter gradients are collected in the [`ParamStore`], across every forward of the step,
+//! then gathered into one f32 gradient per tensor in one backend call.
 //!
-//! Parameters are not graph values: ops take a [`WeightId`] / [`BnId`] and read the store.
-//! Losses are host scalars ([`Scalar`]); a weighted sum of losses is the usual root.
+//! **The tape records what the kernels fuse**: one node per dataset-aware block
+//! ([`Graph::dab`]), one for the pyramid pooling module ([`Graph::ppm`]), one for the loss with
+//! the upsampling of the logits fused in ([`Graph::cross_entropy`] with
+//! [`LossSpec::upsample`]). A block may leave its output unwritten ([`DabSpec::defer`]): the
+//! value is then the block's raw convolution output with its normalisation *pending*, and the
+//! only op that accepts it is the next block, which applies the normalisation in its
+//! convolution's prologue (forward and backward); any other op refuses it with a typed error.
+//!
+//! **Nothing is read back mid-step.** Losses stay on the backend as tensors; a [`Scalar`] is a
+//! loss or a weighted sum of scalars, evaluated on the host only when read
+//! ([`Graph::read_scalars`] gathers every loss a step needs into one read). The backward's
+//! seeds are host constants (the loss weights, the loss scale), so the loss op computes its
+//! gradient in the forward, in the same launches as the loss, when told what upstream gradient
+//! to expect ([`LossSpec::expected_grad`]).
+//!
+//! Parameters are not graph values: ops take a [`WeightId`] / [`BnId`] and read the store (the
+//! f32 master, or the 16-bit copy when the graph's activations are 16-bit).
 //!
 //! Modes: `training` picks batch statistics (and moves running statistics) in DSBN and turns
 //! dropout on; [`Graph::set_recording`]`(false)` is PyTorch's `no_grad`. An evaluation graph
-//! (`training == false`) records nothing: frozen-statistics BN has no backward here.
+//! (`training == false`) records nothing and runs every block as the one-kernel inference DAB.
 
+mod backward;
+mod node;
 mod params;
 
+pub use backward::{BackwardOptions, Gradients};
 pub use params::{BnId, BnLayer, Group, ParamStore, Weight, WeightId};
 
-use crate::backend::{Backend, TensorLike};
+use crate::backend::{
+    Backend, DabInput, DabOptions, LossOptions, PpmBranchMut, PpmBranchRef, PpmRecords, Prologue, TensorLike,
+};
 use crate::error::{Error, Result};
 use crate::ops::conv::ConvGeometry;
-use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions};
+use crate::ops::cross_entropy::CrossEntropyOptions;
 use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
+use crate::ops::ppm::PpmOptions;
+use crate::tensor::DType;
+use node::{Node, Pending, ScalarDef};
 
 /// A tensor value of a [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Var(usize);
 
-/// A host scalar of a [`Graph`] (a loss).
+/// A scalar of a [`Graph`] (a loss, or a weighted sum of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Scalar(usize);
 
@@ -40,81 +63,59 @@ pub struct Scalar(usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Datasets(Var);
 
-enum Node<B: Backend> {
-    Conv {
-        x: Var,
-        w: WeightId,
-        bias: Option<WeightId>,
-        geometry: ConvGeometry,
-        out: Var,
-    },
-    Dsbn {
-        x: Var,
-        residual: Option<Var>,
-        datasets: Var,
-        bn: BnId,
-        saved: B::BnSaved,
-        opts: DsbnOptions,
-        out: Var,
-    },
-    Relu {
-        out: Var,
-        x: Var,
-    },
-    Add {
-        a: Var,
-        b: Var,
-        out: Var,
-    },
-    MaxPool {
-        x: Var,
-        indices: B::Tensor,
-        input_hw: (usize, usize),
-        geometry: PoolGeometry,
-        out: Var,
-    },
-    AvgPool {
-        x: Var,
-        input_hw: (usize, usize),
-        out: Var,
-    },
-    Resize {
-        x: Var,
-        input_hw: (usize, usize),
-        align_corners: bool,
-        out: Var,
-    },
-    Concat {
-        parts: Vec<(Var, usize)>,
-        out: Var,
-    },
-    Dropout {
-        x: Var,
-        opts: Dropout2dOptions,
-        out: Var,
-    },
-    SliceBatch {
-        x: Var,
-        start: usize,
-        len: usize,
-        out: Var,
-    },
-    ConcatBatch {
-        parts: Vec<(Var, usize)>,
-        out: Var,
-    },
-    CrossEntropy {
-        logits: Var,
-        labels: Var,
-        datasets: Var,
-        num_classes: Vec<usize>,
-        weights: Option<Vec<f32>>,
-        out: Scalar,
-    },
-    Sum {
-        terms: Vec<(Scalar, f32)>,
-        out: Scalar,
-    },
+/// One dataset-aware block of [`Graph::dab`]: `relu?(DSBN(conv(x)) + residual)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DabSpec {
+    /// The convolution weight (no bias).
+    pub weight: WeightId,
+    /// The DSBN layer.
+    pub bn: BnId,
+    /// Stride, padding, dilation.
+    pub geometry: ConvGeometry,
+    /// The DSBN's eps, momentum, ReLU.
+    pub dsbn: DsbnOptions,
+    /// Added before the ReLU (ResNet's identity).
+    pub residual: Option<Var>,
+    /// Training: do not write the output; the consumer — which must be the next block — applies
+    /// this block's normalisation in its convolution's prologue. Ignored with a residual and in
+    /// evaluation (both write the output).
+    pub defer: bool,
+}
+
+/// The loss of [`Graph::cross_entropy`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LossSpec {
+    /// Classes of each head (the logits' first `num_classes[d]` channels for dataset d).
+    pub num_classes: Vec<usize>,
+    /// Loss weight of each dataset (`None`: 1).
+    pub weights: Option<Vec<f32>>,
+    /// `Some(align_corners)`: the logits are upsampled bilinearly to the labels' size inside
+    /// the loss (never stored).
+    pub upsample: Option<bool>,
+    /// The gradient the backward will send this loss (its weight in the objective times the
+    /// seed, e.g. the loss scale): with it the forward also computes the logits' gradient, in
+    /// the same launches. A different value at backward time recomputes it.
+    pub expected_grad: Option<f32>,
+}
+
+/// What the tape saved of one normalisation with a ReLU — a dataset-aware block, a standalone
+/// DSBN, a pyramid pooling branch — for inspecting a step (e.g. where two backends may round a
+/// ReLU input to different sides of zero): its input is
+/// `(x − mean)·invstd·γ + β + residual`, per (sample's dataset, channel).
+#[derive(Debug)]
+pub struct NormRecord<'a, B: Backend> {
+    /// The layer (γ and β in the store).
+    pub bn: BnId,
+    /// The normalised tensor (a convolution's output).
+    pub x: &'a B::Tensor,
+    /// Its batch statistics.
+    pub stats: &'a B::BnSaved,
+    /// The residual added before the ReLU.
+    pub residual: Option<&'a B::Tensor>,
+    /// Whether a ReLU follows.
+    pub relu: bool,
+    /// The dataset index of every sample.
+    pub datasets: &'a B::Tensor,
 }
 
 /// One step's values and tape.
@@ -125,8 +126,12 @@ pub struct Graph<B: Backend> {
     values: Vec<B::Tensor>,
     needs_grad: Vec<bool>,
     host_datasets: Vec<Option<Vec<i32>>>,
-    scalars: Vec<f32>,
+    pending: Vec<Option<Pending>>,
+    stats: Vec<B::BnSaved>,
+    losses: Vec<B::Tensor>,
+    scalars: Vec<ScalarDef>,
     tape: Vec<Node<B>>,
+    backward_done: bool,
 }
 
 impl<B: Backend> std::fmt::Debug for Graph<B> {
@@ -158,8 +163,12 @@ impl<B: Backend> Graph<B> {
             values: Vec::new(),
             needs_grad: Vec::new(),
             host_datasets: Vec::new(),
+            pending: Vec::new(),
+            stats: Vec::new(),
+            losses: Vec::new(),
             scalars: Vec::new(),
             tape: Vec::new(),
+            backward_done: false,
         }
     }
 
@@ -182,22 +191,35 @@ impl<B: Backend> Graph<B> {
         self.values.push(t);
         self.needs_grad.push(needs_grad && self.recording);
         self.host_datasets.push(None);
+        self.pending.push(None);
         Var(self.values.len() - 1)
     }
 
-    fn push_scalar(&mut self, v: f32) -> Scalar {
-        self.scalars.push(v);
+    fn push_scalar(&mut self, def: ScalarDef) -> Scalar {
+        self.scalars.push(def);
         Scalar(self.scalars.len() - 1)
     }
 
-    /// The value of a variable.
+    /// The value of a variable (for a block whose normalisation is pending: its raw
+    /// convolution output).
     pub fn value(&self, v: Var) -> &B::Tensor {
         &self.values[v.0]
     }
 
-    /// The value of a scalar.
-    pub fn scalar(&self, s: Scalar) -> f32 {
-        self.scalars[s.0]
+    /// Whether `v` holds a block's raw convolution output whose normalisation its consumer
+    /// must apply ([`DabSpec::defer`]).
+    pub fn is_pending(&self, v: Var) -> bool {
+        self.pending[v.0].is_some()
+    }
+
+    /// Refuses a value whose normalisation is pending (only a block can consume it).
+    fn ready(&self, v: Var, what: &str) -> Result<()> {
+        if self.pending[v.0].is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: the input is a block output left unwritten for the next block's prologue"
+            )));
+        }
+        Ok(())
     }
 
     /// An input that needs no gradient (images).
@@ -235,7 +257,24 @@ impl<B: Backend> Graph<B> {
         }
     }
 
-    /// `conv2d(x, w) + bias` with a weight (and bias) of the store.
+    /// Counts, per dataset a training forward saw, one batch in `counts` (PyTorch's
+    /// `num_batches_tracked`).
+    fn track(host: Option<&Vec<i32>>, counts: &mut [i64]) {
+        if let Some(host) = host {
+            let mut seen = vec![false; counts.len()];
+            for &d in host {
+                if let Some(s) = seen.get_mut(d as usize) {
+                    *s = true;
+                }
+            }
+            for (count, present) in counts.iter_mut().zip(seen) {
+                *count += present as i64;
+            }
+        }
+    }
+
+    /// `conv2d(x, w) + bias` with a weight (and f32 bias) of the store; the weight in x's
+    /// storage type (the 16-bit copy for a 16-bit graph).
     pub fn conv2d(
         &mut self,
         store: &ParamStore<B>,
@@ -244,9 +283,11 @@ impl<B: Backend> Graph<B> {
         bias: Option<WeightId>,
         geometry: ConvGeometry,
     ) -> Result<Var> {
+        self.ready(x, "convolution")?;
+        let xv = &self.values[x.0];
         let y = self.backend.conv2d(
-            &self.values[x.0],
-            &store.weight(w).value,
+            xv,
+            store.conv_weight(w, xv.dtype())?,
             bias.map(|b| &store.weight(b).value),
             &geometry,
         )?;
@@ -255,8 +296,75 @@ impl<B: Backend> Graph<B> {
         Ok(out)
     }
 
-    /// `relu?(DSBN(x) + residual)` with each sample's dataset slice: batch statistics (moving
-    /// the running ones) in training, running statistics in evaluation.
+    /// A dataset-aware block `relu?(DSBN(conv(x)) + residual)` with each sample's dataset slice
+    /// (one backend op, one tape node): batch statistics (moving the running ones) in training,
+    /// the one-kernel inference block with the running statistics in evaluation. When `x` is a
+    /// block output whose normalisation is pending, this block's convolution applies it.
+    pub fn dab(&mut self, store: &mut ParamStore<B>, x: Var, datasets: Datasets, spec: &DabSpec) -> Result<Var> {
+        let dv = datasets.0;
+        if let Some(r) = spec.residual {
+            self.ready(r, "DAB residual")?;
+        }
+        let dtype = self.values[x.0].dtype();
+        let prologue = self.pending[x.0];
+        if !self.training {
+            self.ready(x, "inference DAB")?;
+            let opts = DabOptions {
+                residual: spec.residual.map(|r| &self.values[r.0]),
+                ..DabOptions::new(spec.geometry, spec.dsbn)
+            };
+            let input = DabInput {
+                x: &self.values[x.0],
+                weight: store.conv_weight(spec.weight, dtype)?,
+                datasets: &self.values[dv.0],
+            };
+            let y = self.backend.dab_forward_infer(input, &store.bn(spec.bn).tables, &opts)?;
+            return Ok(self.push(y, false));
+        }
+        let materialize = !spec.defer || spec.residual.is_some();
+        let (weight, layer, prev) = store.dab_parts(spec.weight, dtype, spec.bn, prologue.map(|p| p.bn))?;
+        let opts = DabOptions {
+            geometry: spec.geometry,
+            dsbn: spec.dsbn,
+            prologue: match (prologue, prev) {
+                (Some(p), Some(prev)) => Some(Prologue { bn: &prev.tables, stats: &self.stats[p.stats], relu: p.relu }),
+                _ => None,
+            },
+            residual: spec.residual.map(|r| &self.values[r.0]),
+            materialize,
+            skip_input_grad: false,
+        };
+        let input = DabInput { x: &self.values[x.0], weight, datasets: &self.values[dv.0] };
+        let f = self.backend.dab_forward_train(input, &mut layer.tables, &opts)?;
+        Self::track(self.host_datasets[dv.0].as_ref(), &mut layer.batches_tracked);
+        self.stats.push(f.stats);
+        let stats = self.stats.len() - 1;
+        let (value, conv_out) = match f.output {
+            Some(y) => (y, Some(f.conv_out)),
+            None => (f.conv_out, None),
+        };
+        let out = self.push(value, true);
+        if conv_out.is_none() {
+            self.pending[out.0] = Some(Pending { bn: spec.bn, stats, relu: spec.dsbn.relu });
+        }
+        self.rec(Node::Dab {
+            x,
+            w: spec.weight,
+            datasets: dv,
+            bn: spec.bn,
+            stats,
+            conv_out,
+            prologue,
+            residual: spec.residual,
+            geometry: spec.geometry,
+            dsbn: spec.dsbn,
+            out,
+        });
+        Ok(out)
+    }
+
+    /// A standalone DSBN `relu?(DSBN(x) + residual)` (a DSBN after a convolution is better a
+    /// [`Graph::dab`]): batch statistics in training, running statistics in evaluation.
     pub fn dsbn(
         &mut self,
         store: &mut ParamStore<B>,
@@ -266,6 +374,10 @@ impl<B: Backend> Graph<B> {
         residual: Option<Var>,
         opts: DsbnOptions,
     ) -> Result<Var> {
+        self.ready(x, "DSBN")?;
+        if let Some(r) = residual {
+            self.ready(r, "DSBN residual")?;
+        }
         let dv = datasets.0;
         let res = residual.map(|r| &self.values[r.0]);
         if !self.training {
@@ -281,24 +393,55 @@ impl<B: Backend> Graph<B> {
         let layer = store.bn_mut(bn);
         let (y, saved) =
             self.backend.dsbn_forward_train(&self.values[x.0], &self.values[dv.0], &mut layer.tables, &opts, res)?;
-        if let Some(host) = &self.host_datasets[dv.0] {
-            let mut seen = vec![false; layer.num_datasets];
-            for &d in host {
-                if let Some(s) = seen.get_mut(d as usize) {
-                    *s = true;
-                }
+        Self::track(self.host_datasets[dv.0].as_ref(), &mut layer.batches_tracked);
+        self.stats.push(saved);
+        let stats = self.stats.len() - 1;
+        let out = self.push(y, true);
+        self.rec(Node::Dsbn { x, residual, datasets: dv, bn, stats, opts, out });
+        Ok(out)
+    }
+
+    /// PSPNet's pyramid pooling module as one op: per bin b, pool to b×b → the branch's DAB
+    /// (1×1 convolution `branches[i].0`, DSBN layer `branches[i].1`) → bilinear upsampling into
+    /// its channel slice of `[x, branches…]`. Training moves every branch's running statistics.
+    pub fn ppm(
+        &mut self,
+        store: &mut ParamStore<B>,
+        x: Var,
+        datasets: Datasets,
+        branches: &[(WeightId, BnId)],
+        opts: &PpmOptions,
+    ) -> Result<Var> {
+        self.ready(x, "pyramid pooling module")?;
+        let dv = datasets.0;
+        let dtype = self.values[x.0].dtype();
+        if !self.training {
+            let mut refs = Vec::with_capacity(branches.len());
+            for &(w, b) in branches {
+                refs.push(PpmBranchRef { weight: store.conv_weight(w, dtype)?, bn: &store.bn(b).tables });
             }
-            for (count, present) in layer.batches_tracked.iter_mut().zip(seen) {
-                *count += present as i64;
-            }
+            let y = self.backend.ppm_forward_infer(&self.values[x.0], &self.values[dv.0], &refs, opts)?;
+            return Ok(self.push(y, false));
+        }
+        let (weights, layers) = store.branch_parts(branches, dtype)?;
+        let mut views: Vec<PpmBranchMut<'_, B>> = Vec::with_capacity(branches.len());
+        let mut counts = Vec::with_capacity(branches.len());
+        for (weight, layer) in weights.into_iter().zip(layers) {
+            views.push(PpmBranchMut { weight, bn: &mut layer.tables });
+            counts.push(&mut layer.batches_tracked);
+        }
+        let (y, saved) = self.backend.ppm_forward_train(&self.values[x.0], &self.values[dv.0], &mut views, opts)?;
+        for c in counts {
+            Self::track(self.host_datasets[dv.0].as_ref(), c);
         }
         let out = self.push(y, true);
-        self.rec(Node::Dsbn { x, residual, datasets: dv, bn, saved, opts, out });
+        self.rec(Node::Ppm { x, datasets: dv, branches: branches.to_vec(), saved, opts: opts.clone(), out });
         Ok(out)
     }
 
     /// `max(x, 0)`.
     pub fn relu(&mut self, x: Var) -> Result<Var> {
+        self.ready(x, "ReLU")?;
         let y = self.backend.relu(&self.values[x.0])?;
         let out = self.push(y, true);
         self.rec(Node::Relu { out, x });
@@ -307,6 +450,8 @@ impl<B: Backend> Graph<B> {
 
     /// `a + b`.
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.ready(a, "add")?;
+        self.ready(b, "add")?;
         let y = self.backend.add(&self.values[a.0], &self.values[b.0])?;
         let out = self.push(y, true);
         self.rec(Node::Add { a, b, out });
@@ -315,6 +460,7 @@ impl<B: Backend> Graph<B> {
 
     /// Max pooling.
     pub fn max_pool2d(&mut self, x: Var, geometry: PoolGeometry) -> Result<Var> {
+        self.ready(x, "max pooling")?;
         let [_, h, w, _] = nhwc(&self.values[x.0], "max pooling input")?;
         let (y, indices) = self.backend.max_pool2d(&self.values[x.0], &geometry)?;
         let out = self.push(y, true);
@@ -324,6 +470,7 @@ impl<B: Backend> Graph<B> {
 
     /// Adaptive average pooling to `out_h × out_w`.
     pub fn adaptive_avg_pool(&mut self, x: Var, out_h: usize, out_w: usize) -> Result<Var> {
+        self.ready(x, "adaptive average pooling")?;
         let [_, h, w, _] = nhwc(&self.values[x.0], "pooling input")?;
         let y = self.backend.adaptive_avg_pool(&self.values[x.0], out_h, out_w)?;
         let out = self.push(y, true);
@@ -333,6 +480,7 @@ impl<B: Backend> Graph<B> {
 
     /// Bilinear resize to `out_h × out_w`.
     pub fn resize_bilinear(&mut self, x: Var, out_h: usize, out_w: usize, align_corners: bool) -> Result<Var> {
+        self.ready(x, "bilinear resize")?;
         let [_, h, w, _] = nhwc(&self.values[x.0], "resize input")?;
         let y = self.backend.resize_bilinear(&self.values[x.0], out_h, out_w, align_corners)?;
         let out = self.push(y, true);
@@ -344,6 +492,7 @@ impl<B: Backend> Graph<B> {
     pub fn concat_channels(&mut self, parts: &[Var]) -> Result<Var> {
         let mut with_c = Vec::with_capacity(parts.len());
         for &p in parts {
+            self.ready(p, "channel concatenation")?;
             with_c.push((p, nhwc(&self.values[p.0], "concat input")?[3]));
         }
         let refs: Vec<&B::Tensor> = parts.iter().map(|p| &self.values[p.0]).collect();
@@ -355,6 +504,7 @@ impl<B: Backend> Graph<B> {
 
     /// Dropout2d in training (the seed decides the mask); the identity in evaluation.
     pub fn dropout2d(&mut self, x: Var, opts: Dropout2dOptions) -> Result<Var> {
+        self.ready(x, "dropout")?;
         if !self.training || opts.p == 0.0 {
             return Ok(x);
         }
@@ -364,21 +514,42 @@ impl<B: Backend> Graph<B> {
         Ok(out)
     }
 
-    /// Samples `start .. start + len` of `x`.
-    pub fn slice_batch(&mut self, x: Var, start: usize, len: usize) -> Result<Var> {
-        let y = self.backend.slice_batch(&self.values[x.0], start, len)?;
-        let host = self.host_datasets[x.0].as_ref().map(|h| {
-            let per = h.len() / self.values[x.0].shape().first().copied().unwrap_or(1).max(1);
-            h[start * per..(start + len) * per].to_vec()
-        });
-        let out = self.push(y, true);
-        self.host_datasets[out.0] = host;
-        self.rec(Node::SliceBatch { x, start, len, out });
-        Ok(out)
+    /// `x` cut along the batch into consecutive parts of `sizes` samples (which must add up to
+    /// its batch): each dataset's samples of a pass that ran several datasets at once.
+    pub fn split_batch(&mut self, x: Var, sizes: &[usize]) -> Result<Vec<Var>> {
+        self.ready(x, "batch split")?;
+        let batch = self.values[x.0].shape().first().copied().unwrap_or(0);
+        if sizes.is_empty() || sizes.contains(&0) || sizes.iter().sum::<usize>() != batch {
+            return Err(Error::InvalidArgument(format!(
+                "batch split into {sizes:?}: the parts must be non-empty and add up to the batch of {batch}"
+            )));
+        }
+        let host = self.host_datasets[x.0].clone();
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for &len in sizes {
+            let y = if sizes.len() == 1 {
+                self.backend.try_clone(&self.values[x.0])?
+            } else {
+                self.backend.slice_batch(&self.values[x.0], start, len)?
+            };
+            let out = self.push(y, true);
+            self.host_datasets[out.0] = host.as_ref().map(|h| {
+                let per = h.len() / batch.max(1);
+                h[start * per..(start + len) * per].to_vec()
+            });
+            parts.push((out, len));
+            start += len;
+        }
+        self.rec(Node::SplitBatch { x, parts: parts.clone() });
+        Ok(parts.into_iter().map(|(v, _)| v).collect())
     }
 
     /// Concatenation along the first axis.
     pub fn concat_batch(&mut self, parts: &[Var]) -> Result<Var> {
+        for &p in parts {
+            self.ready(p, "batch concatenation")?;
+        }
         let with_n: Vec<(Var, usize)> =
             parts.iter().map(|&p| (p, self.values[p.0].shape().first().copied().unwrap_or(0))).collect();
         let refs: Vec<&B::Tensor> = parts.iter().map(|p| &self.values[p.0]).collect();
@@ -392,219 +563,145 @@ impl<B: Backend> Graph<B> {
     }
 
     /// Multi-head cross-entropy (mean over each dataset's valid pixels, weighted sum over
-    /// datasets); returns the loss scalar and the per-dataset values.
-    pub fn cross_entropy(
-        &mut self,
-        logits: Var,
-        labels: Var,
-        datasets: Var,
-        num_classes: &[usize],
-        weights: Option<Vec<f32>>,
-    ) -> Result<(Scalar, CrossEntropyLoss)> {
-        let opts = CrossEntropyOptions { weights: weights.clone(), grad_scale: 1.0 };
-        let (loss, _) = self.backend.cross_entropy(
+    /// datasets) as one op, with the logits' upsampling fused in when `spec.upsample` is set;
+    /// returns the loss scalar (the weighted total), which stays on the backend until read.
+    pub fn cross_entropy(&mut self, logits: Var, labels: Var, datasets: Var, spec: &LossSpec) -> Result<Scalar> {
+        self.ready(logits, "cross-entropy")?;
+        let with_grad = self.recording && self.needs_grad[logits.0] && spec.expected_grad.is_some();
+        let opts = LossOptions {
+            ce: CrossEntropyOptions { weights: spec.weights.clone(), grad_scale: spec.expected_grad.unwrap_or(1.0) },
+            upsample: spec.upsample,
+            with_grad,
+        };
+        let (loss, dlogits) = self.backend.cross_entropy(
             &self.values[logits.0],
             &self.values[labels.0],
             &self.values[datasets.0],
-            num_classes,
+            &spec.num_classes,
             &opts,
-            false,
         )?;
-        let out = self.push_scalar(loss.total);
-        self.rec(Node::CrossEntropy { logits, labels, datasets, num_classes: num_classes.to_vec(), weights, out });
-        Ok((out, loss))
+        self.losses.push(loss);
+        let out = self.push_scalar(ScalarDef::Loss(self.losses.len() - 1));
+        self.rec(Node::Loss {
+            logits,
+            labels,
+            datasets,
+            num_classes: spec.num_classes.clone(),
+            weights: spec.weights.clone(),
+            upsample: spec.upsample,
+            pre: dlogits.map(|d| (opts.ce.grad_scale, d)),
+            out,
+        });
+        Ok(out)
     }
 
-    /// `Σ weight · term`.
+    /// `Σ weight · term` (evaluated on the host when read).
     pub fn weighted_sum(&mut self, terms: &[(Scalar, f32)]) -> Scalar {
-        let v = terms.iter().map(|&(s, w)| w as f64 * self.scalars[s.0] as f64).sum::<f64>() as f32;
-        let out = self.push_scalar(v);
+        let out = self.push_scalar(ScalarDef::Sum(terms.to_vec()));
         self.rec(Node::Sum { terms: terms.to_vec(), out });
         out
     }
 
-    /// Runs the tape backwards from `root` (seeded with gradient 1), accumulating parameter
-    /// gradients into `store` and returning the gradients of the inputs registered with
-    /// [`Graph::input_with_grad`] (by `Var`), in ascending order. The tape is consumed.
-    pub fn backward(&mut self, root: Scalar, store: &mut ParamStore<B>) -> Result<Vec<(Var, B::Tensor)>> {
-        if !self.recording && self.tape.is_empty() {
-            return Err(Error::InvalidArgument("backward on a graph that recorded nothing".into()));
+    /// The losses tensor `[1 + D]` behind a loss scalar (total, per dataset), for reading
+    /// together with other tensors; `None` for a sum.
+    pub fn loss_tensor(&self, s: Scalar) -> Option<&B::Tensor> {
+        match &self.scalars[s.0] {
+            ScalarDef::Loss(i) => Some(&self.losses[*i]),
+            ScalarDef::Sum(_) => None,
         }
-        let b = self.backend.clone();
-        let mut grads: Vec<Option<B::Tensor>> = (0..self.values.len()).map(|_| None).collect();
-        let mut sgrads = vec![0.0f32; self.scalars.len()];
-        sgrads[root.0] = 1.0;
-        let needs = self.needs_grad.clone();
-        let acc = |grads: &mut Vec<Option<B::Tensor>>, v: Var, g: B::Tensor| -> Result<()> {
-            if !needs[v.0] {
-                return Ok(());
+    }
+
+    /// The values of `scalars`, and of `extra` (f32 rank-1 tensors, e.g. an overflow flag)
+    /// flattened in order, with ONE read from the backend: every loss tensor involved is
+    /// gathered into one tensor first.
+    pub fn read_scalars(&self, scalars: &[Scalar], extra: &[&B::Tensor]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut used = vec![false; self.losses.len()];
+        let mut stack: Vec<Scalar> = scalars.to_vec();
+        while let Some(s) = stack.pop() {
+            match &self.scalars[s.0] {
+                ScalarDef::Loss(i) => used[*i] = true,
+                ScalarDef::Sum(terms) => stack.extend(terms.iter().map(|t| t.0)),
             }
-            grads[v.0] = Some(match grads[v.0].take() {
-                None => g,
-                Some(prev) => b.add(&prev, &g)?,
-            });
-            Ok(())
+        }
+        let mut parts: Vec<&B::Tensor> = Vec::new();
+        let mut offset = vec![usize::MAX; self.losses.len()];
+        let mut at = 0;
+        for (i, l) in self.losses.iter().enumerate().filter(|(i, _)| used[*i]) {
+            offset[i] = at;
+            at += l.shape().iter().product::<usize>();
+            parts.push(l);
+        }
+        let extra_start = at;
+        parts.extend(extra.iter().copied());
+        let host = match parts.len() {
+            0 => Vec::new(),
+            1 => self.backend.to_f32(parts[0])?,
+            _ => self.backend.to_f32(&self.backend.concat_batch(&parts)?)?,
         };
-        let tape = std::mem::take(&mut self.tape);
-        for node in tape.into_iter().rev() {
+        let mut values = Vec::with_capacity(scalars.len());
+        for &s in scalars {
+            values.push(self.eval_scalar(s, &host, &offset));
+        }
+        Ok((values, host[extra_start..].to_vec()))
+    }
+
+    fn eval_scalar(&self, s: Scalar, host: &[f32], offset: &[usize]) -> f32 {
+        match &self.scalars[s.0] {
+            ScalarDef::Loss(i) => host[offset[*i]],
+            ScalarDef::Sum(terms) => {
+                terms.iter().map(|&(t, w)| w as f64 * self.eval_scalar(t, host, offset) as f64).sum::<f64>() as f32
+            }
+        }
+    }
+
+    /// The value of one scalar (one read; a step reads its scalars together with
+    /// [`Graph::read_scalars`]).
+    pub fn scalar(&self, s: Scalar) -> Result<f32> {
+        Ok(self.read_scalars(&[s], &[])?.0[0])
+    }
+
+    /// Every normalisation the tape recorded, in forward order (the tape is kept after the
+    /// backward for this).
+    pub fn norm_records(&self) -> Vec<NormRecord<'_, B>> {
+        let mut out = Vec::new();
+        for node in &self.tape {
             match node {
-                Node::Sum { terms, out } => {
-                    let g = sgrads[out.0];
-                    for (s, w) in terms {
-                        sgrads[s.0] += g * w;
+                Node::Dab { bn, stats, conv_out, residual, dsbn, datasets, out: o, .. } => out.push(NormRecord {
+                    bn: *bn,
+                    x: conv_out.as_ref().unwrap_or(&self.values[o.0]),
+                    stats: &self.stats[*stats],
+                    residual: residual.map(|r| &self.values[r.0]),
+                    relu: dsbn.relu,
+                    datasets: &self.values[datasets.0],
+                }),
+                Node::Dsbn { x, residual, datasets, bn, stats, opts, .. } => out.push(NormRecord {
+                    bn: *bn,
+                    x: &self.values[x.0],
+                    stats: &self.stats[*stats],
+                    residual: residual.map(|r| &self.values[r.0]),
+                    relu: opts.relu,
+                    datasets: &self.values[datasets.0],
+                }),
+                Node::Ppm { datasets, branches, saved, opts, .. } => {
+                    for (&(_, bn), (x, stats)) in branches.iter().zip(saved.branch_records()) {
+                        out.push(NormRecord {
+                            bn,
+                            x,
+                            stats,
+                            residual: None,
+                            relu: opts.dsbn.relu,
+                            datasets: &self.values[datasets.0],
+                        });
                     }
                 }
-                Node::CrossEntropy { logits, labels, datasets, num_classes, weights, out } => {
-                    let g = sgrads[out.0];
-                    if g == 0.0 || !needs[logits.0] {
-                        continue;
-                    }
-                    let opts = CrossEntropyOptions { weights, grad_scale: g };
-                    let (_, d) = b.cross_entropy(
-                        &self.values[logits.0],
-                        &self.values[labels.0],
-                        &self.values[datasets.0],
-                        &num_classes,
-                        &opts,
-                        true,
-                    )?;
-                    let d = d.ok_or_else(|| Error::InvalidArgument("backend returned no dlogits".into()))?;
-                    acc(&mut grads, logits, d)?;
-                }
-                Node::Conv { x, w, bias, geometry, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let wt = &store.weight(w).value;
-                    let [k, r, s, _] = nhwc(wt, "convolution weight")?;
-                    if needs[x.0] {
-                        let [_, h, wd, _] = nhwc(&self.values[x.0], "convolution input")?;
-                        let dx = b.conv2d_backward_data(&dy, wt, (h, wd), &geometry)?;
-                        acc(&mut grads, x, dx)?;
-                    }
-                    let (dw, db) =
-                        b.conv2d_backward_filter(&dy, &self.values[x.0], (k, r, s), bias.is_some(), &geometry)?;
-                    store.accumulate_weight_grad(w, dw)?;
-                    if let (Some(bid), Some(db)) = (bias, db) {
-                        store.accumulate_weight_grad(bid, db)?;
-                    }
-                }
-                Node::Dsbn { x, residual, datasets, bn, saved, opts, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let g = b.dsbn_backward_train(
-                        &dy,
-                        &self.values[x.0],
-                        residual.map(|r| &self.values[r.0]),
-                        &self.values[datasets.0],
-                        &store.bn(bn).tables,
-                        &saved,
-                        &opts,
-                    )?;
-                    acc(&mut grads, x, g.dx)?;
-                    if let (Some(r), Some(dr)) = (residual, g.dresidual) {
-                        acc(&mut grads, r, dr)?;
-                    }
-                    store.accumulate_bn_grad(bn, g.dgamma, g.dbeta)?;
-                }
-                Node::Relu { out, x } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let dx = b.relu_backward(&dy, &self.values[out.0])?;
-                    acc(&mut grads, x, dx)?;
-                }
-                Node::Add { a, b: bv, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    if needs[a.0] && needs[bv.0] {
-                        let copy = b.try_clone(&dy)?;
-                        acc(&mut grads, a, copy)?;
-                        acc(&mut grads, bv, dy)?;
-                    } else if needs[a.0] {
-                        acc(&mut grads, a, dy)?;
-                    } else {
-                        acc(&mut grads, bv, dy)?;
-                    }
-                }
-                Node::MaxPool { x, indices, input_hw, geometry, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    if needs[x.0] {
-                        let dx = b.max_pool2d_backward(&dy, &indices, input_hw, &geometry)?;
-                        acc(&mut grads, x, dx)?;
-                    }
-                }
-                Node::AvgPool { x, input_hw, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    if needs[x.0] {
-                        let dx = b.adaptive_avg_pool_backward(&dy, input_hw)?;
-                        acc(&mut grads, x, dx)?;
-                    }
-                }
-                Node::Resize { x, input_hw, align_corners, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    if needs[x.0] {
-                        let dx = b.resize_bilinear_backward(&dy, input_hw, align_corners)?;
-                        acc(&mut grads, x, dx)?;
-                    }
-                }
-                Node::Concat { parts, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let mut offset = 0;
-                    for (p, c) in parts {
-                        if needs[p.0] {
-                            let dp = b.slice_channels(&dy, offset, c)?;
-                            acc(&mut grads, p, dp)?;
-                        }
-                        offset += c;
-                    }
-                }
-                Node::Dropout { x, opts, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let dx = b.dropout2d_backward(&dy, &opts)?;
-                    acc(&mut grads, x, dx)?;
-                }
-                Node::SliceBatch { x, start, len, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    if !needs[x.0] {
-                        continue;
-                    }
-                    let full = self.values[x.0].shape().to_vec();
-                    let mut pieces = Vec::new();
-                    if start > 0 {
-                        let mut s = full.clone();
-                        s[0] = start;
-                        pieces.push(b.zeros(&s)?);
-                    }
-                    let after = full[0] - start - len;
-                    let tail = if after > 0 {
-                        let mut s = full.clone();
-                        s[0] = after;
-                        Some(b.zeros(&s)?)
-                    } else {
-                        None
-                    };
-                    let mut refs: Vec<&B::Tensor> = pieces.iter().collect();
-                    refs.push(&dy);
-                    if let Some(t) = &tail {
-                        refs.push(t);
-                    }
-                    let dx = b.concat_batch(&refs)?;
-                    acc(&mut grads, x, dx)?;
-                }
-                Node::ConcatBatch { parts, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let mut start = 0;
-                    for (p, n) in parts {
-                        if needs[p.0] {
-                            let dp = b.slice_batch(&dy, start, n)?;
-                            acc(&mut grads, p, dp)?;
-                        }
-                        start += n;
-                    }
-                }
+                _ => {}
             }
         }
-        let mut inputs = Vec::new();
-        for (i, g) in grads.into_iter().enumerate() {
-            if let Some(g) = g {
-                inputs.push((Var(i), g));
-            }
-        }
-        Ok(inputs)
+        out
+    }
+
+    /// The storage type of a value (what the graph's convolutions read their weights in).
+    pub fn dtype(&self, v: Var) -> DType {
+        self.values[v.0].dtype()
     }
 }

@@ -6,8 +6,22 @@
 //!   fast enough to train a small model on a laptop; it is checked against [`crate::reference`]
 //!   and is in turn the oracle a whole training step on the device backend is compared with.
 //!
-//! Every op is f32 storage with f32 statistics (mixed precision is the kernels' business, not
-//! the graph's); dataset indices and labels are i32 tensors. Layouts are the kernels' (NHWC
+//! **The unit is what the kernels fuse.** Besides the primitives (convolution, DSBN, pooling,
+//! resizing, slices, element-wise ops), the trait has the dataset-aware block itself
+//! ([`Backend::dab_forward_train`], [`Backend::dab_forward_infer`], [`Backend::dab_backward`]:
+//! convolution → DSBN with each sample's dataset slice → optional residual → ReLU, with the
+//! *prologue* variant in which the next block's convolution normalises its input as it loads
+//! it), the pyramid pooling module ([`Backend::ppm_forward_train`] …) and the loss with the
+//! bilinear upsampling of the logits fused in ([`Backend::cross_entropy`] with
+//! [`LossOptions::upsample`]). The device backend runs each as the fused kernels; the CPU backend
+//! composes its own primitives, so the two compute the same function and can be compared on
+//! whole training steps.
+//!
+//! **Storage.** Activations and their gradients are f32, f16 or bf16 ([`TensorLike::dtype`]);
+//! statistics, DSBN tables, their gradients, losses and optimiser state are f32; dataset indices
+//! and labels are i32. An op reads 16-bit storage as f32, computes in f32 (or f64 on the CPU
+//! backend) and rounds its output once to the storage type — the same rounding points on both
+//! backends, so a mixed-precision step is comparable across them. Layouts are the kernels' (NHWC
 //! activations, KRSC weights, `[D, C]` DSBN tables), and so are the semantics: each op's doc
 //! points at the `ops` function whose contract it follows, errors included.
 
@@ -15,11 +29,13 @@ use std::fmt;
 
 use crate::error::Result;
 use crate::ops::conv::ConvGeometry;
-use crate::ops::cross_entropy::{CrossEntropyLoss, CrossEntropyOptions};
+use crate::ops::cross_entropy::CrossEntropyOptions;
 use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
+use crate::ops::ppm::PpmOptions;
 use crate::ops::sgd::{FrozenRows, SgdOptions};
+use crate::tensor::DType;
 
 pub mod counters;
 pub mod cpu;
@@ -32,11 +48,17 @@ pub use device::DeviceBackend;
 pub trait TensorLike: fmt::Debug {
     /// The dimensions, outermost first.
     fn shape(&self) -> &[usize];
+    /// The element (storage) type.
+    fn dtype(&self) -> DType;
 }
 
 impl TensorLike for crate::Tensor {
     fn shape(&self) -> &[usize] {
         crate::Tensor::shape(self)
+    }
+
+    fn dtype(&self) -> DType {
+        crate::Tensor::dtype(self)
     }
 }
 
@@ -46,6 +68,22 @@ pub trait BnTables<T> {
     fn tables(&self) -> [&T; 4];
     /// The same, writable (SGD updates γ and β; checkpoints load all four).
     fn tables_mut(&mut self) -> [&mut T; 4];
+}
+
+/// The batch statistics a DSBN training forward saved: `[D, C]` f32 mean and 1/std per
+/// (dataset, channel), zero for the datasets absent from the batch.
+pub trait BnStats<T> {
+    /// Batch mean.
+    fn mean(&self) -> &T;
+    /// `1 / sqrt(var + eps)` of the batch (biased variance).
+    fn invstd(&self) -> &T;
+}
+
+/// What a pyramid pooling module's training forward saved, as far as inspecting a step needs.
+pub trait PpmRecords<T, S> {
+    /// Per branch, in bin order: the branch convolution's output and its batch statistics (the
+    /// branch's ReLU input is their normalisation).
+    fn branch_records(&self) -> Vec<(&T, &S)>;
 }
 
 /// Gradients of a DSBN layer: `dx` like `x`, `dgamma` and `dbeta` `[D, C]` (zero rows for the
@@ -62,11 +100,184 @@ pub struct BnGrads<T> {
     pub dresidual: Option<T>,
 }
 
+/// The tensors a dataset-aware block reads: its input `[N, H, W, C]`, its convolution weight
+/// `[K, R, S, C]` (the input's storage type) and the dataset index of every sample, `[N]` i32.
+pub struct DabInput<'a, B: Backend> {
+    /// The convolution's input: an activation, or — with a [`Prologue`] — the previous block's
+    /// raw convolution output, which this block's convolution normalises as it loads it.
+    pub x: &'a B::Tensor,
+    /// The convolution weight, KRSC.
+    pub weight: &'a B::Tensor,
+    /// `[N]` i32 dataset indices (which DSBN slice normalises each sample).
+    pub datasets: &'a B::Tensor,
+}
+
+impl<B: Backend> Clone for DabInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for DabInput<'_, B> {}
+
+/// The previous block's normalisation, applied by a block's convolution to its input as it
+/// loads it: `relu?((x − μ)·invstd·γ + β)` with the previous block's batch statistics and
+/// tables, per sample's dataset. The normalised activation is then never stored: the forward
+/// recomputes it in the convolution, the backward in the filter gradient.
+pub struct Prologue<'a, B: Backend> {
+    /// The previous block's DSBN tables (γ, β).
+    pub bn: &'a B::Bn,
+    /// The batch statistics its training forward saved.
+    pub stats: &'a B::BnSaved,
+    /// Whether the previous block ends in a ReLU.
+    pub relu: bool,
+}
+
+impl<B: Backend> Clone for Prologue<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Prologue<'_, B> {}
+
+/// How a dataset-aware block computes: `relu?(DSBN(conv(prologue?(x))) + residual)`.
+pub struct DabOptions<'a, B: Backend> {
+    /// Stride, padding and dilation of the convolution.
+    pub geometry: ConvGeometry,
+    /// The DSBN's eps, momentum and ReLU.
+    pub dsbn: DsbnOptions,
+    /// The previous block's normalisation, applied to the input as it is loaded (training only).
+    pub prologue: Option<Prologue<'a, B>>,
+    /// Added after the normalisation, before the ReLU (ResNet's identity); like the output.
+    pub residual: Option<&'a B::Tensor>,
+    /// Training forward: write the block's output. Without it only the convolution output and
+    /// the statistics exist, and the consumer must be a block that takes them as its prologue
+    /// (a residual needs the output written).
+    pub materialize: bool,
+    /// Backward: leave out the input gradient (the first block of a network, whose input is
+    /// the images, needs none).
+    pub skip_input_grad: bool,
+}
+
+impl<B: Backend> Clone for DabOptions<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for DabOptions<'_, B> {}
+
+impl<'a, B: Backend> DabOptions<'a, B> {
+    /// A block with this geometry and DSBN, no prologue, no residual, output written.
+    pub fn new(geometry: ConvGeometry, dsbn: DsbnOptions) -> Self {
+        DabOptions { geometry, dsbn, prologue: None, residual: None, materialize: true, skip_input_grad: false }
+    }
+}
+
+/// What a DAB's training forward produced.
+#[derive(Debug)]
+pub struct DabForward<B: Backend> {
+    /// The convolution's output before the DSBN: what the backward reads, and the next block's
+    /// input when the next block takes this one's normalisation as its prologue.
+    pub conv_out: B::Tensor,
+    /// Batch statistics per (dataset, channel).
+    pub stats: B::BnSaved,
+    /// `relu?(DSBN(conv_out) + residual)`, when [`DabOptions::materialize`] asked for it.
+    pub output: Option<B::Tensor>,
+}
+
+/// What a DAB's backward reads of its forward.
+pub struct DabSaved<'a, B: Backend> {
+    /// [`DabForward::conv_out`].
+    pub conv_out: &'a B::Tensor,
+    /// [`DabForward::stats`].
+    pub stats: &'a B::BnSaved,
+}
+
+impl<B: Backend> Clone for DabSaved<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for DabSaved<'_, B> {}
+
+/// Gradients of a dataset-aware block.
+#[derive(Debug)]
+pub struct DabGrads<T> {
+    /// Gradient with respect to the convolution's input as the convolution saw it (after the
+    /// prologue, if any): the previous block's output gradient. `None` with
+    /// [`DabOptions::skip_input_grad`].
+    pub dx: Option<T>,
+    /// Gradient with respect to the convolution weight (the weight's storage type).
+    pub dweight: T,
+    /// `[D, K]` f32, zero rows for datasets absent from the batch.
+    pub dgamma: T,
+    /// `[D, K]` f32.
+    pub dbeta: T,
+    /// Gradient with respect to the residual, when there was one.
+    pub dresidual: Option<T>,
+}
+
+/// One branch of a pyramid pooling module, for a training forward: its 1×1 convolution weight
+/// `[K, 1, 1, C]` and its DSBN layer (running statistics move).
+pub struct PpmBranchMut<'a, B: Backend> {
+    /// `[K, 1, 1, C]`, the input's storage type.
+    pub weight: &'a B::Tensor,
+    /// The branch's DSBN tables.
+    pub bn: &'a mut B::Bn,
+}
+
+/// One branch of a pyramid pooling module, read only (inference, backward).
+pub struct PpmBranchRef<'a, B: Backend> {
+    /// `[K, 1, 1, C]`.
+    pub weight: &'a B::Tensor,
+    /// The branch's DSBN tables.
+    pub bn: &'a B::Bn,
+}
+
+impl<B: Backend> Clone for PpmBranchRef<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for PpmBranchRef<'_, B> {}
+
+/// Parameter gradients of one PPM branch.
+#[derive(Debug)]
+pub struct PpmBranchGrads<T> {
+    /// `[K, 1, 1, C]`.
+    pub dweight: T,
+    /// `[D, K]` f32.
+    pub dgamma: T,
+    /// `[D, K]` f32.
+    pub dbeta: T,
+}
+
+/// Gradients of a pyramid pooling module.
+#[derive(Debug)]
+pub struct PpmGrads<T> {
+    /// Gradient with respect to the input `[N, H, W, C]` (identity slice included).
+    pub dx: T,
+    /// Per branch, in bin order.
+    pub branches: Vec<PpmBranchGrads<T>>,
+}
+
+/// Options of [`Backend::cross_entropy`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LossOptions {
+    /// Dataset weights and the gradient scale (see [`CrossEntropyOptions`]).
+    pub ce: CrossEntropyOptions,
+    /// `Some(align_corners)`: the logits are at a lower resolution than the labels and are
+    /// upsampled bilinearly on the fly (the upsampled logits are never stored; the gradient is
+    /// with respect to the low-resolution logits).
+    pub upsample: Option<bool>,
+    /// Also compute the gradient with respect to the logits (scaled by `ce.grad_scale`).
+    pub with_grad: bool,
+}
+
 /// One parameter tensor of an SGD step (see [`crate::ops::sgd::SgdParam`]).
 pub struct SgdTensor<'a, T> {
-    /// The parameter, updated in place.
+    /// The parameter (the f32 master), updated in place.
     pub param: &'a mut T,
-    /// Its gradient.
+    /// Its gradient, f32.
     pub grad: &'a T,
     /// Its momentum buffer, updated in place (not read on the first step).
     pub momentum_buffer: &'a mut T,
@@ -74,6 +285,9 @@ pub struct SgdTensor<'a, T> {
     pub lr: f32,
     /// Rows the step leaves untouched, parameter and buffer alike (`None`: none).
     pub frozen_rows: Option<FrozenRows>,
+    /// A 16-bit copy of the parameter (what the convolutions read in mixed precision), written
+    /// from the updated master in the same pass: `copy = round(param)`.
+    pub copy: Option<&'a mut T>,
 }
 
 /// The ops a PSPNet with dataset-aware blocks needs, forward and backward.
@@ -85,8 +299,11 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     type Tensor: TensorLike;
     /// One DSBN layer's tables.
     type Bn: BnTables<Self::Tensor> + fmt::Debug;
-    /// What a DSBN training forward saves for its backward.
-    type BnSaved: fmt::Debug;
+    /// What a DSBN training forward saves for its backward (batch mean and 1/std per
+    /// (dataset, channel)).
+    type BnSaved: BnStats<Self::Tensor> + fmt::Debug;
+    /// What a pyramid pooling module's training forward saves for its backward.
+    type PpmSaved: PpmRecords<Self::Tensor, Self::BnSaved> + fmt::Debug;
 
     /// A short human-readable name ("cpu", "emulator", "cuda:0 (NVIDIA H100 ...)").
     fn name(&self) -> String;
@@ -107,22 +324,26 @@ pub trait Backend: Clone + fmt::Debug + 'static {
 
     /// An f32 tensor from row-major host data.
     fn tensor_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    /// A float tensor of storage `dtype` (f32, f16 or bf16) from f32 host data, each value
+    /// rounded to the nearest representable one (ties to even).
+    fn tensor_float(&self, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self::Tensor>;
     /// An i32 tensor (dataset indices, labels) from row-major host data.
     fn tensor_i32(&self, shape: &[usize], data: &[i32]) -> Result<Self::Tensor>;
     /// An f32 tensor of zeros.
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
-    /// Reads an f32 tensor back to the host (`DTypeMismatch` for another dtype).
+    /// Reads a float tensor back to the host as f32 (16-bit values widen exactly;
+    /// `DTypeMismatch` for an integer tensor).
     fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// Reads an i32 tensor back to the host (`DTypeMismatch` for another dtype).
     fn to_i32(&self, t: &Self::Tensor) -> Result<Vec<i32>>;
-    /// Overwrites an f32 tensor with host data of the same length.
+    /// Overwrites a float tensor with host data of the same length, rounded to its storage type.
     fn write_f32(&self, t: &mut Self::Tensor, data: &[f32]) -> Result<()>;
     /// A deep copy.
     fn try_clone(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
 
     // ---- element-wise (ops::elementwise) -----------------------------------------------------
 
-    /// `a + b`, same shapes.
+    /// `a + b`, same shapes and storage.
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `max(x, 0)`.
     fn relu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
@@ -131,7 +352,8 @@ pub trait Backend: Clone + fmt::Debug + 'static {
 
     // ---- convolution (ops::conv) -------------------------------------------------------------
 
-    /// `conv2d(x, w) + bias`: x `[N,H,W,C]`, w `[K,R,S,C]`, bias `[K]` → `[N,P,Q,K]`.
+    /// `conv2d(x, w) + bias`: x `[N,H,W,C]`, w `[K,R,S,C]` (x's storage), bias `[K]` f32 →
+    /// `[N,P,Q,K]` in x's storage.
     fn conv2d(
         &self,
         x: &Self::Tensor,
@@ -147,8 +369,8 @@ pub trait Backend: Clone + fmt::Debug + 'static {
         input_hw: (usize, usize),
         geometry: &ConvGeometry,
     ) -> Result<Self::Tensor>;
-    /// Gradient with respect to the `[K, R, S, C]` weight (`filter_krs` = (K, R, S)) and, with
-    /// `with_bias`, the `[K]` bias.
+    /// Gradient with respect to the `[K, R, S, C]` weight (`filter_krs` = (K, R, S); x's
+    /// storage, one rounding of the full sum) and, with `with_bias`, the `[K]` f32 bias.
     fn conv2d_backward_filter(
         &self,
         dy: &Self::Tensor,
@@ -163,7 +385,9 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     /// PyTorch's initial tables for `num_datasets` × `channels`: γ = 1, β = 0, μ = 0, σ² = 1.
     fn bn_new(&self, num_datasets: usize, channels: usize) -> Result<Self::Bn>;
     /// Training forward `y = relu?(BN_{datasets[n]}(x) + residual)` with batch statistics per
-    /// (dataset, channel); moves the running statistics of the datasets present.
+    /// (dataset, channel); moves the running statistics of the datasets present. (A DSBN after a
+    /// convolution is better run as [`Backend::dab_forward_train`], which takes the statistics
+    /// from the convolution's epilogue.)
     fn dsbn_forward_train(
         &self,
         x: &Self::Tensor,
@@ -193,6 +417,73 @@ pub trait Backend: Clone + fmt::Debug + 'static {
         saved: &Self::BnSaved,
         opts: &DsbnOptions,
     ) -> Result<BnGrads<Self::Tensor>>;
+
+    // ---- the dataset-aware block (ops::dab) --------------------------------------------------
+
+    /// Training forward of `relu?(DSBN(conv(prologue?(x))) + residual)` (ops::dab::forward_train):
+    /// batch statistics per (dataset, channel) of the convolution's output (the device backend
+    /// takes them from the convolution's epilogue: no separate statistics pass, and with a
+    /// residual no thrown-away output); moves the running statistics of the datasets present.
+    /// With `opts.materialize` the output is written, else only the convolution output and the
+    /// statistics exist (for a consumer that takes them as its [`Prologue`]).
+    fn dab_forward_train(
+        &self,
+        input: DabInput<'_, Self>,
+        bn: &mut Self::Bn,
+        opts: &DabOptions<'_, Self>,
+    ) -> Result<DabForward<Self>>;
+    /// Inference forward with the running statistics (ops::dab::forward_infer: ONE kernel on the
+    /// device, the normalisation, residual and ReLU folded into the convolution's epilogue).
+    /// `opts.prologue` must be `None`; `opts.materialize` is ignored (the output is the result).
+    fn dab_forward_infer(
+        &self,
+        input: DabInput<'_, Self>,
+        bn: &Self::Bn,
+        opts: &DabOptions<'_, Self>,
+    ) -> Result<Self::Tensor>;
+    /// Backward of [`Backend::dab_forward_train`] with the same input and options (γ, β
+    /// unchanged since): ReLU mask (recomputed from the convolution output), per-dataset DSBN
+    /// backward, data and filter gradients; with a prologue the filter gradient recomputes the
+    /// normalised input instead of reading a stored one.
+    fn dab_backward(
+        &self,
+        dy: &Self::Tensor,
+        input: DabInput<'_, Self>,
+        bn: &Self::Bn,
+        saved: DabSaved<'_, Self>,
+        opts: &DabOptions<'_, Self>,
+    ) -> Result<DabGrads<Self::Tensor>>;
+
+    // ---- the pyramid pooling module (ops::ppm) -----------------------------------------------
+
+    /// PSPNet's PPM, training forward: per bin b, adaptive average pooling to b×b → a DAB (1×1
+    /// convolution, DSBN, ReLU as `opts.dsbn.relu`) → bilinear upsampling into its channel slice
+    /// of `[x, branch_1, …]` (ops::ppm::forward_train). Moves every branch's running statistics.
+    fn ppm_forward_train(
+        &self,
+        x: &Self::Tensor,
+        datasets: &Self::Tensor,
+        branches: &mut [PpmBranchMut<'_, Self>],
+        opts: &PpmOptions,
+    ) -> Result<(Self::Tensor, Self::PpmSaved)>;
+    /// Inference forward with the running statistics.
+    fn ppm_forward_infer(
+        &self,
+        x: &Self::Tensor,
+        datasets: &Self::Tensor,
+        branches: &[PpmBranchRef<'_, Self>],
+        opts: &PpmOptions,
+    ) -> Result<Self::Tensor>;
+    /// Backward of [`Backend::ppm_forward_train`]: `dy` of the whole output; `dx` is the identity
+    /// slice of `dy` plus every branch's pooling backward, in bin order.
+    fn ppm_backward(
+        &self,
+        dy: &Self::Tensor,
+        datasets: &Self::Tensor,
+        branches: &[PpmBranchRef<'_, Self>],
+        saved: &Self::PpmSaved,
+        opts: &PpmOptions,
+    ) -> Result<PpmGrads<Self::Tensor>>;
 
     // ---- pooling, resizing, channel and batch slices (ops::maxpool, ops::pool) ---------------
 
@@ -232,30 +523,49 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     fn concat_channels(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
     /// Channels `offset .. offset + len` of an NHWC tensor (the backward of a concat).
     fn slice_channels(&self, x: &Self::Tensor, offset: usize, len: usize) -> Result<Self::Tensor>;
-    /// Samples `start .. start + len` of a tensor (first axis), any rank, f32 or i32.
+    /// Samples `start .. start + len` of a tensor (first axis), any rank and dtype.
     fn slice_batch(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
     /// Concatenation along the first axis; the other dimensions and the dtype must agree.
     fn concat_batch(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
 
-    // ---- regularisation, loss, metrics, optimiser --------------------------------------------
+    // ---- regularisation, loss, metrics -------------------------------------------------------
 
     /// Dropout2d (whole channels), mask from `(seed, sample, channel)` (ops::dropout).
     fn dropout2d(&self, x: &Self::Tensor, opts: &Dropout2dOptions) -> Result<Self::Tensor>;
     /// Backward of [`Backend::dropout2d`] with the same options.
     fn dropout2d_backward(&self, dy: &Self::Tensor, opts: &Dropout2dOptions) -> Result<Self::Tensor>;
-    /// Multi-head cross-entropy (ops::cross_entropy): logits `[N,H,W,Cmax]` f32, labels `[N,H,W]`
-    /// i32, datasets `[N]` i32; with `with_grad`, also dlogits scaled by `opts.grad_scale`.
+    /// Multi-head cross-entropy (ops::cross_entropy): logits `[N,h,w,Cmax]` (any float
+    /// storage), labels `[N,H,W]` i32 (`H, W` = `h, w` unless `opts.upsample`), datasets `[N]`
+    /// i32. Returns the losses as an f32 tensor `[1 + D]` — the weighted total, then each
+    /// dataset's mean — left where the backend computes (read it with [`Backend::to_f32`] when
+    /// the step is done), and with `opts.with_grad` the logits' gradient (their storage).
     fn cross_entropy(
         &self,
         logits: &Self::Tensor,
         labels: &Self::Tensor,
         datasets: &Self::Tensor,
         num_classes: &[usize],
-        opts: &CrossEntropyOptions,
-        with_grad: bool,
-    ) -> Result<(CrossEntropyLoss, Option<Self::Tensor>)>;
+        opts: &LossOptions,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
     /// Per pixel, the class of the largest logit of the sample's own head: `[N,H,W]` i32.
     fn argmax(&self, logits: &Self::Tensor, datasets: &Self::Tensor, num_classes: &[usize]) -> Result<Self::Tensor>;
-    /// One SGD step (momentum, weight decay, per-tensor lr) over every tensor, PyTorch's formula.
-    fn sgd_step(&self, params: &mut [SgdTensor<'_, Self::Tensor>], opts: &SgdOptions, first_step: bool) -> Result<()>;
+
+    // ---- optimiser (ops::sgd) ----------------------------------------------------------------
+
+    /// Each group's tensors (one shape; f32, f16 or bf16) summed in order in f32 and multiplied
+    /// by `scale`, into a new f32 tensor per group — the parameter gradients of a step, gathered
+    /// from every forward that used the parameter and unscaled, in one pass. Also returns an f32
+    /// `[1]` flag: 1 when any input value is infinite or NaN (a loss-scaling overflow), else 0.
+    fn sum_scaled(&self, groups: &[&[&Self::Tensor]], scale: f32) -> Result<(Vec<Self::Tensor>, Self::Tensor)>;
+    /// One SGD step (momentum, weight decay, per-tensor lr) over every tensor, PyTorch's formula,
+    /// writing each 16-bit [`SgdTensor::copy`] from the updated parameter in the same pass. With
+    /// `skip_if`, an f32 `[1]` flag from [`Backend::sum_scaled`], nothing at all is written when
+    /// the flag is nonzero (a skipped step, decided where the flag lives: no host round trip).
+    fn sgd_step(
+        &self,
+        params: &mut [SgdTensor<'_, Self::Tensor>],
+        opts: &SgdOptions,
+        first_step: bool,
+        skip_if: Option<&Self::Tensor>,
+    ) -> Result<()>;
 }

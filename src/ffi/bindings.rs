@@ -644,10 +644,14 @@ pub struct cdcl_sgd_params {
     pub total_chunks: i64,
     pub momentum: f32,
     pub weight_decay: f32,
+    pub copies: *const *mut ::std::os::raw::c_void,
+    pub copy_dtype: i32,
+    pub reserved: i32,
+    pub skip_if: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of cdcl_sgd_params"][::std::mem::size_of::<cdcl_sgd_params>() - 32usize];
+    ["Size of cdcl_sgd_params"][::std::mem::size_of::<cdcl_sgd_params>() - 56usize];
     ["Alignment of cdcl_sgd_params"][::std::mem::align_of::<cdcl_sgd_params>() - 8usize];
     ["Offset of field: cdcl_sgd_params::tensors"][::std::mem::offset_of!(cdcl_sgd_params, tensors) - 0usize];
     ["Offset of field: cdcl_sgd_params::num_tensors"][::std::mem::offset_of!(cdcl_sgd_params, num_tensors) - 8usize];
@@ -655,8 +659,74 @@ const _: () = {
     ["Offset of field: cdcl_sgd_params::total_chunks"][::std::mem::offset_of!(cdcl_sgd_params, total_chunks) - 16usize];
     ["Offset of field: cdcl_sgd_params::momentum"][::std::mem::offset_of!(cdcl_sgd_params, momentum) - 24usize];
     ["Offset of field: cdcl_sgd_params::weight_decay"][::std::mem::offset_of!(cdcl_sgd_params, weight_decay) - 28usize];
+    ["Offset of field: cdcl_sgd_params::copies"][::std::mem::offset_of!(cdcl_sgd_params, copies) - 32usize];
+    ["Offset of field: cdcl_sgd_params::copy_dtype"][::std::mem::offset_of!(cdcl_sgd_params, copy_dtype) - 40usize];
+    ["Offset of field: cdcl_sgd_params::reserved"][::std::mem::offset_of!(cdcl_sgd_params, reserved) - 44usize];
+    ["Offset of field: cdcl_sgd_params::skip_if"][::std::mem::offset_of!(cdcl_sgd_params, skip_if) - 48usize];
 };
 impl Default for cdcl_sgd_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_sum_entry {
+    pub dst: *mut f32,
+    pub srcs: *const *const ::std::os::raw::c_void,
+    pub numel: i64,
+    pub first_chunk: i64,
+    pub num_srcs: i32,
+    pub src_dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_sum_entry"][::std::mem::size_of::<cdcl_sum_entry>() - 40usize];
+    ["Alignment of cdcl_sum_entry"][::std::mem::align_of::<cdcl_sum_entry>() - 8usize];
+    ["Offset of field: cdcl_sum_entry::dst"][::std::mem::offset_of!(cdcl_sum_entry, dst) - 0usize];
+    ["Offset of field: cdcl_sum_entry::srcs"][::std::mem::offset_of!(cdcl_sum_entry, srcs) - 8usize];
+    ["Offset of field: cdcl_sum_entry::numel"][::std::mem::offset_of!(cdcl_sum_entry, numel) - 16usize];
+    ["Offset of field: cdcl_sum_entry::first_chunk"][::std::mem::offset_of!(cdcl_sum_entry, first_chunk) - 24usize];
+    ["Offset of field: cdcl_sum_entry::num_srcs"][::std::mem::offset_of!(cdcl_sum_entry, num_srcs) - 32usize];
+    ["Offset of field: cdcl_sum_entry::src_dtype"][::std::mem::offset_of!(cdcl_sum_entry, src_dtype) - 36usize];
+};
+impl Default for cdcl_sum_entry {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_sum_params {
+    pub entries: *const cdcl_sum_entry,
+    pub num_entries: i32,
+    pub reserved: i32,
+    pub total_chunks: i64,
+    pub scale: f32,
+    pub reserved2: i32,
+    pub nonfinite: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_sum_params"][::std::mem::size_of::<cdcl_sum_params>() - 40usize];
+    ["Alignment of cdcl_sum_params"][::std::mem::align_of::<cdcl_sum_params>() - 8usize];
+    ["Offset of field: cdcl_sum_params::entries"][::std::mem::offset_of!(cdcl_sum_params, entries) - 0usize];
+    ["Offset of field: cdcl_sum_params::num_entries"][::std::mem::offset_of!(cdcl_sum_params, num_entries) - 8usize];
+    ["Offset of field: cdcl_sum_params::reserved"][::std::mem::offset_of!(cdcl_sum_params, reserved) - 12usize];
+    ["Offset of field: cdcl_sum_params::total_chunks"][::std::mem::offset_of!(cdcl_sum_params, total_chunks) - 16usize];
+    ["Offset of field: cdcl_sum_params::scale"][::std::mem::offset_of!(cdcl_sum_params, scale) - 24usize];
+    ["Offset of field: cdcl_sum_params::reserved2"][::std::mem::offset_of!(cdcl_sum_params, reserved2) - 28usize];
+    ["Offset of field: cdcl_sum_params::nonfinite"][::std::mem::offset_of!(cdcl_sum_params, nonfinite) - 32usize];
+};
+impl Default for cdcl_sum_params {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {
@@ -906,6 +976,12 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_sgd_step(p: *const cdcl_sgd_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_sum_scaled(p: *const cdcl_sum_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_sum_scaled(p: *const cdcl_sum_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
 unsafe extern "C" {
     pub fn cdcl_cuda_usss_workspace_bytes(p: *const cdcl_usss_params) -> usize;

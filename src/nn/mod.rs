@@ -2,6 +2,11 @@
 //! (conv → DSBN → ReLU), the pyramid pooling module, and one classifier per dataset on the
 //! main and the auxiliary head. Written once over [`Backend`]; parameters live in a
 //! [`ParamStore`] under the names a PyTorch port of the same model would use.
+//!
+//! Every block is one graph op ([`Graph::dab`]) and so is the pyramid pooling module
+//! ([`Graph::ppm`]). A block whose consumer is the next block's convolution — inside a
+//! BasicBlock or Bottleneck, along the deep stem — leaves its output unwritten in training
+//! ([`Dab::forward_deferred`]): the next convolution normalises its input as it loads it.
 
 mod init;
 mod pspnet;
@@ -11,7 +16,7 @@ pub use init::{conv_default, kaiming_normal_fan_out, normal};
 pub use pspnet::{ModelConfig, Outputs, PspNet};
 pub use resnet::{Block, BlockKind, Depth};
 
-use crate::autograd::{BnId, Datasets, Graph, Group, ParamStore, Var, WeightId};
+use crate::autograd::{BnId, DabSpec as GraphDab, Datasets, Graph, Group, ParamStore, Var, WeightId};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::ops::conv::ConvGeometry;
@@ -102,7 +107,7 @@ impl Dab {
         Ok(Dab { weight, bn, geometry: spec.geometry, out_channels: k })
     }
 
-    /// `relu?(DSBN(conv(x)) + residual)`.
+    /// `relu?(DSBN(conv(x)) + residual)`, the output written (one op: [`Graph::dab`]).
     pub fn forward<B: Backend>(
         &self,
         g: &mut Graph<B>,
@@ -112,8 +117,32 @@ impl Dab {
         residual: Option<Var>,
         relu: bool,
     ) -> Result<Var> {
-        let y = g.conv2d(store, x, self.weight, None, self.geometry)?;
-        g.dsbn(store, y, datasets, self.bn, residual, DsbnOptions { relu, ..DsbnOptions::default() })
+        g.dab(store, x, datasets, &self.spec(residual, relu, false))
+    }
+
+    /// `relu?(DSBN(conv(x)))` for a consumer that is the next block's convolution: in training
+    /// the output is not written — the next block applies this block's normalisation as its
+    /// convolution loads the input (the prologue), in the forward and again in the backward.
+    pub fn forward_deferred<B: Backend>(
+        &self,
+        g: &mut Graph<B>,
+        store: &mut ParamStore<B>,
+        x: Var,
+        datasets: Datasets,
+        relu: bool,
+    ) -> Result<Var> {
+        g.dab(store, x, datasets, &self.spec(None, relu, true))
+    }
+
+    fn spec(&self, residual: Option<Var>, relu: bool, defer: bool) -> GraphDab {
+        GraphDab {
+            weight: self.weight,
+            bn: self.bn,
+            geometry: self.geometry,
+            dsbn: DsbnOptions { relu, ..DsbnOptions::default() },
+            residual,
+            defer,
+        }
     }
 }
 

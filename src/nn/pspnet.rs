@@ -1,15 +1,18 @@
 //! PSPNet over the dilated ResNet: stem → layer1..4 → pyramid pooling (bins 1, 2, 3, 6 by
-//! default, each pool → 1×1 DAB → bilinear upsample, concatenated with the input) → 3×3 DAB →
+//! default, each pool → 1×1 DAB → bilinear upsample, concatenated with the input; one op,
+//! [`Graph::ppm`]) → 3×3 DAB →
 //! Dropout2d → one 1×1 classifier per dataset; an auxiliary head on layer3 (3×3 DAB →
 //! Dropout2d → per-dataset classifier). Channel widths scale with `width` so that a tiny model
 //! trains on a CPU.
 
-use crate::autograd::{Datasets, Graph, ParamStore, Var};
-use crate::backend::{Backend, TensorLike};
+use crate::autograd::{BnId, Datasets, Graph, ParamStore, Var, WeightId};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::ops::conv::ConvGeometry;
 use crate::ops::dropout::Dropout2dOptions;
+use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
+use crate::ops::ppm::PpmOptions;
 use crate::rng::splitmix64;
 
 use super::resnet::{Block, Depth};
@@ -183,8 +186,15 @@ impl PspNet {
         dropout_seed: u64,
     ) -> Result<(Var, Option<Var>)> {
         let mut x = images;
-        for dab in &self.stem {
-            x = dab.forward(g, store, x, datasets, None, true)?;
+        let last = self.stem.len() - 1;
+        for (i, dab) in self.stem.iter().enumerate() {
+            // The deep stem's first convolutions feed the next one (prologue); the last feeds
+            // the max pooling, which needs the written activation.
+            x = if i == last {
+                dab.forward(g, store, x, datasets, None, true)?
+            } else {
+                dab.forward_deferred(g, store, x, datasets, true)?
+            };
         }
         x = g.max_pool2d(x, PoolGeometry::square(3, 2, 1))?;
         let mut layer3 = x;
@@ -196,14 +206,13 @@ impl PspNet {
                 layer3 = x;
             }
         }
-        let [_, h, w, _] = shape4(g, x)?;
-        let mut parts = vec![x];
-        for (bin, dab) in self.config.bins.iter().zip(&self.ppm) {
-            let p = g.adaptive_avg_pool(x, *bin, *bin)?;
-            let p = dab.forward(g, store, p, datasets, None, true)?;
-            parts.push(g.resize_bilinear(p, h, w, self.config.align_corners)?);
-        }
-        let cat = g.concat_channels(&parts)?;
+        let branches: Vec<(WeightId, BnId)> = self.ppm.iter().map(|d| (d.weight, d.bn)).collect();
+        let ppm = PpmOptions {
+            bins: self.config.bins.clone(),
+            align_corners: self.config.align_corners,
+            dsbn: DsbnOptions { relu: true, ..DsbnOptions::default() },
+        };
+        let cat = g.ppm(store, x, datasets, &branches, &ppm)?;
         let f = self.bottleneck.forward(g, store, cat, datasets, None, true)?;
         let drop = |i: u64| Dropout2dOptions { p: self.config.dropout, seed: splitmix64(dropout_seed, i) };
         let f = g.dropout2d(f, drop(0))?;
@@ -249,12 +258,5 @@ impl PspNet {
     ) -> Result<Outputs> {
         let f = self.features(g, store, images, datasets, dropout_seed)?;
         self.classify(g, store, f, head)
-    }
-}
-
-fn shape4<B: Backend>(g: &Graph<B>, v: Var) -> Result<[usize; 4]> {
-    match *g.value(v).shape() {
-        [n, h, w, c] => Ok([n, h, w, c]),
-        ref s => Err(Error::InvalidShape { what: "feature map", shape: s.to_vec(), reason: "expected NHWC".into() }),
     }
 }

@@ -117,7 +117,8 @@ impl Block {
         Ok(Block { dabs, downsample })
     }
 
-    /// `relu(DSBN(conv_last(...)) + identity)`.
+    /// `relu(DSBN(conv_last(...)) + identity)`; the blocks before the last hand their
+    /// normalisation to the next convolution's prologue.
     pub fn forward<B: Backend>(
         &self,
         g: &mut Graph<B>,
@@ -132,10 +133,12 @@ impl Block {
         let mut h = x;
         let last = self.dabs.len() - 1;
         for (i, dab) in self.dabs.iter().enumerate() {
+            // Inside the block each output feeds only the next convolution: its normalisation
+            // runs in that convolution's prologue. The last block adds the identity and writes.
             h = if i == last {
                 dab.forward(g, store, h, datasets, Some(identity), true)?
             } else {
-                dab.forward(g, store, h, datasets, None, true)?
+                dab.forward_deferred(g, store, h, datasets, true)?
             };
         }
         Ok(h)

@@ -192,6 +192,19 @@ fn run(
     opts: &CrossEntropyOptions,
     dlogits: Option<&mut Tensor>,
 ) -> Result<CrossEntropyLoss> {
+    let v = run_on_device(logits, labels, datasets, g, opts, dlogits)?.to_vec::<f32>()?;
+    Ok(CrossEntropyLoss { total: v[0], per_dataset: v[1..].to_vec() })
+}
+
+/// The launch sequence; the losses stay on the device as `[1 + D]` f32 (total, per dataset).
+fn run_on_device(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    g: &Checked,
+    opts: &CrossEntropyOptions,
+    dlogits: Option<&mut Tensor>,
+) -> Result<Tensor> {
     let device = logits.device();
     let d = g.classes.len();
     let classes = Tensor::from_slice(device, &[d], &g.classes)?;
@@ -227,8 +240,29 @@ fn run(
     }
     device.launch(&CROSS_ENTROPY, &p)?;
     device_errors(&record, datasets, g)?;
-    let v = loss.to_vec::<f32>()?;
-    Ok(CrossEntropyLoss { total: v[0], per_dataset: v[1..].to_vec() })
+    Ok(loss)
+}
+
+/// The loss (optionally of the logits upsampled to the labels' size, `upsample =
+/// Some(align_corners)`) and, with `with_grad`, its gradient, as the public functions of this
+/// module compute them, but with the losses left on the device as an f32 `[1 + D]` tensor
+/// (total, then per dataset), so that a training step reads every loss once at its end.
+pub(crate) fn loss_on_device(
+    logits: &Tensor,
+    labels: &Tensor,
+    datasets: &Tensor,
+    num_classes: &[usize],
+    opts: &CrossEntropyOptions,
+    upsample: Option<bool>,
+    with_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let g = check_inputs(logits, labels, datasets, num_classes, opts, upsample)?;
+    if !with_grad {
+        return Ok((run_on_device(logits, labels, datasets, &g, opts, None)?, None));
+    }
+    let mut dlogits = Tensor::zeros(logits.device(), logits.shape(), logits.dtype())?;
+    let loss = run_on_device(logits, labels, datasets, &g, opts, Some(&mut dlogits))?;
+    Ok((loss, Some(dlogits)))
 }
 
 fn workspace(device: &Device, p: &ffi::cdcl_cross_entropy_params) -> Result<DeviceBuffer> {

@@ -34,6 +34,26 @@ pub struct Prologue<'a> {
     pub relu: bool,
 }
 
+/// How a DAB computes: `relu?(DSBN(conv(prologue?(x))) + residual)`.
+#[derive(Clone, Copy, Default)]
+pub struct DabOptions<'a> {
+    /// Stride, padding and dilation of the convolution.
+    pub geometry: ConvGeometry,
+    /// The DSBN's eps, momentum and ReLU.
+    pub dsbn: DsbnOptions,
+    /// The previous block's normalisation, applied to the input as it is loaded (training
+    /// forward and backward only).
+    pub prologue: Option<Prologue<'a>>,
+    /// Added after the normalisation, before the ReLU (ResNet's identity), like the output.
+    pub residual: Option<&'a Tensor>,
+    /// Training forward: write the activation (needed when the consumer is not a convolution
+    /// taking this block's normalisation as its prologue, and always with a residual).
+    pub materialize: bool,
+    /// Backward: leave out the input gradient (the first block of a network, whose input is
+    /// the images, needs none: one data-gradient convolution less).
+    pub skip_input_grad: bool,
+}
+
 /// What a training forward of a DAB produced.
 #[derive(Debug)]
 pub struct DabForward {
@@ -46,12 +66,29 @@ pub struct DabForward {
     pub output: Option<Tensor>,
 }
 
+impl DabForward {
+    /// What [`backward_train`] reads of this forward.
+    pub fn saved(&self) -> DabSaved<'_> {
+        DabSaved { conv_out: &self.conv_out, stats: &self.saved }
+    }
+}
+
+/// What the backward reads of a training forward: the convolution output and the statistics.
+#[derive(Clone, Copy)]
+pub struct DabSaved<'a> {
+    /// [`DabForward::conv_out`].
+    pub conv_out: &'a Tensor,
+    /// [`DabForward::saved`].
+    pub stats: &'a DsbnSaved,
+}
+
 /// Gradients of a DAB.
 #[derive(Debug)]
 pub struct DabGrads {
     /// Gradient with respect to the convolution's input as the convolution saw it (after the
-    /// prologue, if any): feed it as `dy` to the previous block's backward.
-    pub dx: Tensor,
+    /// prologue, if any): feed it as `dy` to the previous block's backward. `None` with
+    /// [`DabOptions::skip_input_grad`].
+    pub dx: Option<Tensor>,
     /// Gradient with respect to the convolution weight.
     pub dweight: Tensor,
     /// Gradients of the DSBN parameters, `[D, C_out]`.
@@ -75,57 +112,62 @@ fn to_conv_prologue<'a>(p: &Prologue<'a>, datasets: &'a Tensor) -> conv::Prologu
 
 /// Training forward of `relu?(DSBN(conv(prologue(x))) + residual)`.
 ///
-/// `x` `[N, H, W, C]` f32, f16 or bf16 (raw previous conv output when `prologue` is given), `weight`
-/// `[K, R, S, C]`, `datasets` `[N]` i32; `state` has `[D, K]` tables and its running statistics
-/// move for the datasets present. With `materialize`, the activation is written (needed when
-/// the consumer is not a convolution, or with a residual).
+/// `x` `[N, H, W, C]` f32, f16 or bf16 (raw previous conv output when `opts.prologue` is
+/// given), `weight` `[K, R, S, C]`, `datasets` `[N]` i32; `state` has `[D, K]` tables and its
+/// running statistics move for the datasets present. With `opts.materialize`, the activation is
+/// written (needed when the consumer is not a convolution, or with a residual).
 #[doc(alias = "conv_dsbn_relu")]
-#[allow(clippy::too_many_arguments)]
 pub fn forward_train(
     x: &Tensor,
     weight: &Tensor,
-    geometry: &ConvGeometry,
     datasets: &Tensor,
     state: &mut DsbnState,
-    opts: &DsbnOptions,
-    prologue: Option<Prologue<'_>>,
-    residual: Option<&Tensor>,
-    materialize: bool,
+    opts: &DabOptions<'_>,
 ) -> Result<DabForward> {
-    if residual.is_some() && !materialize {
+    if opts.residual.is_some() && !opts.materialize {
         return Err(Error::InvalidArgument("a residual block must materialise its output".into()));
     }
     let [n, h, w, _] = check::nhwc("DAB input", x)?;
     let k = weight.shape().first().copied().unwrap_or(0);
     let (r, s) = (weight.shape().get(1).copied().unwrap_or(0), weight.shape().get(2).copied().unwrap_or(0));
-    let (p, q) = geometry.output_size(h, w, r, s)?;
+    let (p, q) = opts.geometry.output_size(h, w, r, s)?;
+    if let Some(res) = opts.residual {
+        // Checked before anything moves: a bad residual leaves the running statistics alone.
+        check::dtype("DAB residual", res, x.dtype())?;
+        check::shape("DAB residual", res, &[n, p, q, k])?;
+        check::same_device(x.device(), &[res])?;
+    }
     let mut partials =
         DeviceBuffer::zeroed(x.device(), dsbn::partials_bytes([n, p, q, k], state.num_datasets(), STATS_CHUNK))?;
     let fusion = Fusion {
-        prologue: prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets)),
+        prologue: opts.prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets)),
         stats: Some((&mut partials, datasets, state.num_datasets())),
         epilogue: None,
     };
-    let conv_out = conv::conv2d_fused(x, weight, None, geometry, fusion)?;
-    let saved = dsbn::stats_from_partials(&conv_out, datasets, state, opts, &mut partials, STATS_CHUNK)?;
-    let output =
-        if materialize { Some(dsbn::apply(&conv_out, residual, datasets, state, &saved, opts)?) } else { None };
+    let conv_out = conv::conv2d_fused(x, weight, None, &opts.geometry, fusion)?;
+    let saved = dsbn::stats_from_partials(&conv_out, datasets, state, &opts.dsbn, &mut partials, STATS_CHUNK)?;
+    let output = if opts.materialize {
+        Some(dsbn::apply(&conv_out, opts.residual, datasets, state, &saved, &opts.dsbn)?)
+    } else {
+        None
+    };
     Ok(DabForward { conv_out, saved, output })
 }
 
-/// Inference forward in one kernel: `relu?(BN_running(conv(x)) + residual)`.
+/// Inference forward in one kernel: `relu?(BN_running(conv(x)) + residual)`. A prologue is not
+/// supported here (`InvalidArgument`): in inference every block writes its output.
 #[doc(alias = "conv_dsbn_relu")]
-#[allow(clippy::too_many_arguments)]
 pub fn forward_infer(
     x: &Tensor,
     weight: &Tensor,
-    geometry: &ConvGeometry,
     datasets: &Tensor,
     state: &DsbnState,
-    opts: &DsbnOptions,
-    residual: Option<&Tensor>,
+    opts: &DabOptions<'_>,
 ) -> Result<Tensor> {
-    check::finite_positive("eps", opts.eps)?;
+    if opts.prologue.is_some() {
+        return Err(Error::InvalidArgument("the inference DAB takes no prologue".into()));
+    }
+    check::finite_positive("eps", opts.dsbn.eps)?;
     dsbn::validate_indices_checked(datasets, x, state.num_datasets())?;
     let fusion = Fusion {
         prologue: None,
@@ -136,39 +178,39 @@ pub fn forward_infer(
             var: &state.running_var,
             gamma: &state.gamma,
             beta: &state.beta,
-            eps: opts.eps,
-            relu: opts.relu,
-            residual,
+            eps: opts.dsbn.eps,
+            relu: opts.dsbn.relu,
+            residual: opts.residual,
         }),
     };
-    conv::conv2d_fused(x, weight, None, geometry, fusion)
+    conv::conv2d_fused(x, weight, None, &opts.geometry, fusion)
 }
 
-/// Backward of [`forward_train`]: `dy` is the gradient of the block's output; `x`, `conv_out`,
-/// `saved` and `residual` are what the forward used and produced.
+/// Backward of [`forward_train`]: `dy` is the gradient of the block's output; `x`, `weight`,
+/// `datasets`, `state` (γ and β unchanged since) and `opts` as in the forward, `saved` what it
+/// produced ([`DabForward::saved`]).
 #[doc(alias = "conv_dsbn_relu")]
-#[allow(clippy::too_many_arguments)]
 pub fn backward_train(
     dy: &Tensor,
     x: &Tensor,
     weight: &Tensor,
-    geometry: &ConvGeometry,
     datasets: &Tensor,
     state: &DsbnState,
-    forward: &DabForward,
-    opts: &DsbnOptions,
-    prologue: Option<Prologue<'_>>,
-    residual: Option<&Tensor>,
+    saved: DabSaved<'_>,
+    opts: &DabOptions<'_>,
 ) -> Result<DabGrads> {
     let DsbnGrads { dx: dconv, dgamma, dbeta, dresidual } =
-        dsbn::backward_train_residual(dy, &forward.conv_out, residual, datasets, state, &forward.saved, opts)?;
+        dsbn::backward_train_residual(dy, saved.conv_out, opts.residual, datasets, state, saved.stats, &opts.dsbn)?;
     let [_, h, w, _] = check::nhwc("DAB input", x)?;
     let ws = weight.shape();
     if ws.len() != 4 {
         return Err(Error::InvalidShape { what: "DAB weight", shape: ws.to_vec(), reason: "expected KRSC".into() });
     }
-    let dx = conv::conv2d_backward_data(&dconv, weight, (h, w), geometry)?;
-    let pro = prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets));
-    let fg = conv::conv2d_backward_filter_fused(&dconv, x, (ws[0], ws[1], ws[2]), false, geometry, pro.as_ref())?;
+    let dx = match opts.skip_input_grad {
+        true => None,
+        false => Some(conv::conv2d_backward_data(&dconv, weight, (h, w), &opts.geometry)?),
+    };
+    let pro = opts.prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets));
+    let fg = conv::conv2d_backward_filter_fused(&dconv, x, (ws[0], ws[1], ws[2]), false, &opts.geometry, pro.as_ref())?;
     Ok(DabGrads { dx, dweight: fg.dweight, dgamma, dbeta, dresidual })
 }

@@ -33,7 +33,7 @@
 use crate::error::{Error, Result};
 use crate::ops::check;
 use crate::ops::conv::ConvGeometry;
-use crate::ops::dab::{self, DabForward};
+use crate::ops::dab::{self, DabForward, DabOptions};
 use crate::ops::dsbn::{DsbnOptions, DsbnState};
 use crate::ops::pool;
 use crate::tensor::{DType, Tensor};
@@ -82,6 +82,41 @@ impl PpmBranch {
     pub fn channels(&self) -> usize {
         self.weight.shape().first().copied().unwrap_or(0)
     }
+
+    /// The branch as the training forward takes it.
+    pub fn view_mut(&mut self) -> PpmBranchMut<'_> {
+        PpmBranchMut { weight: &self.weight, state: &mut self.state }
+    }
+
+    /// The branch as the inference forward and the backward take it.
+    pub fn view(&self) -> PpmBranchRef<'_> {
+        PpmBranchRef { weight: &self.weight, state: &self.state }
+    }
+}
+
+/// A branch's parameters, borrowed for a training forward (the running statistics move): the
+/// weight and the DSBN state may live apart (a model's parameter store holds them).
+#[derive(Debug)]
+pub struct PpmBranchMut<'a> {
+    /// `[K, 1, 1, C]`, KRSC.
+    pub weight: &'a Tensor,
+    /// γ, β and running statistics per (dataset, channel).
+    pub state: &'a mut DsbnState,
+}
+
+/// A branch's parameters, borrowed read-only (inference forward, backward).
+#[derive(Debug, Clone, Copy)]
+pub struct PpmBranchRef<'a> {
+    /// `[K, 1, 1, C]`, KRSC.
+    pub weight: &'a Tensor,
+    /// γ, β and running statistics per (dataset, channel).
+    pub state: &'a DsbnState,
+}
+
+impl PpmBranchRef<'_> {
+    fn channels(&self) -> usize {
+        self.weight.shape().first().copied().unwrap_or(0)
+    }
 }
 
 /// What one branch's training forward saved for the backward.
@@ -98,8 +133,18 @@ pub struct PpmBranchSaved {
 pub struct PpmForward {
     /// `[N, H, W, C + Σ K_i]`.
     pub output: Tensor,
+    /// What the backward needs.
+    pub saved: PpmSaved,
+}
+
+/// What a training forward saves for [`backward_train`].
+#[derive(Debug)]
+pub struct PpmSaved {
     /// Per branch, in bin order.
     pub branches: Vec<PpmBranchSaved>,
+    /// The output's shape `[N, H, W, C + Σ K_i]` and storage type.
+    output_shape: [usize; 4],
+    output_dtype: DType,
 }
 
 /// One branch's parameter gradients.
@@ -123,8 +168,8 @@ pub struct PpmGrads {
 }
 
 /// Output channels of a PPM over `in_channels` input channels: `C + Σ K_i`.
-pub fn output_channels(in_channels: usize, branches: &[PpmBranch]) -> usize {
-    in_channels + branches.iter().map(PpmBranch::channels).sum::<usize>()
+pub fn output_channels(in_channels: usize, branches: &[PpmBranchRef<'_>]) -> usize {
+    in_channels + branches.iter().map(PpmBranchRef::channels).sum::<usize>()
 }
 
 const ONE_BY_ONE: ConvGeometry = ConvGeometry { stride: (1, 1), padding: (0, 0), dilation: (1, 1) };
@@ -139,7 +184,7 @@ struct Checked {
     total: usize,
 }
 
-fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &PpmOptions) -> Result<Checked> {
+fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranchRef<'_>], opts: &PpmOptions) -> Result<Checked> {
     let [n, h, w, c] = check::nhwc("PPM input", x)?;
     if !x.dtype().is_float() {
         return Err(Error::UnsupportedDType { what: "PPM input", dtype: x.dtype() });
@@ -176,7 +221,7 @@ fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &Pp
     let mut total = c;
     for br in branches {
         let k = br.channels();
-        check::dtype("PPM branch weight", &br.weight, x.dtype())?;
+        check::dtype("PPM branch weight", br.weight, x.dtype())?;
         if k == 0 || br.weight.shape().len() != 4 {
             return Err(Error::InvalidShape {
                 what: "PPM branch weight",
@@ -184,7 +229,7 @@ fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &Pp
                 reason: format!("expected [K, 1, 1, {c}] with K >= 1"),
             });
         }
-        check::shape("PPM branch weight", &br.weight, &[k, 1, 1, c])?;
+        check::shape("PPM branch weight", br.weight, &[k, 1, 1, c])?;
         if br.state.gamma.shape().len() != 2 || br.state.num_datasets() != d || d == 0 {
             return Err(Error::InvalidShape {
                 what: "PPM branch DSBN gamma",
@@ -203,7 +248,7 @@ fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &Pp
         }
         check::same_device(
             x.device(),
-            &[&br.weight, &br.state.gamma, &br.state.beta, &br.state.running_mean, &br.state.running_var],
+            &[br.weight, &br.state.gamma, &br.state.beta, &br.state.running_mean, &br.state.running_var],
         )?;
         offsets.push(total);
         total = total.saturating_add(k);
@@ -233,10 +278,13 @@ fn check_inputs(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &Pp
 pub fn forward_train(
     x: &Tensor,
     datasets: &Tensor,
-    branches: &mut [PpmBranch],
+    branches: &mut [PpmBranchMut<'_>],
     opts: &PpmOptions,
 ) -> Result<PpmForward> {
-    let g = check_inputs(x, datasets, branches, opts)?;
+    let views: Vec<PpmBranchRef<'_>> =
+        branches.iter().map(|b| PpmBranchRef { weight: b.weight, state: &*b.state }).collect();
+    let g = check_inputs(x, datasets, &views, opts)?;
+    drop(views);
     let mut output = Tensor::zeros(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
     // Smallest bin first: it is where bad data (too few values per channel) shows first, before
     // any branch has moved its running statistics (see the module documentation).
@@ -247,34 +295,36 @@ pub fn forward_train(
         let b = opts.bins[i];
         let br = &mut branches[i];
         let pooled = pool::adaptive_avg_pool(x, b, b)?;
-        let f = dab::forward_train(
-            &pooled,
-            &br.weight,
-            &ONE_BY_ONE,
-            datasets,
-            &mut br.state,
-            &opts.dsbn,
-            None,
-            None,
-            true,
-        )?;
+        let dab_opts = DabOptions { geometry: ONE_BY_ONE, dsbn: opts.dsbn, materialize: true, ..Default::default() };
+        let f = dab::forward_train(&pooled, br.weight, datasets, br.state, &dab_opts)?;
         let low = f.output.as_ref().ok_or_else(|| Error::InvalidArgument("the DAB did not materialise".into()))?;
         pool::resize_bilinear_into(low, &mut output, g.offsets[i], opts.align_corners)?;
         saved[i] = Some(PpmBranchSaved { pooled, dab: f });
     }
     pool::adaptive_avg_pool_into(x, &mut output, 0)?;
-    Ok(PpmForward { output, branches: saved.into_iter().flatten().collect() })
+    let saved = PpmSaved {
+        branches: saved.into_iter().flatten().collect(),
+        output_shape: [g.n, g.h, g.w, g.total],
+        output_dtype: x.dtype(),
+    };
+    Ok(PpmForward { output, saved })
 }
 
 /// Inference forward: each branch normalised with the running statistics of each sample's
 /// dataset; nothing is updated. Any number of samples per dataset is fine.
-pub fn forward_infer(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts: &PpmOptions) -> Result<Tensor> {
+pub fn forward_infer(
+    x: &Tensor,
+    datasets: &Tensor,
+    branches: &[PpmBranchRef<'_>],
+    opts: &PpmOptions,
+) -> Result<Tensor> {
     let g = check_inputs(x, datasets, branches, opts)?;
     let mut output = Tensor::zeros(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
     for (i, br) in branches.iter().enumerate() {
         let b = opts.bins[i];
         let pooled = pool::adaptive_avg_pool(x, b, b)?;
-        let low = dab::forward_infer(&pooled, &br.weight, &ONE_BY_ONE, datasets, &br.state, &opts.dsbn, None)?;
+        let dab_opts = DabOptions { geometry: ONE_BY_ONE, dsbn: opts.dsbn, ..Default::default() };
+        let low = dab::forward_infer(&pooled, br.weight, datasets, br.state, &dab_opts)?;
         pool::resize_bilinear_into(&low, &mut output, g.offsets[i], opts.align_corners)?;
     }
     pool::adaptive_avg_pool_into(x, &mut output, 0)?;
@@ -283,19 +333,21 @@ pub fn forward_infer(x: &Tensor, datasets: &Tensor, branches: &[PpmBranch], opts
 
 /// Backward of [`forward_train`]: `dy` is the gradient of the whole output
 /// `[N, H, W, C + Σ K_i]`, in the forward's storage type; `branches` and `opts` as in the
-/// forward (γ and β unchanged since), `forward` what it returned. Returns `dx` `[N, H, W, C]`
-/// (identity slice included) and every branch's weight, γ and β gradients.
+/// forward (γ and β unchanged since), `forward` what it saved ([`PpmForward::saved`]). Returns
+/// `dx` `[N, H, W, C]` (identity slice included) and every branch's weight, γ and β gradients.
 pub fn backward_train(
     dy: &Tensor,
     datasets: &Tensor,
-    branches: &[PpmBranch],
-    forward: &PpmForward,
+    branches: &[PpmBranchRef<'_>],
+    forward: &PpmSaved,
     opts: &PpmOptions,
 ) -> Result<PpmGrads> {
-    let [n, h, w, total] = check::nhwc("PPM output", &forward.output)?;
-    check::dtype("PPM output gradient", dy, forward.output.dtype())?;
+    let [n, h, w, total] = forward.output_shape;
+    check::dtype("PPM output gradient", dy, forward.output_dtype)?;
     check::shape("PPM output gradient", dy, &[n, h, w, total])?;
-    check::same_device(forward.output.device(), &[dy])?;
+    if let Some(b) = forward.branches.first() {
+        check::same_device(b.pooled.device(), &[dy])?;
+    }
     if branches.is_empty() || forward.branches.len() != branches.len() || opts.bins.len() != branches.len() {
         return Err(Error::InvalidArgument(format!(
             "the forward saved {} branches; {} branches and {} bins given",
@@ -311,7 +363,7 @@ pub fn backward_train(
     let mut off = c;
     for ((br, saved), &b) in branches.iter().zip(&forward.branches).zip(&opts.bins) {
         check::shape("PPM saved pooled input", &saved.pooled, &[n, b, b, c])?;
-        check::shape("PPM branch weight", &br.weight, &[br.channels(), 1, 1, c])?;
+        check::shape("PPM branch weight", br.weight, &[br.channels(), 1, 1, c])?;
         offsets.push(off);
         off += br.channels();
     }
@@ -327,19 +379,9 @@ pub fn backward_train(
     for (i, (br, saved)) in branches.iter().zip(&forward.branches).enumerate() {
         let b = opts.bins[i];
         let dlow = pool::resize_bilinear_backward(dy, offsets[i], &[n, b, b, br.channels()], opts.align_corners)?;
-        let g = dab::backward_train(
-            &dlow,
-            &saved.pooled,
-            &br.weight,
-            &ONE_BY_ONE,
-            datasets,
-            &br.state,
-            &saved.dab,
-            &opts.dsbn,
-            None,
-            None,
-        )?;
-        dpooled.push(g.dx);
+        let dab_opts = DabOptions { geometry: ONE_BY_ONE, dsbn: opts.dsbn, materialize: true, ..Default::default() };
+        let g = dab::backward_train(&dlow, &saved.pooled, br.weight, datasets, br.state, saved.dab.saved(), &dab_opts)?;
+        dpooled.push(g.dx.ok_or_else(|| Error::InvalidArgument("the branch DAB returned no input gradient".into()))?);
         grads.push(PpmBranchGrads { dweight: g.dweight, dgamma: g.dgamma, dbeta: g.dbeta });
     }
     // The identity slice of dy plus every branch's pooling backward, in one pass.

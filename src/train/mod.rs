@@ -5,15 +5,30 @@
 //! `Σ_d w_d · (loss_d + 0.4 · aux_d)`; run ONE backward and ONE SGD step (momentum 0.9,
 //! weight decay 1e-4, poly learning-rate decay with power 0.9, head at 10× the base rate).
 //!
+//! **One pass for the datasets of an iteration.** The DSBN kernels pick each sample's slice and
+//! compute each dataset's statistics from its own samples, so the per-dataset forwards of an
+//! iteration run as ONE pass over their concatenated batches whenever that computes the same
+//! function: every batch of the pass has its own BN slice and all have one image size
+//! ([`TrainConfig::fuse_datasets`], on by default). The trunk's features are then split per
+//! dataset for the heads. What differs from separate passes: summation order, and the Dropout2d
+//! masks (drawn per pass and sample position: the same distribution, other draws). Baselines
+//! with one shared BN slice keep one pass per batch.
+//!
+//! **One read per step.** Losses stay on the backend; the step reads the objective, the
+//! per-dataset losses and (f16) the overflow flag once, after the optimiser step was queued —
+//! the SGD kernel itself skips an overflowing f16 step ([`precision`]).
+//!
 //! The caller supplies the batches each iteration asks for ([`Trainer::plan`]), so the trainer
 //! is independent of where data comes from.
 
 mod checkpoint;
 mod eval;
+pub mod precision;
 
 pub use eval::{evaluate, EvalResult};
+pub use precision::{LossScaleConfig, LossScaler, Precision};
 
-use crate::autograd::{Graph, Group, ParamStore, Scalar};
+use crate::autograd::{BackwardOptions, Graph, Group, LossSpec, ParamStore, Scalar};
 use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
 use crate::nn::{ModelConfig, Outputs, PspNet};
@@ -91,6 +106,13 @@ pub struct TrainConfig {
     pub aux_weight: f32,
     /// Seed of the dropout masks.
     pub seed: u64,
+    /// Storage of activations and convolution weights ([`Precision`]).
+    pub precision: Precision,
+    /// Dynamic loss scaling (f16 only).
+    pub loss_scale: LossScaleConfig,
+    /// Run the per-dataset forwards of an iteration as one pass when that computes the same
+    /// function (distinct BN slices, one image size); see the module documentation.
+    pub fuse_datasets: bool,
 }
 
 impl Default for TrainConfig {
@@ -107,6 +129,9 @@ impl Default for TrainConfig {
             loss_weights: Vec::new(),
             aux_weight: 0.4,
             seed: 0,
+            precision: Precision::F32,
+            loss_scale: LossScaleConfig::default(),
+            fuse_datasets: true,
         }
     }
 }
@@ -122,6 +147,11 @@ pub struct StepStats {
     pub per_dataset: Vec<f32>,
     /// Backbone learning rate used.
     pub lr: f32,
+    /// f16: the step's gradients overflowed at this loss scale and the optimiser skipped it
+    /// (no weight changed; the running statistics moved, as PyTorch's do).
+    pub skipped: bool,
+    /// The loss scale the step used (1 without loss scaling).
+    pub loss_scale: f32,
 }
 
 /// A model, its parameters and the optimiser state.
@@ -135,6 +165,7 @@ pub struct Trainer<B: Backend> {
     /// Optimisation settings.
     pub config: TrainConfig,
     iter: usize,
+    scaler: LossScaler,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -170,9 +201,30 @@ impl<B: Backend> Trainer<B> {
                 return Err(Error::InvalidArgument("class map names a class outside dataset 0's head".into()));
             }
         }
+        config.loss_scale.check()?;
         let mut store = ParamStore::new(backend.clone());
+        store.set_precision(config.precision.storage())?;
         let model = PspNet::new(model, &mut store)?;
-        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0 })
+        let scaler = LossScaler::new(config.loss_scale);
+        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0, scaler })
+    }
+
+    /// The loss-scaling state (its scale is 1 and unused unless the precision is f16).
+    pub fn loss_scaler(&self) -> &LossScaler {
+        &self.scaler
+    }
+
+    /// The backward's seed: the loss scale in f16, else 1.
+    fn seed(&self) -> f32 {
+        if self.config.precision.scales_loss() {
+            self.scaler.scale()
+        } else {
+            1.0
+        }
+    }
+
+    fn backward_options(&self) -> BackwardOptions {
+        BackwardOptions { seed: self.seed(), check_finite: self.config.precision.scales_loss() }
     }
 
     /// The next iteration's number (0-based).
@@ -245,58 +297,38 @@ impl<B: Backend> Trainer<B> {
         self.config.loss_weights.get(dataset).copied().unwrap_or(1.0)
     }
 
-    /// Adds dataset batch `b`'s weighted main and auxiliary losses to `terms` (forward only).
-    fn forward_batch(
+    /// The forward passes of an iteration's batches: groups of batch indices that run as one
+    /// pass (see the module documentation), in order.
+    fn passes(&self, batches: &[Batch]) -> Vec<Vec<usize>> {
+        if self.config.mode == Mode::Mixed {
+            return vec![(0..batches.len()).collect()];
+        }
+        let mut passes: Vec<Vec<usize>> = Vec::new();
+        for (i, b) in batches.iter().enumerate() {
+            let fits = |p: &Vec<usize>| {
+                let first = &batches[p[0]];
+                self.config.fuse_datasets
+                    && (first.h, first.w) == (b.h, b.w)
+                    && p.iter().all(|&j| self.bn_slice(batches[j].dataset) != self.bn_slice(b.dataset))
+            };
+            match passes.last_mut() {
+                Some(p) if fits(p) => p.push(i),
+                _ => passes.push(vec![i]),
+            }
+        }
+        passes
+    }
+
+    /// One forward pass over `batches` (concatenated; one image size) into `g`: the trunk once,
+    /// then each batch's head on its samples and its weighted main and auxiliary losses added to
+    /// `terms`. Returns each batch's dataset and main-loss scalar.
+    fn forward_pass(
         &mut self,
         g: &mut Graph<B>,
-        b: &Batch,
+        batches: &[&Batch],
         pass: usize,
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<f32> {
-        check_batch(b)?;
-        let x = self.backend.tensor_f32(&[b.n, b.h, b.w, 3], &b.images)?;
-        let x = g.input(x);
-        let ds = g.datasets(&vec![self.bn_slice(b.dataset); b.n])?;
-        let head = self.head_of(b.dataset);
-        let seed = splitmix64(self.config.seed, ((self.iter as u64) << 16) | pass as u64);
-        let out = self.model.forward(g, &mut self.store, x, ds, head, seed)?;
-        self.add_losses(g, b, head, out, terms)
-    }
-
-    /// Upsamples head `head`'s logits of batch `b` to the label size and adds their weighted
-    /// main and auxiliary losses to `terms`; returns the main loss.
-    fn add_losses(
-        &self,
-        g: &mut Graph<B>,
-        b: &Batch,
-        head: usize,
-        out: Outputs,
-        terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<f32> {
-        let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
-        let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
-        let classes = [self.model.config.num_classes[head]];
-        let align = self.model.config.align_corners;
-        let wd = self.weight_of(b.dataset);
-        let up = g.resize_bilinear(out.main, b.h, b.w, align)?;
-        let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
-        terms.push((loss, wd));
-        if let Some(aux) = out.aux {
-            let up = g.resize_bilinear(aux, b.h, b.w, align)?;
-            let (aux_loss, _) = g.cross_entropy(up, labels, zeros, &classes, None)?;
-            terms.push((aux_loss, wd * self.config.aux_weight));
-        }
-        Ok(l.total)
-    }
-
-    /// Forward of every batch of a mixed iteration as ONE batch through the trunk, then each
-    /// dataset's head on its samples.
-    fn forward_mixed(
-        &mut self,
-        g: &mut Graph<B>,
-        batches: &[Batch],
-        terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<Vec<(usize, f32)>> {
+    ) -> Result<Vec<(usize, Scalar)>> {
         let first = batches.first().ok_or_else(|| Error::InvalidArgument("no batch".into()))?;
         let (h, w) = (first.h, first.w);
         let mut images = Vec::new();
@@ -310,17 +342,24 @@ impl<B: Backend> Trainer<B> {
             ds.extend(std::iter::repeat_n(self.bn_slice(b.dataset), b.n));
         }
         let n: usize = batches.iter().map(|b| b.n).sum();
-        let x = self.backend.tensor_f32(&[n, h, w, 3], &images)?;
+        let x = self.backend.tensor_float(&[n, h, w, 3], &images, self.config.precision.storage())?;
         let x = g.input(x);
         let dsv = g.datasets(&ds)?;
-        let seed = splitmix64(self.config.seed, (self.iter as u64) << 16);
+        let seed = splitmix64(self.config.seed, ((self.iter as u64) << 16) | pass as u64);
         let (feat, aux) = self.model.features(g, &mut self.store, x, dsv, seed)?;
-        let mut start = 0;
-        let mut losses = Vec::new();
-        for b in batches {
-            let f = g.slice_batch(feat, start, b.n)?;
-            let a = aux.map(|a| g.slice_batch(a, start, b.n)).transpose()?;
-            start += b.n;
+        let sizes: Vec<usize> = batches.iter().map(|b| b.n).collect();
+        let (feats, auxs) = if batches.len() == 1 {
+            (vec![feat], vec![aux])
+        } else {
+            let f = g.split_batch(feat, &sizes)?;
+            let a = match aux {
+                Some(a) => g.split_batch(a, &sizes)?.into_iter().map(Some).collect(),
+                None => vec![None; sizes.len()],
+            };
+            (f, a)
+        };
+        let mut losses = Vec::with_capacity(batches.len());
+        for ((b, f), a) in batches.iter().zip(feats).zip(auxs) {
             let head = self.head_of(b.dataset);
             let out = self.model.classify(g, &self.store, (f, a), head)?;
             losses.push((b.dataset, self.add_losses(g, b, head, out, terms)?));
@@ -328,46 +367,129 @@ impl<B: Backend> Trainer<B> {
         Ok(losses)
     }
 
+    /// Head `head`'s losses of batch `b` — its logits upsampled to the label size inside the
+    /// loss op — with their weights added to `terms`; returns the main loss. Each loss computes
+    /// its gradient in the forward, for the upstream gradient the backward will send (its weight
+    /// times the seed).
+    fn add_losses(
+        &self,
+        g: &mut Graph<B>,
+        b: &Batch,
+        head: usize,
+        out: Outputs,
+        terms: &mut Vec<(Scalar, f32)>,
+    ) -> Result<Scalar> {
+        let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
+        let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
+        let wd = self.weight_of(b.dataset);
+        let spec = |weight: f32| LossSpec {
+            num_classes: vec![self.model.config.num_classes[head]],
+            weights: None,
+            upsample: Some(self.model.config.align_corners),
+            expected_grad: Some(weight * self.seed()),
+        };
+        let loss = g.cross_entropy(out.main, labels, zeros, &spec(wd)).map_err(|e| in_dataset(e, b.dataset))?;
+        terms.push((loss, wd));
+        if let Some(aux) = out.aux {
+            let wa = wd * self.config.aux_weight;
+            let aux_loss = g.cross_entropy(aux, labels, zeros, &spec(wa)).map_err(|e| in_dataset(e, b.dataset))?;
+            terms.push((aux_loss, wa));
+        }
+        Ok(loss)
+    }
+
     /// Runs one iteration on `batches` (normally those [`Trainer::plan`] asks for; any batches
     /// of datasets the model has are accepted, e.g. a DAT iteration over a subset).
     pub fn step(&mut self, batches: &[Batch]) -> Result<StepStats> {
         let lr = self.learning_rate(self.iter);
+        let loss_scale = self.seed();
+        self.store.sync_copies()?;
         let stats = if self.config.mode == Mode::DsbnNoDat {
+            // A backward and an optimiser step after each batch: one read per batch.
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
-            let mut total = 0.0f32;
+            let (mut total, mut skipped) = (0.0f32, false);
             for (pass, b) in batches.iter().enumerate() {
                 let tracked = self.batches_tracked();
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
-                let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
+                let main = self.forward_pass(&mut g, &[b], pass, &mut terms)?[0].1;
                 let root = g.weighted_sum(&terms);
-                total += g.scalar(root);
-                self.optimise(&mut g, root, lr, &tracked)?;
-                sums[b.dataset].0 += l as f64;
+                let flag = self.optimise(&mut g, root, lr, &tracked)?;
+                let (v, f) = g.read_scalars(&[root, main], &flag.iter().collect::<Vec<_>>())?;
+                let over = f.first().is_some_and(|&x| x != 0.0);
+                self.scale_after(over);
+                total += v[0];
+                skipped |= over;
+                sums[b.dataset].0 += v[1] as f64;
                 sums[b.dataset].1 += 1;
             }
-            StepStats { iter: self.iter, total, per_dataset: means(&sums), lr }
+            StepStats { iter: self.iter, total, per_dataset: means(&sums), lr, skipped, loss_scale }
         } else {
             let tracked = self.batches_tracked();
-            let (mut g, root, stats) = self.forward_all(batches)?;
-            self.optimise(&mut g, root, lr, &tracked)?;
+            let (mut g, root, mains) = self.forward_all(batches)?;
+            let flag = self.optimise(&mut g, root, lr, &tracked)?;
+            let stats = self.read_stats(&g, root, &mains, flag.as_ref(), batches)?;
+            self.scale_after(stats.skipped);
             stats
         };
         self.iter += 1;
         Ok(stats)
     }
 
+    fn scale_after(&mut self, overflow: bool) {
+        if self.config.precision.scales_loss() {
+            self.scaler.update(overflow);
+        }
+    }
+
+    /// The step's figures, with ONE read: the objective, every main loss and the overflow flag.
+    fn read_stats(
+        &self,
+        g: &Graph<B>,
+        root: Scalar,
+        mains: &[(usize, Scalar)],
+        flag: Option<&B::Tensor>,
+        batches: &[Batch],
+    ) -> Result<StepStats> {
+        let mut wanted = vec![root];
+        wanted.extend(mains.iter().map(|m| m.1));
+        let (v, f) = g.read_scalars(&wanted, &flag.into_iter().collect::<Vec<_>>())?;
+        let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+        for (&(d, _), &l) in mains.iter().zip(&v[1..]) {
+            sums[d].0 += l as f64;
+            sums[d].1 += 1;
+        }
+        Ok(StepStats {
+            iter: self.iter,
+            total: v[0],
+            per_dataset: means(&sums),
+            lr: self.learning_rate(self.iter),
+            skipped: f.first().is_some_and(|&x| x != 0.0),
+            loss_scale: self.seed(),
+        })
+    }
+
     /// The forward and backward of an iteration without the optimiser step: afterwards every
-    /// parameter's gradient is in [`Trainer::store`] (for gradient checks and comparisons of
-    /// backends). Not for [`Mode::DsbnNoDat`], whose iteration steps after every forward.
+    /// parameter's gradient (f32, unscaled) is in [`Trainer::store`] (for gradient checks and
+    /// comparisons of backends). Not for [`Mode::DsbnNoDat`], whose iteration steps after every
+    /// forward. In f16, [`StepStats::skipped`] tells that the gradients overflowed.
     pub fn compute_gradients(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        Ok(self.trace_gradients(batches)?.0)
+    }
+
+    /// [`Trainer::compute_gradients`], also handing back the graph it ran: its values and what
+    /// its tape saved ([`Graph::norm_records`]), to inspect a step (e.g. to compare backends).
+    pub fn trace_gradients(&mut self, batches: &[Batch]) -> Result<(StepStats, Graph<B>)> {
         if self.config.mode == Mode::DsbnNoDat {
             return Err(Error::InvalidArgument("DSBN without DAT steps after each forward".into()));
         }
+        self.store.sync_copies()?;
         self.store.zero_grad();
-        let (mut g, root, stats) = self.forward_all(batches)?;
-        g.backward(root, &mut self.store)?;
-        Ok(stats)
+        let (mut g, root, mains) = self.forward_all(batches)?;
+        let opts = self.backward_options();
+        let grads = g.backward_with(root, &mut self.store, &opts)?;
+        let stats = self.read_stats(&g, root, &mains, grads.overflow.as_ref(), batches)?;
+        Ok((stats, g))
     }
 
     fn num_datasets_of(&self, batches: &[Batch]) -> Result<usize> {
@@ -388,31 +510,19 @@ impl<B: Backend> Trainer<B> {
         Ok(known)
     }
 
-    /// Every forward of a (non-interleaved) iteration into one graph; returns it with the root.
-    fn forward_all(&mut self, batches: &[Batch]) -> Result<(Graph<B>, Scalar, StepStats)> {
-        let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+    /// Every forward of a (non-interleaved) iteration into one graph; returns it with the root
+    /// and each batch's (dataset, main loss).
+    fn forward_all(&mut self, batches: &[Batch]) -> Result<Forward<B>> {
+        self.num_datasets_of(batches)?;
         let mut g = Graph::new(&self.backend, true);
         let mut terms = Vec::new();
-        if self.config.mode == Mode::Mixed {
-            for (d, l) in self.forward_mixed(&mut g, batches, &mut terms)? {
-                sums[d].0 += l as f64;
-                sums[d].1 += 1;
-            }
-        } else {
-            for (pass, b) in batches.iter().enumerate() {
-                let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
-                sums[b.dataset].0 += l as f64;
-                sums[b.dataset].1 += 1;
-            }
+        let mut mains = Vec::new();
+        for (pass, idx) in self.passes(batches).into_iter().enumerate() {
+            let group: Vec<&Batch> = idx.iter().map(|&i| &batches[i]).collect();
+            mains.extend(self.forward_pass(&mut g, &group, pass, &mut terms)?);
         }
         let root = g.weighted_sum(&terms);
-        let stats = StepStats {
-            iter: self.iter,
-            total: g.scalar(root),
-            per_dataset: means(&sums),
-            lr: self.learning_rate(self.iter),
-        };
-        Ok((g, root, stats))
+        Ok((g, root, mains))
     }
 
     /// Every BN layer's training-forward count per dataset. Taken before the forwards of a
@@ -426,9 +536,11 @@ impl<B: Backend> Trainer<B> {
     /// gradient are skipped (as PyTorch skips `grad is None`), and so are the DSBN rows of
     /// datasets absent from the step, i.e. whose count in `before` (taken by
     /// [`Trainer::batches_tracked`] before the step's forwards) did not move: their γ, β and
-    /// momentum stay bit-for-bit unchanged.
-    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<()> {
-        let _ = g.backward(root, &mut self.store)?;
+    /// momentum stay bit-for-bit unchanged. In f16 the backward's overflow flag is returned (the
+    /// SGD kernel already skipped the step if it is set).
+    fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<Option<B::Tensor>> {
+        let opts = self.backward_options();
+        let grads = g.backward_with(root, &mut self.store, &opts)?;
         // Their gradient rows are zero, but weight decay and momentum would still move them:
         // the SGD step leaves them out (Trainer::new bounds the datasets by what a mask holds).
         let mut frozen = Vec::with_capacity(before.len());
@@ -438,16 +550,16 @@ impl<B: Backend> Trainer<B> {
             let empty = absent.is_empty() || layer.channels == 0;
             frozen.push(if empty { None } else { Some(FrozenRows::from_rows(layer.channels, absent)?) });
         }
-        self.sgd(lr, &frozen)?;
+        self.sgd(lr, &frozen, grads.overflow.as_ref())?;
         self.store.zero_grad();
-        Ok(())
+        Ok(grads.overflow)
     }
 
     /// One multi-tensor SGD step over every parameter with a gradient, leaving the rows
     /// `frozen[i]` of BN layer i's γ and β (and of their buffers) untouched. Momentum buffers
     /// start at zero, so `buf = momentum · 0 + d = d` on a parameter's first step, as PyTorch;
     /// a frozen row's buffer stays as it was, zero included.
-    fn sgd(&mut self, lr: f32, frozen: &[Option<FrozenRows>]) -> Result<()> {
+    fn sgd(&mut self, lr: f32, frozen: &[Option<FrozenRows>], skip_if: Option<&B::Tensor>) -> Result<()> {
         let head_lr = lr * self.config.head_lr_mult;
         let rate = |g: Group| if g == Group::Head { head_lr } else { lr };
         let be = self.backend.clone();
@@ -472,6 +584,7 @@ impl<B: Backend> Trainer<B> {
                     momentum_buffer: buf,
                     lr: rate(w.group),
                     frozen_rows: None,
+                    copy: w.half.as_mut(),
                 });
             }
         }
@@ -482,14 +595,17 @@ impl<B: Backend> Trainer<B> {
                 (l.grad_gamma.as_ref(), l.grad_beta.as_ref(), l.momentum_gamma.as_mut(), l.momentum_beta.as_mut())
             {
                 let [gamma, beta, ..] = l.tables.tables_mut();
-                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr, frozen_rows });
-                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr, frozen_rows });
+                list.push(SgdTensor { param: gamma, grad: gg, momentum_buffer: mg, lr, frozen_rows, copy: None });
+                list.push(SgdTensor { param: beta, grad: gb, momentum_buffer: mb, lr, frozen_rows, copy: None });
             }
         }
         let opts = SgdOptions { momentum: self.config.momentum, weight_decay: self.config.weight_decay };
-        be.sgd_step(&mut list, &opts, false)
+        be.sgd_step(&mut list, &opts, false, skip_if)
     }
 }
+
+/// A step's graph, its objective, and each batch's (dataset, main loss).
+type Forward<B> = (Graph<B>, Scalar, Vec<(usize, Scalar)>);
 
 /// The loss sees one head at a time (head index 0 of a one-head call): name the real dataset.
 fn in_dataset(e: Error, dataset: usize) -> Error {
