@@ -35,6 +35,12 @@ impl Rng {
     }
 }
 
+/// A counter-based uniform in [0, 1): output `i` of the splitmix64 stream `seed`, top 24 bits
+/// (random data as a pure function of (seed, index), e.g. images).
+pub fn unit(seed: u64, i: u64) -> f32 {
+    (cdcl::rng::splitmix64(seed, i) >> 40) as f32 / (1u64 << 24) as f32
+}
+
 /// Rounds host values to what `dtype` stores.
 pub fn quantize(v: &[f64], dtype: DType) -> Vec<f64> {
     v.iter()
