@@ -5,8 +5,19 @@
 //! of a batch carries its dataset index, so a batch mixing datasets is one kernel launch.
 //!
 //! Every kernel runs from the same source on an NVIDIA GPU ([`Device::cuda`]) or on the CPU
-//! through a strict emulator of the CUDA execution model ([`Device::emulator`]), and is tested
-//! against the independent f64 oracle in [`reference`].
+//! through a strict emulator of the CUDA execution model ([`Device::emulator`]).
+//!
+//! Where to start:
+//! - [`ops`]: one safe function per kernel family on [`Tensor`]s — DSBN, the fused
+//!   Dataset-Aware Block ([`ops::dab`]), the pyramid pooling module ([`ops::ppm`]), the
+//!   multi-head loss, SGD, …
+//! - [`train`], [`nn`], [`backend`], [`autograd`]: PSPNet-DAB and Dataset Alternation Training,
+//!   written once over a [`backend::Backend`] (our kernels, or a plain host CPU backend), in
+//!   f32, bf16 or f16 ([`train::Precision`]); [`data`] has built-in synthetic multi-domain scenes,
+//!   [`checkpoint`] reads and writes safetensors.
+//!
+//! Not the surface for training code: [`mod@reference`] is the independent f64 oracle the kernels
+//! are tested against (slow, obviously right), and `ffi` the raw C ABI of the kernels.
 //!
 //! ```
 //! use cdcl::{ops::dsbn, Device, Tensor};
@@ -28,6 +39,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
+#[doc(hidden)]
 pub mod ffi;
 pub mod nn;
 pub mod ops;
@@ -38,5 +50,10 @@ pub mod tensor;
 pub mod train;
 
 pub use device::{Device, DeviceCounters, DeviceKind, EmulatorConfig};
+
+/// The README's code examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use error::{Error, Result};
 pub use tensor::{DType, Element, Tensor};

@@ -105,3 +105,55 @@ fn the_listing_parser_reads_cuobjdump_output() {
     assert_eq!((f[0].0.as_str(), f[0].1.as_str()), ("sm_80", "_Z3foo"));
     assert!(f[0].2.contains("HMMA"));
 }
+
+/// Training in bf16 runs on the tensor cores: every convolution instantiation that one bf16 step
+/// of `cdcl train` launches (counted per problem and storage type by the device backend, here on
+/// the emulator) is one of the HMMA mainloops checked above — and no f32 mainloop runs.
+#[test]
+fn bf16_training_launches_only_the_hmma_mainloops() {
+    use cdcl::backend::{Backend, ConvProblem, DeviceBackend};
+    use cdcl::nn::ModelConfig;
+    use cdcl::train::{Batch, Precision, TrainConfig, Trainer};
+
+    let be = DeviceBackend::new(cdcl::Device::emulator());
+    let model = ModelConfig { width: 1.0 / 16.0, ..ModelConfig::resnet18(vec![3, 2]) };
+    let mut t = Trainer::new(&be, model, TrainConfig { precision: Precision::Bf16, ..TrainConfig::default() }).unwrap();
+    let batch = |dataset: usize, classes: i32| Batch {
+        dataset,
+        n: 2,
+        h: 16,
+        w: 16,
+        images: (0..2 * 16 * 16 * 3).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect(),
+        labels: (0..2 * 16 * 16).map(|i| i % classes).collect(),
+    };
+    let before = be.op_counters().unwrap();
+    t.step(&[batch(0, 3), batch(1, 2)]).unwrap();
+    let kinds = (be.op_counters().unwrap() - before).convolution_kinds();
+    let want: Vec<_> = ConvProblem::ALL.iter().map(|&p| (p, cdcl::DType::BF16)).collect();
+    assert_eq!(kinds, want, "the convolutions a bf16 step launches");
+
+    let required = std::env::var_os("CDCL_REQUIRE_CUOBJDUMP").is_some();
+    let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join("conv.o");
+    let Some(tool) = cuobjdump().filter(|_| obj.is_file()) else {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but there is no nvcc build or cuobjdump");
+        eprintln!("no nvcc build or cuobjdump: the launched instantiations are known, their SASS is not checked");
+        return;
+    };
+    let out = Command::new(&tool).arg("-sass").arg(&obj).output().expect("run cuobjdump");
+    let fns = functions(&String::from_utf8_lossy(&out.stdout));
+    for (problem, _) in kinds {
+        let name = match problem {
+            ConvProblem::Forward => "ConvForward",
+            ConvProblem::BackwardData => "ConvBackwardData",
+            ConvProblem::BackwardFilter => "ConvBackwardFilter",
+        };
+        let hits: Vec<_> = fns
+            .iter()
+            .filter(|f| f.1.contains("implicit_gemm_wmma") && f.1.contains(name) && f.1.contains("13__nv_bfloat16"))
+            .collect();
+        assert!(!hits.is_empty(), "no bf16 {name} tensor-core mainloop in the build");
+        for (arch, fname, sass) in hits {
+            assert!(sass.contains("HMMA"), "{arch} {fname}: the bf16 {name} mainloop has no HMMA");
+        }
+    }
+}

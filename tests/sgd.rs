@@ -374,3 +374,41 @@ fn bad_frozen_rows_are_typed_errors() {
     assert!(common::bits(&p1) != before);
     assert!(common::bits(&p2) == p2_before);
 }
+
+/// The gradient gather gives the same bits on every emulator schedule and worker count (fixed
+/// summation order; the overflow flag is a set-only value), and refuses bad groups with typed
+/// errors before launching.
+#[test]
+fn sum_scaled_is_deterministic_and_checks_its_groups() {
+    let mut r = Rng(41);
+    let parts: Vec<Vec<f32>> = (0..3).map(|_| (0..9000).map(|_| (r.normal() * 100.0) as f32).collect()).collect();
+    let run = |seed: u64, threads: u32| {
+        let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+        let ts: Vec<Tensor> = parts
+            .iter()
+            .map(|p| {
+                Tensor::from_slice(&dev, &[9000], &p.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>())
+                    .unwrap()
+            })
+            .collect();
+        let mut inf = parts[0].clone();
+        inf[4321] = f32::NEG_INFINITY;
+        let ti = Tensor::from_slice(&dev, &[9000], &inf).unwrap();
+        let (sums, flag) = sgd::sum_scaled(&[&[&ts[0], &ts[1], &ts[2]][..], &[&ti][..]], 1.0 / 1024.0).unwrap();
+        (common::bits(&sums[0]), sums[1].to_vec::<f32>().unwrap()[4321], flag.to_vec::<f32>().unwrap())
+    };
+    let base = run(0, 0);
+    assert_eq!(base.2, vec![1.0], "an infinite source sets the flag");
+    assert!(base.1.is_infinite());
+    for (seed, threads) in [(1, 1), (7, 2), (99, 0)] {
+        assert!(run(seed, threads) == base, "seed {seed}, {threads} threads");
+    }
+    let dev = device();
+    let a = Tensor::from_slice(&dev, &[4], &[1.0f32; 4]).unwrap();
+    let b = Tensor::from_slice(&dev, &[5], &[1.0f32; 5]).unwrap();
+    let h = Tensor::from_slice(&dev, &[4], &[half::f16::ONE; 4]).unwrap();
+    assert!(matches!(sgd::sum_scaled(&[&[&a, &b][..]], 1.0), Err(Error::ShapeMismatch { .. })));
+    assert!(matches!(sgd::sum_scaled(&[&[&a, &h][..]], 1.0), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(sgd::sum_scaled(&[&[][..]], 1.0), Err(Error::InvalidArgument(_))));
+    assert!(matches!(sgd::sum_scaled(&[&[&a][..]], f32::NAN), Err(Error::InvalidArgument(_))));
+}
