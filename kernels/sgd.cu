@@ -23,8 +23,9 @@
 // row costs no memory traffic.
 //
 // Mixed precision: the f32 parameter is the master; its 16-bit copy (f16 or bf16, what the
-// tensor-core convolutions read) is written from the updated value in the same pass, so the copy
-// costs 2 bytes per element of traffic and no launch. A step can be skipped on the device: with
+// tensor-core convolutions read) is written from the updated value in the same launch (a second
+// loop over the block's chunk, re-reading from L2 what the thread just wrote), so the copy costs
+// 2 bytes per element of DRAM traffic and no launch. A step can be skipped on the device: with
 // `skip_if` set, every block reads the flag first and returns if it is nonzero (the loss-scaling
 // overflow flag that sum_scaled wrote), so an overflowing f16 step changes nothing without the
 // host having to look at the flag first.
@@ -39,22 +40,31 @@ namespace CDCL_NAMESPACE {
 
 constexpr int kSgdThreads = 256;
 
-__device__ __forceinline__ void store_copy(void* copy, int dtype, long long i, float v) {
-    if (dtype == CDCL_DTYPE_F16)
-        static_cast<__half*>(copy)[i] = from_f32<__half>(v);
-    else
-        static_cast<__nv_bfloat16*>(copy)[i] = from_f32<__nv_bfloat16>(v);
+// One element of a chunk: pointers offset to the chunk's start, a 32-bit index into it (a chunk
+// holds CDCL_SGD_CHUNK elements), so that the loop carries no 64-bit address arithmetic.
+struct Chunk {
+    float* param;
+    const float* grad;
+    float* buf;
+    float lr;
+};
+
+__device__ __forceinline__ void sgd_update(const cdcl_sgd_params& p, const Chunk& c, int j) {
+    const float w = c.param[j];
+    const float d = fmaf(p.weight_decay, w, c.grad[j]);
+    const float buf = p.first_step ? d : fmaf(p.momentum, c.buf[j], d);
+    c.buf[j] = buf;
+    c.param[j] = fmaf(-c.lr, buf, w);
 }
 
-__device__ __forceinline__ void sgd_update(const cdcl_sgd_params& p, const cdcl_sgd_tensor& t, void* copy,
-                                           long long i) {
-    const float w = t.param[i];
-    const float d = fmaf(p.weight_decay, w, t.grad[i]);
-    const float buf = p.first_step ? d : fmaf(p.momentum, t.momentum_buffer[i], d);
-    t.momentum_buffer[i] = buf;
-    const float nw = fmaf(-t.lr, buf, w);
-    t.param[i] = nw;
-    if (copy) store_copy(copy, p.copy_dtype, i, nw);
+// The 16-bit copy of the chunk's updated parameters: a second pass over the chunk after the
+// update rather than a store in the update loop, so that the update loop keeps its registers
+// (the launch bound holds it at full occupancy); each thread re-reads only what it just wrote
+// (an L2 hit, no barrier). A tensor with frozen rows carries no copy (the launcher's caller
+// refuses the pair: DSBN tables are f32 only), so every element of the chunk was updated.
+template <typename C>
+__device__ __forceinline__ void write_copy(const Chunk& c, C* copy, int n) {
+    for (int j = threadIdx.x; j < n; j += kSgdThreads) copy[j] = from_f32<C>(c.param[j]);
 }
 
 // Blocks that fill an SM's resident threads (CUDA C++ Programming Guide, table of compute
@@ -81,35 +91,56 @@ __device__ __forceinline__ int find_entry(const E* table, int count, long long c
     return lo;
 }
 
-__global__ void __launch_bounds__(kSgdThreads, kSgdMinBlocks) sgd_step_kernel(const cdcl_sgd_params p) {
-    if (p.skip_if && *p.skip_if != 0.0f) return;  // uniform: every block returns
-    const long long chunk = (long long)blockIdx.x;
-    const int lo = find_entry(p.tensors, p.num_tensors, chunk);
-    const cdcl_sgd_tensor t = p.tensors[lo];
-    void* copy = p.copies ? p.copies[lo] : nullptr;
-    if (chunk < t.first_chunk) return;
-    const long long begin = (chunk - t.first_chunk) * CDCL_SGD_CHUNK;
-    const long long end = begin + CDCL_SGD_CHUNK < t.numel ? begin + CDCL_SGD_CHUNK : t.numel;
-    if (t.frozen_rows != 0 && t.row_len < 1) return;  // no row to tell frozen from free: touch nothing
+// The update of one chunk of one tensor (with frozen rows among rows 0..63, the masked loop).
+__device__ __forceinline__ void update_chunk(const cdcl_sgd_params& p, const cdcl_sgd_tensor& t, const Chunk& c,
+                                             long long begin, int n) {
     // Only rows 0..63 can be frozen: a chunk that starts beyond them needs no mask either.
     if (t.frozen_rows == 0 || begin / t.row_len >= 64) {
-        for (long long i = begin + threadIdx.x; i < end; i += kSgdThreads)
-            sgd_update(p, t, copy, i);
+        for (int j = threadIdx.x; j < n; j += kSgdThreads)
+            sgd_update(p, c, j);
         return;
     }
     // The thread's row and offset in it, advanced by kSgdThreads elements per iteration.
-    const long long row_step = kSgdThreads / t.row_len, rem_step = kSgdThreads % t.row_len;
-    long long i = begin + threadIdx.x;
-    long long row = i / t.row_len, rem = i % t.row_len;
-    for (; i < end; i += kSgdThreads) {
-        if (row >= 64 || ((t.frozen_rows >> row) & 1ull) == 0) sgd_update(p, t, copy, i);
+    const long long row_len = t.row_len;
+    const long long row_step = kSgdThreads / row_len, rem_step = kSgdThreads % row_len;
+    const unsigned long long frozen = t.frozen_rows;
+    long long row = (begin + threadIdx.x) / row_len, rem = (begin + threadIdx.x) % row_len;
+    for (int j = threadIdx.x; j < n; j += kSgdThreads) {
+        if (row >= 64 || ((frozen >> row) & 1ull) == 0) sgd_update(p, c, j);
         row += row_step;
         rem += rem_step;
-        if (rem >= t.row_len) {
-            rem -= t.row_len;
+        if (rem >= row_len) {
+            rem -= row_len;
             ++row;
         }
     }
+}
+
+// Two instantiations, chosen per launch: without copies (f32 training: the update alone, held at
+// full occupancy by the launch bound) and with 16-bit copies (mixed precision: the copy pointer
+// and the second loop need a few more registers than 32; registers are granted in steps of 8, so
+// 3/4 of the blocks per SM are asked for rather than spilling — a memory-bound loop of 256
+// threads keeps the bandwidth busy at 75% occupancy).
+template <bool kCopies>
+__global__ void __launch_bounds__(kSgdThreads, kCopies ? kSgdMinBlocks * 3 / 4 : kSgdMinBlocks)
+    sgd_step_kernel(const cdcl_sgd_params p) {
+    if (p.skip_if && *p.skip_if != 0.0f) return;  // uniform: every block returns
+    const long long chunk = (long long)blockIdx.x;
+    const int lo = find_entry(p.tensors, p.num_tensors, chunk);
+    const cdcl_sgd_tensor& t = p.tensors[lo];
+    if (chunk < t.first_chunk) return;
+    const long long begin = (chunk - t.first_chunk) * CDCL_SGD_CHUNK;
+    const int n = (int)(begin + CDCL_SGD_CHUNK < t.numel ? CDCL_SGD_CHUNK : t.numel - begin);
+    if (t.frozen_rows != 0 && t.row_len < 1) return;  // no row to tell frozen from free: touch nothing
+    const Chunk c{t.param + begin, t.grad + begin, t.momentum_buffer + begin, t.lr};
+    update_chunk(p, t, c, begin, n);
+    if (!kCopies) return;
+    void* copy = p.copies[lo];
+    if (!copy) return;
+    if (p.copy_dtype == CDCL_DTYPE_F16)
+        write_copy(c, static_cast<__half*>(copy) + begin, n);
+    else
+        write_copy(c, static_cast<__nv_bfloat16*>(copy) + begin, n);
 }
 
 template <typename T>
@@ -149,7 +180,9 @@ CDCL_API int32_t CDCL_PREFIX(sgd_step)(const cdcl_sgd_params* pp, void* stream) 
     if (pp->copies && pp->copy_dtype != CDCL_DTYPE_F16 && pp->copy_dtype != CDCL_DTYPE_BF16)
         return CDCL_ERR_INVALID_PARAMS;
     const cdcl_sgd_params p = *pp;
-    return CDCL_LAUNCH(sgd_step_kernel, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
+    if (p.copies)
+        return CDCL_LAUNCH(sgd_step_kernel<true>, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
+    return CDCL_LAUNCH(sgd_step_kernel<false>, dim3((unsigned)p.total_chunks), dim3(kSgdThreads), 0, stream, p);
 }
 
 CDCL_API int32_t CDCL_PREFIX(sum_scaled)(const cdcl_sum_params* pp, void* stream) {

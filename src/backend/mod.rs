@@ -286,7 +286,8 @@ pub struct SgdTensor<'a, T> {
     /// Rows the step leaves untouched, parameter and buffer alike (`None`: none).
     pub frozen_rows: Option<FrozenRows>,
     /// A 16-bit copy of the parameter (what the convolutions read in mixed precision), written
-    /// from the updated master in the same pass: `copy = round(param)`.
+    /// from the updated master in the same pass: `copy = round(param)`. Not together with
+    /// frozen rows (`InvalidArgument`).
     pub copy: Option<&'a mut T>,
 }
 

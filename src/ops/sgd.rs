@@ -117,7 +117,8 @@ pub struct SgdParam<'a> {
     /// Rows the step leaves untouched (`None`: every element is updated).
     pub frozen_rows: Option<FrozenRows>,
     /// A 16-bit copy of the parameter (f16 or bf16, the same shape; one type for every copy of
-    /// a step), written as `round(p)` after the update. Frozen rows of the copy stay as well.
+    /// a step), written as `round(p)` after the update. Not with frozen rows (`InvalidArgument`:
+    /// the tensors that freeze rows, DSBN tables, are f32 only).
     pub copy: Option<&'a mut Tensor>,
 }
 
@@ -189,6 +190,11 @@ fn step(params: &mut [SgdParam<'_>], opts: &SgdOptions, first_step: bool, skip_i
         check::shape("SGD momentum buffer", sp.momentum_buffer, sp.param.shape())?;
         check::same_device(&device, &[&*sp.param, sp.grad, &*sp.momentum_buffer])?;
         if let Some(c) = sp.copy.as_deref() {
+            if sp.frozen_rows.is_some_and(|f| f.rows != 0) {
+                return Err(Error::InvalidArgument(
+                    "a tensor with frozen rows cannot carry a 16-bit copy (only f32 DSBN tables freeze rows)".into(),
+                ));
+            }
             if !matches!(c.dtype(), DType::F16 | DType::BF16) {
                 return Err(Error::UnsupportedDType { what: "SGD parameter copy", dtype: c.dtype() });
             }

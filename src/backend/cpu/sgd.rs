@@ -11,8 +11,8 @@ use crate::error::{Error, Result};
 use crate::ops::sgd::SgdOptions;
 use crate::tensor::DType;
 
-/// One step over every tensor; frozen rows are skipped whole (copies included), as the kernel
-/// skips them; with a nonzero `skip_if` flag nothing is written.
+/// One step over every tensor; frozen rows are skipped whole, as the kernel skips them (a tensor
+/// with frozen rows carries no copy); with a nonzero `skip_if` flag nothing is written.
 pub(crate) fn sgd_step(
     params: &mut [SgdTensor<'_, CpuTensor>],
     opts: &SgdOptions,
@@ -52,6 +52,11 @@ pub(crate) fn sgd_step(
             f.check(sp.param.numel())?;
         }
         if let Some(c) = sp.copy.as_deref() {
+            if sp.frozen_rows.is_some_and(|f| f.rows != 0) {
+                return Err(Error::InvalidArgument(
+                    "a tensor with frozen rows cannot carry a 16-bit copy (only f32 DSBN tables freeze rows)".into(),
+                ));
+            }
             if !matches!(c.dtype(), DType::F16 | DType::BF16) {
                 return Err(Error::UnsupportedDType { what: "SGD parameter copy", dtype: c.dtype() });
             }
@@ -93,12 +98,7 @@ pub(crate) fn sgd_step(
         if let Some(copy) = sp.copy.as_deref_mut() {
             let dtype = copy.dtype();
             let Some(c) = copy.as_f32_mut() else { continue };
-            let row_len = frozen.map_or(c.len().max(1), |f| f.row_len);
-            c.par_chunks_mut(row_len).zip(p.par_chunks(row_len)).enumerate().for_each(|(row, (c, p))| {
-                if frozen.is_none_or(|f| !f.is_frozen(row)) {
-                    c.iter_mut().zip(p).for_each(|(c, &p)| *c = round_to(dtype, p));
-                }
-            });
+            c.par_iter_mut().zip(p.par_iter()).for_each(|(c, &p)| *c = round_to(dtype, p));
         }
     }
     Ok(())
