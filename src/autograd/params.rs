@@ -335,7 +335,8 @@ impl<B: Backend> ParamStore<B> {
     }
 
     /// Weights and DSBN layers at once (the optimiser updates both, copies included, in one
-    /// launch).
+    /// launch). Unlike [`ParamStore::weights_mut`] this does not mark the 16-bit copies stale:
+    /// whoever writes a master through it keeps its copy in step.
     pub fn parts_mut(&mut self) -> (&mut [Weight<B>], &mut [BnLayer<B>]) {
         (&mut self.weights, &mut self.bns)
     }
@@ -448,7 +449,8 @@ impl<B: Backend> ParamStore<B> {
                 Some(prev) => be.add(&prev, &b)?,
             });
         }
-        Ok(flag)
+        // Without the check not every tensor went through the call: its flag covers only some.
+        Ok(flag.filter(|_| check_finite))
     }
 
     /// Reads γ, β, running mean and running variance of a DSBN layer back to the host.

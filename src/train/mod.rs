@@ -563,18 +563,20 @@ impl<B: Backend> Trainer<B> {
         let head_lr = lr * self.config.head_lr_mult;
         let rate = |g: Group| if g == Group::Head { head_lr } else { lr };
         let be = self.backend.clone();
-        for w in self.store.weights_mut() {
+        // Through parts_mut, not weights_mut: the masters are only written by the SGD kernel,
+        // which keeps the 16-bit copies in step (weights_mut would have them refreshed).
+        let (weights, bns) = self.store.parts_mut();
+        for w in weights.iter_mut() {
             if w.grad.is_some() && w.momentum.is_none() {
                 w.momentum = Some(be.zeros(w.value.shape())?);
             }
         }
-        for l in self.store.bn_layers_mut() {
+        for l in bns.iter_mut() {
             if l.grad_gamma.is_some() && l.momentum_gamma.is_none() {
                 l.momentum_gamma = Some(be.zeros(&[l.num_datasets, l.channels])?);
                 l.momentum_beta = Some(be.zeros(&[l.num_datasets, l.channels])?);
             }
         }
-        let (weights, bns) = self.store.parts_mut();
         let mut list: Vec<SgdTensor<'_, B::Tensor>> = Vec::new();
         for w in weights.iter_mut() {
             if let (Some(grad), Some(buf)) = (w.grad.as_ref(), w.momentum.as_mut()) {

@@ -146,18 +146,26 @@ fn ten_steps_cpu_and_emulator_agree() {
 fn device_step_accounting() {
     let emu = device_backend();
     let batches = vec![batch(0, 2, 16, 16, 4, 1), batch(1, 2, 16, 16, 3, 2)];
-    let run = |fuse: bool| {
-        let cfg = TrainConfig { fuse_datasets: fuse, ..TrainConfig::default() };
+    let run_with = |fuse: bool, precision| {
+        let cfg = TrainConfig { fuse_datasets: fuse, precision, ..TrainConfig::default() };
         let mut t = Trainer::new(&emu, tiny_model(vec![4, 3], 0.1), cfg).unwrap();
         t.step(&batches).unwrap(); // momentum buffers, first allocations
         let (d0, o0) = (emu.device_counters().unwrap(), emu.op_counters().unwrap());
         t.step(&batches).unwrap();
         (emu.device_counters().unwrap() - d0, emu.op_counters().unwrap() - o0)
     };
+    let run = |fuse: bool| run_with(fuse, cdcl::train::Precision::F32);
     let ((fused, ofused), (separate, oseparate)) = (run(true), run(false));
     eprintln!("one pass: {fused} | {ofused}\nseparate passes: {separate} | {oseparate}");
     assert!(fused.kernel_launches * 10 < separate.kernel_launches * 7, "{fused} vs {separate}");
     assert!(ofused.activation_tensors < oseparate.activation_tensors);
     // Every convolution of the step is one of the three problems in f32.
     assert_eq!(ofused.convolution_kinds().len(), 3, "{ofused}");
+    // In bf16 the same step: the convolutions in bf16, and no weight travels through the host
+    // (the SGD kernel writes the 16-bit copies): the reads back are the f32 step's, and one
+    // launch more (the gather of the bf16 weight gradients).
+    let (half, ohalf) = run_with(true, cdcl::train::Precision::Bf16);
+    assert!(ohalf.convolution_kinds().iter().all(|k| k.1 == cdcl::DType::BF16), "{ohalf}");
+    assert_eq!(half.device_to_host_bytes, fused.device_to_host_bytes, "{half}");
+    assert_eq!(half.kernel_launches, fused.kernel_launches + 1, "{half}");
 }
