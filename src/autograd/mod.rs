@@ -11,7 +11,7 @@
 //! **The tape records what the kernels fuse**: one node per dataset-aware block
 //! ([`Graph::dab`]), one for the pyramid pooling module ([`Graph::ppm`]), one for the loss with
 //! the upsampling of the logits fused in ([`Graph::cross_entropy`] with
-//! [`LossSpec::upsample`]). A block may leave its output unwritten ([`DabSpec::defer`]): the
+//! [`LossSpec::upsample`]). A block may leave its output unwritten ([`DabCall::defer`]): the
 //! value is then the block's raw convolution output with its normalisation *pending*, and the
 //! only op that accepts it is the next block, which applies the normalisation in its
 //! convolution's prologue (forward and backward); any other op refuses it with a typed error.
@@ -63,9 +63,9 @@ pub struct Scalar(usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Datasets(Var);
 
-/// One dataset-aware block of [`Graph::dab`]: `relu?(DSBN(conv(x)) + residual)`.
+/// One dataset-aware block of [`Graph::dab`] (its parameters, geometry and options): `relu?(DSBN(conv(x)) + residual)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DabSpec {
+pub struct DabCall {
     /// The convolution weight (no bias).
     pub weight: WeightId,
     /// The DSBN layer.
@@ -207,7 +207,7 @@ impl<B: Backend> Graph<B> {
     }
 
     /// Whether `v` holds a block's raw convolution output whose normalisation its consumer
-    /// must apply ([`DabSpec::defer`]).
+    /// must apply ([`DabCall::defer`]).
     pub fn is_pending(&self, v: Var) -> bool {
         self.pending[v.0].is_some()
     }
@@ -300,7 +300,7 @@ impl<B: Backend> Graph<B> {
     /// (one backend op, one tape node): batch statistics (moving the running ones) in training,
     /// the one-kernel inference block with the running statistics in evaluation. When `x` is a
     /// block output whose normalisation is pending, this block's convolution applies it.
-    pub fn dab(&mut self, store: &mut ParamStore<B>, x: Var, datasets: Datasets, spec: &DabSpec) -> Result<Var> {
+    pub fn dab(&mut self, store: &mut ParamStore<B>, x: Var, datasets: Datasets, spec: &DabCall) -> Result<Var> {
         let dv = datasets.0;
         if let Some(r) = spec.residual {
             self.ready(r, "DAB residual")?;

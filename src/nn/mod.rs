@@ -16,7 +16,7 @@ pub use init::{conv_default, kaiming_normal_fan_out, normal};
 pub use pspnet::{ModelConfig, Outputs, PspNet};
 pub use resnet::{Block, BlockKind, Depth};
 
-use crate::autograd::{BnId, DabSpec as GraphDab, Datasets, Graph, Group, ParamStore, Var, WeightId};
+use crate::autograd::{BnId, DabCall, Datasets, Graph, Group, ParamStore, Var, WeightId};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::ops::conv::ConvGeometry;
@@ -134,8 +134,8 @@ impl Dab {
         g.dab(store, x, datasets, &self.spec(None, relu, true))
     }
 
-    fn spec(&self, residual: Option<Var>, relu: bool, defer: bool) -> GraphDab {
-        GraphDab {
+    fn spec(&self, residual: Option<Var>, relu: bool, defer: bool) -> DabCall {
+        DabCall {
             weight: self.weight,
             bn: self.bn,
             geometry: self.geometry,

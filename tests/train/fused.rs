@@ -6,7 +6,7 @@
 //! every gradient (the graph gathers them the same way on both paths).
 
 use super::*;
-use cdcl::autograd::{BnId, DabSpec as GraphDab, Datasets, Var, WeightId};
+use cdcl::autograd::{BnId, DabCall, Datasets, Var, WeightId};
 use cdcl::backend::TensorLike;
 use cdcl::ops::dsbn::DsbnOptions;
 use cdcl::ops::ppm::PpmOptions;
@@ -60,7 +60,7 @@ fn run<B: Backend>(be: &B, fused: bool) -> Bits {
     let xv = g.input(be.tensor_f32(&[n, h, w, 3], &x).unwrap());
     let ds = g.datasets(&[0, 1, 1, 0]).unwrap();
     let relu = DsbnOptions { relu: true, ..DsbnOptions::default() };
-    let spec = |d: &Dab, residual: Option<Var>, defer: bool| GraphDab {
+    let spec = |d: &Dab, residual: Option<Var>, defer: bool| DabCall {
         weight: d.weight,
         bn: d.bn,
         geometry: d.geometry,
