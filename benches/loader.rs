@@ -1,0 +1,2 @@
+//! Loader throughput (decode + augment); filled in with the loader.
+fn main() {}
