@@ -4,6 +4,7 @@
 //! [`ParamStore`] under the names a PyTorch port of the same model would use.
 
 mod init;
+pub mod pretrained;
 mod pspnet;
 mod resnet;
 

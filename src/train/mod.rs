@@ -11,6 +11,7 @@
 mod checkpoint;
 mod eval;
 
+pub use checkpoint::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
 pub use eval::{evaluate, EvalResult};
 
 use crate::autograd::{Graph, Group, ParamStore, Scalar};

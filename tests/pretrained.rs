@@ -1,0 +1,179 @@
+//! `--pretrained`: an ImageNet ResNet in torchvision's `state_dict` names (written here by the
+//! test, with the names enumerated independently of the model) fills every DSBN slice; the
+//! classifier is ignored; a missing, unexpected or mis-shaped tensor is an error naming it.
+
+use cdcl::autograd::ParamStore;
+use cdcl::backend::{Backend, BnTables, CpuBackend};
+use cdcl::checkpoint::{Checkpoint, NamedTensor};
+use cdcl::nn::pretrained::{load_pretrained, load_pretrained_from};
+use cdcl::nn::{Depth, ModelConfig, PspNet};
+use cdcl::Error;
+
+fn value(name: &str, i: usize) -> f32 {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    ((h.wrapping_add(i as u64 * 0x9E37_79B9) >> 40) % 1000) as f32 / 1000.0 + 0.5
+}
+
+fn conv(ck: &mut Checkpoint, name: &str, k: usize, c: usize, r: usize) {
+    let n = k * c * r * r;
+    ck.push(NamedTensor::f32(name, vec![k, c, r, r], (0..n).map(|i| value(name, i)).collect()));
+}
+
+fn bn(ck: &mut Checkpoint, name: &str, c: usize) {
+    for f in ["weight", "bias", "running_mean", "running_var"] {
+        let n = format!("{name}.{f}");
+        ck.push(NamedTensor::f32(n.clone(), vec![c], (0..c).map(|i| value(&n, i)).collect()));
+    }
+    ck.push(NamedTensor::i64(format!("{name}.num_batches_tracked"), vec![], vec![12345]));
+}
+
+/// torchvision's `resnet18`/`resnet34` `state_dict` at 1/`div` of the widths (fc included), or
+/// with the deep stem of the PSPNet reference (`conv1..3`, `bn1..3`).
+fn torchvision_basic(blocks: [usize; 4], div: usize, deep_stem: bool) -> Checkpoint {
+    let mut ck = Checkpoint::new();
+    let w = |c: usize| c / div;
+    let mut inplanes = if deep_stem {
+        conv(&mut ck, "conv1.weight", w(64), 3, 3);
+        bn(&mut ck, "bn1", w(64));
+        conv(&mut ck, "conv2.weight", w(64), w(64), 3);
+        bn(&mut ck, "bn2", w(64));
+        conv(&mut ck, "conv3.weight", w(128), w(64), 3);
+        bn(&mut ck, "bn3", w(128));
+        w(128)
+    } else {
+        conv(&mut ck, "conv1.weight", w(64), 3, 7);
+        bn(&mut ck, "bn1", w(64));
+        w(64)
+    };
+    for (li, &n) in blocks.iter().enumerate() {
+        let planes = w(64 << li);
+        for b in 0..n {
+            let p = format!("layer{}.{b}", li + 1);
+            conv(&mut ck, &format!("{p}.conv1.weight"), planes, inplanes, 3);
+            bn(&mut ck, &format!("{p}.bn1"), planes);
+            conv(&mut ck, &format!("{p}.conv2.weight"), planes, planes, 3);
+            bn(&mut ck, &format!("{p}.bn2"), planes);
+            if b == 0 && inplanes != planes {
+                conv(&mut ck, &format!("{p}.downsample.0.weight"), planes, inplanes, 1);
+                bn(&mut ck, &format!("{p}.downsample.1"), planes);
+            }
+            inplanes = planes;
+        }
+    }
+    ck.push(NamedTensor::f32("fc.weight", vec![1000, inplanes], vec![0.0; 1000 * inplanes]));
+    ck.push(NamedTensor::f32("fc.bias", vec![1000], vec![0.0; 1000]));
+    ck
+}
+
+fn model(deep_stem: bool, datasets: usize) -> (CpuBackend, ParamStore<CpuBackend>) {
+    let be = CpuBackend::new();
+    let mut store = ParamStore::new(be);
+    let cfg = ModelConfig {
+        depth: Depth::R18,
+        width: 1.0 / 16.0,
+        deep_stem,
+        num_bn: datasets,
+        ..ModelConfig::resnet18(vec![5; datasets])
+    };
+    PspNet::new(cfg, &mut store).unwrap();
+    (be, store)
+}
+
+fn snapshot(be: &CpuBackend, store: &ParamStore<CpuBackend>) -> Vec<Vec<f32>> {
+    let mut out: Vec<Vec<f32>> = store.weights().iter().map(|w| be.to_f32(&w.value).unwrap()).collect();
+    for l in store.bn_layers() {
+        out.extend(l.tables.tables().iter().map(|t| be.to_f32(t).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn a_torchvision_resnet_fills_every_dsbn_slice_and_ignores_fc() {
+    let (be, mut store) = model(false, 3);
+    let ck = torchvision_basic([2, 2, 2, 2], 16, false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet18.safetensors");
+    ck.save(&path).unwrap();
+    let heads_before: Vec<Vec<f32>> = store
+        .weights()
+        .iter()
+        .filter(|w| !w.name.starts_with("layer") && !w.name.starts_with("conv"))
+        .map(|w| be.to_f32(&w.value).unwrap())
+        .collect();
+    let report = load_pretrained(&mut store, &path).unwrap();
+    assert_eq!((report.convolutions, report.batch_norms, report.slices), (20, 20, 3));
+    assert_eq!(report.ignored, ["fc.bias", "fc.weight"]);
+    assert_eq!(report.tensors_read, ck.tensors.len() - 2);
+    assert!(report.to_string().contains("20 convolutions"), "{report}");
+    // Convolutions: PyTorch [K, C, R, S] element (k, c, r, s) is our KRSC element (k, r, s, c).
+    let w = store.weights().iter().find(|w| w.name == "layer2.0.conv1.weight").unwrap();
+    let ours = be.to_f32(&w.value).unwrap();
+    let theirs = ck.get("layer2.0.conv1.weight").unwrap().as_f32().unwrap();
+    let (k, c, r) = (8, 4, 3);
+    for (ki, ci, ri, si) in [(0, 0, 0, 0), (7, 3, 2, 1), (3, 1, 0, 2)] {
+        assert_eq!(ours[((ki * r + ri) * r + si) * c + ci], theirs[((ki * c + ci) * r + ri) * r + si]);
+    }
+    assert_eq!(ours.len(), k * c * r * r);
+    // Every BatchNorm in every dataset slice.
+    for l in store.bn_layers().iter().filter(|l| l.name.starts_with("layer") || l.name == "bn1") {
+        let tables = l.tables.tables();
+        for (t, f) in tables.iter().zip(["weight", "bias", "running_mean", "running_var"]) {
+            let file = ck.get(&format!("{}.{f}", l.name)).unwrap().as_f32().unwrap();
+            let all = be.to_f32(t).unwrap();
+            for d in 0..3 {
+                assert_eq!(&all[d * l.channels..(d + 1) * l.channels], file, "{} {f} slice {d}", l.name);
+            }
+        }
+        assert_eq!(l.batches_tracked, [12345; 3]);
+    }
+    // The heads keep their initialisation.
+    let heads_after: Vec<Vec<f32>> = store
+        .weights()
+        .iter()
+        .filter(|w| !w.name.starts_with("layer") && !w.name.starts_with("conv"))
+        .map(|w| be.to_f32(&w.value).unwrap())
+        .collect();
+    assert_eq!(heads_before, heads_after);
+}
+
+#[test]
+fn the_deep_stem_loads_the_pspnet_reference_names() {
+    let (_, mut store) = model(true, 2);
+    let report =
+        load_pretrained_from(&mut store, &torchvision_basic([2, 2, 2, 2], 16, true), "deep.safetensors").unwrap();
+    // 3 stem + 16 block convolutions + 4 projections (layer1 too: the deep stem is 128 wide).
+    assert_eq!((report.convolutions, report.batch_norms, report.slices), (23, 23, 2));
+}
+
+fn expect_error(ck: &Checkpoint, needle: &str) {
+    let (be, mut store) = model(false, 2);
+    let before = snapshot(&be, &store);
+    match load_pretrained_from(&mut store, ck, "bad.safetensors") {
+        Err(Error::Checkpoint { path, message }) => {
+            assert_eq!(path, "bad.safetensors");
+            assert!(message.contains(needle), "{message:?} does not name {needle:?}");
+        }
+        other => panic!("expected an error naming {needle}, got {other:?}"),
+    }
+    assert!(snapshot(&be, &store) == before, "a failed load changed the model");
+}
+
+#[test]
+fn a_missing_unexpected_or_misshaped_tensor_is_an_error_naming_it() {
+    let good = torchvision_basic([2, 2, 2, 2], 16, false);
+    let mut missing = good.clone();
+    missing.tensors.retain(|t| t.name != "layer3.1.bn2.running_var");
+    expect_error(&missing, "layer3.1.bn2.running_var");
+    let mut extra = good.clone();
+    extra.push(NamedTensor::f32("layer1.0.conv3.weight", vec![4, 4, 1, 1], vec![0.0; 16]));
+    expect_error(&extra, "layer1.0.conv3.weight");
+    // ResNet-34's file into ResNet-18: its third block of layer1 is unexpected.
+    expect_error(&torchvision_basic([3, 4, 6, 3], 16, false), "layer1.2.");
+    // Full width into the 1/16 model.
+    expect_error(&torchvision_basic([2, 2, 2, 2], 1, false), "conv1.weight");
+    let mut misshaped = good.clone();
+    let t = misshaped.tensors.iter_mut().find(|t| t.name == "layer4.0.downsample.1.bias").unwrap();
+    t.shape = vec![31];
+    t.data = cdcl::checkpoint::TensorData::F32(vec![0.0; 31]);
+    expect_error(&misshaped, "layer4.0.downsample.1.bias");
+}
