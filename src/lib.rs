@@ -28,6 +28,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
+pub mod eval;
 pub mod ffi;
 pub mod nn;
 pub mod ops;
