@@ -121,6 +121,8 @@ pub struct StepStats {
     pub total: f32,
     /// Main-head loss per dataset (mean over the dataset's passes); NaN for datasets not seen.
     pub per_dataset: Vec<f32>,
+    /// Auxiliary-head loss per dataset, likewise (NaN also without an auxiliary head).
+    pub aux_per_dataset: Vec<f32>,
     /// Backbone learning rate used.
     pub lr: f32,
 }
@@ -253,7 +255,7 @@ impl<B: Backend> Trainer<B> {
         b: &Batch,
         pass: usize,
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<f32> {
+    ) -> Result<(f32, f32)> {
         check_batch(b)?;
         let x = self.backend.tensor_f32(&[b.n, b.h, b.w, 3], &b.images)?;
         let x = g.input(x);
@@ -265,7 +267,7 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Upsamples head `head`'s logits of batch `b` to the label size and adds their weighted
-    /// main and auxiliary losses to `terms`; returns the main loss.
+    /// main and auxiliary losses to `terms`; returns the main and auxiliary (NaN: none) losses.
     fn add_losses(
         &self,
         g: &mut Graph<B>,
@@ -273,7 +275,7 @@ impl<B: Backend> Trainer<B> {
         head: usize,
         out: Outputs,
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<f32> {
+    ) -> Result<(f32, f32)> {
         let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
         let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
         let classes = [self.model.config.num_classes[head]];
@@ -282,12 +284,14 @@ impl<B: Backend> Trainer<B> {
         let up = g.resize_bilinear(out.main, b.h, b.w, align)?;
         let (loss, l) = g.cross_entropy(up, labels, zeros, &classes, None).map_err(|e| in_dataset(e, b.dataset))?;
         terms.push((loss, wd));
+        let mut aux_total = f32::NAN;
         if let Some(aux) = out.aux {
             let up = g.resize_bilinear(aux, b.h, b.w, align)?;
-            let (aux_loss, _) = g.cross_entropy(up, labels, zeros, &classes, None)?;
+            let (aux_loss, a) = g.cross_entropy(up, labels, zeros, &classes, None)?;
             terms.push((aux_loss, wd * self.config.aux_weight));
+            aux_total = a.total;
         }
-        Ok(l.total)
+        Ok((l.total, aux_total))
     }
 
     /// Forward of every batch of a mixed iteration as ONE batch through the trunk, then each
@@ -297,7 +301,7 @@ impl<B: Backend> Trainer<B> {
         g: &mut Graph<B>,
         batches: &[Batch],
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<Vec<(usize, f32)>> {
+    ) -> Result<Vec<(usize, (f32, f32))>> {
         let first = batches.first().ok_or_else(|| Error::InvalidArgument("no batch".into()))?;
         let (h, w) = (first.h, first.w);
         let mut images = Vec::new();
@@ -335,19 +339,19 @@ impl<B: Backend> Trainer<B> {
         let lr = self.learning_rate(self.iter);
         let stats = if self.config.mode == Mode::DsbnNoDat {
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+            let mut aux = sums.clone();
             let mut total = 0.0f32;
             for (pass, b) in batches.iter().enumerate() {
                 let tracked = self.batches_tracked();
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
-                let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
+                let (l, a) = self.forward_batch(&mut g, b, pass, &mut terms)?;
                 let root = g.weighted_sum(&terms);
                 total += g.scalar(root);
                 self.optimise(&mut g, root, lr, &tracked)?;
-                sums[b.dataset].0 += l as f64;
-                sums[b.dataset].1 += 1;
+                add(&mut sums, &mut aux, b.dataset, (l, a));
             }
-            StepStats { iter: self.iter, total, per_dataset: means(&sums), lr }
+            StepStats { iter: self.iter, total, per_dataset: means(&sums), aux_per_dataset: means(&aux), lr }
         } else {
             let tracked = self.batches_tracked();
             let (mut g, root, stats) = self.forward_all(batches)?;
@@ -392,18 +396,17 @@ impl<B: Backend> Trainer<B> {
     /// Every forward of a (non-interleaved) iteration into one graph; returns it with the root.
     fn forward_all(&mut self, batches: &[Batch]) -> Result<(Graph<B>, Scalar, StepStats)> {
         let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+        let mut aux = sums.clone();
         let mut g = Graph::new(&self.backend, true);
         let mut terms = Vec::new();
         if self.config.mode == Mode::Mixed {
             for (d, l) in self.forward_mixed(&mut g, batches, &mut terms)? {
-                sums[d].0 += l as f64;
-                sums[d].1 += 1;
+                add(&mut sums, &mut aux, d, l);
             }
         } else {
             for (pass, b) in batches.iter().enumerate() {
                 let l = self.forward_batch(&mut g, b, pass, &mut terms)?;
-                sums[b.dataset].0 += l as f64;
-                sums[b.dataset].1 += 1;
+                add(&mut sums, &mut aux, b.dataset, l);
             }
         }
         let root = g.weighted_sum(&terms);
@@ -411,6 +414,7 @@ impl<B: Backend> Trainer<B> {
             iter: self.iter,
             total: g.scalar(root),
             per_dataset: means(&sums),
+            aux_per_dataset: means(&aux),
             lr: self.learning_rate(self.iter),
         };
         Ok((g, root, stats))
@@ -499,6 +503,16 @@ fn in_dataset(e: Error, dataset: usize) -> Error {
             Error::InvalidLabel { dataset, label, position, num_classes }
         }
         e => e,
+    }
+}
+
+/// Adds a pass's main and auxiliary losses to dataset `d`'s sums (a NaN aux is no aux).
+fn add(sums: &mut [(f64, usize)], aux: &mut [(f64, usize)], d: usize, (main, a): (f32, f32)) {
+    sums[d].0 += main as f64;
+    sums[d].1 += 1;
+    if !a.is_nan() {
+        aux[d].0 += a as f64;
+        aux[d].1 += 1;
     }
 }
 
