@@ -65,6 +65,46 @@ fn torchvision_basic(blocks: [usize; 4], div: usize, deep_stem: bool) -> Checkpo
     ck
 }
 
+/// torchvision's `resnet50` `state_dict` at 1/`div` of the widths.
+fn torchvision_bottleneck(blocks: [usize; 4], div: usize) -> Checkpoint {
+    let mut ck = Checkpoint::new();
+    let w = |c: usize| c / div;
+    conv(&mut ck, "conv1.weight", w(64), 3, 7);
+    bn(&mut ck, "bn1", w(64));
+    let mut inplanes = w(64);
+    for (li, &n) in blocks.iter().enumerate() {
+        let (planes, out) = (w(64 << li), 4 * w(64 << li));
+        for b in 0..n {
+            let p = format!("layer{}.{b}", li + 1);
+            conv(&mut ck, &format!("{p}.conv1.weight"), planes, inplanes, 1);
+            bn(&mut ck, &format!("{p}.bn1"), planes);
+            conv(&mut ck, &format!("{p}.conv2.weight"), planes, planes, 3);
+            bn(&mut ck, &format!("{p}.bn2"), planes);
+            conv(&mut ck, &format!("{p}.conv3.weight"), out, planes, 1);
+            bn(&mut ck, &format!("{p}.bn3"), out);
+            if b == 0 {
+                conv(&mut ck, &format!("{p}.downsample.0.weight"), out, inplanes, 1);
+                bn(&mut ck, &format!("{p}.downsample.1"), out);
+            }
+            inplanes = out;
+        }
+    }
+    ck.push(NamedTensor::f32("fc.weight", vec![1000, inplanes], vec![0.0; 1000 * inplanes]));
+    ck.push(NamedTensor::f32("fc.bias", vec![1000], vec![0.0; 1000]));
+    ck
+}
+
+#[test]
+fn a_torchvision_resnet50_loads_into_the_bottleneck_backbone() {
+    let mut store = ParamStore::new(CpuBackend::new());
+    let cfg = ModelConfig { depth: Depth::R50, width: 1.0 / 16.0, num_bn: 2, ..ModelConfig::resnet18(vec![3, 4]) };
+    PspNet::new(cfg, &mut store).unwrap();
+    let report =
+        load_pretrained_from(&mut store, &torchvision_bottleneck([3, 4, 6, 3], 16), "r50.safetensors").unwrap();
+    // 1 stem + 16 blocks × 3 + 4 projections.
+    assert_eq!((report.convolutions, report.batch_norms, report.slices), (53, 53, 2));
+}
+
 fn model(deep_stem: bool, datasets: usize) -> (CpuBackend, ParamStore<CpuBackend>) {
     let be = CpuBackend::new();
     let mut store = ParamStore::new(be);
