@@ -251,6 +251,29 @@ fn batches_are_bitwise_identical_for_any_number_of_loader_threads() {
 }
 
 #[test]
+fn unlabelled_splits_give_the_same_images_with_every_label_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let labelled = two_datasets(dir.path());
+    let unlabelled: Vec<Arc<dyn SegDataset>> = vec![
+        Arc::new(DatasetKind::Cityscapes.open(&dir.path().join("cs"), "train").unwrap().without_labels()),
+        labelled[1].clone(),
+    ];
+    assert!(!unlabelled[0].has_labels());
+    assert_eq!(unlabelled[0].image(1).unwrap(), labelled[0].sample(1).unwrap().image);
+    let cfg = LoaderConfig { batch: 2, augment: config((8, 12), (0.5, 2.0)), workers: 2, ..LoaderConfig::default() };
+    let schedule = vec![vec![0, 1]; 3];
+    let (a, b) = (run(&labelled, cfg.clone(), &schedule, 0), run(&unlabelled, cfg, &schedule, 0));
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        assert!(x.images == y.images && x.samples == y.samples);
+        if x.dataset == 0 {
+            assert!(y.labels.iter().all(|&l| l == 255));
+        } else {
+            assert_eq!(x.labels, y.labels);
+        }
+    }
+}
+
+#[test]
 fn a_file_damaged_during_the_run_stops_the_loader_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let datasets = two_datasets(dir.path());
@@ -283,4 +306,25 @@ fn synthetic_domains_load_like_files() {
     let cfg = LoaderConfig { batch: 2, augment: config((16, 16), (0.5, 1.5)), workers: 2, ..LoaderConfig::default() };
     let b = run(&ds, cfg, &[vec![0, 1], vec![0, 1]], 0);
     assert!(b[1][1].labels.iter().all(|&l| (0..5).contains(&l) || l == 255));
+}
+
+#[test]
+fn the_prefetcher_hands_results_out_in_order_and_reports_a_dead_producer() {
+    use cdcl::data::Prefetcher;
+    for workers in [0, 1, 3] {
+        let mut p = Prefetcher::new(2, 7, workers, 2, |k| Ok(k * 10)).unwrap();
+        let got: Vec<usize> = std::iter::from_fn(|| p.next()).map(|r| r.unwrap()).collect();
+        assert_eq!(got, [20, 30, 40, 50, 60], "{workers} workers");
+    }
+    // An error ends the stream after it is handed out.
+    let mut p = Prefetcher::new(0, 5, 2, 2, |k| if k == 1 { Err(Error::InvalidArgument("bad".into())) } else { Ok(k) })
+        .unwrap();
+    assert_eq!(p.next().unwrap().unwrap(), 0);
+    assert!(p.next().unwrap().is_err());
+    assert!(p.next().is_none());
+    // A producer that dies (a panic) is an error, not the end of the schedule.
+    let mut p = Prefetcher::new(0, 5, 1, 1, |k| if k == 2 { panic!("deliberate test panic") } else { Ok(k) }).unwrap();
+    assert_eq!((p.next().unwrap().unwrap(), p.next().unwrap().unwrap()), (0, 1));
+    assert!(matches!(p.next(), Some(Err(Error::InvalidArgument(m))) if m.contains("stopped unexpectedly")));
+    assert!(p.next().is_none());
 }

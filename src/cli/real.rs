@@ -70,8 +70,11 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         [lo, hi] if lo <= hi => (lo, hi),
         _ => return Err(Error::InvalidArgument("--scale-range takes LO,HI with LO <= HI".into())),
     };
-    if explicit("size") {
-        return Err(Error::InvalidArgument("--size is the synthetic image size; with --data use --crop".into()));
+    if explicit("size") || explicit("datasets") {
+        return Err(Error::InvalidArgument(
+            "--size and --datasets choose the synthetic scenes; with --data use --crop and one --data per dataset"
+                .into(),
+        ));
     }
     let augment = AugmentConfig { crop, scale, ..AugmentConfig::default() };
     augment.validate()?;

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::augment::AugmentConfig;
 use super::dataset::SegDataset;
+use super::labels::IGNORE_LABEL;
 use super::sampler::{SampleRef, Sampler};
 use crate::error::{Error, Result};
 
@@ -75,7 +76,10 @@ pub struct LoadedBatch {
     pub samples: Vec<SampleRef>,
 }
 
-/// Decodes and augments one sample (labels required).
+/// Decodes and augments one sample. A sample without labels (an unlabelled split, see
+/// [`FileDataset::without_labels`](super::FileDataset::without_labels)) comes with every label
+/// 255, so that semi-supervised losses can take its images beside labelled batches while the
+/// supervised loss ignores it; its image is the one the labelled sample would give.
 pub fn load_sample(
     dataset: &dyn SegDataset,
     augment: &AugmentConfig,
@@ -83,13 +87,10 @@ pub fn load_sample(
     s: SampleRef,
 ) -> Result<(Vec<f32>, Vec<u8>)> {
     let sample = dataset.sample(s.index)?;
-    let labels = sample.labels.as_ref().ok_or_else(|| Error::Data {
-        path: dataset.describe(s.index),
-        message: format!("{} ({} split) has no labels to train on", dataset.name(), dataset.split()),
-    })?;
     let draw = augment.draw(seed, s.epoch, s.dataset, s.index, sample.image.height, sample.image.width);
-    let (image, labels) = augment.apply(&sample.image, Some(labels), &draw)?;
-    Ok((image, labels.unwrap_or_default()))
+    let (image, labels) = augment.apply(&sample.image, sample.labels.as_ref(), &draw)?;
+    let labels = labels.unwrap_or_else(|| vec![IGNORE_LABEL; augment.crop.0 * augment.crop.1]);
+    Ok((image, labels))
 }
 
 /// Runs `make(k)` for `k` in `start..end` on a producer thread inside a rayon pool of
@@ -103,7 +104,7 @@ type Make<T> = Box<dyn FnMut(usize) -> Result<T> + Send>;
 
 enum Mode<T> {
     Inline { make: Make<T>, pool: rayon::ThreadPool, next: usize, end: usize, failed: bool },
-    Thread { rx: Option<Receiver<Result<T>>>, handle: Option<JoinHandle<()>> },
+    Thread { rx: Option<Receiver<Result<T>>>, handle: Option<JoinHandle<()>>, remaining: usize, failed: bool },
 }
 
 fn pool(threads: usize) -> Result<rayon::ThreadPool> {
@@ -141,7 +142,8 @@ impl<T: Send + 'static> Prefetcher<T> {
                 }
             })
             .map_err(|e| Error::InvalidArgument(format!("cannot start the loader thread: {e}")))?;
-        Ok(Prefetcher { mode: Mode::Thread { rx: Some(rx), handle: Some(handle) } })
+        let remaining = end.saturating_sub(start);
+        Ok(Prefetcher { mode: Mode::Thread { rx: Some(rx), handle: Some(handle), remaining, failed: false } })
     }
 
     /// The next result in order; `None` after the last (or after an error was returned).
@@ -157,14 +159,27 @@ impl<T: Send + 'static> Prefetcher<T> {
                 *failed = r.is_err();
                 Some(r)
             }
-            Mode::Thread { rx, .. } => rx.as_ref()?.recv().ok(),
+            Mode::Thread { rx, remaining, failed, .. } => {
+                if *failed || *remaining == 0 {
+                    return None;
+                }
+                let r = match rx.as_ref()?.recv() {
+                    Ok(r) => r,
+                    // The producer ended without sending everything: it panicked. Say so rather
+                    // than let the consumer take it for the end of the schedule.
+                    Err(_) => Err(Error::InvalidArgument("the loader thread stopped unexpectedly".into())),
+                };
+                *remaining -= 1;
+                *failed = r.is_err();
+                Some(r)
+            }
         }
     }
 }
 
 impl<T> Drop for Prefetcher<T> {
     fn drop(&mut self) {
-        if let Mode::Thread { rx, handle } = &mut self.mode {
+        if let Mode::Thread { rx, handle, .. } = &mut self.mode {
             // Closing the channel makes the producer's next send fail; it stops after the
             // iteration it is working on.
             drop(rx.take());
