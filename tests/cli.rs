@@ -230,9 +230,12 @@ fn synthetic_checkpoints_resume_as_their_own_network_and_evaluate() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("syn.safetensors").display().to_string();
     let common = ["--size", "32", "--batch", "2", "--eval-images", "2", "--device", "cpu", "--checkpoint", &ck];
-    let mut args = vec!["train", "--depth", "34", "--width", "0.0625", "--iters", "1"];
+    let log = dir.path().join("log").display().to_string();
+    let mut args = vec!["train", "--depth", "34", "--width", "0.0625", "--iters", "1", "--log-dir", &log];
     args.extend(common);
     ok(&args);
+    let metrics = std::fs::read_to_string(dir.path().join("log/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"kind\":\"train\"") && metrics.contains("\"dataset\":\"dusk\""), "{metrics}");
     // Resumed with the default depth (18) and width (0.25): the checkpoint's ResNet-34 at 1/16.
     let mut args = vec!["train", "--iters", "2", "--resume", &ck];
     args.extend(common);
@@ -244,4 +247,23 @@ fn synthetic_checkpoints_resume_as_their_own_network_and_evaluate() {
     let out_dir = dir.path().join("eval").display().to_string();
     let out = ok(&["eval", "--checkpoint", &ck, "--size", "32", "--images", "2", "--out", &out_dir, "--device", "cpu"]);
     assert!(out.contains("city (val, 2 images") && out.contains("dusk (val, 2 images"), "{out}");
+}
+
+#[test]
+fn pretrained_backbones_load_and_report_what_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("resnet18.safetensors");
+    torchvision_basic([2, 2, 2, 2], 16, false).save(&file).unwrap();
+    let (f, ck) = (file.display().to_string(), dir.path().join("ck.safetensors").display().to_string());
+    let base = ["train", "--iters", "1", "--size", "32", "--batch", "2", "--eval-images", "1", "--device", "cpu"];
+    let mut args = base.to_vec();
+    args.extend(["--width", "0.0625", "--pretrained", &f, "--checkpoint", &ck]);
+    let out = ok(&args);
+    assert!(out.contains("20 convolutions, 20 BatchNorms each copied into 2 dataset slice(s)"), "{out}");
+    assert!(out.contains("ignored fc.bias, fc.weight"), "{out}");
+    // The default width does not match the file: the first tensor is named, before training.
+    let mut args = base.to_vec();
+    args.extend(["--pretrained", &f, "--checkpoint", &ck]);
+    let out = fails(&args);
+    assert!(out.contains("tensor \"conv1.weight\" has shape [4, 3, 7, 7], this backbone needs [16, 3, 7, 7]"), "{out}");
 }

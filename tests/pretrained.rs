@@ -8,91 +8,9 @@ use cdcl::checkpoint::{Checkpoint, NamedTensor};
 use cdcl::nn::pretrained::{load_pretrained, load_pretrained_from};
 use cdcl::nn::{Depth, ModelConfig, PspNet};
 use cdcl::Error;
+use fixtures::{torchvision_basic, torchvision_bottleneck};
 
-fn value(name: &str, i: usize) -> f32 {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    ((h.wrapping_add(i as u64 * 0x9E37_79B9) >> 40) % 1000) as f32 / 1000.0 + 0.5
-}
-
-fn conv(ck: &mut Checkpoint, name: &str, k: usize, c: usize, r: usize) {
-    let n = k * c * r * r;
-    ck.push(NamedTensor::f32(name, vec![k, c, r, r], (0..n).map(|i| value(name, i)).collect()));
-}
-
-fn bn(ck: &mut Checkpoint, name: &str, c: usize) {
-    for f in ["weight", "bias", "running_mean", "running_var"] {
-        let n = format!("{name}.{f}");
-        ck.push(NamedTensor::f32(n.clone(), vec![c], (0..c).map(|i| value(&n, i)).collect()));
-    }
-    ck.push(NamedTensor::i64(format!("{name}.num_batches_tracked"), vec![], vec![12345]));
-}
-
-/// torchvision's `resnet18`/`resnet34` `state_dict` at 1/`div` of the widths (fc included), or
-/// with the deep stem of the PSPNet reference (`conv1..3`, `bn1..3`).
-fn torchvision_basic(blocks: [usize; 4], div: usize, deep_stem: bool) -> Checkpoint {
-    let mut ck = Checkpoint::new();
-    let w = |c: usize| c / div;
-    let mut inplanes = if deep_stem {
-        conv(&mut ck, "conv1.weight", w(64), 3, 3);
-        bn(&mut ck, "bn1", w(64));
-        conv(&mut ck, "conv2.weight", w(64), w(64), 3);
-        bn(&mut ck, "bn2", w(64));
-        conv(&mut ck, "conv3.weight", w(128), w(64), 3);
-        bn(&mut ck, "bn3", w(128));
-        w(128)
-    } else {
-        conv(&mut ck, "conv1.weight", w(64), 3, 7);
-        bn(&mut ck, "bn1", w(64));
-        w(64)
-    };
-    for (li, &n) in blocks.iter().enumerate() {
-        let planes = w(64 << li);
-        for b in 0..n {
-            let p = format!("layer{}.{b}", li + 1);
-            conv(&mut ck, &format!("{p}.conv1.weight"), planes, inplanes, 3);
-            bn(&mut ck, &format!("{p}.bn1"), planes);
-            conv(&mut ck, &format!("{p}.conv2.weight"), planes, planes, 3);
-            bn(&mut ck, &format!("{p}.bn2"), planes);
-            if b == 0 && inplanes != planes {
-                conv(&mut ck, &format!("{p}.downsample.0.weight"), planes, inplanes, 1);
-                bn(&mut ck, &format!("{p}.downsample.1"), planes);
-            }
-            inplanes = planes;
-        }
-    }
-    ck.push(NamedTensor::f32("fc.weight", vec![1000, inplanes], vec![0.0; 1000 * inplanes]));
-    ck.push(NamedTensor::f32("fc.bias", vec![1000], vec![0.0; 1000]));
-    ck
-}
-
-/// torchvision's `resnet50` `state_dict` at 1/`div` of the widths.
-fn torchvision_bottleneck(blocks: [usize; 4], div: usize) -> Checkpoint {
-    let mut ck = Checkpoint::new();
-    let w = |c: usize| c / div;
-    conv(&mut ck, "conv1.weight", w(64), 3, 7);
-    bn(&mut ck, "bn1", w(64));
-    let mut inplanes = w(64);
-    for (li, &n) in blocks.iter().enumerate() {
-        let (planes, out) = (w(64 << li), 4 * w(64 << li));
-        for b in 0..n {
-            let p = format!("layer{}.{b}", li + 1);
-            conv(&mut ck, &format!("{p}.conv1.weight"), planes, inplanes, 1);
-            bn(&mut ck, &format!("{p}.bn1"), planes);
-            conv(&mut ck, &format!("{p}.conv2.weight"), planes, planes, 3);
-            bn(&mut ck, &format!("{p}.bn2"), planes);
-            conv(&mut ck, &format!("{p}.conv3.weight"), out, planes, 1);
-            bn(&mut ck, &format!("{p}.bn3"), out);
-            if b == 0 {
-                conv(&mut ck, &format!("{p}.downsample.0.weight"), out, inplanes, 1);
-                bn(&mut ck, &format!("{p}.downsample.1"), out);
-            }
-            inplanes = out;
-        }
-    }
-    ck.push(NamedTensor::f32("fc.weight", vec![1000, inplanes], vec![0.0; 1000 * inplanes]));
-    ck.push(NamedTensor::f32("fc.bias", vec![1000], vec![0.0; 1000]));
-    ck
-}
+mod fixtures;
 
 #[test]
 fn a_torchvision_resnet50_loads_into_the_bottleneck_backbone() {
