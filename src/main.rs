@@ -92,7 +92,8 @@ struct TrainArgs {
     /// Seed of the data, the initialisation and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Held-out images per dataset for mIoU.
+    /// Held-out images per dataset for mIoU (with --data, when given: at most this many images
+    /// of each evaluation split; 0 skips the evaluation).
     #[arg(long, default_value_t = 8)]
     eval_images: usize,
     /// Where to compute.
