@@ -311,6 +311,35 @@ impl Checkpoint {
         })
     }
 
+    /// Checks, without touching `path`, that [`Checkpoint::save`] could write it: the folder
+    /// exists and takes a new file, and `path` is not a folder. Long runs call this before
+    /// their first iteration, so that a bad path fails at once instead of after the training.
+    pub fn check_writable(path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let shown = path.display().to_string();
+        if path.is_dir() {
+            return Err(err(&shown, "is a directory"));
+        }
+        let file_name = path.file_name().ok_or_else(|| err(&shown, "the path names no file"))?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(err(&shown, format!("cannot write: no such directory {}", dir.display())));
+        }
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let serial = PROBES.fetch_add(1, Ordering::Relaxed);
+        let probe = dir.join(format!(".{}.{}.{serial}.probe", file_name.to_string_lossy(), std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|e| err(&shown, format!("cannot write: {e}")))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
     /// Reads a checkpoint written by [`Checkpoint::save`] or by any safetensors writer whose
     /// tensors are all F32 or I64. Tensors come back sorted by name.
     pub fn load(path: impl AsRef<Path>) -> Result<Checkpoint> {

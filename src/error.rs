@@ -64,6 +64,11 @@ pub enum Error {
     /// `message` what went wrong.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
+    /// A dataset file or folder that cannot be used (missing, unreadable, corrupt or truncated
+    /// image, a label map of another size than its image, a label outside the dataset's
+    /// classes, an empty split): `path` names it, `message` says what is wrong.
+    #[error("{path}: {message}")]
+    Data { path: String, message: String },
 }
 
 /// `Result` with the crate's [`Error`].

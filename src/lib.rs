@@ -39,6 +39,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 mod error;
+pub mod eval;
 #[doc(hidden)]
 pub mod ffi;
 pub mod nn;

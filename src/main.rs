@@ -1,18 +1,21 @@
 //! `cdcl`: Dataset Alternation Training of a PSPNet with dataset-aware blocks on the built-in
-//! synthetic multi-domain street scenes, on a GPU when there is one, else on the CPU.
+//! synthetic multi-domain street scenes or on datasets on disk (`--data`), on a GPU when there
+//! is one, else on the CPU; `cdcl eval` evaluates a checkpoint.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
 use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{evaluate, Batch, Mode, Precision, TrainConfig, Trainer};
+use cdcl::train::{evaluate, Batch, DatasetMeta, Mode, Precision, TrainConfig, Trainer};
 use cdcl::Device;
+
+mod cli;
 
 #[derive(Parser, Debug)]
 #[command(name = "cdcl", version, about = "Cross-Dataset Collaborative Learning for semantic segmentation")]
@@ -23,9 +26,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train PSPNet-DAB on the synthetic multi-domain dataset, report per-dataset loss and
-    /// held-out mIoU, and save a checkpoint.
+    /// Train PSPNet-DAB on the synthetic multi-domain dataset (or on datasets on disk with
+    /// --data), report per-dataset loss and held-out mIoU, and save a checkpoint.
     Train(TrainArgs),
+    /// Evaluate a checkpoint on datasets' splits: per-class IoU, mIoU and pixel accuracy as a
+    /// table, JSON and CSV (sliding window, scales, flips, colourised predictions optional).
+    Eval(cli::eval_cmd::EvalArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -93,7 +99,8 @@ struct TrainArgs {
     /// Seed of the data, the initialisation and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Held-out images per dataset for mIoU.
+    /// Held-out images per dataset for mIoU (with --data, when given: at most this many images
+    /// of each evaluation split; 0 skips the evaluation).
     #[arg(long, default_value_t = 8)]
     eval_images: usize,
     /// Where to compute.
@@ -114,12 +121,27 @@ struct TrainArgs {
     /// written, convolutions by storage type).
     #[arg(long)]
     profile: bool,
+    #[command(flatten)]
+    data: cli::data_args::DataArgs,
+}
+
+impl TrainArgs {
+    fn precision(&self) -> Precision {
+        match self.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        }
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    cli::record_explicit(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Train(args) => train_auto(&args),
+        Command::Eval(args) => cli::eval_cmd::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +172,10 @@ fn to_train_batch(b: cdcl::data::Batch, dataset: usize) -> Batch {
 }
 
 fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
+    if !args.data.data.is_empty() {
+        return cli::real::train(args, backend);
+    }
+    args.data.reject_real_only()?;
     let cfg = match args.datasets {
         2 => SyntheticConfig::default_two_domains(args.size, args.size, args.seed),
         3 => SyntheticConfig::default_three_domains(args.size, args.size, args.seed),
@@ -192,30 +218,28 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         seed: args.seed,
         ..ModelConfig::resnet18(num_classes)
     };
+    let metas: Vec<DatasetMeta> = (0..d)
+        .map(|k| DatasetMeta { name: data.info(k).name.clone(), class_names: data.info(k).class_names.clone() })
+        .collect();
+    let (model, resume) = cli::session::model_for_run(args, model, &metas)?;
     let config = TrainConfig {
         mode,
         interval: args.interval,
         base_lr: args.lr,
         max_iters: args.iters,
         seed: args.seed,
-        precision: match args.precision {
-            PrecisionArg::F32 => Precision::F32,
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::F16 => Precision::F16,
-        },
+        precision: args.precision(),
         ..Default::default()
     };
+    let mut session = cli::session::Session::start(args, metas, resume.as_ref())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
-    if let Some(path) = &args.resume {
-        trainer.load_checkpoint(path)?;
-        eprintln!("resumed from {} at iteration {}", path.display(), trainer.iteration());
-    }
+    session.prepare(&mut trainer, args, resume)?;
     eprintln!(
         "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {:?} | {} iterations of {}×{}×{}",
         backend.name(),
         args.precision,
-        args.depth,
-        args.width,
+        cli::depth_number(trainer.model.config.depth),
+        trainer.model.config.width,
         trainer.store.num_parameters(),
         d,
         classes,
@@ -242,17 +266,10 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             let idx: Vec<u64> = (0..args.batch as u64).map(|i| base + i).collect();
             batches.push(to_train_batch(data.batch(ds, &idx)?, ds));
         }
-        let (before, ops_before, t0) = (backend.device_counters(), backend.op_counters(), Instant::now());
+        let profile = cli::profile::StepProfile::start(&backend);
         let stats = trainer.step(&batches)?;
         if args.profile {
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            let mut line = match (backend.device_counters(), before) {
-                (Some(after), Some(before)) => format!("profile: iteration {it}: {ms:.1} ms | {}", after - before),
-                _ => format!("profile: iteration {it}: {ms:.1} ms (host backend: no device counters)"),
-            };
-            if let (Some(after), Some(before)) = (backend.op_counters(), ops_before) {
-                line.push_str(&format!(" | {}", after - before));
-            }
+            let line = profile.line(&backend, it);
             // Not bar.println: that prints nothing when the bar is hidden (no terminal).
             bar.suspend(|| eprintln!("{line}"));
         }
@@ -271,10 +288,12 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             bar.abandon();
             return Err(cdcl::Error::InvalidArgument(format!("loss became {} at iteration {it}", stats.total)));
         }
+        session.after_step(&trainer, &stats, batches.iter().map(|b| b.n).sum())?;
     }
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("trained in {secs:.1} s");
+    session.finish(&trainer)?;
     // Held-out images: indices far from any training index. Each dataset is evaluated on its
     // own, so that in label-remapping mode (one head) each still gets its own figures.
     for (ds, &num) in classes.iter().enumerate() {
@@ -291,8 +310,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             result.miou(head).map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m)),
             result.pixel_accuracy(head).map_or("n/a".into(), |a| format!("{:.1}%", 100.0 * a))
         );
+        let json = serde_json::json!({ "dataset": data.info(ds).name, "miou": result.miou(head), "pixel_accuracy": result.pixel_accuracy(head) });
+        session.log_eval(trainer.iteration(), &json)?;
     }
-    trainer.save_checkpoint(&args.checkpoint)?;
     println!("checkpoint: {}", args.checkpoint.display());
     Ok(())
 }

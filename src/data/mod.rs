@@ -29,12 +29,26 @@
 //! # Ok(()) }
 //! ```
 
+pub mod augment;
+pub mod dataset;
+pub mod image;
+pub mod labels;
+pub mod layouts;
+pub mod loader;
 mod ppm;
 mod render;
 mod rng;
+pub mod sampler;
 mod scene;
+mod synthetic_split;
 
+pub use augment::{AugmentConfig, AugmentDraw};
+pub use dataset::{verify, DatasetKind, FileDataset, FileItem, LabelMap, SegDataset, SegSample};
+pub use image::{RawLabels, RgbImage};
+pub use loader::{LoadedBatch, Loader, LoaderConfig, Prefetcher};
 pub use ppm::{label_to_rgb8, to_rgb8, write_ppm};
+pub use sampler::{SampleRef, Sampler};
+pub use synthetic_split::SyntheticSplit;
 
 use crate::error::{Error, Result};
 

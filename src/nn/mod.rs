@@ -9,6 +9,7 @@
 //! ([`Dab::forward_deferred`]): the next convolution normalises its input as it loads it.
 
 mod init;
+pub mod pretrained;
 mod pspnet;
 mod resnet;
 

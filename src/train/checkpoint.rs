@@ -4,14 +4,24 @@
 //! num_batches_tracked`), plus the optimiser state (`optimizer.{param}.momentum_buffer`) and
 //! the iteration in the metadata, so that a resumed run takes bit-for-bit the same next step.
 //! `torch.load_state_dict(strict=False)` ignores the `optimizer.` entries.
+//!
+//! The metadata also describes the network ([`ModelMeta`]: configuration, datasets, precision),
+//! so a checkpoint rebuilds its model from the file alone, and loading it into another network
+//! is an error naming the first difference instead of a partial load.
 
-use std::collections::BTreeMap;
+mod meta;
+
+pub use meta::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::backend::{Backend, BnTables, TensorLike};
 use crate::checkpoint::{Checkpoint, NamedTensor};
 use crate::error::{Error, Result};
 
+use super::precision::LossScaler;
 use super::Trainer;
 
 const OPT: &str = "optimizer.";
@@ -54,8 +64,15 @@ fn to_torch(data: Vec<f32>, shape: &[usize]) -> Vec<f32> {
 }
 
 impl<B: Backend> Trainer<B> {
-    /// Everything a resumed run needs, as named host tensors.
+    /// Everything a resumed run needs, as named host tensors, with datasets named
+    /// `dataset{d}` in the model description (see [`Trainer::checkpoint_with`]).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
+        self.checkpoint_with(&[])
+    }
+
+    /// [`Trainer::checkpoint`] describing the model's datasets with `datasets` (name and class
+    /// names, in dataset-index order).
+    pub fn checkpoint_with(&self, datasets: &[DatasetMeta]) -> Result<Checkpoint> {
         let be = self.backend();
         let mut tensors = Vec::new();
         for w in self.store.weights() {
@@ -90,34 +107,83 @@ impl<B: Backend> Trainer<B> {
             }
         }
         let mut metadata = BTreeMap::new();
-        metadata.insert("format".into(), "cdcl-pspnet-dab/1".into());
+        metadata.insert("format".into(), "cdcl-pspnet-dab/2".into());
         metadata.insert("iteration".into(), self.iteration().to_string());
-        metadata.insert("model".into(), format!("{:?}", self.model.config));
+        let meta = ModelMeta {
+            precision: self.config.precision.name().into(),
+            ..ModelMeta::new(&self.model.config, datasets)
+        };
+        metadata.insert(MODEL_KEY.into(), meta.to_json());
+        // f16's dynamic loss scale, so that a resumed run goes on at the scale it had reached.
+        if self.config.precision.scales_loss() {
+            metadata.insert("loss_scale".into(), format!("{:?}", self.scaler.scale()));
+            metadata.insert("loss_scale_good_steps".into(), self.scaler.good_steps().to_string());
+        }
         metadata.insert("train".into(), format!("{:?}", self.config));
         Ok(Checkpoint { tensors, metadata })
     }
 
-    /// Writes [`Trainer::checkpoint`] as safetensors.
+    /// Writes [`Trainer::checkpoint`] as safetensors (atomically).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         self.checkpoint()?.save(path)
+    }
+
+    /// Writes [`Trainer::checkpoint_with`] as safetensors (atomically).
+    pub fn save_checkpoint_with(&self, path: &Path, datasets: &[DatasetMeta]) -> Result<()> {
+        self.checkpoint_with(datasets)?.save(path)
     }
 
     /// Reads a checkpoint written by [`Trainer::save_checkpoint`] for the same model.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
         let ck = Checkpoint::load(path)?;
-        self.restore(&ck)
+        self.restore(&ck).map_err(|e| match e {
+            Error::Checkpoint { message, .. } => Error::Checkpoint { path: path.display().to_string(), message },
+            e => e,
+        })
     }
 
-    /// Loads parameters, running statistics, momentum buffers and the iteration. Every model
-    /// tensor must be present with its shape; nothing is changed when one is not.
+    /// Loads parameters, running statistics, momentum buffers and the iteration. The
+    /// checkpoint's model description (when it has one) must be this model's, and its tensors
+    /// exactly this model's: a missing, mis-shaped or unexpected tensor is an error naming it,
+    /// and nothing is changed.
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        if ck.metadata.contains_key(MODEL_KEY) {
+            let meta = ModelMeta::of(ck)?;
+            if let Some(m) = first_model_mismatch(&meta.model, &self.model.config) {
+                return Err(Error::Checkpoint { path: "(in memory)".into(), message: format!("another network: {m}") });
+            }
+        }
+        // Every name this model reads, to find the checkpoint's tensors it does not.
+        let used = RefCell::new(BTreeSet::new());
+        let mark = |name: &str| {
+            used.borrow_mut().insert(name.to_string());
+        };
         // Momentum buffers are optional (a parameter that never had a gradient has none).
-        let optional = |name: &str, shape: &[usize]| ck.get(name).map(|_| ck.f32(name, shape)).transpose();
-        let need = |name: &str, shape: &[usize]| ck.f32(name, shape);
+        let optional = |name: &str, shape: &[usize]| {
+            mark(name);
+            ck.get(name).map(|_| ck.f32(name, shape)).transpose()
+        };
+        let need = |name: &str, shape: &[usize]| {
+            mark(name);
+            ck.f32(name, shape)
+        };
         let iteration: usize =
             ck.metadata.get("iteration").and_then(|s| s.parse().ok()).ok_or_else(|| {
                 Error::InvalidArgument("checkpoint metadata: iteration missing or not a number".into())
             })?;
+        // A loss scale is only read by a loss-scaled run; an f32/bf16 checkpoint has none, and a
+        // run resumed from one starts at the configured initial scale.
+        let scaler = match (self.config.precision.scales_loss(), ck.metadata.get("loss_scale")) {
+            (true, Some(v)) => {
+                let good = ck.metadata.get("loss_scale_good_steps").and_then(|s| s.parse().ok()).unwrap_or(0);
+                let scale = v.parse().ok().and_then(|s| LossScaler::resumed(self.config.loss_scale, s, good));
+                Some(scale.ok_or_else(|| Error::Checkpoint {
+                    path: "(in memory)".into(),
+                    message: format!("metadata loss_scale {v:?} is not a finite positive number"),
+                })?)
+            }
+            _ => None,
+        };
         // Validate everything first, then write.
         let mut weight_vals = Vec::new();
         for w in self.store.weights() {
@@ -139,6 +205,7 @@ impl<B: Backend> Trainer<B> {
                     tables[i].extend_from_slice(need(&format!("{}.bn.{d}.{field}", l.name), &[c])?);
                 }
                 let name = format!("{}.bn.{d}.num_batches_tracked", l.name);
+                mark(&name);
                 match ck.i64(&name, &[])? {
                     [count] => tracked.push(*count),
                     _ => return Err(Error::InvalidArgument(format!("checkpoint tensor {name}: not one i64"))),
@@ -151,6 +218,13 @@ impl<B: Backend> Trainer<B> {
                 }
             }
             bn_vals.push((tables, moms, tracked));
+        }
+        let used = used.into_inner();
+        if let Some(t) = ck.tensors.iter().find(|t| !used.contains(&t.name)) {
+            return Err(Error::Checkpoint {
+                path: "(in memory)".into(),
+                message: format!("unexpected tensor {:?}: this network has no such parameter", t.name),
+            });
         }
         let be = self.backend().clone();
         for (w, (val, mom)) in self.store.weights_mut().iter_mut().zip(weight_vals) {
@@ -171,6 +245,9 @@ impl<B: Backend> Trainer<B> {
             l.grad_beta = None;
         }
         self.set_iteration(iteration);
+        if let Some(scaler) = scaler {
+            self.scaler = scaler;
+        }
         Ok(())
     }
 }

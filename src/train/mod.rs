@@ -25,6 +25,7 @@ mod checkpoint;
 mod eval;
 pub mod precision;
 
+pub use checkpoint::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
 pub use eval::{evaluate, EvalResult};
 pub use precision::{LossScaleConfig, LossScaler, Precision};
 
@@ -145,6 +146,8 @@ pub struct StepStats {
     pub total: f32,
     /// Main-head loss per dataset (mean over the dataset's passes); NaN for datasets not seen.
     pub per_dataset: Vec<f32>,
+    /// Auxiliary-head loss per dataset, likewise (NaN also without an auxiliary head).
+    pub aux_per_dataset: Vec<f32>,
     /// Backbone learning rate used.
     pub lr: f32,
     /// f16: the step's gradients overflowed at this loss scale and the optimiser skipped it
@@ -321,14 +324,14 @@ impl<B: Backend> Trainer<B> {
 
     /// One forward pass over `batches` (concatenated; one image size) into `g`: the trunk once,
     /// then each batch's head on its samples and its weighted main and auxiliary losses added to
-    /// `terms`. Returns each batch's dataset and main-loss scalar.
+    /// `terms`. Returns each batch's dataset and its main and auxiliary loss scalars.
     fn forward_pass(
         &mut self,
         g: &mut Graph<B>,
         batches: &[&Batch],
         pass: usize,
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<Vec<(usize, Scalar)>> {
+    ) -> Result<Vec<PassLoss>> {
         let first = batches.first().ok_or_else(|| Error::InvalidArgument("no batch".into()))?;
         let (h, w) = (first.h, first.w);
         let mut images = Vec::new();
@@ -362,7 +365,8 @@ impl<B: Backend> Trainer<B> {
         for ((b, f), a) in batches.iter().zip(feats).zip(auxs) {
             let head = self.head_of(b.dataset);
             let out = self.model.classify(g, &self.store, (f, a), head)?;
-            losses.push((b.dataset, self.add_losses(g, b, head, out, terms)?));
+            let (main, aux) = self.add_losses(g, b, head, out, terms)?;
+            losses.push(PassLoss { dataset: b.dataset, main, aux });
         }
         Ok(losses)
     }
@@ -370,7 +374,7 @@ impl<B: Backend> Trainer<B> {
     /// Head `head`'s losses of batch `b` — its logits upsampled to the label size inside the
     /// loss op — with their weights added to `terms`; returns the main loss. Each loss computes
     /// its gradient in the forward, for the upstream gradient the backward will send (its weight
-    /// times the seed).
+    /// times the seed). Returns the main and (with an auxiliary head) the auxiliary loss.
     fn add_losses(
         &self,
         g: &mut Graph<B>,
@@ -378,7 +382,7 @@ impl<B: Backend> Trainer<B> {
         head: usize,
         out: Outputs,
         terms: &mut Vec<(Scalar, f32)>,
-    ) -> Result<Scalar> {
+    ) -> Result<(Scalar, Option<Scalar>)> {
         let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
         let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
         let wd = self.weight_of(b.dataset);
@@ -390,12 +394,14 @@ impl<B: Backend> Trainer<B> {
         };
         let loss = g.cross_entropy(out.main, labels, zeros, &spec(wd)).map_err(|e| in_dataset(e, b.dataset))?;
         terms.push((loss, wd));
+        let mut aux_loss = None;
         if let Some(aux) = out.aux {
             let wa = wd * self.config.aux_weight;
-            let aux_loss = g.cross_entropy(aux, labels, zeros, &spec(wa)).map_err(|e| in_dataset(e, b.dataset))?;
-            terms.push((aux_loss, wa));
+            let l = g.cross_entropy(aux, labels, zeros, &spec(wa)).map_err(|e| in_dataset(e, b.dataset))?;
+            terms.push((l, wa));
+            aux_loss = Some(l);
         }
-        Ok(loss)
+        Ok((loss, aux_loss))
     }
 
     /// Runs one iteration on `batches` (normally those [`Trainer::plan`] asks for; any batches
@@ -407,23 +413,36 @@ impl<B: Backend> Trainer<B> {
         let stats = if self.config.mode == Mode::DsbnNoDat {
             // A backward and an optimiser step after each batch: one read per batch.
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
+            let mut aux_sums = sums.clone();
             let (mut total, mut skipped) = (0.0f32, false);
             for (pass, b) in batches.iter().enumerate() {
                 let tracked = self.batches_tracked();
                 let mut g = Graph::new(&self.backend, true);
                 let mut terms = Vec::new();
-                let main = self.forward_pass(&mut g, &[b], pass, &mut terms)?[0].1;
+                let loss = self.forward_pass(&mut g, &[b], pass, &mut terms)?[0];
                 let root = g.weighted_sum(&terms);
                 let flag = self.optimise(&mut g, root, lr, &tracked)?;
-                let (v, f) = g.read_scalars(&[root, main], &flag.iter().collect::<Vec<_>>())?;
+                let mut wanted = vec![root, loss.main];
+                wanted.extend(loss.aux);
+                let (v, f) = g.read_scalars(&wanted, &flag.iter().collect::<Vec<_>>())?;
                 let over = f.first().is_some_and(|&x| x != 0.0);
                 self.scale_after(over);
                 total += v[0];
                 skipped |= over;
-                sums[b.dataset].0 += v[1] as f64;
-                sums[b.dataset].1 += 1;
+                add(&mut sums, b.dataset, v[1]);
+                if let Some(&a) = v.get(2) {
+                    add(&mut aux_sums, b.dataset, a);
+                }
             }
-            StepStats { iter: self.iter, total, per_dataset: means(&sums), lr, skipped, loss_scale }
+            StepStats {
+                iter: self.iter,
+                total,
+                per_dataset: means(&sums),
+                aux_per_dataset: means(&aux_sums),
+                lr,
+                skipped,
+                loss_scale,
+            }
         } else {
             let tracked = self.batches_tracked();
             let (mut g, root, mains) = self.forward_all(batches)?;
@@ -447,22 +466,34 @@ impl<B: Backend> Trainer<B> {
         &self,
         g: &Graph<B>,
         root: Scalar,
-        mains: &[(usize, Scalar)],
+        losses: &[PassLoss],
         flag: Option<&B::Tensor>,
         batches: &[Batch],
     ) -> Result<StepStats> {
         let mut wanted = vec![root];
-        wanted.extend(mains.iter().map(|m| m.1));
+        for l in losses {
+            wanted.push(l.main);
+            wanted.extend(l.aux);
+        }
         let (v, f) = g.read_scalars(&wanted, &flag.into_iter().collect::<Vec<_>>())?;
         let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
-        for (&(d, _), &l) in mains.iter().zip(&v[1..]) {
-            sums[d].0 += l as f64;
-            sums[d].1 += 1;
+        let mut aux_sums = sums.clone();
+        let mut values = v[1..].iter();
+        for l in losses {
+            if let Some(&m) = values.next() {
+                add(&mut sums, l.dataset, m);
+            }
+            if l.aux.is_some() {
+                if let Some(&a) = values.next() {
+                    add(&mut aux_sums, l.dataset, a);
+                }
+            }
         }
         Ok(StepStats {
             iter: self.iter,
             total: v[0],
             per_dataset: means(&sums),
+            aux_per_dataset: means(&aux_sums),
             lr: self.learning_rate(self.iter),
             skipped: f.first().is_some_and(|&x| x != 0.0),
             loss_scale: self.seed(),
@@ -606,8 +637,21 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-/// A step's graph, its objective, and each batch's (dataset, main loss).
-type Forward<B> = (Graph<B>, Scalar, Vec<(usize, Scalar)>);
+/// A step's graph, its objective, and each batch's losses.
+type Forward<B> = (Graph<B>, Scalar, Vec<PassLoss>);
+
+/// One batch's loss scalars in a step's graph.
+#[derive(Debug, Clone, Copy)]
+struct PassLoss {
+    dataset: usize,
+    main: Scalar,
+    aux: Option<Scalar>,
+}
+
+fn add(sums: &mut [(f64, usize)], d: usize, v: f32) {
+    sums[d].0 += v as f64;
+    sums[d].1 += 1;
+}
 
 /// The loss sees one head at a time (head index 0 of a one-head call): name the real dataset.
 fn in_dataset(e: Error, dataset: usize) -> Error {

@@ -36,6 +36,15 @@ impl Precision {
         }
     }
 
+    /// "f32", "bf16" or "f16" (what [`Precision::parse`] reads).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+
     /// "f32", "bf16" or "f16".
     pub fn parse(s: &str) -> Result<Self> {
         match s {
@@ -105,6 +114,17 @@ impl LossScaler {
     /// The current scale.
     pub fn scale(&self) -> f32 {
         self.scale
+    }
+
+    /// Good steps in a row since the last overflow or growth.
+    pub fn good_steps(&self) -> usize {
+        self.good_steps
+    }
+
+    /// A scaler resumed at `scale` after `good_steps` good steps (a checkpoint's state); `None`
+    /// when the scale is not a finite positive number.
+    pub fn resumed(config: LossScaleConfig, scale: f32, good_steps: usize) -> Option<Self> {
+        (scale.is_finite() && scale > 0.0).then_some(LossScaler { config, scale, good_steps })
     }
 
     /// Applies the rules after a step: shrink on overflow (and start counting again), grow after

@@ -193,4 +193,13 @@ fn f16_loss_scaling_recovers_from_a_huge_scale() {
         }
     }
     assert_eq!(t.loss_scaler().scale(), 2.0 * good, "the scale grows after growth_interval good steps");
+
+    // A checkpoint keeps the scale reached and the run of good steps, so a resumed f16 run does
+    // not start over from 2³⁰ (and skip a dozen steps again).
+    let ck = t.checkpoint().unwrap();
+    let mut resumed = Trainer::new(&be, tiny_model(vec![4, 3], 0.1), t.config.clone()).unwrap();
+    resumed.restore(&ck).unwrap();
+    assert_eq!(resumed.loss_scaler(), t.loss_scaler());
+    let meta = cdcl::train::ModelMeta::of(&ck).unwrap();
+    assert_eq!(meta.precision, "f16");
 }
