@@ -69,6 +69,14 @@ pub enum Error {
     /// classes, an empty split): `path` names it, `message` says what is wrong.
     #[error("{path}: {message}")]
     Data { path: String, message: String },
+    /// A collective or the rendezvous of a distributed run failed: a rank that did not arrive
+    /// in time or left, ranks that disagree (world size, the collective, its length), a bad
+    /// launcher variable (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, …).
+    #[error("distributed: {message}")]
+    Distributed { message: String },
+    /// libnccl could not be loaded: multi-GPU collectives need NCCL on the machine.
+    #[error("no NCCL: libnccl could not be loaded (install NCCL, or use one GPU)")]
+    NoNccl,
 }
 
 /// `Result` with the crate's [`Error`].

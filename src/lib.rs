@@ -38,6 +38,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod eval;
 #[doc(hidden)]

@@ -57,6 +57,12 @@ impl CudaBackend {
         Ok(CudaMem { slice, stream: self.stream.clone() })
     }
 
+    /// Makes this device's context current on the calling thread (NCCL and the runtime's
+    /// launches use the current context).
+    pub(crate) fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| driver_error(e, "cuCtxSetCurrent"))
+    }
+
     /// The raw stream for our launchers (a `cudaStream_t` is a `CUstream`).
     #[cfg_attr(not(cdcl_cuda), allow(dead_code))]
     pub(crate) fn stream_ptr(&self) -> *mut std::ffi::c_void {

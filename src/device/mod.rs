@@ -9,6 +9,7 @@ mod counters;
 mod cuda;
 pub mod emulator;
 mod launch;
+pub(crate) mod nccl;
 
 pub(crate) use buffer::CopyRegion;
 pub use buffer::DeviceBuffer;
