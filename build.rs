@@ -131,6 +131,8 @@ fn fail(msg: &str) -> ! {
 fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, report_dir: &Path) {
     let archs = cuda_archs();
     let newest = archs.last().cloned().unwrap_or_else(|| "90".into());
+    // What Device::cuda checks a GPU's compute capability against (src/device/cuda.rs).
+    println!("cargo:rustc-env=CDCL_EMBEDDED_ARCHS={}", archs.join(","));
     let obj_dir = out.join("cuda-obj");
     fs::create_dir_all(&obj_dir).expect("create the CUDA object directory in OUT_DIR");
     let mut objects = Vec::new();

@@ -29,10 +29,17 @@
 #include <atomic>
 // Kernels launched by this process (read by cdcl_cuda_kernel_launch_count, kernels/runtime.cu).
 inline std::atomic<unsigned long long> cdcl_cuda_launches{0};
+// The error of this thread's last failed launch, kept for cdcl_cuda_last_launch_error so that
+// Error::Cuda can name it (kernels/runtime.cu).
+inline thread_local int cdcl_cuda_last_error = 0;
+inline int cdcl_cuda_launch_status(cudaError_t e) {
+    if (e != cudaSuccess) cdcl_cuda_last_error = (int)e;
+    return e == cudaSuccess ? (int)CDCL_OK : (int)CDCL_ERR_LAUNCH;
+}
 #define CDCL_LAUNCH(kernel, grid, block, smem, stream, ...)                                        \
     (cdcl_cuda_launches.fetch_add(1, std::memory_order_relaxed),                                  \
      kernel<<<(grid), (block), (smem), static_cast<cudaStream_t>(stream)>>>(__VA_ARGS__),          \
-     cudaGetLastError() == cudaSuccess ? (int)CDCL_OK : (int)CDCL_ERR_LAUNCH)
+     cdcl_cuda_launch_status(cudaGetLastError()))
 #endif
 
 #define CDCL_API extern "C"

@@ -51,9 +51,16 @@ pub enum Error {
     /// The crate was built without nvcc, so it holds no GPU kernels.
     #[error("this build has no CUDA kernels: nvcc was not found when the crate was built")]
     CudaNotBuilt,
-    /// A CUDA driver or runtime call failed.
-    #[error("CUDA error {code} in {kernel}: {message}")]
-    Cuda { code: i32, kernel: String, message: String },
+    /// A CUDA driver or runtime call failed: `code` and `name` are the CUDA error's number and
+    /// name (`CUDA_ERROR_ILLEGAL_ADDRESS`, `cudaErrorInvalidDeviceFunction`), `message` its
+    /// description, `kernel` the kernel or driver call it was reported against (with
+    /// `CDCL_SYNC_LAUNCHES=1`, always the kernel that faulted).
+    #[error("CUDA error {name} ({code}) in {kernel}: {message}")]
+    Cuda { code: i32, name: String, kernel: String, message: String },
+    /// The GPU exists but this build cannot run on it (compute capability, driver version, or
+    /// the test launch failed): `reason` says which.
+    #[error("CUDA device {ordinal} cannot run this build: {reason}")]
+    UnsupportedDevice { ordinal: usize, reason: String },
     /// The emulator stopped a kernel that broke a CUDA rule (or was misconfigured).
     #[error("emulator fault in {kernel}: {message}")]
     EmulatorFault { kernel: String, message: String },

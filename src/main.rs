@@ -160,7 +160,7 @@ fn train_auto(args: &TrainArgs) -> cdcl::Result<()> {
         Where::Auto => match Device::cuda(0) {
             Ok(dev) => run(args, DeviceBackend::new(dev)),
             Err(e) => {
-                eprintln!("no GPU ({e}); training on the CPU backend");
+                eprintln!("no usable GPU ({e}); training on the CPU backend");
                 run(args, CpuBackend::new())
             }
         },

@@ -475,6 +475,26 @@ CDCL_DECLARE_BOTH(int32_t, sum_scaled, (const cdcl_sum_params* p, void* stream))
 CDCL_DECLARE_BOTH(size_t, usss_workspace_bytes, (const cdcl_usss_params* p))
 CDCL_DECLARE_BOTH(int32_t, usss_forward, (const cdcl_usss_params* p, void* stream))
 CDCL_DECLARE_BOTH(int32_t, usss_backward, (const cdcl_usss_params* p, void* stream))
+/* ------------------------------------------------------------------------------------------ */
+/* A training step's error records (kernels/runtime.cu). The ops of one step write their       */
+/* records into one array that the host reads once, with the losses. Before the optimiser      */
+/* step, one thread turns "any record holds an error, or in_flag is set" into an f32 flag      */
+/* that the SGD kernel's skip_if reads, so a step with bad data changes no parameter.          */
+/* ------------------------------------------------------------------------------------------ */
+typedef struct cdcl_step_flag_params {
+    const cdcl_error_record* records; /* num_records records */
+    int32_t num_records;
+    int32_t reserved;
+    const float* in_flag; /* null, or an f32 flag (nonzero: skip), e.g. a loss-scaling overflow */
+    float* out_flag;      /* f32: 1 when in_flag is nonzero or any slot holds an error, else 0 */
+} cdcl_step_flag_params;
+
+CDCL_DECLARE_BOTH(int32_t, step_flag, (const cdcl_step_flag_params* p, void* stream))
+/* The CUDA runtime error of the last launch that failed on this thread (cudaError_t; 0 on the
+   emulator), and its name and description (static strings). */
+CDCL_DECLARE_BOTH(int32_t, last_launch_error, (void* stream))
+CDCL_DECLARE_BOTH(const char*, error_name, (int32_t code))
+CDCL_DECLARE_BOTH(const char*, error_string, (int32_t code))
 /* Kernels launched so far: on the emulator, on this stream; on the GPU, by this process (the
    GPU build has no per-stream state of its own). Step accounting reads the difference. */
 CDCL_DECLARE_BOTH(uint64_t, kernel_launch_count, (void* stream))

@@ -321,6 +321,16 @@ pub trait Backend: Clone + fmt::Debug + 'static {
         None
     }
 
+    /// Starts a training step: from here until [`Backend::end_step`], data errors found on the
+    /// device are gathered and reported by the step's first read-back (its losses), and the
+    /// SGD step is skipped on the device when there is one. Nothing to do on a host backend.
+    fn begin_step(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Ends what [`Backend::begin_step`] started.
+    fn end_step(&self) {}
+
     // ---- tensors ----------------------------------------------------------------------------
 
     /// An f32 tensor from row-major host data.

@@ -4,8 +4,9 @@
 //!
 //! The emulator runs every launch and copy synchronously, so for it the counts are those a GPU
 //! would make for the same calls: a host synchronisation is counted wherever the GPU path waits
-//! for the stream (a device-to-host copy, a host-to-device copy from pageable memory,
-//! [`Device::synchronize`](super::Device::synchronize)).
+//! for the stream (a device-to-host copy — several read together wait once —,
+//! [`Device::synchronize`](super::Device::synchronize), every launch under
+//! `CDCL_SYNC_LAUNCHES=1`). Uploads are staged through pinned memory and do not wait.
 
 use std::ops::{Add, Sub};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct DeviceCounters {
     /// Kernels launched (one per `<<<>>>`, not per op: an op may launch several).
     pub kernel_launches: u64,
-    /// Device allocations.
+    /// Device allocations (requests the cache could not serve).
     pub allocations: u64,
+    /// Requests served from the device's cache of freed blocks (no allocation).
+    pub cache_hits: u64,
     /// Bytes of those allocations.
     pub bytes_allocated: u64,
     /// Fills of device memory with a byte value (zero-filled allocations included).
@@ -45,6 +48,7 @@ impl Sub for DeviceCounters {
         DeviceCounters {
             kernel_launches: self.kernel_launches.saturating_sub(before.kernel_launches),
             allocations: self.allocations.saturating_sub(before.allocations),
+            cache_hits: self.cache_hits.saturating_sub(before.cache_hits),
             bytes_allocated: self.bytes_allocated.saturating_sub(before.bytes_allocated),
             memsets: self.memsets.saturating_sub(before.memsets),
             memset_bytes: self.memset_bytes.saturating_sub(before.memset_bytes),
@@ -65,6 +69,7 @@ impl Add for DeviceCounters {
         DeviceCounters {
             kernel_launches: self.kernel_launches + o.kernel_launches,
             allocations: self.allocations + o.allocations,
+            cache_hits: self.cache_hits + o.cache_hits,
             bytes_allocated: self.bytes_allocated + o.bytes_allocated,
             memsets: self.memsets + o.memsets,
             memset_bytes: self.memset_bytes + o.memset_bytes,
@@ -83,11 +88,12 @@ impl std::fmt::Display for DeviceCounters {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         write!(
             f,
-            "{} kernel launches | {} allocations ({:.2} MiB) | {} memsets ({:.2} MiB) | \
+            "{} kernel launches | {} allocations ({:.2} MiB), {} from the cache | {} memsets ({:.2} MiB) | \
              H→D {} copies ({:.2} MiB) | D→H {} copies ({:.3} MiB) | D→D {} copies | {} host syncs",
             self.kernel_launches,
             self.allocations,
             mib(self.bytes_allocated),
+            self.cache_hits,
             self.memsets,
             mib(self.memset_bytes),
             self.host_to_device_copies,
@@ -104,6 +110,7 @@ impl std::fmt::Display for DeviceCounters {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     allocations: AtomicU64,
+    cache_hits: AtomicU64,
     bytes_allocated: AtomicU64,
     memsets: AtomicU64,
     memset_bytes: AtomicU64,
@@ -125,16 +132,25 @@ impl Counters {
         bump(&self.bytes_allocated, bytes);
     }
 
+    pub(crate) fn cache_hit(&self) {
+        bump(&self.cache_hits, 1);
+    }
+
     pub(crate) fn memset(&self, bytes: usize) {
         bump(&self.memsets, 1);
         bump(&self.memset_bytes, bytes);
     }
 
-    /// A host-to-device copy; the GPU path waits for it (pageable host memory).
+    /// A host-to-device copy, staged through pinned memory: the host does not wait.
     pub(crate) fn host_to_device(&self, bytes: usize) {
         bump(&self.h2d_copies, 1);
         bump(&self.h2d_bytes, bytes);
-        bump(&self.host_syncs, 1);
+    }
+
+    /// A device-to-host copy read under another copy's wait (no wait of its own).
+    pub(crate) fn device_to_host_unsynced(&self, bytes: usize) {
+        bump(&self.d2h_copies, 1);
+        bump(&self.d2h_bytes, bytes);
     }
 
     /// A device-to-host copy, which waits for every launch before it.
@@ -157,6 +173,7 @@ impl Counters {
         DeviceCounters {
             kernel_launches,
             allocations: get(&self.allocations),
+            cache_hits: get(&self.cache_hits),
             bytes_allocated: get(&self.bytes_allocated),
             memsets: get(&self.memsets),
             memset_bytes: get(&self.memset_bytes),

@@ -47,8 +47,22 @@ impl Device {
             Backend::Cuda(c) => {
                 #[cfg(cdcl_cuda)]
                 {
+                    // The runtime launches into the thread's current context: bind ours on
+                    // every thread that launches.
+                    c.bind()?;
                     // SAFETY: see the contract above; the launch is ordered on the device's stream.
                     let st = unsafe { (launcher.cuda)(params, c.stream_ptr()) };
+                    if st == ffi::CDCL_OK as i32 && c.sync_launches() {
+                        // CDCL_SYNC_LAUNCHES=1: an asynchronous fault shows here, named for
+                        // the kernel that caused it.
+                        self.counters.host_sync();
+                        c.synchronize().map_err(|e| match e {
+                            Error::Cuda { code, name, message, .. } => {
+                                Error::Cuda { code, name, kernel: launcher.name.into(), message }
+                            }
+                            e => e,
+                        })?;
+                    }
                     (st, String::new())
                 }
                 #[cfg(not(cdcl_cuda))]
@@ -64,11 +78,7 @@ impl Device {
                 super::DeviceKind::Emulator => {
                     Error::EmulatorFault { kernel: launcher.name.into(), message: stream_msg }
                 }
-                super::DeviceKind::Cuda => Error::Cuda {
-                    code: status,
-                    kernel: launcher.name.into(),
-                    message: "kernel launch failed (cudaGetLastError)".into(),
-                },
+                super::DeviceKind::Cuda => cuda_launch_error(launcher.name),
             }),
             ffi::CDCL_ERR_UNSUPPORTED_DTYPE => {
                 Err(Error::InvalidArgument(format!("{}: no kernel for this dtype", launcher.name)))
@@ -81,14 +91,58 @@ impl Device {
     }
 }
 
-/// The `cdcl_error_record` an op hands to its kernels: every slot starts as "no error".
+/// The CUDA runtime's error of this thread's failed launch of `kernel`, by name.
+fn cuda_launch_error(kernel: &str) -> Error {
+    #[cfg(cdcl_cuda)]
+    {
+        // SAFETY: reads a thread-local int; the strings are the runtime's static ones (or null).
+        let (code, name, message) = unsafe {
+            let code = ffi::cdcl_cuda_last_launch_error(std::ptr::null_mut());
+            (code, cstr(ffi::cdcl_cuda_error_name(code)), cstr(ffi::cdcl_cuda_error_string(code)))
+        };
+        Error::Cuda { code, name, kernel: kernel.into(), message }
+    }
+    #[cfg(not(cdcl_cuda))]
+    Error::Cuda {
+        code: 0,
+        name: "unknown".into(),
+        kernel: kernel.into(),
+        message: "kernel launch failed in a build without CUDA kernels".into(),
+    }
+}
+
+/// A static C string as a Rust string (empty for null).
+///
+/// # Safety
+/// `p` is null or points to a NUL-terminated string that lives for the program.
+#[cfg(cdcl_cuda)]
+unsafe fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: see the function's contract.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Each slot's first error of one record (`None`: no error of that kind).
+pub(crate) type Faults = [Option<DeviceFault>; ffi::CDCL_ERRSLOT_COUNT as usize];
+
+/// The `cdcl_error_record` an op hands to its kernels: every slot starts as "no error". Inside a
+/// training step it is a slot of the step's records (see `step.rs`), read with the losses;
+/// outside, a record of its own, read right after the op.
 pub(crate) struct DeviceErrorRecord {
-    buf: DeviceBuffer,
+    device: Device,
+    slot: Slot,
+}
+
+enum Slot {
+    Own(DeviceBuffer),
+    Step { index: usize, ptr: *mut ffi::cdcl_error_record },
 }
 
 /// The first error of one kind that a kernel recorded: where, and the offending value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)]
 pub(crate) struct DeviceFault {
     pub(crate) position: u32,
     pub(crate) value: i32,
@@ -96,27 +150,46 @@ pub(crate) struct DeviceFault {
 
 impl DeviceErrorRecord {
     pub(crate) fn new(device: &Device) -> Result<Self> {
-        let mut buf = DeviceBuffer::zeroed(device, std::mem::size_of::<ffi::cdcl_error_record>())?;
-        buf.fill_bytes(0xFF)?; // CDCL_NO_ERROR in every slot
-        Ok(DeviceErrorRecord { buf })
+        let slot = match device.step_record() {
+            Some((index, ptr)) => Slot::Step { index, ptr },
+            None => {
+                let bytes = std::mem::size_of::<ffi::cdcl_error_record>();
+                let mut buf = DeviceBuffer::uninit(device, bytes, super::buffer::Poison::Byte)?;
+                buf.fill_bytes(0xFF)?; // CDCL_NO_ERROR in every slot
+                Slot::Own(buf)
+            }
+        };
+        Ok(DeviceErrorRecord { device: device.clone(), slot })
     }
 
     pub(crate) fn as_mut_ptr(&mut self) -> *mut ffi::cdcl_error_record {
-        self.buf.as_mut_ptr().cast()
+        match &mut self.slot {
+            Slot::Own(buf) => buf.as_mut_ptr().cast(),
+            Slot::Step { ptr, .. } => *ptr,
+        }
     }
 
-    /// Reads the record back (a synchronising copy on a GPU) and returns each slot's first error.
-    pub(crate) fn read(&self) -> Result<[Option<DeviceFault>; ffi::CDCL_ERRSLOT_COUNT as usize]> {
-        let mut bytes = [0u8; std::mem::size_of::<ffi::cdcl_error_record>()];
-        self.buf.copy_to_host(&mut bytes)?;
-        let mut out = [None; ffi::CDCL_ERRSLOT_COUNT as usize];
-        for (slot, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-            let key = u64::from_ne_bytes(chunk.try_into().expect("8-byte chunk"));
-            if key != ffi::NO_ERROR {
-                *slot = Some(DeviceFault { position: (key >> 32) as u32, value: key as u32 as i32 });
+    /// Turns the record into the op's typed error with `check`, which only runs when some slot
+    /// holds an error: now (outside a step: one read of the record), or when the step's
+    /// records are read with its losses (inside one). `kept` is handed to `check` as it was at
+    /// the launch (inside a step, a device copy of it).
+    pub(crate) fn check<F>(self, kept: Option<&crate::tensor::Tensor>, check: F) -> Result<()>
+    where
+        F: FnOnce(&Faults, Option<&crate::tensor::Tensor>) -> Result<()> + Send + 'static,
+    {
+        match &self.slot {
+            Slot::Own(buf) => {
+                let mut bytes = [0u8; std::mem::size_of::<ffi::cdcl_error_record>()];
+                buf.copy_to_host(&mut bytes)?;
+                let faults = super::step::parse(&bytes);
+                if faults.iter().any(Option::is_some) {
+                    check(&faults, kept)
+                } else {
+                    Ok(())
+                }
             }
+            Slot::Step { index, .. } => self.device.defer_check(*index, kept, Box::new(check)),
         }
-        Ok(out)
     }
 }
 

@@ -5,14 +5,16 @@
 //! `docs/architecture.md`). Launches on one device are ordered, like a CUDA stream.
 
 mod buffer;
+mod cache;
 mod counters;
 mod cuda;
 pub mod emulator;
 mod launch;
 pub(crate) mod nccl;
+mod step;
 
-pub(crate) use buffer::CopyRegion;
 pub use buffer::DeviceBuffer;
+pub(crate) use buffer::{CopyRegion, Poison};
 pub use counters::DeviceCounters;
 pub(crate) use launch::{launcher, workspace_bytes, DeviceErrorRecord, Launcher};
 
@@ -68,6 +70,8 @@ pub(crate) enum Backend {
 pub struct Device {
     pub(crate) inner: Arc<Backend>,
     pub(crate) counters: Arc<counters::Counters>,
+    pub(crate) cache: Arc<cache::MemCache>,
+    pub(crate) step: Arc<step::StepState>,
 }
 
 impl Device {
@@ -81,19 +85,78 @@ impl Device {
 
     /// The CPU emulator with explicit settings.
     pub fn emulator_with(config: EmulatorConfig) -> Result<Device> {
-        Ok(Device { inner: Arc::new(Backend::Emulator(emulator::EmuStream::new(config)?)), counters: Arc::default() })
+        Ok(Self::wrap(Backend::Emulator(emulator::EmuStream::new(config)?)))
     }
 
-    /// The CUDA GPU with this ordinal. Returns a typed error, never panics, when the crate was
-    /// built without nvcc ([`Error::CudaNotBuilt`]), there is no driver ([`Error::NoDriver`]) or
-    /// no such GPU ([`Error::NoDevice`]).
+    fn wrap(backend: Backend) -> Device {
+        Device {
+            inner: Arc::new(backend),
+            counters: Arc::default(),
+            cache: Arc::new(cache::MemCache::new(cache::default_limit())),
+            step: Arc::default(),
+        }
+    }
+
+    /// The CUDA GPU with this ordinal, checked to run this build: a typed error, never a panic,
+    /// when the crate was built without nvcc ([`Error::CudaNotBuilt`]), there is no driver
+    /// ([`Error::NoDriver`]) or no such GPU ([`Error::NoDevice`]), and
+    /// [`Error::UnsupportedDevice`] when the driver is older than the CUDA release this build
+    /// needs, the GPU's compute capability is not one this build embeds code for, or a test
+    /// launch of one of our kernels fails.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device { inner: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)), counters: Arc::default() })
+        let device = Self::wrap(Backend::Cuda(cuda::CudaBackend::new(ordinal)?));
+        device
+            .test_launch()
+            .map_err(|e| Error::UnsupportedDevice { ordinal, reason: format!("test launch failed: {e}") })?;
+        Ok(device)
     }
 
-    /// The first GPU if there is one, else the emulator.
+    /// One of our kernels, run and read back: the step flag over one fresh record (no error)
+    /// must read 0.
+    fn test_launch(&self) -> Result<()> {
+        self.begin_step()?;
+        let result = (|| {
+            let _record = DeviceErrorRecord::new(self)?;
+            let flag = self.step_skip_flag(None)?.ok_or_else(|| Error::InvalidArgument("no step record".into()))?;
+            let mut v = [0u8; 4];
+            flag.buffer().copy_to_host(&mut v)?;
+            match f32::from_ne_bytes(v) {
+                0.0 => Ok(()),
+                other => Err(Error::InvalidArgument(format!("the test kernel wrote {other}, not 0"))),
+            }
+        })();
+        self.end_step();
+        result
+    }
+
+    /// The first GPU if this build runs on it (see [`Device::cuda`]), else the emulator.
     pub fn best_available() -> Device {
-        Self::cuda(0).unwrap_or_else(|_| Self::emulator())
+        Self::best_available_why().0
+    }
+
+    /// [`Device::best_available`], with the reason in one line when it is not a GPU.
+    pub fn best_available_why() -> (Device, Option<String>) {
+        match Self::cuda(0) {
+            Ok(d) => (d, None),
+            Err(e) => (Self::emulator(), Some(format!("no usable GPU: {e}"))),
+        }
+    }
+
+    /// Releases every block in this device's cache of freed memory (see `cache.rs`); memory in
+    /// use is not affected.
+    pub fn empty_cache(&self) {
+        drop(self.cache.drain());
+    }
+
+    /// Bytes held in the cache of freed memory.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.cached_bytes()
+    }
+
+    /// The most bytes the cache keeps (default 4 GiB, or `CDCL_CACHE_LIMIT_MIB`); blocks freed
+    /// beyond it are released. Lowering it below what is cached empties the cache.
+    pub fn set_cache_limit(&self, bytes: usize) {
+        drop(self.cache.set_limit(bytes));
     }
 
     /// GPU or emulator.
@@ -140,7 +203,7 @@ impl Device {
         }
     }
 
-    /// Allocates `bytes` bytes of uninitialised-but-zeroed device memory.
+    /// Allocates `bytes` bytes of zeroed device memory (from the cache when it can).
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
         DeviceBuffer::zeroed(self, bytes)
     }

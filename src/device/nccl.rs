@@ -63,7 +63,7 @@ impl NcclComm {
                 Error::Distributed { message: format!("an NCCL id has {UNIQUE_ID_BYTES} bytes, got {}", id.len()) }
             })?;
         require_nccl()?;
-        cuda.bind_to_thread()?;
+        cuda.bind()?;
         let mut comm = std::mem::MaybeUninit::<sys::ncclComm_t>::uninit();
         // SAFETY: `comm` is a valid out-pointer; the id is a complete ncclUniqueId; the device's
         // context is current on this thread, so NCCL binds the communicator to that GPU.

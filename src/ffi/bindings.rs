@@ -1001,6 +1001,63 @@ unsafe extern "C" {
 unsafe extern "C" {
     pub fn cdcl_emu_usss_backward(p: *const cdcl_usss_params, stream: *mut ::std::os::raw::c_void) -> i32;
 }
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct cdcl_step_flag_params {
+    pub records: *const cdcl_error_record,
+    pub num_records: i32,
+    pub reserved: i32,
+    pub in_flag: *const f32,
+    pub out_flag: *mut f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of cdcl_step_flag_params"][::std::mem::size_of::<cdcl_step_flag_params>() - 32usize];
+    ["Alignment of cdcl_step_flag_params"][::std::mem::align_of::<cdcl_step_flag_params>() - 8usize];
+    ["Offset of field: cdcl_step_flag_params::records"]
+        [::std::mem::offset_of!(cdcl_step_flag_params, records) - 0usize];
+    ["Offset of field: cdcl_step_flag_params::num_records"]
+        [::std::mem::offset_of!(cdcl_step_flag_params, num_records) - 8usize];
+    ["Offset of field: cdcl_step_flag_params::reserved"]
+        [::std::mem::offset_of!(cdcl_step_flag_params, reserved) - 12usize];
+    ["Offset of field: cdcl_step_flag_params::in_flag"]
+        [::std::mem::offset_of!(cdcl_step_flag_params, in_flag) - 16usize];
+    ["Offset of field: cdcl_step_flag_params::out_flag"]
+        [::std::mem::offset_of!(cdcl_step_flag_params, out_flag) - 24usize];
+};
+impl Default for cdcl_step_flag_params {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_step_flag(p: *const cdcl_step_flag_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_step_flag(p: *const cdcl_step_flag_params, stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_last_launch_error(stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_last_launch_error(stream: *mut ::std::os::raw::c_void) -> i32;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_error_name(code: i32) -> *const ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_error_name(code: i32) -> *const ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn cdcl_cuda_error_string(code: i32) -> *const ::std::os::raw::c_char;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_error_string(code: i32) -> *const ::std::os::raw::c_char;
+}
 unsafe extern "C" {
     pub fn cdcl_cuda_kernel_launch_count(stream: *mut ::std::os::raw::c_void) -> u64;
 }

@@ -263,7 +263,7 @@ pub(crate) fn conv2d_fused(
         }
         p.stats = stats.as_mut_ptr().cast();
     }
-    let mut y = Tensor::zeros(x.device(), &out_shape, x.dtype())?;
+    let mut y = Tensor::uninit(x.device(), &out_shape, x.dtype())?;
     p.x = x.ptr();
     p.weight = weight.ptr();
     p.bias = bias.map_or(std::ptr::null(), |b| b.ptr().cast());
@@ -312,7 +312,7 @@ pub fn conv2d_backward_data(
         });
     }
     p.dtype = dy.dtype().to_ffi();
-    let mut dx = Tensor::zeros(dy.device(), &[n, h, w, c], dy.dtype())?;
+    let mut dx = Tensor::uninit(dy.device(), &[n, h, w, c], dy.dtype())?;
     p.dy = dy.ptr();
     p.weight = weight.ptr();
     p.dx = dx.ptr_mut();
@@ -378,13 +378,13 @@ pub(crate) fn conv2d_backward_filter_fused(
     }
     p.dtype = x.dtype().to_ffi();
     let device = x.device();
-    let mut dweight = Tensor::zeros(device, &[k, r, s, c], x.dtype())?;
-    let mut dbias = if with_bias { Some(Tensor::zeros(device, &[k], DType::F32)?) } else { None };
+    let mut dweight = Tensor::uninit(device, &[k, r, s, c], x.dtype())?;
+    let mut dbias = if with_bias { Some(Tensor::uninit(device, &[k], DType::F32)?) } else { None };
     p.x = x.ptr();
     p.dy = dy.ptr();
     p.dweight = dweight.ptr_mut();
     p.dbias = dbias.as_mut().map_or(std::ptr::null_mut(), |b| b.ptr_mut().cast());
-    let mut ws = DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_conv_workspace_bytes, &p))?;
+    let mut ws = DeviceBuffer::uninit_words(device, workspace_bytes(ffi::cdcl_emu_conv_workspace_bytes, &p))?;
     p.workspace = ws.as_mut_ptr().cast();
     device.launch(&BACKWARD_FILTER, &p)?;
     Ok(ConvFilterGrads { dweight, dbias })

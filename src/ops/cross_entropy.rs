@@ -209,7 +209,7 @@ fn run_on_device(
     let d = g.classes.len();
     let classes = Tensor::from_slice(device, &[d], &g.classes)?;
     let weights = Tensor::from_slice(device, &[d], &g.weights)?;
-    let mut loss = Tensor::zeros(device, &[1 + d], DType::F32)?;
+    let mut loss = Tensor::uninit(device, &[1 + d], DType::F32)?;
     let mut record = DeviceErrorRecord::new(device)?;
     let mut p = ffi::cdcl_cross_entropy_params {
         n: g.n as i32,
@@ -239,7 +239,7 @@ fn run_on_device(
         p.dlogits = dx.ptr_mut();
     }
     device.launch(&CROSS_ENTROPY, &p)?;
-    device_errors(&record, datasets, g)?;
+    device_errors(record, datasets, g)?;
     Ok(loss)
 }
 
@@ -260,34 +260,41 @@ pub(crate) fn loss_on_device(
     if !with_grad {
         return Ok((run_on_device(logits, labels, datasets, &g, opts, None)?, None));
     }
-    let mut dlogits = Tensor::zeros(logits.device(), logits.shape(), logits.dtype())?;
+    let mut dlogits = Tensor::uninit(logits.device(), logits.shape(), logits.dtype())?;
     let loss = run_on_device(logits, labels, datasets, &g, opts, Some(&mut dlogits))?;
     Ok((loss, Some(dlogits)))
 }
 
 fn workspace(device: &Device, p: &ffi::cdcl_cross_entropy_params) -> Result<DeviceBuffer> {
-    DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_cross_entropy_workspace_bytes, p))
+    DeviceBuffer::uninit_words(device, workspace_bytes(ffi::cdcl_emu_cross_entropy_workspace_bytes, p))
 }
 
-fn device_errors(record: &DeviceErrorRecord, datasets: &Tensor, g: &Checked) -> Result<()> {
-    let faults = record.read()?;
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
-        return Err(Error::DatasetIndexOutOfRange {
-            sample: f.position as usize,
-            index: f.value as i64,
-            num_datasets: g.classes.len(),
-        });
-    }
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_LABEL as usize] {
-        let dataset = dataset_of_pixel(datasets, f.position as usize, g.h * g.w)?;
-        return Err(Error::InvalidLabel {
-            dataset,
-            label: f.value as i64,
-            position: f.position as usize,
-            num_classes: g.classes.get(dataset).copied().unwrap_or(0) as usize,
-        });
-    }
-    Ok(())
+/// Turns what the kernel found into typed errors (now, or with a training step's read of its
+/// losses: see `src/device/step.rs`); the dataset indices are kept to name a bad label's dataset.
+fn device_errors(record: DeviceErrorRecord, datasets: &Tensor, g: &Checked) -> Result<()> {
+    let (classes, hw) = (g.classes.clone(), g.h * g.w);
+    record.check(Some(datasets), move |faults, datasets| {
+        if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
+            return Err(Error::DatasetIndexOutOfRange {
+                sample: f.position as usize,
+                index: f.value as i64,
+                num_datasets: classes.len(),
+            });
+        }
+        if let Some(f) = faults[ffi::CDCL_ERRSLOT_LABEL as usize] {
+            let dataset = match datasets {
+                Some(ds) => dataset_of_pixel(ds, f.position as usize, hw)?,
+                None => 0,
+            };
+            return Err(Error::InvalidLabel {
+                dataset,
+                label: f.value as i64,
+                position: f.position as usize,
+                num_classes: classes.get(dataset).copied().unwrap_or(0) as usize,
+            });
+        }
+        Ok(())
+    })
 }
 
 /// The multi-head loss without its gradient (validation loss).
@@ -318,7 +325,7 @@ pub fn forward_backward(
     num_classes: &[usize],
     opts: &CrossEntropyOptions,
 ) -> Result<(CrossEntropyLoss, Tensor)> {
-    let mut dlogits = Tensor::zeros(logits.device(), logits.shape(), logits.dtype())?;
+    let mut dlogits = Tensor::uninit(logits.device(), logits.shape(), logits.dtype())?;
     let loss = forward_backward_into(logits, labels, datasets, num_classes, opts, &mut dlogits)?;
     Ok((loss, dlogits))
 }
@@ -378,7 +385,7 @@ pub fn forward_backward_upsampled(
     align_corners: bool,
     opts: &CrossEntropyOptions,
 ) -> Result<(CrossEntropyLoss, Tensor)> {
-    let mut dlogits = Tensor::zeros(logits.device(), logits.shape(), logits.dtype())?;
+    let mut dlogits = Tensor::uninit(logits.device(), logits.shape(), logits.dtype())?;
     let loss =
         forward_backward_upsampled_into(logits, labels, datasets, num_classes, align_corners, opts, &mut dlogits)?;
     Ok((loss, dlogits))

@@ -138,7 +138,7 @@ pub fn forward_train(
         check::same_device(x.device(), &[res])?;
     }
     let mut partials =
-        DeviceBuffer::zeroed(x.device(), dsbn::partials_bytes([n, p, q, k], state.num_datasets(), STATS_CHUNK))?;
+        DeviceBuffer::uninit_words(x.device(), dsbn::partials_bytes([n, p, q, k], state.num_datasets(), STATS_CHUNK))?;
     let fusion = Fusion {
         prologue: opts.prologue.as_ref().map(|pro| to_conv_prologue(pro, datasets)),
         stats: Some((&mut partials, datasets, state.num_datasets())),

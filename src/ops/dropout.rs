@@ -41,7 +41,7 @@ fn run(what: &'static str, x: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor
         return Err(Error::InvalidArgument(format!("dropout probability must be in [0, 1], got {}", opts.p)));
     }
     let device = x.device();
-    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut y = Tensor::uninit(device, x.shape(), x.dtype())?;
     let mut p = ffi::cdcl_dropout_params {
         n: n as i32,
         h: h as i32,
@@ -54,7 +54,7 @@ fn run(what: &'static str, x: &Tensor, opts: &Dropout2dOptions) -> Result<Tensor
         y: y.ptr_mut(),
         ..Default::default()
     };
-    let mut ws = DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_dropout_workspace_bytes, &p))?;
+    let mut ws = DeviceBuffer::uninit_words(device, workspace_bytes(ffi::cdcl_emu_dropout_workspace_bytes, &p))?;
     p.workspace = ws.as_mut_ptr().cast();
     device.launch(&DROPOUT2D, &p)?;
     Ok(y)

@@ -188,23 +188,26 @@ fn bind_batch_statistics(p: &mut ffi::cdcl_dsbn_params, state: &mut DsbnState, s
 }
 
 fn workspace(device: &Device, p: &ffi::cdcl_dsbn_params) -> Result<DeviceBuffer> {
-    DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, p))
+    DeviceBuffer::uninit_words(device, workspace_bytes(ffi::cdcl_emu_dsbn_workspace_bytes, p))
 }
 
-/// Turns what the kernels found on the device into typed errors.
-fn device_errors(record: &DeviceErrorRecord, g: &Checked) -> Result<()> {
-    let faults = record.read()?;
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
-        return Err(Error::DatasetIndexOutOfRange {
-            sample: f.position as usize,
-            index: f.value as i64,
-            num_datasets: g.d,
-        });
-    }
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_TOO_FEW_VALUES as usize] {
-        return Err(Error::TooFewValues { dataset: f.position as usize, count: f.value.max(0) as usize });
-    }
-    Ok(())
+/// Turns what the kernels found on the device into typed errors (now, or with a training
+/// step's read of its losses: see `src/device/step.rs`).
+fn device_errors(record: DeviceErrorRecord, g: &Checked) -> Result<()> {
+    let num_datasets = g.d;
+    record.check(None, move |faults, _| {
+        if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
+            return Err(Error::DatasetIndexOutOfRange {
+                sample: f.position as usize,
+                index: f.value as i64,
+                num_datasets,
+            });
+        }
+        if let Some(f) = faults[ffi::CDCL_ERRSLOT_TOO_FEW_VALUES as usize] {
+            return Err(Error::TooFewValues { dataset: f.position as usize, count: f.value.max(0) as usize });
+        }
+        Ok(())
+    })
 }
 
 /// Training forward: per-dataset batch statistics, normalise with each sample's dataset, γ/β,
@@ -221,10 +224,10 @@ pub fn forward_train(
 ) -> Result<(Tensor, DsbnSaved)> {
     let g = check_common(x, datasets, state, opts)?;
     let device = x.device();
-    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut y = Tensor::uninit(device, x.shape(), x.dtype())?;
     let mut saved = DsbnSaved {
-        mean: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
-        invstd: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+        mean: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
+        invstd: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
     };
     let mut record = DeviceErrorRecord::new(device)?;
     let mut p = base_params(&g, x, datasets, state, opts);
@@ -234,7 +237,7 @@ pub fn forward_train(
     p.workspace = ws.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(&FORWARD_TRAIN, &p)?;
-    device_errors(&record, &g)?;
+    device_errors(record, &g)?;
     Ok((y, saved))
 }
 
@@ -243,7 +246,7 @@ pub fn forward_train(
 pub fn forward_infer(x: &Tensor, datasets: &Tensor, state: &DsbnState, opts: &DsbnOptions) -> Result<Tensor> {
     let g = check_common(x, datasets, state, opts)?;
     let device = x.device();
-    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut y = Tensor::uninit(device, x.shape(), x.dtype())?;
     let mut record = DeviceErrorRecord::new(device)?;
     let mut p = base_params(&g, x, datasets, state, opts);
     p.y = y.ptr_mut();
@@ -252,7 +255,7 @@ pub fn forward_infer(x: &Tensor, datasets: &Tensor, state: &DsbnState, opts: &Ds
     p.running_var = state.running_var.ptr().cast_mut().cast();
     p.err = record.as_mut_ptr();
     device.launch(&FORWARD_INFER, &p)?;
-    device_errors(&record, &g)?;
+    device_errors(record, &g)?;
     Ok(y)
 }
 
@@ -282,11 +285,11 @@ fn run_backward(
     check_residual(residual, x)?;
     let device = x.device();
     let mut grads = DsbnGrads {
-        dx: Tensor::zeros(device, x.shape(), x.dtype())?,
-        dgamma: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
-        dbeta: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+        dx: Tensor::uninit(device, x.shape(), x.dtype())?,
+        dgamma: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
+        dbeta: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
         dresidual: match residual {
-            Some(_) => Some(Tensor::zeros(device, x.shape(), x.dtype())?),
+            Some(_) => Some(Tensor::uninit(device, x.shape(), x.dtype())?),
             None => None,
         },
     };
@@ -305,7 +308,7 @@ fn run_backward(
     p.workspace = ws.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(launcher, &p)?;
-    device_errors(&record, g)?;
+    device_errors(record, g)?;
     Ok(grads)
 }
 
@@ -381,7 +384,7 @@ pub fn apply(
     check_saved(&g, x, saved)?;
     check_residual(residual, x)?;
     let device = x.device();
-    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut y = Tensor::uninit(device, x.shape(), x.dtype())?;
     let mut record = DeviceErrorRecord::new(device)?;
     let mut p = base_params(&g, x, datasets, state, opts);
     p.y = y.ptr_mut();
@@ -390,7 +393,7 @@ pub fn apply(
     p.residual = residual.map_or(std::ptr::null(), |r| r.ptr());
     p.err = record.as_mut_ptr();
     device.launch(&APPLY, &p)?;
-    device_errors(&record, &g)?;
+    device_errors(record, &g)?;
     Ok(y)
 }
 
@@ -408,8 +411,8 @@ pub(crate) fn stats_from_partials(
     let g = check_common(conv_out, datasets, state, opts)?;
     let device = conv_out.device();
     let mut saved = DsbnSaved {
-        mean: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
-        invstd: Tensor::zeros(device, &[g.d, g.c], DType::F32)?,
+        mean: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
+        invstd: Tensor::uninit(device, &[g.d, g.c], DType::F32)?,
     };
     let mut record = DeviceErrorRecord::new(device)?;
     let mut p = base_params(&g, conv_out, datasets, state, opts);
@@ -421,7 +424,7 @@ pub(crate) fn stats_from_partials(
     p.workspace = partials.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(&STATS_FROM_PARTIALS, &p)?;
-    device_errors(&record, &g)?;
+    device_errors(record, &g)?;
     Ok(saved)
 }
 
@@ -450,6 +453,10 @@ pub(crate) fn validate_indices_checked(datasets: &Tensor, x: &Tensor, num_datase
         return Err(Error::InvalidArgument("no datasets".into()));
     }
     let device = datasets.device();
+    // Once per step and index tensor: every block of a step reads the same indices.
+    if device.validated_in_step(datasets.buffer(), num_datasets) {
+        return Ok(());
+    }
     let mut record = DeviceErrorRecord::new(device)?;
     let p = ffi::cdcl_dsbn_params {
         n: n as i32,
@@ -460,5 +467,5 @@ pub(crate) fn validate_indices_checked(datasets: &Tensor, x: &Tensor, num_datase
     };
     device.launch(&VALIDATE, &p)?;
     let g = Checked { n, h: 1, w: 1, c: 1, d: num_datasets };
-    device_errors(&record, &g)
+    device_errors(record, &g)
 }

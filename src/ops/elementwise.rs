@@ -40,7 +40,7 @@ fn run(launcher: &EltLauncher, what: &'static str, a: &Tensor, b: Option<(&'stat
         check::shape(bwhat, b, a.shape())?;
         check::same_device(a.device(), &[b])?;
     }
-    let mut y = Tensor::zeros(a.device(), a.shape(), a.dtype())?;
+    let mut y = Tensor::uninit(a.device(), a.shape(), a.dtype())?;
     let numel = a.numel();
     if numel == 0 {
         return Ok(y);

@@ -120,8 +120,8 @@ pub fn max_pool2d(x: &Tensor, geometry: &PoolGeometry) -> Result<MaxPoolOutput> 
     float_storage("max pooling input", x)?;
     let mut p = params(n, h, w, c, geometry, x.dtype())?;
     let out = [n, p.p as usize, p.q as usize, c];
-    let mut y = Tensor::zeros(x.device(), &out, x.dtype())?;
-    let mut indices = Tensor::zeros(x.device(), &out, DType::I32)?;
+    let mut y = Tensor::uninit(x.device(), &out, x.dtype())?;
+    let mut indices = Tensor::uninit(x.device(), &out, DType::I32)?;
     p.x = x.ptr();
     p.y = y.ptr_mut();
     p.indices = indices.ptr_mut().cast();
@@ -163,7 +163,7 @@ pub fn max_pool2d_backward(
             got: dy.shape().to_vec(),
         });
     }
-    let mut dx = Tensor::zeros(dy.device(), &[n, h, w, c], dy.dtype())?;
+    let mut dx = Tensor::uninit(dy.device(), &[n, h, w, c], dy.dtype())?;
     p.dy = dy.ptr();
     // Read-only in the backward kernel.
     p.indices = indices.ptr().cast_mut().cast();

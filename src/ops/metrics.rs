@@ -46,7 +46,7 @@ pub fn argmax(logits: &Tensor, datasets: &Tensor, num_classes: &[usize]) -> Resu
     let classes = check_heads(num_classes, cmax)?;
     let device = logits.device();
     let classes_t = Tensor::from_slice(device, &[classes.len()], &classes)?;
-    let mut pred = Tensor::zeros(device, &[n, h, w], DType::I32)?;
+    let mut pred = Tensor::uninit(device, &[n, h, w], DType::I32)?;
     let mut record = DeviceErrorRecord::new(device)?;
     let p = ffi::cdcl_argmax_params {
         n: n as i32,
@@ -62,13 +62,13 @@ pub fn argmax(logits: &Tensor, datasets: &Tensor, num_classes: &[usize]) -> Resu
         err: record.as_mut_ptr(),
     };
     device.launch(&ARGMAX, &p)?;
-    if let Some(f) = record.read()?[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
-        return Err(Error::DatasetIndexOutOfRange {
-            sample: f.position as usize,
-            index: f.value as i64,
-            num_datasets: classes.len(),
-        });
-    }
+    let num_datasets = classes.len();
+    record.check(None, move |faults, _| match faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
+        Some(f) => {
+            Err(Error::DatasetIndexOutOfRange { sample: f.position as usize, index: f.value as i64, num_datasets })
+        }
+        None => Ok(()),
+    })?;
     Ok(pred)
 }
 
@@ -133,26 +133,32 @@ pub fn confusion_matrix(pred: &Tensor, labels: &Tensor, datasets: &Tensor, num_c
         err: record.as_mut_ptr(),
     };
     device.launch(&CONFUSION, &p)?;
-    let faults = record.read()?;
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
-        return Err(Error::DatasetIndexOutOfRange {
-            sample: f.position as usize,
-            index: f.value as i64,
-            num_datasets: classes.len(),
-        });
-    }
-    for (slot, is_label) in [(ffi::CDCL_ERRSLOT_LABEL, true), (ffi::CDCL_ERRSLOT_PREDICTION, false)] {
-        if let Some(f) = faults[slot as usize] {
-            let dataset = dataset_of_pixel(datasets, f.position as usize, h * w)?;
-            let num_classes = classes.get(dataset).copied().unwrap_or(0) as usize;
-            let (position, value) = (f.position as usize, f.value as i64);
-            return Err(if is_label {
-                Error::InvalidLabel { dataset, label: value, position, num_classes }
-            } else {
-                Error::InvalidPrediction { dataset, prediction: value, position, num_classes }
+    let hw = h * w;
+    record.check(Some(datasets), move |faults, datasets| {
+        if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
+            return Err(Error::DatasetIndexOutOfRange {
+                sample: f.position as usize,
+                index: f.value as i64,
+                num_datasets: classes.len(),
             });
         }
-    }
+        for (slot, is_label) in [(ffi::CDCL_ERRSLOT_LABEL, true), (ffi::CDCL_ERRSLOT_PREDICTION, false)] {
+            if let Some(f) = faults[slot as usize] {
+                let dataset = match datasets {
+                    Some(ds) => dataset_of_pixel(ds, f.position as usize, hw)?,
+                    None => 0,
+                };
+                let num_classes = classes.get(dataset).copied().unwrap_or(0) as usize;
+                let (position, value) = (f.position as usize, f.value as i64);
+                return Err(if is_label {
+                    Error::InvalidLabel { dataset, label: value, position, num_classes }
+                } else {
+                    Error::InvalidPrediction { dataset, prediction: value, position, num_classes }
+                });
+            }
+        }
+        Ok(())
+    })?;
     Ok(counts)
 }
 

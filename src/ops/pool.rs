@@ -173,7 +173,7 @@ fn backward(
         });
     }
     let mut p = geometry(op, op.input_grad(), dims, op.output_grad(), dy, channel_offset)?;
-    let mut dx = Tensor::zeros(dy.device(), input_shape, dy.dtype())?;
+    let mut dx = Tensor::uninit(dy.device(), input_shape, dy.dtype())?;
     p.align_corners = align_corners as i32;
     p.dy = dy.ptr();
     p.dx = dx.ptr_mut();
@@ -190,7 +190,7 @@ fn new_output(op: Op, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> 
             reason: "every dimension must be at least 1".into(),
         });
     }
-    Tensor::zeros(x.device(), &[n, out_h, out_w, c], x.dtype())
+    Tensor::uninit(x.device(), &[n, out_h, out_w, c], x.dtype())
 }
 
 /// Adaptive average pooling of `x` `[N, H, W, C]` into channels
@@ -278,7 +278,7 @@ pub fn adaptive_avg_pool_backward_sum(base: &Tensor, levels: &[&Tensor], input_s
         check::dtype("pyramid pooling level gradient", l, base.dtype())?;
         check::same_device(base.device(), &[l])?;
     }
-    let mut dx = Tensor::zeros(base.device(), input_shape, base.dtype())?;
+    let mut dx = Tensor::uninit(base.device(), input_shape, base.dtype())?;
     let mut chunks = levels.chunks(PPM_MAX_LEVELS);
     // The first launch reads the identity slice of `base`; later ones (more than 8 levels) add
     // to the partial result, which is then the base.
@@ -314,7 +314,7 @@ pub fn adaptive_avg_pool_backward_sum(base: &Tensor, levels: &[&Tensor], input_s
         if chunks.len() == 0 {
             return Ok(dx);
         }
-        let next = Tensor::zeros(base.device(), input_shape, base.dtype())?;
+        let next = Tensor::uninit(base.device(), input_shape, base.dtype())?;
         prev = Some(std::mem::replace(&mut dx, next));
     }
 }

@@ -285,7 +285,7 @@ pub fn forward_train(
         branches.iter().map(|b| PpmBranchRef { weight: b.weight, state: &*b.state }).collect();
     let g = check_inputs(x, datasets, &views, opts)?;
     drop(views);
-    let mut output = Tensor::zeros(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
+    let mut output = Tensor::uninit(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
     // Smallest bin first: it is where bad data (too few values per channel) shows first, before
     // any branch has moved its running statistics (see the module documentation).
     let mut order: Vec<usize> = (0..branches.len()).collect();
@@ -319,7 +319,7 @@ pub fn forward_infer(
     opts: &PpmOptions,
 ) -> Result<Tensor> {
     let g = check_inputs(x, datasets, branches, opts)?;
-    let mut output = Tensor::zeros(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
+    let mut output = Tensor::uninit(x.device(), &[g.n, g.h, g.w, g.total], x.dtype())?;
     for (i, br) in branches.iter().enumerate() {
         let b = opts.bins[i];
         let pooled = pool::adaptive_avg_pool(x, b, b)?;

@@ -154,7 +154,7 @@ pub fn sgd_step_unless(
 /// Device addresses as the bytes of a `void*` array in device memory (the tables' layout).
 fn address_table(device: &crate::Device, addresses: &[usize]) -> Result<DeviceBuffer> {
     let bytes: Vec<u8> = addresses.iter().flat_map(|&a| (a as u64).to_ne_bytes()).collect();
-    let mut buf = DeviceBuffer::zeroed(device, bytes.len().max(8))?;
+    let mut buf = DeviceBuffer::uninit_words(device, bytes.len().max(8))?;
     if !bytes.is_empty() {
         buf.copy_from_host(&bytes)?;
     }
@@ -306,7 +306,7 @@ pub fn sum_scaled(groups: &[&[&Tensor]], scale: f32) -> Result<(Vec<Tensor>, Ten
     }
     let mut flag = Tensor::zeros(&device, &[1], DType::F32)?;
     let mut outs: Vec<Tensor> =
-        groups.iter().map(|g| Tensor::zeros(&device, g[0].shape(), DType::F32)).collect::<Result<_>>()?;
+        groups.iter().map(|g| Tensor::uninit(&device, g[0].shape(), DType::F32)).collect::<Result<_>>()?;
     // One address array for every group's sources, each entry pointing at its run of it.
     let addresses: Vec<usize> = groups.iter().flat_map(|g| g.iter().map(|t| t.ptr() as usize)).collect();
     let sources = address_table(&device, &addresses)?;
@@ -336,7 +336,7 @@ pub fn sum_scaled(groups: &[&[&Tensor]], scale: f32) -> Result<(Vec<Tensor>, Ten
         return Ok((outs, flag));
     }
     let bytes: Vec<u8> = entries.iter().flat_map(sum_entry_bytes).collect();
-    let mut table = DeviceBuffer::zeroed(&device, bytes.len())?;
+    let mut table = DeviceBuffer::uninit_words(&device, bytes.len())?;
     table.copy_from_host(&bytes)?;
     let p = ffi::cdcl_sum_params {
         entries: table.as_ptr().cast(),

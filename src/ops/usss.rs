@@ -248,20 +248,18 @@ fn validate(
 }
 
 fn run(device: &Device, launcher: &Launcher<ffi::cdcl_usss_params>, mut p: ffi::cdcl_usss_params) -> Result<()> {
-    let mut ws = DeviceBuffer::zeroed(device, workspace_bytes(ffi::cdcl_emu_usss_workspace_bytes, &p))?;
+    let mut ws = DeviceBuffer::uninit_words(device, workspace_bytes(ffi::cdcl_emu_usss_workspace_bytes, &p))?;
     let mut record = DeviceErrorRecord::new(device)?;
     p.workspace = ws.as_mut_ptr().cast();
     p.err = record.as_mut_ptr();
     device.launch(launcher, &p)?;
-    let faults = record.read()?;
-    if let Some(f) = faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
-        return Err(Error::DatasetIndexOutOfRange {
-            sample: f.position as usize,
-            index: f.value as i64,
-            num_datasets: p.num_datasets as usize,
-        });
-    }
-    Ok(())
+    let num_datasets = p.num_datasets as usize;
+    record.check(None, move |faults, _| match faults[ffi::CDCL_ERRSLOT_DATASET_INDEX as usize] {
+        Some(f) => {
+            Err(Error::DatasetIndexOutOfRange { sample: f.position as usize, index: f.value as i64, num_datasets })
+        }
+        None => Ok(()),
+    })
 }
 
 /// The USSS loss of pixel features `x` `[N, H, W, E]` whose samples belong to `datasets`
@@ -277,7 +275,7 @@ pub fn forward(
 ) -> Result<UsssLoss> {
     let mut p = validate(x, datasets, protos, mask, opts)?;
     let device = x.device();
-    let mut out = Tensor::zeros(device, &[3], DType::F32)?;
+    let mut out = Tensor::uninit(device, &[3], DType::F32)?;
     p.out = out.ptr_mut().cast();
     run(device, &FORWARD, p)?;
     let v = out.to_vec::<f32>()?;
@@ -299,7 +297,7 @@ pub fn backward(
     }
     let mut p = validate(x, datasets, protos, mask, opts)?;
     let device = x.device();
-    let mut dx = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut dx = Tensor::uninit(device, x.shape(), x.dtype())?;
     p.grad = grad;
     p.dx = dx.ptr_mut();
     run(device, &BACKWARD, p)?;

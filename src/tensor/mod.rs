@@ -6,7 +6,7 @@ use std::fmt;
 
 use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
 
-use crate::device::{Device, DeviceBuffer};
+use crate::device::{Device, DeviceBuffer, Poison};
 use crate::error::{Error, Result};
 use crate::ffi;
 
@@ -105,12 +105,34 @@ fn numel_of(shape: &[usize]) -> Result<usize> {
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let mut t = Self::uninit(device, shape, dtype)?;
+        t.buf.fill_bytes(0)?;
+        Ok(t)
+    }
+
+    /// A tensor whose contents are unspecified, for an output that a kernel writes in full:
+    /// no memset. On the emulator it holds a poison pattern (NaN for floats, a value no kernel
+    /// produces for integers) so that an element a kernel forgets fails the tests.
+    pub(crate) fn uninit(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = numel_of(shape)?.checked_mul(dtype.size()).ok_or_else(|| Error::InvalidShape {
             what: "tensor",
             shape: shape.to_vec(),
             reason: "byte size overflows usize".into(),
         })?;
-        Ok(Tensor { buf: DeviceBuffer::zeroed(device, bytes)?, shape: shape.to_vec(), dtype })
+        let poison = match dtype.size() {
+            1 => Poison::Byte,
+            2 => Poison::Half,
+            _ => Poison::Word,
+        };
+        Ok(Tensor { buf: DeviceBuffer::uninit(device, bytes, poison)?, shape: shape.to_vec(), dtype })
+    }
+
+    /// A copy on the same device, ordered with the launches (no host round trip).
+    pub(crate) fn duplicate(&self) -> Result<Tensor> {
+        let mut out = Self::uninit(self.device(), &self.shape, self.dtype)?;
+        let bytes = self.buf.len();
+        out.buf.copy_region_from(&self.buf, crate::device::CopyRegion::contiguous(0, 0, bytes))?;
+        Ok(out)
     }
 
     /// A tensor filled with one value.
@@ -129,7 +151,7 @@ impl Tensor {
                 reason: format!("shape holds {n} elements but {} were given", data.len()),
             });
         }
-        let mut t = Self::zeros(device, shape, T::DTYPE)?;
+        let mut t = Self::uninit(device, shape, T::DTYPE)?;
         t.buf.copy_from_host(bytemuck::cast_slice(data))?;
         Ok(t)
     }
@@ -176,7 +198,7 @@ impl Tensor {
     pub fn try_clone(&self) -> Result<Tensor> {
         let mut bytes = vec![0u8; self.buf.len()];
         self.buf.copy_to_host(&mut bytes)?;
-        let mut buf = DeviceBuffer::zeroed(self.buf.device(), bytes.len())?;
+        let mut buf = DeviceBuffer::uninit(self.buf.device(), bytes.len(), Poison::Word)?;
         buf.copy_from_host(&bytes)?;
         Ok(Tensor { buf, shape: self.shape.clone(), dtype: self.dtype })
     }

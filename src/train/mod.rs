@@ -383,7 +383,11 @@ impl<B: Backend> Trainer<B> {
         out: Outputs,
         terms: &mut Vec<(Scalar, f32)>,
     ) -> Result<(Scalar, Option<Scalar>)> {
-        let labels = g.input_i32(&[b.n, b.h, b.w], &self.labels_for(b))?;
+        let host_labels = self.labels_for(b);
+        // Checked here, once per batch and before anything is queued: the error names the
+        // batch's dataset (the loss sees a one-head call) and the device never sees a bad label.
+        check_labels(&host_labels, b.dataset, self.model.config.num_classes[head])?;
+        let labels = g.input_i32(&[b.n, b.h, b.w], &host_labels)?;
         let zeros = g.input_i32(&[b.n], &vec![0; b.n])?;
         let wd = self.weight_of(b.dataset);
         let spec = |weight: f32| LossSpec {
@@ -407,6 +411,14 @@ impl<B: Backend> Trainer<B> {
     /// Runs one iteration on `batches` (normally those [`Trainer::plan`] asks for; any batches
     /// of datasets the model has are accepted, e.g. a DAT iteration over a subset).
     pub fn step(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        // Device data errors of the step are read with its losses (one wait per step).
+        self.backend.begin_step()?;
+        let stats = self.step_in_scope(batches);
+        self.backend.end_step();
+        stats
+    }
+
+    fn step_in_scope(&mut self, batches: &[Batch]) -> Result<StepStats> {
         let lr = self.learning_rate(self.iter);
         let loss_scale = self.seed();
         self.store.sync_copies()?;
@@ -665,6 +677,15 @@ fn in_dataset(e: Error, dataset: usize) -> Error {
 
 fn means(sums: &[(f64, usize)]) -> Vec<f32> {
     sums.iter().map(|&(s, c)| if c == 0 { f32::NAN } else { (s / c as f64) as f32 }).collect()
+}
+
+/// Every label is a class of the head (`0..num_classes`) or the ignore label 255.
+fn check_labels(labels: &[i32], dataset: usize, num_classes: usize) -> Result<()> {
+    let bad = labels.iter().position(|&l| l != 255 && !(0..num_classes as i64).contains(&(l as i64)));
+    match bad {
+        Some(position) => Err(Error::InvalidLabel { dataset, label: labels[position] as i64, position, num_classes }),
+        None => Ok(()),
+    }
 }
 
 pub(crate) fn check_batch(b: &Batch) -> Result<()> {

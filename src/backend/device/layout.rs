@@ -34,7 +34,7 @@ pub(super) fn concat_channels(device: &Device, parts: &[&Tensor]) -> Result<Tens
         total += pc;
     }
     let es = dtype.size();
-    let mut out = Tensor::zeros(device, &[n, h, w, total], dtype)?;
+    let mut out = Tensor::uninit(device, &[n, h, w, total], dtype)?;
     let mut offset = 0usize;
     for p in parts {
         let pc = p.shape()[3];
@@ -61,7 +61,7 @@ pub(super) fn slice_channels(device: &Device, x: &Tensor, offset: usize, len: us
         )));
     }
     let es = x.dtype().size();
-    let mut out = Tensor::zeros(device, &[n, h, w, len], x.dtype())?;
+    let mut out = Tensor::uninit(device, &[n, h, w, len], x.dtype())?;
     let region = CopyRegion {
         src_offset: offset * es,
         src_pitch: c * es,
@@ -91,7 +91,7 @@ pub(super) fn slice_batch(device: &Device, x: &Tensor, start: usize, len: usize)
     let sample_bytes = rest.iter().product::<usize>() * x.dtype().size();
     let mut shape = x.shape().to_vec();
     shape[0] = len;
-    let mut out = Tensor::zeros(device, &shape, x.dtype())?;
+    let mut out = Tensor::uninit(device, &shape, x.dtype())?;
     let region = CopyRegion::contiguous(start * sample_bytes, 0, len * sample_bytes);
     out.buffer_mut().copy_region_from(x.buffer(), region)?;
     Ok(out)
@@ -117,7 +117,7 @@ pub(super) fn concat_batch(device: &Device, parts: &[&Tensor]) -> Result<Tensor>
     }
     let mut shape = parts[0].shape().to_vec();
     shape[0] = batch;
-    let mut out = Tensor::zeros(device, &shape, dtype)?;
+    let mut out = Tensor::uninit(device, &shape, dtype)?;
     let mut offset = 0usize;
     for p in parts {
         let bytes = p.buffer().len();

@@ -171,6 +171,14 @@ impl Backend for DeviceBackend {
         Some(self.tally.snapshot())
     }
 
+    fn begin_step(&self) -> Result<()> {
+        self.device.begin_step()
+    }
+
+    fn end_step(&self) {
+        self.device.end_step()
+    }
+
     // ---- tensors ----------------------------------------------------------------------------
 
     fn tensor_f32(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
@@ -195,7 +203,7 @@ impl Backend for DeviceBackend {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        Tensor::zeros(&self.device, shape, DType::F32)
+        Tensor::uninit(&self.device, shape, DType::F32)
     }
 
     fn to_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -225,7 +233,7 @@ impl Backend for DeviceBackend {
 
     fn try_clone(&self, t: &Tensor) -> Result<Tensor> {
         self.on_device(&[t])?;
-        let mut out = Tensor::zeros(&self.device, t.shape(), t.dtype())?;
+        let mut out = Tensor::uninit(&self.device, t.shape(), t.dtype())?;
         let bytes = t.buffer().len();
         out.buffer_mut().copy_region_from(t.buffer(), CopyRegion::contiguous(0, 0, bytes))?;
         Ok(self.wrote(out))
@@ -635,7 +643,9 @@ impl Backend for DeviceBackend {
                 copy: t.copy.as_deref_mut(),
             })
             .collect();
-        match skip_if {
+        // Inside a step, an error recorded by any op of the step also skips the update.
+        let step_flag = self.device.step_skip_flag(skip_if)?;
+        match step_flag.as_ref().or(skip_if) {
             Some(flag) => ops::sgd::sgd_step_unless(&mut list, opts, first_step, flag),
             None => ops::sgd::sgd_step(&mut list, opts, first_step),
         }
