@@ -22,10 +22,12 @@
 //! is independent of where data comes from.
 
 mod checkpoint;
+mod data_parallel;
 mod eval;
 pub mod precision;
 
 pub use checkpoint::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
+pub use data_parallel::DataParallel;
 pub use eval::{evaluate, EvalResult};
 pub use precision::{LossScaleConfig, LossScaler, Precision};
 
@@ -169,6 +171,7 @@ pub struct Trainer<B: Backend> {
     pub config: TrainConfig,
     iter: usize,
     scaler: LossScaler,
+    data_parallel: Option<DataParallel>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -209,7 +212,21 @@ impl<B: Backend> Trainer<B> {
         store.set_precision(config.precision.storage())?;
         let model = PspNet::new(model, &mut store)?;
         let scaler = LossScaler::new(config.loss_scale);
-        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0, scaler })
+        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0, scaler, data_parallel: None })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run over `comm`'s group: every rank
+    /// takes rank 0's parameters, BN tables and momentum now, and from the next step on the
+    /// gradients are averaged over the ranks after each backward (BN statistics stay per rank,
+    /// see [`DataParallel`]). Every rank must call it, and then step in lockstep.
+    pub fn set_data_parallel(&mut self, comm: std::sync::Arc<dyn crate::dist::Communicator>) -> Result<()> {
+        if self.config.mode == Mode::DsbnNoDat {
+            return Err(Error::InvalidArgument("data-parallel training needs one backward per iteration".into()));
+        }
+        let dp = DataParallel::new(comm);
+        dp.broadcast_state(&mut self.store)?;
+        self.data_parallel = Some(dp);
+        Ok(())
     }
 
     /// The loss-scaling state (its scale is 1 and unused unless the precision is f16).
@@ -583,13 +600,22 @@ impl<B: Backend> Trainer<B> {
     /// SGD kernel already skipped the step if it is set).
     fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<Option<B::Tensor>> {
         let opts = self.backward_options();
-        let grads = g.backward_with(root, &mut self.store, &opts)?;
+        let mut grads = g.backward_with(root, &mut self.store, &opts)?;
+        // Data-parallel: the ranks' mean gradient, and a dataset is absent only if no rank saw it.
+        let global_absent = match &self.data_parallel {
+            Some(dp) => Some(dp.average(&mut self.store, before, grads.overflow.as_mut())?.absent),
+            None => None,
+        };
         // Their gradient rows are zero, but weight decay and momentum would still move them:
         // the SGD step leaves them out (Trainer::new bounds the datasets by what a mask holds).
         let mut frozen = Vec::with_capacity(before.len());
-        for (layer, before) in self.store.bn_layers().iter().zip(before) {
-            let absent: Vec<usize> =
-                (0..layer.num_datasets).filter(|&d| layer.batches_tracked[d] == before[d]).collect();
+        for (li, (layer, before)) in self.store.bn_layers().iter().zip(before).enumerate() {
+            let absent: Vec<usize> = (0..layer.num_datasets)
+                .filter(|&d| match &global_absent {
+                    Some(a) => a[li][d],
+                    None => layer.batches_tracked[d] == before[d],
+                })
+                .collect();
             let empty = absent.is_empty() || layer.channels == 0;
             frozen.push(if empty { None } else { Some(FrozenRows::from_rows(layer.channels, absent)?) });
         }

@@ -8,6 +8,7 @@ mod common;
 
 mod backends;
 mod dat;
+mod data_parallel;
 mod fused;
 mod precision;
 
