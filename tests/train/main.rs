@@ -9,6 +9,8 @@ mod common;
 mod backends;
 mod dat;
 mod fused;
+mod modes;
+mod precise_bn;
 mod precision;
 
 use cdcl::autograd::{Graph, Group, LossSpec, ParamStore};
