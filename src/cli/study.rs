@@ -233,8 +233,9 @@ fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> 
     let _ = writeln!(md, "Command: `{command}` ({:.0} s on {})\n", secs, backend.name());
     let _ = writeln!(
         md,
-        "Seeds 0..{} (data, initialisation, dropout); PSPNet-ResNet-18 at width {}, {}×{} images, {} iterations of {} images per dataset, lr {}; mIoU (%) on {} held-out images per dataset, mean ± sample std over the seeds.\n",
-        args.seeds, s.width, s.size, s.size, s.iters, s.batch, s.lr, s.eval_images
+        "Seeds {} (data, initialisation, dropout); PSPNet-ResNet-18 at width {}, {}×{} images, {} iterations of {} images per dataset, lr {}; mIoU (%) on {} held-out images per dataset, mean ± sample std over the seeds.\n",
+        (0..args.seeds).map(|k| k.to_string()).collect::<Vec<_>>().join(", "),
+        s.width, s.size, s.size, s.iters, s.batch, s.lr, s.eval_images
     );
     let _ = writeln!(md, "| mode | {} mIoU | {} mIoU | what is evaluated |", names[0], names[1]);
     let _ = writeln!(md, "|---|---|---|---|");
