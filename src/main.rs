@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
 use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{evaluate, Batch, DatasetMeta, Mode, Precision, TrainConfig, Trainer};
+use cdcl::train::{evaluate, Batch, DatasetMeta, Precision, TrainConfig, Trainer};
 use cdcl::Device;
 
 mod cli;
@@ -24,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train PSPNet-DAB on the synthetic multi-domain dataset (or on datasets on disk with
@@ -32,6 +34,12 @@ enum Command {
     /// Evaluate a checkpoint on datasets' splits: per-class IoU, mIoU and pixel accuracy as a
     /// table, JSON and CSV (sliding window, scales, flips, colourised predictions optional).
     Eval(cli::eval_cmd::EvalArgs),
+    /// Precise BN: set one BN slice's running statistics of a checkpoint to the population
+    /// statistics of a whole set (no weight changes), written as a new checkpoint.
+    Recalibrate(cli::recalibrate::RecalibrateArgs),
+    /// The paper's comparison on the synthetic domains: every mode over several seeds, and the
+    /// zero-shot domain with precise BN; writes a markdown table and an SVG chart.
+    Study(cli::study::StudyArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -44,17 +52,6 @@ enum Where {
     Emulator,
     /// Our kernels on GPU 0.
     Cuda,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum ModeArg {
-    Dat,
-    Mixed,
-    Single,
-    SharedBn,
-    DsbnNoDat,
-    Finetune,
-    LabelRemap,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -87,12 +84,8 @@ struct TrainArgs {
     /// Number of synthetic domains (2: city + dusk, 3: + fog).
     #[arg(long, default_value_t = 2)]
     datasets: usize,
-    /// Training scheme.
-    #[arg(long, value_enum, default_value_t = ModeArg::Dat)]
-    mode: ModeArg,
-    /// DAT interval t.
-    #[arg(long, default_value_t = 1)]
-    interval: usize,
+    #[command(flatten)]
+    modes: cli::modes::ModeArgs,
     /// Base learning rate.
     #[arg(long, default_value_t = 0.01)]
     lr: f32,
@@ -142,6 +135,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train_auto(&args),
         Command::Eval(args) => cli::eval_cmd::run(&args),
+        Command::Recalibrate(args) => cli::recalibrate::run(&args),
+        Command::Study(args) => {
+            let words: Vec<String> = std::env::args().skip(1).collect();
+            cli::study::run(&args, &format!("cdcl {}", words.join(" ")))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,47 +182,27 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     let data = Synthetic::new(cfg)?;
     let d = data.num_domains();
     let classes = data.num_classes_per_domain();
-    let (mode, num_classes, num_bn) = match args.mode {
-        ModeArg::Dat => (Mode::Dat, classes.clone(), d),
-        ModeArg::Mixed => (Mode::Mixed, classes.clone(), d),
-        ModeArg::Single => (Mode::Single(0), classes.clone(), d),
-        ModeArg::SharedBn => (Mode::SharedBn, classes.clone(), 1),
-        ModeArg::DsbnNoDat => (Mode::DsbnNoDat, classes.clone(), d),
-        ModeArg::Finetune => (Mode::Finetune { switch_at: args.iters / 2 }, classes.clone(), d),
-        ModeArg::LabelRemap => {
-            // Every domain's classes mapped to dataset 0's: exact for fine domains, the first
-            // fine class of a coarse class otherwise (a lossy map, as the baseline is).
-            let map = (0..d)
-                .map(|k| {
-                    (0..classes[k] as i32)
-                        .map(|c| {
-                            data.info(k)
-                                .fine_classes_of(c)
-                                .first()
-                                .map_or(255, |f| data.info(0).map_fine(f.label()) as u8)
-                        })
-                        .collect()
-                })
-                .collect();
-            (Mode::LabelRemap { class_map: map }, vec![classes[0]], 1)
-        }
-    };
-    let model = ModelConfig {
+    let names: Vec<String> = (0..d).map(|k| data.info(k).name.clone()).collect();
+    let class_names: Vec<Vec<String>> = (0..d).map(|k| data.info(k).class_names.clone()).collect();
+    let mode = args.modes.mode(&names, &class_names, args.iters, cli::modes::ClassMapSource::Synthetic(&data))?;
+    let base = ModelConfig {
         depth: Depth::parse(&args.depth)?,
         width: args.width,
         deep_stem: args.deep_stem,
-        num_classes: num_classes.clone(),
-        num_bn,
         seed: args.seed,
-        ..ModelConfig::resnet18(num_classes)
+        ..ModelConfig::resnet18(classes.clone())
     };
-    let metas: Vec<DatasetMeta> = (0..d)
+    let model = mode.model_config(&classes, base)?;
+    // The network's datasets in head order (what the checkpoint lists).
+    let metas: Vec<DatasetMeta> = mode
+        .head_datasets(d)
+        .into_iter()
         .map(|k| DatasetMeta { name: data.info(k).name.clone(), class_names: data.info(k).class_names.clone() })
         .collect();
     let (model, resume) = cli::session::model_for_run(args, model, &metas)?;
     let config = TrainConfig {
-        mode,
-        interval: args.interval,
+        interval: args.modes.interval(&names)?,
+        mode: mode.clone(),
         base_lr: args.lr,
         max_iters: args.iters,
         seed: args.seed,
@@ -235,7 +213,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
     eprintln!(
-        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {:?} | {} iterations of {}×{}×{}",
+        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {} | {} iterations of {}×{}×{}",
         backend.name(),
         args.precision,
         cli::depth_number(trainer.model.config.depth),
@@ -243,7 +221,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         trainer.store.num_parameters(),
         d,
         classes,
-        args.mode,
+        mode.name(),
         args.iters,
         args.batch,
         args.size,
@@ -294,23 +272,24 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     eprintln!("trained in {secs:.1} s");
     session.finish(&trainer)?;
-    // Held-out images: indices far from any training index. Each dataset is evaluated on its
-    // own, so that in label-remapping mode (one head) each still gets its own figures.
-    for (ds, &num) in classes.iter().enumerate() {
+    // Held-out images: indices far from any training index. Only the datasets the mode has a
+    // head for are evaluated, each as the mode defines (the line says what it means).
+    for (ds, meaning) in mode.evaluation(&names) {
         let idx: Vec<u64> = (0..args.eval_images as u64).map(|i| (1u64 << 32) + i).collect();
         let mut batches = Vec::new();
         for chunk in idx.chunks(args.batch.max(1)) {
             batches.push(to_train_batch(data.batch(ds, chunk)?, ds));
         }
         let result = evaluate(&mut trainer, &batches)?;
-        let head = ds.min(trainer.model.num_heads() - 1);
+        let head = trainer.route(ds)?.head;
         println!(
-            "held-out {:>5} ({num} classes): mIoU {}  pixel accuracy {}",
+            "held-out {:>5} ({} classes): mIoU {}  pixel accuracy {}  [{meaning}]",
             data.info(ds).name,
+            classes[ds],
             result.miou(head).map_or("n/a".into(), |m| format!("{:.1}%", 100.0 * m)),
             result.pixel_accuracy(head).map_or("n/a".into(), |a| format!("{:.1}%", 100.0 * a))
         );
-        let json = serde_json::json!({ "dataset": data.info(ds).name, "miou": result.miou(head), "pixel_accuracy": result.pixel_accuracy(head) });
+        let json = serde_json::json!({ "dataset": data.info(ds).name, "miou": result.miou(head), "pixel_accuracy": result.pixel_accuracy(head), "meaning": meaning });
         session.log_eval(trainer.iteration(), &json)?;
     }
     println!("checkpoint: {}", args.checkpoint.display());

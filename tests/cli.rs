@@ -1,7 +1,8 @@
 //! The `cdcl` command on real-data layouts written by the test: training with `--data`
 //! (periodic checkpoints, log, evaluation), resume that rebuilds the network from the
 //! checkpoint, runs that refuse bad input or an unwritable checkpoint before training, and
-//! `cdcl eval`. Tiny images and a 1/16-width model keep each run to seconds.
+//! `cdcl eval`, the training modes, and `cdcl recalibrate`. Tiny images and a 1/16-width model
+//! keep each run to seconds.
 
 mod fixtures;
 
@@ -266,4 +267,111 @@ fn pretrained_backbones_load_and_report_what_they_read() {
     args.extend(["--pretrained", &f, "--checkpoint", &ck]);
     let out = fails(&args);
     assert!(out.contains("tensor \"conv1.weight\" has shape [4, 3, 7, 7], this backbone needs [16, 3, 7, 7]"), "{out}");
+}
+
+/// The baselines from the command line: each run evaluates what its mode defines and says what
+/// that means; flags of other modes are refused.
+#[test]
+fn modes_evaluate_what_they_define() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("m.safetensors").display().to_string();
+    let common = [
+        "--size",
+        "32",
+        "--width",
+        "0.0625",
+        "--batch",
+        "2",
+        "--eval-images",
+        "2",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &ck,
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--iters", "4"];
+        args.extend(extra);
+        args.extend(common);
+        ok(&args)
+    };
+    let out = run(&["--mode", "single", "--dataset", "dusk"]);
+    assert!(out.contains("held-out  dusk") && !out.contains("held-out  city"), "single evaluates only dusk:\n{out}");
+    assert!(out.contains("a network trained on dusk alone"), "{out}");
+    let meta = ModelMeta::of(&Checkpoint::load(&ck).unwrap()).unwrap();
+    assert_eq!((meta.model.num_classes.clone(), meta.datasets[0].name.as_str()), (vec![5], "dusk"));
+    let out = run(&["--mode", "two-stage", "--source", "city", "--target", "1", "--freeze-conv"]);
+    assert!(out.contains("held-out  dusk") && !out.contains("held-out  city") && out.contains("frozen"), "{out}");
+    let out = run(&["--mode", "label-remap", "--target", "city"]);
+    assert!(out.contains("held-out  city (8 classes)") && out.contains("in city's classes"), "{out}");
+    let out = run(&["--mode", "separate-conv", "--interval", "dusk:2"]);
+    assert!(out.contains("held-out  city") && out.contains("held-out  dusk"), "{out}");
+    let out = run(&["--mode", "shared-bn", "--no-dat"]);
+    assert!(out.contains("stepped in turn"), "{out}");
+    // A flag of another mode, a dataset the run lacks.
+    let mut args = vec!["train", "--mode", "dat", "--freeze-conv"];
+    args.extend(common);
+    assert!(fails(&args).contains("--freeze-conv does not apply"));
+    let mut args = vec!["train", "--mode", "single", "--dataset", "fog"];
+    args.extend(common);
+    assert!(fails(&args).contains("not a dataset of this run"));
+}
+
+/// Precise BN from the command line: a new checkpoint whose only changes are the slice's
+/// running statistics.
+#[test]
+fn recalibrate_writes_a_checkpoint_with_new_running_statistics_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("a.safetensors").display().to_string();
+    let out_ck = dir.path().join("b.safetensors").display().to_string();
+    ok(&[
+        "train",
+        "--iters",
+        "2",
+        "--size",
+        "32",
+        "--width",
+        "0.0625",
+        "--batch",
+        "2",
+        "--eval-images",
+        "0",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        &ck,
+    ]);
+    let out = ok(&[
+        "recalibrate",
+        "--checkpoint",
+        &ck,
+        "--out",
+        &out_ck,
+        "--bn-slice",
+        "city",
+        "--synthetic",
+        "fog",
+        "--size",
+        "32",
+        "--images",
+        "6",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.contains("recalibrated BN slice 0 (city)") && out.contains("6 images in 2 batches"), "{out}");
+    let (a, b) = (Checkpoint::load(&ck).unwrap(), Checkpoint::load(&out_ck).unwrap());
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    let mut moved = 0;
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        assert_eq!(x.name, y.name);
+        let stat = x.name.contains(".bn.0.running_");
+        if x.data != y.data {
+            assert!(stat, "{} changed", x.name);
+            moved += 1;
+        }
+    }
+    assert!(moved > 20, "only {moved} statistics moved");
+    assert!(b.metadata["precise_bn"].contains("synthetic fog"));
+    assert!(fails(&["recalibrate", "--checkpoint", &ck, "--out", &out_ck, "--bn-slice", "fog", "--synthetic", "fog"])
+        .contains("not a dataset"));
 }

@@ -138,6 +138,95 @@ pub fn svg(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Stri
     s
 }
 
+/// One group of bars (e.g. a training mode): per series (e.g. a dataset) a mean and a
+/// standard deviation, `None` where the group has no value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarGroup {
+    /// Label under the group.
+    pub label: String,
+    /// (mean, std) per series.
+    pub values: Vec<Option<(f64, f64)>>,
+}
+
+/// A grouped bar chart with ±std error bars, as an SVG document (y from 0).
+pub fn bars_svg(title: &str, y_label: &str, series: &[String], groups: &[BarGroup]) -> String {
+    let gw = 26.0 * series.len().max(1) as f64 + 24.0;
+    let (left, right, top, bottom) = (70.0, 150.0, 40.0, 150.0);
+    let pw = gw * groups.len().max(1) as f64;
+    let (w, h) = (left + pw + right, 520.0);
+    let ph = h - top - bottom;
+    let top_value = groups.iter().flat_map(|g| g.values.iter().flatten()).map(|&(m, sd)| m + sd).fold(0.0, f64::max);
+    let y1 = if top_value > 0.0 && top_value.is_finite() { top_value * 1.05 } else { 1.0 };
+    let sy = |y: f64| top + ph - y / y1 * ph;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        left + pw / 2.0,
+        escape(title)
+    );
+    let ys = tick_step(y1, 6.0);
+    let mut y = 0.0;
+    while y <= y1 + ys * 1e-9 {
+        let py = sy(y);
+        let _ = writeln!(s, r##"<line x1="{left}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#e0e0e0"/>"##, left + pw);
+        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, py + 4.0, trim(y));
+        y += ys;
+    }
+    let _ = writeln!(s, r#"<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        escape(y_label)
+    );
+    for (gi, g) in groups.iter().enumerate() {
+        let gx = left + gw * gi as f64 + 12.0;
+        for (si, v) in g.values.iter().enumerate() {
+            let Some((m, sd)) = v.filter(|(m, sd)| m.is_finite() && sd.is_finite()) else { continue };
+            let x = gx + 26.0 * si as f64;
+            let color = COLORS[si % COLORS.len()];
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{:.1}" width="22" height="{:.1}" fill="{color}"/>"#,
+                sy(m),
+                (sy(0.0) - sy(m)).max(0.0)
+            );
+            let (lo, hi) = (sy((m - sd).max(0.0)), sy(m + sd));
+            let cx = x + 11.0;
+            let _ = writeln!(s, r#"<line x1="{cx:.1}" y1="{lo:.1}" x2="{cx:.1}" y2="{hi:.1}" stroke="black"/>"#);
+            for yy in [lo, hi] {
+                let _ = writeln!(
+                    s,
+                    r#"<line x1="{:.1}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="black"/>"#,
+                    cx - 4.0,
+                    cx + 4.0
+                );
+            }
+        }
+        let lx = gx + gw / 2.0 - 12.0;
+        let ly = top + ph + 12.0;
+        let _ = writeln!(
+            s,
+            r#"<text transform="translate({lx:.1} {ly:.1}) rotate(-40)" text-anchor="end">{}</text>"#,
+            escape(&g.label)
+        );
+    }
+    for (i, name) in series.iter().enumerate() {
+        let (lx, ly) = (left + pw + 14.0, top + 14.0 + 18.0 * i as f64);
+        let color = COLORS[i % COLORS.len()];
+        let _ = writeln!(s, r#"<rect x="{lx}" y="{}" width="14" height="10" fill="{color}"/>"#, ly - 8.0);
+        let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, lx + 20.0, ly + 2.0, escape(name));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
 fn trim(v: f64) -> String {
     let s = format!("{v:.4}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
@@ -173,5 +262,19 @@ mod tests {
         assert_eq!(trim(0.5000), "0.5");
         // No data is still a valid document.
         assert!(svg("t", "x", "y", &[]).contains("</svg>"));
+    }
+
+    #[test]
+    fn the_bar_chart_has_a_bar_and_an_error_bar_per_value() {
+        let groups = vec![
+            BarGroup { label: "dat".into(), values: vec![Some((0.5, 0.1)), Some((0.4, 0.0))] },
+            BarGroup { label: "single <a>".into(), values: vec![Some((0.3, 0.05)), None] },
+        ];
+        let s = bars_svg("mIoU", "mIoU", &["city".into(), "dusk".into()], &groups);
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+        // 3 bars + 2 legend swatches + the frame and background.
+        assert_eq!(s.matches("<rect").count(), 3 + 2 + 2);
+        assert!(s.contains("single &lt;a&gt;") && !s.contains("NaN"));
+        assert!(bars_svg("t", "y", &[], &[]).contains("</svg>"));
     }
 }

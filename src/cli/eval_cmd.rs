@@ -19,7 +19,7 @@ use cdcl::data::image::write_png_rgb;
 use cdcl::data::{DomainSpec, RgbImage, SegDataset, Synthetic, SyntheticConfig, SyntheticSplit};
 use cdcl::eval::report::write_text;
 use cdcl::eval::{colorize, evaluate_dataset, to_csv, InferOptions, Route, Window};
-use cdcl::train::{Mode, ModelMeta, TrainConfig, Trainer};
+use cdcl::train::{mode_for_model, ModelMeta, TrainConfig, Trainer};
 use cdcl::{Device, Error, Result};
 
 use super::{bar_style, parse_floats, parse_size, DataSpec};
@@ -222,7 +222,7 @@ fn eval<B: Backend>(args: &EvalArgs, backend: B) -> Result<()> {
     let (json_path, csv_path) = (args.out.join("eval.json"), args.out.join("eval.csv"));
     write_text(&json_path, "{}\n")?;
 
-    let mode = if meta.model.num_bn == 1 && meta.model.num_classes.len() > 1 { Mode::SharedBn } else { Mode::Dat };
+    let mode = mode_for_model(&meta.model);
     let mut trainer = Trainer::new(&backend, meta.model.clone(), TrainConfig { mode, ..TrainConfig::default() })?;
     trainer.restore(&ck).map_err(|e| match e {
         Error::Checkpoint { message, .. } => Error::Checkpoint { path: args.checkpoint.display().to_string(), message },

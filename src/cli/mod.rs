@@ -5,10 +5,13 @@
 pub mod chart;
 pub mod data_args;
 pub mod eval_cmd;
+pub mod modes;
 pub mod profile;
 pub mod real;
+pub mod recalibrate;
 pub mod run_log;
 pub mod session;
+pub mod study;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -16,12 +16,13 @@ use cdcl::backend::Backend;
 use cdcl::data::{verify, AugmentConfig, FileDataset, Loader, LoaderConfig, SegDataset};
 use cdcl::eval::{evaluate_dataset, InferOptions, Route};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{Batch, DatasetMeta, Mode, ModelMeta, TrainConfig, Trainer};
+use cdcl::train::{Batch, DatasetMeta, TrainConfig, Trainer};
 use cdcl::{Error, Result};
 
+use super::modes::ClassMapSource;
 use super::session::{model_for_run, Session};
 use super::{bar_style, explicit, parse_floats, parse_size, DataSpec};
-use crate::{ModeArg, TrainArgs};
+use crate::TrainArgs;
 
 /// Opens split `split` of every dataset, named as on the command line.
 fn open_all(specs: &[DataSpec], split: &str) -> Result<Vec<FileDataset>> {
@@ -90,33 +91,24 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
 
     let d = specs.len();
     let classes: Vec<usize> = train_sets.iter().map(|s| s.num_classes()).collect();
-    let (mode, num_bn) =
-        match args.mode {
-            ModeArg::Dat => (Mode::Dat, d),
-            ModeArg::Mixed => (Mode::Mixed, d),
-            ModeArg::Single => (Mode::Single(0), d),
-            ModeArg::SharedBn => (Mode::SharedBn, 1),
-            ModeArg::DsbnNoDat => (Mode::DsbnNoDat, d),
-            ModeArg::Finetune if d >= 2 => (Mode::Finetune { switch_at: args.iters / 2 }, d),
-            ModeArg::Finetune => return Err(Error::InvalidArgument("--mode finetune needs two datasets".into())),
-            ModeArg::LabelRemap => return Err(Error::InvalidArgument(
-                "--mode label-remap needs a map between the datasets' classes; it runs on the synthetic domains only"
-                    .into(),
-            )),
-        };
-    let model = ModelConfig {
+    let names: Vec<String> = train_sets.iter().map(|s| s.name.clone()).collect();
+    let class_names: Vec<Vec<String>> = train_sets.iter().map(|s| s.classes.clone()).collect();
+    let mode = args.modes.mode(&names, &class_names, args.iters, ClassMapSource::Files)?;
+    let base = ModelConfig {
         depth: Depth::parse(&args.depth)?,
         width: args.width,
         deep_stem: args.deep_stem,
-        num_bn,
         seed: args.seed,
         ..ModelConfig::resnet18(classes.clone())
     };
-    let datasets = metas(&train_sets);
+    let model = mode.model_config(&classes, base)?;
+    let all_metas = metas(&train_sets);
+    // The network's datasets in head order (what the checkpoint lists).
+    let datasets: Vec<DatasetMeta> = mode.head_datasets(d).into_iter().map(|k| all_metas[k].clone()).collect();
     let (model, resume) = model_for_run(args, model, &datasets)?;
     let config = TrainConfig {
-        mode,
-        interval: args.interval,
+        interval: args.modes.interval(&names)?,
+        mode: mode.clone(),
         base_lr: args.lr,
         max_iters: args.iters,
         seed: args.seed,
@@ -126,18 +118,17 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
     let mut session = Session::start(args, datasets.clone(), resume.as_ref())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
-    let meta = ModelMeta::new(&trainer.model.config, &datasets);
     let sizes: Vec<String> =
         train_sets.iter().map(|s| format!("{} ({} images, {} classes)", s.name, s.len(), s.num_classes())).collect();
     eprintln!(
-        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} | {:?} | {} iterations of {} × {}×{} crops per dataset, scale {}–{}",
+        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} | {} | {} iterations of {} × {}×{} crops per dataset, scale {}–{}",
         backend.name(),
         args.precision,
         super::depth_number(trainer.model.config.depth),
         trainer.model.config.width,
         trainer.store.num_parameters(),
         sizes.join(", "),
-        args.mode,
+        mode.name(),
         args.iters,
         args.batch,
         crop.0,
@@ -195,12 +186,17 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
     session.finish(&trainer)?;
     println!("checkpoint: {}", args.checkpoint.display());
 
+    // Only the datasets the mode has a head for are evaluated, each as the mode defines.
+    let evaluated = mode.evaluation(&names);
     for (k, val) in val_sets.into_iter().enumerate() {
+        let Some((_, meaning)) = evaluated.iter().find(|(e, _)| *e == k) else { continue };
         if val.items.is_empty() {
             continue;
         }
-        let (head, bn) = (meta.head_of(k), meta.bn_of(k));
+        let r = trainer.route(k)?;
+        let (head, bn) = (r.head, r.bn);
         let route = Route { head, bn, head_name: datasets[head].name.clone(), bn_name: datasets[bn].name.clone() };
+        println!("{}: {meaning}", val.name);
         let bar = ProgressBar::new(val.len() as u64);
         bar.set_style(bar_style());
         bar.set_message(format!("evaluating {} {}", val.name, val.split));

@@ -58,6 +58,7 @@ pub fn model_for_run(
     }
     want.num_classes = model.num_classes.clone();
     want.num_bn = model.num_bn;
+    want.conv_sets = model.conv_sets;
     let run = ModelMeta { precision: meta.precision.clone(), ..ModelMeta::new(&want, datasets) };
     if let Some(m) = meta.first_mismatch(&run) {
         return Err(Error::Checkpoint {

@@ -26,10 +26,16 @@ use crate::rng::splitmix64;
 
 /// A Dataset-Aware Block: a convolution shared by all datasets (no bias), DSBN with each
 /// sample's dataset slice, optional ReLU; the DSBN may add a residual before the ReLU.
+///
+/// A block of a model with unshared convolutions ([`ModelConfig::conv_sets`] > 1, the paper's
+/// "unshared conv + shared BN" baseline of Table 3) has one convolution weight per set; the
+/// DSBN layer is the same for every set.
 #[derive(Debug, Clone)]
 pub struct Dab {
-    /// The convolution weight, KRSC.
+    /// The convolution weight, KRSC (of conv set 0).
     pub weight: WeightId,
+    /// The weights of conv sets 1, 2, ... (empty when the convolution is shared).
+    pub unshared: Vec<WeightId>,
     /// The DSBN layer.
     pub bn: BnId,
     /// Stride, padding, dilation.
@@ -97,15 +103,44 @@ pub(crate) fn param_seed(seed: u64, index: usize) -> u64 {
 impl Dab {
     /// Registers the block's conv weight and DSBN layer (`num_bn` dataset slices).
     pub fn new<B: Backend>(store: &mut ParamStore<B>, spec: DabSpec<'_>, num_bn: usize, seed: u64) -> Result<Self> {
+        Self::with_conv_sets(store, spec, num_bn, 1, seed)
+    }
+
+    /// [`Dab::new`] with `conv_sets` convolution weights (set 0 named `{conv}.weight`, set k
+    /// `{conv}.set{k}.weight`, each initialised from its own seed) and one DSBN layer.
+    pub fn with_conv_sets<B: Backend>(
+        store: &mut ParamStore<B>,
+        spec: DabSpec<'_>,
+        num_bn: usize,
+        conv_sets: usize,
+        seed: u64,
+    ) -> Result<Self> {
         let (k, r, c) = (spec.out_channels, spec.kernel, spec.in_channels);
-        let s = param_seed(seed, store.weights().len());
-        let w = match spec.init {
-            Init::KaimingFanOut => kaiming_normal_fan_out(s, k, r, r, c),
-            Init::TorchDefault => conv_default(s, k, r, r, c).0,
-        };
-        let weight = store.add_weight(format!("{}.weight", spec.conv_name), &[k, r, r, c], &w, spec.group, None)?;
+        let mut weights = Vec::with_capacity(conv_sets.max(1));
+        for set in 0..conv_sets.max(1) {
+            let s = param_seed(seed, store.weights().len());
+            let w = match spec.init {
+                Init::KaimingFanOut => kaiming_normal_fan_out(s, k, r, r, c),
+                Init::TorchDefault => conv_default(s, k, r, r, c).0,
+            };
+            let name = match set {
+                0 => format!("{}.weight", spec.conv_name),
+                _ => format!("{}.set{set}.weight", spec.conv_name),
+            };
+            weights.push(store.add_weight(name, &[k, r, r, c], &w, spec.group, None)?);
+        }
         let bn = store.add_bn(spec.bn_name, num_bn, k, spec.group)?;
-        Ok(Dab { weight, bn, geometry: spec.geometry, out_channels: k })
+        let weight = weights.remove(0);
+        Ok(Dab { weight, unshared: weights, bn, geometry: spec.geometry, out_channels: k })
+    }
+
+    /// This block with conv set `set`'s weight as its convolution (set 0, or a set it lacks:
+    /// the block itself).
+    pub fn in_set(&self, set: usize) -> Dab {
+        match set.checked_sub(1).and_then(|i| self.unshared.get(i)) {
+            Some(&w) => Dab { weight: w, unshared: Vec::new(), ..self.clone() },
+            None => self.clone(),
+        }
     }
 
     /// `relu?(DSBN(conv(x)) + residual)`, the output written (one op: [`Graph::dab`]).

@@ -41,6 +41,10 @@ pub struct ModelConfig {
     pub align_corners: bool,
     /// Seed of the initialisation.
     pub seed: u64,
+    /// Convolution weight sets (1 = convolutions shared by every dataset; the number of heads
+    /// = one set of convolutions per dataset, all sharing the BN layers: the paper's "unshared
+    /// conv + shared BN" of Table 3). The classifier of head d runs on set d's trunk.
+    pub conv_sets: usize,
 }
 
 impl ModelConfig {
@@ -58,6 +62,7 @@ impl ModelConfig {
             aux: true,
             align_corners: true,
             seed: 0,
+            conv_sets: 1,
         }
     }
 
@@ -105,20 +110,30 @@ impl PspNet {
         if !(0.0..1.0).contains(&config.dropout) || config.width.is_nan() || config.width <= 0.0 {
             return Err(Error::InvalidArgument("dropout must be in [0, 1) and width positive".into()));
         }
+        if config.conv_sets != 1 && config.conv_sets != config.num_classes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "conv_sets must be 1 (shared convolutions) or the number of heads ({}), got {}",
+                config.num_classes.len(),
+                config.conv_sets
+            )));
+        }
         let seed = config.seed;
         let nb = config.num_bn;
+        let sets = config.conv_sets;
         use DabSpec as S;
         let backbone = S::backbone;
         let mut stem = Vec::new();
         let stem_out = if config.deep_stem {
             let (a, b) = (config.ch(64), config.ch(128));
-            stem.push(Dab::new(store, backbone("conv1", "bn1", 3, a, 3, ConvGeometry::square(2, 1, 1)), nb, seed)?);
-            stem.push(Dab::new(store, backbone("conv2", "bn2", a, a, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?);
-            stem.push(Dab::new(store, backbone("conv3", "bn3", a, b, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?);
+            let g = |s| ConvGeometry::square(s, 1, 1);
+            stem.push(Dab::with_conv_sets(store, backbone("conv1", "bn1", 3, a, 3, g(2)), nb, sets, seed)?);
+            stem.push(Dab::with_conv_sets(store, backbone("conv2", "bn2", a, a, 3, g(1)), nb, sets, seed)?);
+            stem.push(Dab::with_conv_sets(store, backbone("conv3", "bn3", a, b, 3, g(1)), nb, sets, seed)?);
             b
         } else {
             let a = config.ch(64);
-            stem.push(Dab::new(store, backbone("conv1", "bn1", 3, a, 7, ConvGeometry::square(2, 3, 1)), nb, seed)?);
+            let spec = backbone("conv1", "bn1", 3, a, 7, ConvGeometry::square(2, 3, 1));
+            stem.push(Dab::with_conv_sets(store, spec, nb, sets, seed)?);
             a
         };
         let (counts, kind) = config.depth.layout();
@@ -131,7 +146,7 @@ impl PspNet {
             for bi in 0..counts[li] {
                 let s = if bi == 0 { stride } else { 1 };
                 let prefix = format!("layer{}.{bi}", li + 1);
-                layer.push(Block::new(store, kind, &prefix, inplanes, planes, s, dilation, nb, seed)?);
+                layer.push(Block::new(store, kind, &prefix, inplanes, planes, s, dilation, nb, sets, seed)?);
                 inplanes = planes * kind.expansion();
             }
             if li == 2 {
@@ -144,12 +159,23 @@ impl PspNet {
         let mut ppm = Vec::new();
         for i in 0..config.bins.len() {
             let (c, b) = (format!("ppm.features.{i}.1"), format!("ppm.features.{i}.2"));
-            ppm.push(Dab::new(store, S::head(&c, &b, feat, red, 1, ConvGeometry::default()), nb, seed)?);
+            ppm.push(Dab::with_conv_sets(
+                store,
+                S::head(&c, &b, feat, red, 1, ConvGeometry::default()),
+                nb,
+                sets,
+                seed,
+            )?);
         }
         let cat = feat + red * config.bins.len();
         let mid = config.ch(512);
-        let bottleneck =
-            Dab::new(store, S::head("cls.0", "cls.1", cat, mid, 3, ConvGeometry::square(1, 1, 1)), nb, seed)?;
+        let bottleneck = Dab::with_conv_sets(
+            store,
+            S::head("cls.0", "cls.1", cat, mid, 3, ConvGeometry::square(1, 1, 1)),
+            nb,
+            sets,
+            seed,
+        )?;
         let mut cls = Vec::new();
         for (d, &c) in config.num_classes.iter().enumerate() {
             cls.push(Classifier::new(store, &format!("cls.4.{d}"), mid, c, d, seed)?);
@@ -157,10 +183,11 @@ impl PspNet {
         let (mut aux_dab, mut aux_cls) = (None, Vec::new());
         if config.aux {
             let amid = config.ch(256);
-            aux_dab = Some(Dab::new(
+            aux_dab = Some(Dab::with_conv_sets(
                 store,
                 S::head("aux.0", "aux.1", layer3_out, amid, 3, ConvGeometry::square(1, 1, 1)),
                 nb,
+                sets,
                 seed,
             )?);
             for (d, &c) in config.num_classes.iter().enumerate() {
@@ -175,8 +202,52 @@ impl PspNet {
         self.cls.len()
     }
 
+    /// The model with conv set `set`'s convolutions in every block (the model itself when its
+    /// convolutions are shared).
+    pub fn in_conv_set(&self, set: usize) -> PspNet {
+        if self.config.conv_sets <= 1 {
+            return self.clone();
+        }
+        PspNet {
+            config: self.config.clone(),
+            stem: self.stem.iter().map(|d| d.in_set(set)).collect(),
+            layers: self.layers.clone().map(|l| l.iter().map(|b| b.in_set(set)).collect()),
+            ppm: self.ppm.iter().map(|d| d.in_set(set)).collect(),
+            bottleneck: self.bottleneck.in_set(set),
+            cls: self.cls.clone(),
+            aux_dab: self.aux_dab.as_ref().map(|d| d.in_set(set)),
+            aux_cls: self.aux_cls.clone(),
+        }
+    }
+
+    /// The conv set that feeds head `head` (its own with unshared convolutions, else 0).
+    pub fn conv_set_of_head(&self, head: usize) -> usize {
+        if self.config.conv_sets > 1 {
+            head
+        } else {
+            0
+        }
+    }
+
+    /// [`PspNet::features`] through conv set `set`'s convolutions.
+    pub fn features_in_set<B: Backend>(
+        &self,
+        g: &mut Graph<B>,
+        store: &mut ParamStore<B>,
+        images: Var,
+        datasets: Datasets,
+        dropout_seed: u64,
+        set: usize,
+    ) -> Result<(Var, Option<Var>)> {
+        if self.config.conv_sets <= 1 {
+            return self.features(g, store, images, datasets, dropout_seed);
+        }
+        self.in_conv_set(set).features(g, store, images, datasets, dropout_seed)
+    }
+
     /// The shared trunk: features after the head's 3×3 DAB and dropout, and (training, with an
     /// auxiliary head) the auxiliary features. `dropout_seed` decides the Dropout2d masks.
+    /// With unshared convolutions: conv set 0's ([`PspNet::features_in_set`] picks another).
     pub fn features<B: Backend>(
         &self,
         g: &mut Graph<B>,
@@ -246,7 +317,7 @@ impl PspNet {
     }
 
     /// Trunk + head `head` for a batch: `images` `[N, H, W, 3]`, `datasets` the DSBN slice of
-    /// each sample.
+    /// each sample. With unshared convolutions the trunk is head `head`'s conv set.
     pub fn forward<B: Backend>(
         &self,
         g: &mut Graph<B>,
@@ -256,7 +327,8 @@ impl PspNet {
         head: usize,
         dropout_seed: u64,
     ) -> Result<Outputs> {
-        let f = self.features(g, store, images, datasets, dropout_seed)?;
+        let set = self.conv_set_of_head(head);
+        let f = self.features_in_set(g, store, images, datasets, dropout_seed, set)?;
         self.classify(g, store, f, head)
     }
 }

@@ -86,6 +86,7 @@ impl Block {
         stride: usize,
         dilation: usize,
         num_bn: usize,
+        conv_sets: usize,
         seed: u64,
     ) -> Result<Self> {
         let out = planes * kind.expansion();
@@ -104,17 +105,27 @@ impl Block {
         for (conv, bn, cin, cout, k, g) in plans {
             let cname = format!("{prefix}.{conv}");
             let bname = format!("{prefix}.{bn}");
-            dabs.push(Dab::new(store, DabSpec::backbone(&cname, &bname, cin, cout, k, g), num_bn, seed)?);
+            let spec = DabSpec::backbone(&cname, &bname, cin, cout, k, g);
+            dabs.push(Dab::with_conv_sets(store, spec, num_bn, conv_sets, seed)?);
         }
         let downsample = if stride != 1 || inplanes != out {
             let cname = format!("{prefix}.downsample.0");
             let bname = format!("{prefix}.downsample.1");
             let g = ConvGeometry::square(stride, 0, 1);
-            Some(Dab::new(store, DabSpec::backbone(&cname, &bname, inplanes, out, 1, g), num_bn, seed)?)
+            let spec = DabSpec::backbone(&cname, &bname, inplanes, out, 1, g);
+            Some(Dab::with_conv_sets(store, spec, num_bn, conv_sets, seed)?)
         } else {
             None
         };
         Ok(Block { dabs, downsample })
+    }
+
+    /// This block with conv set `set`'s convolutions ([`Dab::in_set`]).
+    pub fn in_set(&self, set: usize) -> Block {
+        Block {
+            dabs: self.dabs.iter().map(|d| d.in_set(set)).collect(),
+            downsample: self.downsample.as_ref().map(|d| d.in_set(set)),
+        }
     }
 
     /// `relu(DSBN(conv_last(...)) + identity)`; the blocks before the last hand their

@@ -24,11 +24,15 @@
 mod checkpoint;
 mod data_parallel;
 mod eval;
+pub mod modes;
+pub mod precise_bn;
 pub mod precision;
 
 pub use checkpoint::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
 pub use data_parallel::DataParallel;
-pub use eval::{evaluate, EvalResult};
+pub use eval::{evaluate, evaluate_routed, EvalResult};
+pub use modes::{mode_for_model, parse_class_map, Interval, Mode, Route};
+pub use precise_bn::{precise_bn, PreciseBnOptions, PreciseBnReport};
 pub use precision::{LossScaleConfig, LossScaler, Precision};
 
 use crate::autograd::{BackwardOptions, Graph, Group, LossSpec, ParamStore, Scalar};
@@ -56,41 +60,13 @@ pub struct Batch {
     pub labels: Vec<i32>,
 }
 
-/// What an iteration does with the datasets.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Mode {
-    /// Dataset Alternation Training: one forward per dataset, summed losses, one backward.
-    Dat,
-    /// One forward over a batch that mixes every dataset (our kernels pick each sample's BN
-    /// slice), then each dataset's head on its samples.
-    Mixed,
-    /// Baseline: train on the given dataset only.
-    Single(usize),
-    /// Baseline: DAT, but every BatchNorm is shared by all datasets (build the model with
-    /// `num_bn = 1`).
-    SharedBn,
-    /// Baseline: DSBN without DAT — backward and SGD step after each dataset's forward.
-    DsbnNoDat,
-    /// Baseline: train on dataset 0 until `switch_at` iterations, then on dataset 1.
-    Finetune {
-        /// The iteration at which training moves to dataset 1.
-        switch_at: usize,
-    },
-    /// Baseline: one head (dataset 0's classes), one shared BN, every other dataset's labels
-    /// mapped into dataset 0's label space by `class_map[d][label]` (255 drops a class).
-    LabelRemap {
-        /// Per dataset, the dataset-0 class of each of its classes (entry 0 is the identity).
-        class_map: Vec<Vec<u8>>,
-    },
-}
-
 /// Optimisation and schedule.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// What an iteration does.
     pub mode: Mode,
-    /// DAT interval t: t batches of dataset 0 per batch of each other dataset in an iteration.
-    pub interval: usize,
+    /// Which datasets each iteration of a multi-dataset mode draws ([`Interval`]).
+    pub interval: Interval,
     /// Base learning rate (backbone).
     pub base_lr: f32,
     /// Head learning rate = base × this.
@@ -122,7 +98,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             mode: Mode::Dat,
-            interval: 1,
+            interval: Interval::Every,
             base_lr: 0.01,
             head_lr_mult: 10.0,
             momentum: 0.9,
@@ -177,19 +153,30 @@ pub struct Trainer<B: Backend> {
 impl<B: Backend> Trainer<B> {
     /// Builds the model on `backend`.
     pub fn new(backend: &B, model: ModelConfig, config: TrainConfig) -> Result<Self> {
-        if config.interval == 0 || config.max_iters == 0 {
-            return Err(Error::InvalidArgument("interval and max_iters must be at least 1".into()));
+        if config.max_iters == 0 {
+            return Err(Error::InvalidArgument("max_iters must be at least 1".into()));
         }
-        let heads = model.num_classes.len();
-        let expect_bn = match config.mode {
-            Mode::SharedBn | Mode::LabelRemap { .. } => 1,
-            _ => heads,
-        };
-        if model.num_bn != expect_bn {
-            return Err(Error::InvalidArgument(format!(
-                "mode {:?} needs a model with {expect_bn} BN slice(s), got {}",
-                config.mode, model.num_bn
-            )));
+        config.mode.check_model(&model)?;
+        if config.interval != Interval::Every {
+            let trained = match &config.mode {
+                Mode::LabelRemap { class_map, .. } => (0..class_map.len()).collect(),
+                Mode::Single(_) | Mode::Finetune { .. } | Mode::TwoStage { .. } => {
+                    return Err(Error::InvalidArgument(format!(
+                        "an interval applies to modes that train several datasets together, not {}",
+                        config.mode.name()
+                    )))
+                }
+                m => m.trained_datasets(model.num_classes.len()),
+            };
+            config.interval.check(&trained)?;
+        }
+        if let Some((_, _, switch_at)) = config.mode.stages() {
+            if switch_at == 0 || switch_at >= config.max_iters {
+                return Err(Error::InvalidArgument(format!(
+                    "the second stage must start within the run: switch at {switch_at} of {} iterations",
+                    config.max_iters
+                )));
+            }
         }
         if model.num_bn > FrozenRows::MAX_ROWS {
             // The SGD step freezes the DSBN rows of absent datasets with a 64-bit row mask.
@@ -198,14 +185,6 @@ impl<B: Backend> Trainer<B> {
                 FrozenRows::MAX_ROWS,
                 model.num_bn
             )));
-        }
-        if let Mode::LabelRemap { class_map } = &config.mode {
-            if heads != 1 {
-                return Err(Error::InvalidArgument("label remapping trains one head".into()));
-            }
-            if class_map.iter().flatten().any(|&c| c != 255 && c as usize >= model.num_classes[0]) {
-                return Err(Error::InvalidArgument("class map names a class outside dataset 0's head".into()));
-            }
         }
         config.loss_scale.check()?;
         let mut store = ParamStore::new(backend.clone());
@@ -220,7 +199,7 @@ impl<B: Backend> Trainer<B> {
     /// gradients are averaged over the ranks after each backward (BN statistics stay per rank,
     /// see [`DataParallel`]). Every rank must call it, and then step in lockstep.
     pub fn set_data_parallel(&mut self, comm: std::sync::Arc<dyn crate::dist::Communicator>) -> Result<()> {
-        if self.config.mode == Mode::DsbnNoDat {
+        if self.config.mode.steps_per_batch() {
             return Err(Error::InvalidArgument("data-parallel training needs one backward per iteration".into()));
         }
         let dp = DataParallel::new(comm);
@@ -261,55 +240,65 @@ impl<B: Backend> Trainer<B> {
         &self.backend
     }
 
-    /// The datasets of the batches iteration `iter` consumes, in order, for `num_datasets`.
+    /// The datasets of the batches iteration `iter` consumes, in order, for `num_datasets`
+    /// (see [`Mode::plan`] and [`Interval`]).
     pub fn plan(&self, iter: usize, num_datasets: usize) -> Vec<usize> {
-        match &self.config.mode {
-            Mode::Single(d) => vec![*d],
-            Mode::Finetune { switch_at } => vec![if iter < *switch_at { 0 } else { 1.min(num_datasets - 1) }],
-            _ => {
-                let mut p = vec![0; self.config.interval];
-                p.extend(1..num_datasets);
-                p
-            }
-        }
+        self.config.mode.plan(iter, num_datasets, &self.config.interval)
     }
 
-    /// Poly learning rate of iteration `iter` for the backbone.
+    /// Poly learning rate of iteration `iter` for the backbone (restarted at the second stage
+    /// of a two-stage mode: [`Mode::schedule`]).
     pub fn learning_rate(&self, iter: usize) -> f32 {
         let c = &self.config;
-        let frac = (1.0 - iter as f64 / c.max_iters as f64).max(0.0);
+        let (it, len) = c.mode.schedule(iter, c.max_iters);
+        let frac = (1.0 - it as f64 / len as f64).max(0.0);
         (c.base_lr as f64 * frac.powf(c.power as f64)) as f32
     }
 
-    fn bn_slice(&self, dataset: usize) -> i32 {
-        if self.model.config.num_bn == 1 {
-            0
-        } else {
-            dataset as i32
-        }
+    /// Where dataset `dataset`'s samples go ([`Mode::route`]); an error for a dataset the
+    /// mode does not train or evaluate.
+    pub fn route(&self, dataset: usize) -> Result<Route> {
+        self.config.mode.route(dataset, self.model.num_heads()).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "mode {} has no head for dataset {dataset} (its datasets, in head order: {:?})",
+                self.config.mode.name(),
+                self.config.mode.head_datasets(self.model.num_heads())
+            ))
+        })
     }
 
-    fn head_of(&self, dataset: usize) -> usize {
-        if self.model.num_heads() == 1 {
-            0
-        } else {
-            dataset
-        }
+    fn bn_slice(&self, dataset: usize) -> Result<i32> {
+        Ok(self.route(dataset)?.bn as i32)
     }
 
-    fn labels_for(&self, b: &Batch) -> Vec<i32> {
+    fn head_of(&self, dataset: usize) -> Result<usize> {
+        Ok(self.route(dataset)?.head)
+    }
+
+    /// The labels batch `b` trains and is scored with: its own, or with label remapping
+    /// another dataset's mapped into the target's classes (unmapped classes become 255).
+    pub fn labels_for(&self, b: &Batch) -> Result<Vec<i32>> {
         match &self.config.mode {
-            Mode::LabelRemap { class_map } if b.dataset > 0 => {
-                let map = class_map.get(b.dataset);
+            Mode::LabelRemap { class_map, target } if b.dataset != *target => {
+                let map = class_map.get(b.dataset).filter(|m| !m.is_empty()).ok_or_else(|| {
+                    Error::InvalidArgument(format!("the class map has no entry for dataset {}", b.dataset))
+                })?;
                 b.labels
                     .iter()
-                    .map(|&l| match map.and_then(|m| usize::try_from(l).ok().and_then(|l| m.get(l))) {
-                        Some(&c) => c as i32,
-                        None => l, // 255 stays ignored; anything else is reported by the loss
+                    .enumerate()
+                    .map(|(i, &l)| match usize::try_from(l).ok().and_then(|l| map.get(l)) {
+                        Some(&c) => Ok(c as i32),
+                        None if l == 255 => Ok(255),
+                        None => Err(Error::InvalidLabel {
+                            dataset: b.dataset,
+                            label: l as i64,
+                            position: i,
+                            num_classes: map.len(),
+                        }),
                     })
                     .collect()
             }
-            _ => b.labels.clone(),
+            _ => Ok(b.labels.clone()),
         }
     }
 
@@ -319,24 +308,27 @@ impl<B: Backend> Trainer<B> {
 
     /// The forward passes of an iteration's batches: groups of batch indices that run as one
     /// pass (see the module documentation), in order.
-    fn passes(&self, batches: &[Batch]) -> Vec<Vec<usize>> {
+    fn passes(&self, batches: &[Batch]) -> Result<Vec<Vec<usize>>> {
+        let routes: Vec<Route> = batches.iter().map(|b| self.route(b.dataset)).collect::<Result<_>>()?;
         if self.config.mode == Mode::Mixed {
-            return vec![(0..batches.len()).collect()];
+            return Ok(vec![(0..batches.len()).collect()]);
         }
         let mut passes: Vec<Vec<usize>> = Vec::new();
         for (i, b) in batches.iter().enumerate() {
+            // One pass: distinct BN slices, one image size, one set of convolutions.
             let fits = |p: &Vec<usize>| {
                 let first = &batches[p[0]];
                 self.config.fuse_datasets
                     && (first.h, first.w) == (b.h, b.w)
-                    && p.iter().all(|&j| self.bn_slice(batches[j].dataset) != self.bn_slice(b.dataset))
+                    && routes[p[0]].conv_set == routes[i].conv_set
+                    && p.iter().all(|&j| routes[j].bn != routes[i].bn)
             };
             match passes.last_mut() {
                 Some(p) if fits(p) => p.push(i),
                 _ => passes.push(vec![i]),
             }
         }
-        passes
+        Ok(passes)
     }
 
     /// One forward pass over `batches` (concatenated; one image size) into `g`: the trunk once,
@@ -359,14 +351,15 @@ impl<B: Backend> Trainer<B> {
                 return Err(Error::InvalidArgument("a mixed batch needs one image size".into()));
             }
             images.extend_from_slice(&b.images);
-            ds.extend(std::iter::repeat_n(self.bn_slice(b.dataset), b.n));
+            ds.extend(std::iter::repeat_n(self.bn_slice(b.dataset)?, b.n));
         }
+        let set = self.route(first.dataset)?.conv_set;
         let n: usize = batches.iter().map(|b| b.n).sum();
         let x = self.backend.tensor_float(&[n, h, w, 3], &images, self.config.precision.storage())?;
         let x = g.input(x);
         let dsv = g.datasets(&ds)?;
         let seed = splitmix64(self.config.seed, ((self.iter as u64) << 16) | pass as u64);
-        let (feat, aux) = self.model.features(g, &mut self.store, x, dsv, seed)?;
+        let (feat, aux) = self.model.features_in_set(g, &mut self.store, x, dsv, seed, set)?;
         let sizes: Vec<usize> = batches.iter().map(|b| b.n).collect();
         let (feats, auxs) = if batches.len() == 1 {
             (vec![feat], vec![aux])
@@ -380,7 +373,7 @@ impl<B: Backend> Trainer<B> {
         };
         let mut losses = Vec::with_capacity(batches.len());
         for ((b, f), a) in batches.iter().zip(feats).zip(auxs) {
-            let head = self.head_of(b.dataset);
+            let head = self.head_of(b.dataset)?;
             let out = self.model.classify(g, &self.store, (f, a), head)?;
             let (main, aux) = self.add_losses(g, b, head, out, terms)?;
             losses.push(PassLoss { dataset: b.dataset, main, aux });
@@ -400,7 +393,7 @@ impl<B: Backend> Trainer<B> {
         out: Outputs,
         terms: &mut Vec<(Scalar, f32)>,
     ) -> Result<(Scalar, Option<Scalar>)> {
-        let host_labels = self.labels_for(b);
+        let host_labels = self.labels_for(b)?;
         // Checked here, once per batch and before anything is queued: the error names the
         // batch's dataset (the loss sees a one-head call) and the device never sees a bad label.
         check_labels(&host_labels, b.dataset, self.model.config.num_classes[head])?;
@@ -436,10 +429,14 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn step_in_scope(&mut self, batches: &[Batch]) -> Result<StepStats> {
+        self.num_datasets_of(batches)?;
+        if self.config.mode.stages().is_some_and(|(_, _, s)| s == self.iter) {
+            self.restart_optimiser();
+        }
         let lr = self.learning_rate(self.iter);
         let loss_scale = self.seed();
         self.store.sync_copies()?;
-        let stats = if self.config.mode == Mode::DsbnNoDat {
+        let stats = if self.config.mode.steps_per_batch() {
             // A backward and an optimiser step after each batch: one read per batch.
             let mut sums = vec![(0.0f64, 0usize); self.num_datasets_of(batches)?];
             let mut aux_sums = sums.clone();
@@ -540,7 +537,7 @@ impl<B: Backend> Trainer<B> {
     /// [`Trainer::compute_gradients`], also handing back the graph it ran: its values and what
     /// its tape saved ([`Graph::norm_records`]), to inspect a step (e.g. to compare backends).
     pub fn trace_gradients(&mut self, batches: &[Batch]) -> Result<(StepStats, Graph<B>)> {
-        if self.config.mode == Mode::DsbnNoDat {
+        if self.config.mode.steps_per_batch() {
             return Err(Error::InvalidArgument("DSBN without DAT steps after each forward".into()));
         }
         self.store.sync_copies()?;
@@ -552,22 +549,35 @@ impl<B: Backend> Trainer<B> {
         Ok((stats, g))
     }
 
+    /// The length of the per-dataset figures of a step over `batches` (one past the largest
+    /// dataset index the mode knows or the batches name); an error for a batch of a dataset the
+    /// mode has no head for.
     fn num_datasets_of(&self, batches: &[Batch]) -> Result<usize> {
-        let heads = self.model.num_heads().max(self.model.config.num_bn);
-        let known = match &self.config.mode {
-            Mode::LabelRemap { class_map } => class_map.len().max(1),
-            _ => heads,
-        };
         if batches.is_empty() {
             return Err(Error::InvalidArgument("an iteration needs at least one batch".into()));
         }
-        if let Some(b) = batches.iter().find(|b| b.dataset >= known) {
-            return Err(Error::InvalidArgument(format!(
-                "batch of dataset {} but the model knows {known} datasets",
-                b.dataset
-            )));
+        for b in batches {
+            self.route(b.dataset)?;
         }
-        Ok(known)
+        let heads = self.model.num_heads();
+        let known = match &self.config.mode {
+            Mode::LabelRemap { class_map, target } => class_map.len().max(target + 1),
+            m => m.head_datasets(heads).into_iter().max().map_or(heads, |d| d + 1).max(heads),
+        };
+        Ok(batches.iter().map(|b| b.dataset + 1).fold(known, usize::max))
+    }
+
+    /// A new optimiser for the second stage of a two-stage mode: every momentum buffer
+    /// dropped (the schedule restarts through [`Trainer::learning_rate`]).
+    fn restart_optimiser(&mut self) {
+        let (weights, bns) = self.store.parts_mut();
+        for w in weights.iter_mut() {
+            w.momentum = None;
+        }
+        for l in bns.iter_mut() {
+            l.momentum_gamma = None;
+            l.momentum_beta = None;
+        }
     }
 
     /// Every forward of a (non-interleaved) iteration into one graph; returns it with the root
@@ -577,7 +587,7 @@ impl<B: Backend> Trainer<B> {
         let mut g = Graph::new(&self.backend, true);
         let mut terms = Vec::new();
         let mut mains = Vec::new();
-        for (pass, idx) in self.passes(batches).into_iter().enumerate() {
+        for (pass, idx) in self.passes(batches)?.into_iter().enumerate() {
             let group: Vec<&Batch> = idx.iter().map(|&i| &batches[i]).collect();
             mains.extend(self.forward_pass(&mut g, &group, pass, &mut terms)?);
         }
@@ -601,6 +611,13 @@ impl<B: Backend> Trainer<B> {
     fn optimise(&mut self, g: &mut Graph<B>, root: Scalar, lr: f32, before: &[Vec<i64>]) -> Result<Option<B::Tensor>> {
         let opts = self.backward_options();
         let mut grads = g.backward_with(root, &mut self.store, &opts)?;
+        if self.config.mode.convs_frozen(self.iter) {
+            // Two-stage with frozen convolutions: every weight shared by the datasets keeps its
+            // value (and momentum) bit for bit; the target's BN slice and classifier train.
+            for w in self.store.parts_mut().0.iter_mut().filter(|w| w.dataset.is_none()) {
+                w.grad = None;
+            }
+        }
         // Data-parallel: the ranks' mean gradient, and a dataset is absent only if no rank saw it.
         let global_absent = match &self.data_parallel {
             Some(dp) => Some(dp.average(&mut self.store, before, grads.overflow.as_mut())?.absent),

@@ -10,6 +10,7 @@ use cdcl::autograd::{BnId, DabCall, Datasets, Var, WeightId};
 use cdcl::backend::TensorLike;
 use cdcl::ops::dsbn::DsbnOptions;
 use cdcl::ops::ppm::PpmOptions;
+use cdcl::train::Interval;
 
 /// Bits of every tensor a graph path produced and of every parameter state and gradient after
 /// its backward.
@@ -185,9 +186,9 @@ fn one_pass_dat_equals_separate_passes() {
             }
         }
     }
-    // An interval of 2 has two batches of dataset 0: they cannot share a pass (their BN
+    // A within-iteration interval of 2 has two batches of dataset 0: they cannot share a pass (their BN
     // statistics would merge), so the iteration runs two passes and still trains.
-    let cfg = TrainConfig { interval: 2, ..TrainConfig::default() };
+    let cfg = TrainConfig { interval: Interval::Within { dataset: 0, t: 2 }, ..TrainConfig::default() };
     let mut t = Trainer::new(&be, tiny_model(vec![3, 4], 0.0), cfg).unwrap();
     let s = t.step(&[batch(0, 2, 24, 24, 3, 1), batch(0, 2, 24, 24, 3, 2), batch(1, 2, 24, 24, 4, 3)]).unwrap();
     assert!(s.total.is_finite());

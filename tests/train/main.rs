@@ -10,6 +10,8 @@ mod backends;
 mod dat;
 mod data_parallel;
 mod fused;
+mod modes;
+mod precise_bn;
 mod precision;
 
 use cdcl::autograd::{Graph, Group, LossSpec, ParamStore};

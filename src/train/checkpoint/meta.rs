@@ -107,6 +107,7 @@ impl ModelMeta {
             "aux": m.aux,
             "align_corners": m.align_corners,
             "seed": m.seed,
+            "conv_sets": m.conv_sets,
             "precision": self.precision,
             "datasets": datasets,
         })
@@ -129,6 +130,8 @@ impl ModelMeta {
             aux: bool_of(&v, "aux")?,
             align_corners: bool_of(&v, "align_corners")?,
             seed,
+            // Checkpoints from before unshared convolutions existed have shared ones.
+            conv_sets: if v.get("conv_sets").is_some() { usize_of(&v, "conv_sets")? } else { 1 },
         };
         let precision = field(&v, "precision")?.as_str().unwrap_or("f32").to_string();
         let mut datasets = Vec::new();
@@ -263,6 +266,9 @@ fn heads_mismatch(a: &ModelConfig, b: &ModelConfig) -> Option<String> {
     }
     if a.num_classes != b.num_classes {
         return diff("classes per head", format!("{:?}", a.num_classes), format!("{:?}", b.num_classes));
+    }
+    if a.conv_sets != b.conv_sets {
+        return diff("convolution sets", a.conv_sets.to_string(), b.conv_sets.to_string());
     }
     None
 }
