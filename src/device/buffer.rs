@@ -209,7 +209,14 @@ impl DeviceBuffer {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), dst.as_mut_ptr(), dst.len());
                 Ok(())
             },
-            Mem::Cuda(m) => m.copy_to_host(dst),
+            Mem::Cuda(m) => match &*self.device.inner {
+                Backend::Cuda(c) => {
+                    let v = c.read_many(&[(m, dst.len())])?;
+                    dst.copy_from_slice(&v[0]);
+                    Ok(())
+                }
+                Backend::Emulator(_) => Err(Error::InvalidArgument("GPU memory on an emulator device".into())),
+            },
         }
     }
 
@@ -253,7 +260,14 @@ impl DeviceBuffer {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), dst.as_mut_ptr(), dst.len());
                 Ok(())
             },
-            Mem::Cuda(m) => m.copy_to_host(dst),
+            Mem::Cuda(m) => match &*self.device.inner {
+                Backend::Cuda(c) => {
+                    let v = c.read_many(&[(m, dst.len())])?;
+                    dst.copy_from_slice(&v[0]);
+                    Ok(())
+                }
+                Backend::Emulator(_) => Err(Error::InvalidArgument("GPU memory on an emulator device".into())),
+            },
         }
     }
 
