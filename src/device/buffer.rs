@@ -16,6 +16,11 @@ pub(crate) enum Mem {
     Cuda(super::cuda::CudaMem),
 }
 
+// SAFETY: a `Mem` owns its allocation exclusively (emulator host memory, or a cudarc slice,
+// which is Send); moving it to another thread moves that ownership. The device's cache keeps
+// freed blocks behind a mutex, which needs this.
+unsafe impl Send for Mem {}
+
 /// `len` bytes of memory on one device. Returned to the device's cache on drop (see
 /// `cache.rs`).
 pub struct DeviceBuffer {
