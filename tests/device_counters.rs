@@ -131,6 +131,8 @@ fn device_errors_inside_a_step_are_read_with_the_losses() {
 /// The cache serves a freed block again, can be capped and emptied.
 #[test]
 fn freed_memory_is_reused_and_the_cache_can_be_emptied() {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Device>();
     let dev = emulator();
     let a = Tensor::zeros(&dev, &[1000], cdcl::DType::F32).unwrap();
     drop(a);

@@ -16,6 +16,11 @@ pub(crate) enum Mem {
     Cuda(super::cuda::CudaMem),
 }
 
+// SAFETY: a `Mem` owns its allocation exclusively (emulator host memory, or a cudarc slice,
+// which is Send); moving it to another thread moves that ownership. The device's cache keeps
+// freed blocks behind a mutex, which needs this.
+unsafe impl Send for Mem {}
+
 /// `len` bytes of memory on one device. Returned to the device's cache on drop (see
 /// `cache.rs`).
 pub struct DeviceBuffer {
@@ -209,7 +214,14 @@ impl DeviceBuffer {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), dst.as_mut_ptr(), dst.len());
                 Ok(())
             },
-            Mem::Cuda(m) => m.copy_to_host(dst),
+            Mem::Cuda(m) => match &*self.device.inner {
+                Backend::Cuda(c) => {
+                    let v = c.read_many(&[(m, dst.len())])?;
+                    dst.copy_from_slice(&v[0]);
+                    Ok(())
+                }
+                Backend::Emulator(_) => Err(Error::InvalidArgument("GPU memory on an emulator device".into())),
+            },
         }
     }
 
@@ -253,7 +265,14 @@ impl DeviceBuffer {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), dst.as_mut_ptr(), dst.len());
                 Ok(())
             },
-            Mem::Cuda(m) => m.copy_to_host(dst),
+            Mem::Cuda(m) => match &*self.device.inner {
+                Backend::Cuda(c) => {
+                    let v = c.read_many(&[(m, dst.len())])?;
+                    dst.copy_from_slice(&v[0]);
+                    Ok(())
+                }
+                Backend::Emulator(_) => Err(Error::InvalidArgument("GPU memory on an emulator device".into())),
+            },
         }
     }
 

@@ -65,13 +65,21 @@ pub(crate) fn driver_mismatch(v: i32) -> Option<String> {
 pub(crate) struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// Pinned host blocks by size, for uploads that do not wait for the device (see
+    /// Pinned host blocks for uploads that do not wait for the device (see
     /// [`CudaMem::copy_from_host`]) and for the step's one read-back.
-    staging: Mutex<HashMap<usize, Vec<PinnedHostSlice<u8>>>>,
+    staging: Mutex<Staging>,
     /// `CDCL_SYNC_LAUNCHES=1`: wait after every launch, so that an asynchronous fault is
     /// reported against the kernel that caused it.
     #[cfg_attr(not(cdcl_cuda), allow(dead_code))]
     sync_launches: bool,
+}
+
+/// Pinned host blocks: free ones by size, and those that a queued copy may still read, which
+/// become free at the next synchronisation of the stream (so that taking a block never waits).
+#[derive(Default)]
+struct Staging {
+    free: HashMap<usize, Vec<PinnedHostSlice<u8>>>,
+    in_flight: Vec<PinnedHostSlice<u8>>,
 }
 
 /// A driver call's failure as [`Error::Cuda`]: the CUDA error's name and description, and what
@@ -141,7 +149,18 @@ impl CudaBackend {
     }
 
     pub(crate) fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
+        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))?;
+        self.staging_synchronized();
+        Ok(())
+    }
+
+    /// The stream has drained: every staging block in flight is free again.
+    fn staging_synchronized(&self) {
+        let mut s = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let done = std::mem::take(&mut s.in_flight);
+        for b in done {
+            s.free.entry(b.len()).or_default().push(b);
+        }
     }
 
     /// `len` bytes of device memory with unspecified contents (the cache's block size).
@@ -154,7 +173,7 @@ impl CudaBackend {
 
     /// A pinned host block of `len` bytes, from the staging cache when it holds one.
     fn staging_block(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
-        let cached = self.staging.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(Vec::pop);
+        let cached = self.staging.lock().unwrap_or_else(|e| e.into_inner()).free.get_mut(&len).and_then(Vec::pop);
         match cached {
             Some(b) => Ok(b),
             // SAFETY: the block is written in full before any copy reads it.
@@ -162,8 +181,9 @@ impl CudaBackend {
         }
     }
 
-    fn return_staging(&self, block: PinnedHostSlice<u8>) {
-        self.staging.lock().unwrap_or_else(|e| e.into_inner()).entry(block.len()).or_default().push(block);
+    /// A block whose copy was queued: free again after the next synchronisation.
+    fn staging_queued(&self, block: PinnedHostSlice<u8>) {
+        self.staging.lock().unwrap_or_else(|e| e.into_inner()).in_flight.push(block);
     }
 
     /// The raw stream for our launchers (a `cudaStream_t` is a `CUstream`).
@@ -187,11 +207,13 @@ impl CudaBackend {
             blocks.push(block);
         }
         self.synchronize()?;
+        // The stream has drained, so each block's event has passed: reading it does not wait.
         let mut out = Vec::with_capacity(blocks.len());
         for block in blocks {
             out.push(block.as_slice().map_err(|e| driver_error(e, "cuEventSynchronize"))?.to_vec());
-            self.return_staging(block);
+            self.staging_queued(block);
         }
+        self.staging_synchronized();
         Ok(out)
     }
 }
@@ -233,17 +255,8 @@ impl CudaMem {
         let host = block.as_mut_slice().map_err(|e| driver_error(e, "cuEventSynchronize"))?;
         host[..src.len()].copy_from_slice(src);
         self.stream.memcpy_htod(&block, &mut self.slice).map_err(|e| driver_error(e, "cuMemcpyHtoDAsync"))?;
-        backend.return_staging(block);
+        backend.staging_queued(block);
         Ok(())
-    }
-
-    pub(crate) fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
-        let view = self
-            .slice
-            .try_slice(0..dst.len())
-            .ok_or_else(|| Error::InvalidArgument("read-back outside its buffer".into()))?;
-        self.stream.memcpy_dtoh(&view, dst).map_err(|e| driver_error(e, "cuMemcpyDtoHAsync"))?;
-        self.stream.synchronize().map_err(|e| driver_error(e, "cuStreamSynchronize"))
     }
 
     /// Fills the first `len` bytes with `value`, ordered on the stream (no wait).

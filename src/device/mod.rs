@@ -115,18 +115,20 @@ impl Device {
     /// must read 0.
     fn test_launch(&self) -> Result<()> {
         self.begin_step()?;
-        let result = (|| {
-            let _record = DeviceErrorRecord::new(self)?;
-            let flag = self.step_skip_flag(None)?.ok_or_else(|| Error::InvalidArgument("no step record".into()))?;
-            let mut v = [0u8; 4];
-            flag.buffer().copy_to_host(&mut v)?;
-            match f32::from_ne_bytes(v) {
-                0.0 => Ok(()),
-                other => Err(Error::InvalidArgument(format!("the test kernel wrote {other}, not 0"))),
-            }
-        })();
+        let result = self.test_launch_in_step();
         self.end_step();
         result
+    }
+
+    fn test_launch_in_step(&self) -> Result<()> {
+        let _record = DeviceErrorRecord::new(self)?;
+        let flag = self.step_skip_flag(None)?.ok_or_else(|| Error::InvalidArgument("no step record".into()))?;
+        let mut v = [0u8; 4];
+        flag.buffer().copy_to_host(&mut v)?;
+        match f32::from_ne_bytes(v) {
+            0.0 => Ok(()),
+            other => Err(Error::InvalidArgument(format!("the test kernel wrote {other}, not 0"))),
+        }
     }
 
     /// The first GPU if this build runs on it (see [`Device::cuda`]), else the emulator.

@@ -203,7 +203,7 @@ impl Backend for DeviceBackend {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        Tensor::uninit(&self.device, shape, DType::F32)
+        Tensor::zeros(&self.device, shape, DType::F32)
     }
 
     fn to_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
