@@ -28,23 +28,20 @@ fn direct<B: Backend>(t: &mut Trainer<B>, set: &[Batch], slice: usize) -> BTreeM
     out
 }
 
-#[test]
-fn recalibrated_statistics_are_the_population_statistics_and_nothing_else_moves() {
-    let be = CpuBackend::new();
-    let mut t = Trainer::new(&be, tiny_model(vec![3, 4], 0.0), TrainConfig::default()).unwrap();
+/// Recalibrates slice 1 of a tiny model on `set` and checks every layer against the direct f64
+/// statistics and everything else against the snapshot before.
+fn check_recalibration<B: Backend>(be: &B, set: &[Batch], images: usize) {
+    let mut t = Trainer::new(be, tiny_model(vec![3, 4], 0.0), TrainConfig::default()).unwrap();
     // Trained a little, so that γ, β and the running statistics are not at their defaults.
     for it in 0..2 {
         t.step(&[batch(0, 2, 24, 24, 3, it), batch(1, 2, 24, 24, 4, 10 + it)]).unwrap();
     }
-    // Batches of different sizes (the estimate weighs each by its pixel count; a batch needs
-    // two images: the 1×1 pyramid bin has one value per image).
-    let set = vec![batch(1, 2, 24, 24, 4, 31), batch(1, 3, 24, 24, 4, 32), batch(1, 2, 24, 24, 4, 33)];
-    let want = direct(&mut t, &set, 1);
+    let want = direct(&mut t, set, 1);
     let before = snapshot(&t.store);
     let tracked: Vec<Vec<i64>> = t.store.bn_layers().iter().map(|l| l.batches_tracked.clone()).collect();
     let opts = PreciseBnOptions { bn_slice: 1, conv_set: 0 };
     let report = precise_bn(&mut t, &opts, set.iter().cloned().map(Ok)).unwrap();
-    assert_eq!((report.images, report.batches, report.layers), (7, 3, t.store.bn_layers().len()));
+    assert_eq!((report.images, report.batches, report.layers), (images, set.len(), t.store.bn_layers().len()));
     let after = snapshot(&t.store);
     for ((name, a, _), (_, b, _)) in before.iter().zip(&after) {
         let c = a.len() / 2;
@@ -76,6 +73,22 @@ fn recalibrated_statistics_are_the_population_statistics_and_nothing_else_moves(
             assert!((gv - var).abs() <= 1e-5 * (var + 1e-5), "{} ch {k}: var {gv} vs {var}", l.name);
         }
     }
+}
+
+#[test]
+fn recalibrated_statistics_are_the_population_statistics_and_nothing_else_moves() {
+    // Batches of different sizes (the estimate weighs each by its pixel count; a batch needs
+    // two images: the 1×1 pyramid bin has one value per image).
+    let set = vec![batch(1, 2, 24, 24, 4, 31), batch(1, 3, 24, 24, 4, 32), batch(1, 2, 24, 24, 4, 33)];
+    check_recalibration(&CpuBackend::new(), &set, 7);
+}
+
+/// The same on our kernels (the device's saved statistics are f32 per-tile partials combined in
+/// a fixed order: the same tolerance holds).
+#[test]
+fn recalibration_on_the_device() {
+    let set = vec![batch(1, 2, 24, 24, 4, 41), batch(1, 3, 24, 24, 4, 42)];
+    check_recalibration(&device_backend(), &set, 5);
 }
 
 #[test]
