@@ -26,7 +26,7 @@ fn main() {
     }
 
     let cu_files = list_files(&kernels, "cu");
-    build_emulator(&kernels, &cu_files);
+    build_emulator(&kernels, &cu_files, &out);
 
     let report_dir = out.join("nvcc-report");
     let _ = fs::remove_dir_all(&report_dir);
@@ -66,34 +66,152 @@ fn asan_enabled() -> bool {
     env::var_os("CARGO_FEATURE_ASAN").is_some() || env::var_os("CDCL_ASAN").is_some()
 }
 
-fn build_emulator(kernels: &Path, cu_files: &[PathBuf]) {
+fn build_emulator(kernels: &Path, cu_files: &[PathBuf], out: &Path) {
+    let selftests = [kernels.join("emu/selftest.cu"), kernels.join("emu/selftest_rules.cu")];
+    let bounds_cpp = out.join("emu_launch_bounds.cpp");
+    write_launch_bounds(cu_files.iter().chain(selftests.iter()), &bounds_cpp);
+    let base = |b: &mut cc::Build| {
+        b.cpp(true)
+            .std("c++17")
+            // Emulated kernels are the test suite's hot loop: optimise them in every profile.
+            .opt_level(2)
+            .debug(false)
+            .define("CDCL_EMULATE", None)
+            .include(kernels)
+            .flag("-x")
+            .flag("c++")
+            .flag_if_supported("-fno-strict-aliasing")
+            // No contraction of a*b+c into fma, whatever the compiler's default for the host (gcc
+            // contracts in GNU mode where the target has fma, clang by default): the emulator
+            // rounds every operation, on every host alike. nvcc contracts (-fmad=true), so
+            // emulator and GPU may differ by one rounding per multiply-add: docs/kernels.md,
+            // "Bitwise claims".
+            .flag_if_supported("-ffp-contract=off")
+            .warnings(true)
+            .extra_warnings(true);
+        if asan_enabled() {
+            b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+        }
+    };
+    // The kernel sources, instrumented for the emulator's memory checks (kernels/emu/racecheck.cpp
+    // provides the hooks; no sanitizer runtime is linked): -fsanitize=alignment faults on a
+    // misaligned access as the GPU does; -fsanitize=thread routes every load and store through the
+    // race detector. ThreadSanitizer's instrumentation cannot be combined with AddressSanitizer's,
+    // so an ASan build checks alignment only.
+    let mut k = cc::Build::new();
+    base(&mut k);
+    k.flag("-fsanitize=alignment");
+    if !asan_enabled() {
+        k.flag("-fsanitize=thread");
+        k.flag_if_supported("--param=tsan-instrument-func-entry-exit=0");
+    }
+    for f in cu_files {
+        k.file(f);
+    }
+    for f in &selftests {
+        k.file(f);
+    }
+    k.compile("cdcl_emu_kernels");
+    // The runtime, not instrumented (it is what the instrumentation calls).
     let mut b = cc::Build::new();
-    b.cpp(true)
-        .std("c++17")
-        // Emulated kernels are the test suite's hot loop: optimise them in every profile.
-        .opt_level(2)
-        .debug(false)
-        .define("CDCL_EMULATE", None)
-        .include(kernels)
-        .flag("-x")
-        .flag("c++")
-        .flag_if_supported("-fno-strict-aliasing")
-        .warnings(true)
-        .extra_warnings(true);
+    base(&mut b);
     if asan_enabled() {
-        b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
         // rustc links with -nodefaultlibs, so gcc's -fsanitize=address would not add the runtime:
         // name it. It is not first in the library list; kernels/emu/emu.cpp's
         // __asan_default_options turns that check off.
         println!("cargo:rustc-link-lib=dylib=asan");
     }
-    for f in cu_files {
-        b.file(f);
-    }
-    b.file(kernels.join("emu/selftest.cu"));
     b.file(kernels.join("emu/emu.cpp"));
+    b.file(kernels.join("emu/racecheck.cpp"));
     b.file(kernels.join("emu/fiber.cpp"));
+    b.file(&bounds_cpp);
     b.compile("cdcl_emu");
+}
+
+/// The emulator's table of `__launch_bounds__` (kernel name -> most threads per block), read from
+/// the kernel sources: a C++ declaration cannot carry a value the launch could read, so the
+/// bound is taken from the text. A bound is an integer literal or a `constexpr` integer of the
+/// same file set to a literal; any other expression is listed with 0 (unchecked) and named in
+/// a build warning.
+fn write_launch_bounds<'a>(files: impl Iterator<Item = &'a PathBuf>, dest: &Path) {
+    let mut rows = Vec::new();
+    for f in files {
+        let Ok(text) = fs::read_to_string(f) else { continue };
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("__launch_bounds__(") {
+            let line_start = rest[..at].rfind('\n').map_or(0, |i| i + 1);
+            let is_define = rest[line_start..at].trim_start().starts_with('#');
+            rest = &rest[at + "__launch_bounds__(".len()..];
+            let Some(close) = matching_paren(rest) else { break };
+            let args = &rest[..close];
+            rest = &rest[close + 1..];
+            if is_define {
+                continue;
+            }
+            let name: String =
+                rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if name.is_empty() {
+                continue;
+            }
+            let first = top_level_first_arg(args).trim();
+            let value = first.parse::<u32>().ok().or_else(|| constexpr_value(&text, first));
+            if value.is_none() {
+                println!(
+                    "cargo:warning=emulator: __launch_bounds__({first}) of `{name}` is not a literal; not checked"
+                );
+            }
+            rows.push(format!("    {{\"{name}\", {}u}},", value.unwrap_or(0)));
+        }
+    }
+    let src = format!(
+        "// Generated by build.rs from the kernels' __launch_bounds__ (kernel, most threads per block).\n\
+         namespace cdcl_emu {{\nnamespace rt {{\nstruct LaunchBound {{\n    const char* kernel;\n    unsigned max_threads;\n}};\n\
+         extern const LaunchBound kLaunchBounds[] = {{\n{}\n    {{nullptr, 0u}},\n}};\n}}  // namespace rt\n}}  // namespace cdcl_emu\n",
+        rows.join("\n")
+    );
+    fs::write(dest, src).expect("write the launch-bounds table");
+}
+
+fn matching_paren(s: &str) -> Option<usize> {
+    let mut depth = 1;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn top_level_first_arg(args: &str) -> &str {
+    let mut depth = 0;
+    for (i, c) in args.char_indices() {
+        match c {
+            '(' | '<' => depth += 1,
+            ')' | '>' => depth -= 1,
+            ',' if depth == 0 => return &args[..i],
+            _ => {}
+        }
+    }
+    args
+}
+
+/// `constexpr <integer type> NAME = <literal>;` in `text`.
+fn constexpr_value(text: &str, name: &str) -> Option<u32> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    text.lines().filter(|l| l.contains("constexpr")).find_map(|l| {
+        let at = l.find(&format!(" {name} ="))?;
+        let rhs = l[at + name.len() + 3..].trim().trim_end_matches(';').trim();
+        rhs.trim_end_matches(['u', 'U']).parse().ok()
+    })
 }
 
 fn find_nvcc() -> Option<PathBuf> {

@@ -1,30 +1,6 @@
 // The emulator runtime: launches, the per-block fiber scheduler and its rule checks, shared
 // memory, and the C entry points of cdcl.h's "Emulator runtime" section.
-#include "emu.h"
-
-#include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <cstdarg>
-#include <cstdio>
-#include <cstdlib>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <utility>
-#include <vector>
-
-#include "../include/cdcl.h"
-#include "fiber.h"
-
-#if defined(__SANITIZE_ADDRESS__)
-#define CDCL_EMU_ASAN 1
-#include <sanitizer/asan_interface.h>
-#include <sanitizer/common_interface_defs.h>
-#else
-#define CDCL_EMU_ASAN 0
-#endif
+#include "runtime.h"
 
 #if CDCL_EMU_ASAN
 // The Rust test binaries link libasan as an ordinary library, not first in the load order, and
@@ -33,107 +9,11 @@
 extern "C" const char* __asan_default_options() { return "verify_asan_link_order=0:detect_leaks=0"; }
 #endif
 
-struct cdcl_emu_stream {
-    uint64_t seed = 0;
-    uint32_t threads = 0;
-    std::mutex mu;  // a stream runs one launch at a time, as a CUDA stream does
-    std::string last_error;
-    std::atomic<uint64_t> launches{0};  // every launch attempted, as CUDA would count it
-};
-
 namespace cdcl_emu {
 
 thread_local ThreadCtx* tls_ctx = nullptr;
 
-namespace {
-
-// CUDA's limits for compute capability 8.x/9.x without opt-in attributes.
-constexpr unsigned kMaxThreadsPerBlock = 1024;
-constexpr size_t kSharedLimit = 48 * 1024;
-// ASan's instrumented frames are several times larger.
-constexpr size_t kStackBytes = CDCL_EMU_ASAN ? 256 * 1024 : 64 * 1024;
-// Shared-memory allocations are separated by poisoned red zones under ASan, so an
-// out-of-bounds shared access is reported too.
-constexpr size_t kRedZone = CDCL_EMU_ASAN ? 32 : 0;
-constexpr size_t kArenaBytes = kSharedLimit + 64 * kRedZone + 256;
-
-struct Rng {
-    uint64_t s;
-    uint64_t next() {  // splitmix64
-        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        return z ^ (z >> 31);
-    }
-    uint32_t below(uint32_t n) { return (uint32_t)(next() % n); }
-};
-
-uint64_t hash_str(const char* s) {
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; ++s) h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
-enum class FState { Ready, Barrier, Warp, Exited };
-
-struct Block;
-
-struct Fiber {
-    ThreadCtx ctx{};
-    Context context;
-    FiberStack stack;
-    Block* block = nullptr;
-    FState state = FState::Ready;
-    unsigned linear = 0, lane = 0, warp = 0;
-    const char* file = nullptr;  // where it waits
-    int line = 0;
-    Collective kind = Collective::SyncWarp;
-    unsigned mask = 0;
-    uint64_t value = 0;
-    uint64_t* gathered = nullptr;  // the waiting lane's result buffer (on its own stack)
-    void* asan_fake = nullptr;
-};
-
-struct LaunchState {
-    const char* name;
-    dim3 grid, block;
-    size_t dyn_smem;
-    KernelThunk thunk;
-    uint64_t seed;
-    std::vector<uint32_t> order;
-    std::atomic<size_t> next{0};
-    std::atomic<bool> failed{false};
-    std::mutex fault_mu;
-    size_t fault_pos = SIZE_MAX;
-    std::string fault;
-};
-
-// One worker's block-execution state, reused for every block the worker runs in a launch.
-struct Block {
-    LaunchState* launch = nullptr;
-    uint3 idx{};
-    unsigned total = 0;
-    std::vector<Fiber> fibers;
-    std::vector<uint32_t> ready;
-    Context sched;
-    Rng rng{0};
-    unsigned exited = 0;
-    int first_exited = -1;
-    unsigned barrier_count = 0;
-    const char* barrier_file = nullptr;
-    int barrier_line = 0;
-    bool faulted = false;
-    std::string fault;
-    std::unique_ptr<char[]> arena_mem, dyn_mem;
-    char* arena = nullptr;
-    char* dyn = nullptr;
-    size_t arena_used = 0;  // arena bytes handed out, red zones included
-    size_t smem_bytes = 0;  // static shared memory as CUDA counts it
-    std::vector<std::pair<const void*, void*>> shared_map;
-    void* sched_fake = nullptr;
-    const void* sched_bottom = nullptr;
-    size_t sched_size = 0;
-};
+namespace rt {
 
 thread_local Block* tls_block = nullptr;
 thread_local Fiber* tls_fiber = nullptr;
@@ -199,6 +79,13 @@ const char* collective_name(Collective k) {
     return "?";
 }
 
+// A shuffle's kind and width (Fiber::aux), for messages.
+std::string shuffle_desc(uint32_t aux) {
+    static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
+    return std::string(names[aux & 3u]) + " (width " + std::to_string((aux >> 8) & 0xFFu) + ", " +
+           std::to_string(aux >> 16) + "-byte operand)";
+}
+
 void block_fault(Block& b, const std::string& msg) {
     if (!b.faulted) {
         b.faulted = true;
@@ -222,6 +109,19 @@ void fiber_entry(void* arg) {
     f.state = FState::Exited;
     yield_to_scheduler(f, true);
     std::abort();  // an exited fiber is never resumed
+}
+
+// Fresh shared memory: the 16-bit pattern 0x7FF5 repeated (see CDCL_SHARED in emu.h). The arenas
+// are 128-byte aligned and allocations keep their alignment, so every element sees whole
+// 16-bit units of the pattern.
+void poison(void* p, size_t bytes) {
+    unsigned char* c = static_cast<unsigned char*>(p);
+    size_t i = 0;
+    for (; i < bytes && (reinterpret_cast<uintptr_t>(c + i) & 7) != 0; ++i)
+        c[i] = (reinterpret_cast<uintptr_t>(c + i) & 1) ? 0x7F : 0xF5;
+    const uint64_t pattern = 0x7FF57FF57FF57FF5ull;  // little-endian bytes F5 7F ...
+    for (; i + 8 <= bytes; i += 8) std::memcpy(c + i, &pattern, 8);
+    for (; i < bytes; ++i) c[i] = (reinterpret_cast<uintptr_t>(c + i) & 1) ? 0x7F : 0xF5;
 }
 
 void resume(Block& b, Fiber& f) {
@@ -285,6 +185,7 @@ void on_barrier(Block& b, Fiber& f) {
     b.barrier_file = f.file;
     b.barrier_line = f.line;
     if (++b.barrier_count == b.total) {
+        race_barrier_done(b, f.file, f.line);
         for (unsigned i = 0; i < b.total; ++i) {
             b.fibers[i].state = FState::Ready;
             b.ready.push_back(i);
@@ -321,6 +222,14 @@ void on_warp(Block& b, Fiber& f) {
                                    site(o.file, o.line) + ") (partial-mask collective)");
                 return;
             case FState::Warp:
+                if (o.kind == f.kind && o.mask == f.mask && o.aux != f.aux && f.kind == Collective::Shfl) {
+                    block_fault(b, where(b, f) + ": " + shuffle_desc(f.aux) + " (" + site(f.file, f.line) +
+                                       ") meets lane " + std::to_string(l) + " in " + shuffle_desc(o.aux) + " (" +
+                                       site(o.file, o.line) +
+                                       "): the lanes of one shuffle must use the same kind, width and operand "
+                                       "size (mismatched shuffle)");
+                    return;
+                }
                 if (o.kind != f.kind || o.mask != f.mask) {
                     block_fault(b, where(b, f) + ": " + collective_name(f.kind) + " (" + site(f.file, f.line) +
                                        ") meets lane " + std::to_string(l) + " in " + collective_name(o.kind) + " (" +
@@ -349,6 +258,14 @@ void on_warp(Block& b, Fiber& f) {
             }
         }
     }
+    // __syncwarp and the wmma operations order the memory accesses of the lanes they name; the
+    // race detector only follows a sync of the whole warp (every existing lane).
+    if (f.kind == Collective::SyncWarp || f.kind == Collective::WmmaFill || f.kind == Collective::WmmaLoad ||
+        f.kind == Collective::WmmaStore || f.kind == Collective::WmmaMma) {
+        const unsigned n = std::min(32u, b.total - base);
+        const unsigned all = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+        if ((f.mask & all) == all) race_warp_synced(b, f.warp);
+    }
     for (unsigned l = 0; l < 32; ++l) {
         if (!(f.mask & (1u << l))) continue;
         Fiber& o = b.fibers[base + l];
@@ -370,8 +287,11 @@ void diagnose_deadlock(Block& b) {
     block_fault(b, "kernel `" + std::string(b.launch->name) + "`: scheduler found no runnable thread");
 }
 
-void run_block(Block& b, uint32_t linear_block) {
+void run_block(Block& b, uint32_t linear_block, size_t pos) {
     LaunchState& L = *b.launch;
+    const bool sampled = (L.flags & kRacecheckAll) || pos < kRaceSampledBlocks || linear_block == 0 ||
+                         linear_block + 1 == L.order.size();
+    b.checks = sampled ? L.flags : (L.flags & ~kRacecheck);
     const dim3 g = L.grid, bd = L.block;
     b.idx = uint3{linear_block % g.x, (linear_block / g.x) % g.y, linear_block / (g.x * g.y)};
     b.rng = Rng{L.seed ^ (0xD1B54A32D192ED03ull * (linear_block + 1))};
@@ -384,7 +304,7 @@ void run_block(Block& b, uint32_t linear_block) {
     b.arena_used = 0;
     b.smem_bytes = 0;
     b.shared_map.clear();
-    std::memset(b.dyn, 0xFF, L.dyn_smem);
+    poison(b.dyn, L.dyn_smem);
 #if CDCL_EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(b.arena, kArenaBytes);
     ASAN_POISON_MEMORY_REGION(b.arena, kArenaBytes);
@@ -410,6 +330,7 @@ void run_block(Block& b, uint32_t linear_block) {
         context_init(f.context, f.stack, &fiber_entry, &f);
         b.ready.push_back(i);
     }
+    race_block_start(b);
     tls_block = &b;
     while (!b.faulted) {
         if (b.ready.empty()) {
@@ -437,6 +358,8 @@ void worker(LaunchState& L) {
     Block b;
     b.launch = &L;
     b.total = L.block.x * L.block.y * L.block.z;
+    b.warp_gen.assign((b.total + 31) / 32, 0);
+    if (L.flags & kRacecheck) b.shadow = race_shadow_acquire();
     b.fibers.resize(b.total);
     for (Fiber& f : b.fibers) f.stack = acquire_stack();
     bool stacks_ok = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.stack.base != nullptr; });
@@ -453,7 +376,7 @@ void worker(LaunchState& L) {
     while (stacks_ok && !L.failed.load()) {
         const size_t pos = L.next.fetch_add(1);
         if (pos >= L.order.size()) break;
-        run_block(b, L.order[pos]);
+        run_block(b, L.order[pos], pos);
         if (b.faulted) {
             std::lock_guard<std::mutex> lk(L.fault_mu);
             if (pos < L.fault_pos) {
@@ -468,6 +391,27 @@ void worker(LaunchState& L) {
 #endif
     for (Fiber& f : b.fibers)
         if (f.stack.base) release_stack(f.stack);
+    if (b.shadow) race_shadow_release(b.shadow);
+}
+
+struct LaunchBound {
+    const char* kernel;
+    unsigned max_threads;
+};
+extern const LaunchBound kLaunchBounds[];  // generated by build.rs (emu_launch_bounds.cpp)
+
+// The `__launch_bounds__` of the kernel CDCL_LAUNCH names as `name` (its text: possibly in
+// parentheses, with template arguments), or 0 when it declares none.
+unsigned launch_bound(const char* name) {
+    while (*name == '(' || *name == ' ') ++name;
+    size_t len = std::strcspn(name, "<( )");
+    const char* base = name;
+    for (const char* p = name; p < name + len; ++p)
+        if (p[0] == ':' && p[1] == ':') base = p + 2;
+    len -= (size_t)(base - name);
+    for (const LaunchBound* b = kLaunchBounds; b->kernel; ++b)
+        if (std::strlen(b->kernel) == len && std::strncmp(b->kernel, base, len) == 0) return b->max_threads;
+    return 0;
 }
 
 std::string config_error(const char* name, dim3 grid, dim3 block, size_t smem) {
@@ -482,6 +426,13 @@ std::string config_error(const char* name, dim3 grid, dim3 block, size_t smem) {
                       name, grid.x, grid.y, grid.z, block.x, block.y, block.z);
         return buf;
     }
+    if (const unsigned bound = launch_bound(name); bound != 0 && threads > bound) {
+        std::snprintf(buf, sizeof buf,
+                      "kernel `%s`: launch of %llu threads per block (block (%u,%u,%u)) exceeds the kernel's "
+                      "__launch_bounds__(%u) (the GPU refuses it: too many resources requested for launch)",
+                      name, threads, block.x, block.y, block.z, bound);
+        return buf;
+    }
     if (smem > kSharedLimit) {
         std::snprintf(buf, sizeof buf, "kernel `%s`: %zu bytes of dynamic shared memory exceed the %zu-byte limit", name,
                       smem, kSharedLimit);
@@ -490,7 +441,18 @@ std::string config_error(const char* name, dim3 grid, dim3 block, size_t smem) {
     return std::string();
 }
 
-}  // namespace
+}  // namespace rt
+
+using namespace rt;
+
+unsigned set_stream_flags(void* stream, unsigned flags) {
+    cdcl_emu_stream* s = static_cast<cdcl_emu_stream*>(stream);
+    if (!s) return 0;
+    std::lock_guard<std::mutex> lk(s->mu);
+    const unsigned old = s->flags;
+    s->flags = flags;
+    return old;
+}
 
 [[noreturn]] void fault(const char* file, int line, const char* what) {
     Fiber* f = tls_fiber;
@@ -513,9 +475,11 @@ void syncthreads(const char* file, int line) {
     yield_to_scheduler(f, false);
 }
 
-void warp_collective(Collective kind, unsigned mask, uint64_t value, const char* file, int line, uint64_t gathered[32]) {
+void warp_collective(Collective kind, unsigned mask, uint64_t value, const char* file, int line, uint64_t gathered[32],
+                     uint32_t aux) {
     Fiber& f = *tls_fiber;
     f.state = FState::Warp;
+    f.aux = aux;
     f.kind = kind;
     f.mask = mask;
     f.value = value;
@@ -603,7 +567,7 @@ void* shared_static(const void* key, size_t bytes, size_t align, const char* fil
 #if CDCL_EMU_ASAN
     ASAN_UNPOISON_MEMORY_REGION(p, bytes);
 #endif
-    std::memset(p, 0xFF, bytes);
+    poison(p, bytes);
     b.arena_used = off + bytes;
     b.shared_map.emplace_back(key, p);
     return p;
@@ -629,6 +593,7 @@ int launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynamic_smem, 
     L.dyn_smem = dynamic_smem;
     L.thunk = thunk;
     L.seed = s->seed ^ hash_str(kernel_name);
+    L.flags = s->flags;
     const size_t nblocks = (size_t)grid.x * grid.y * grid.z;
     L.order.resize(nblocks);
     for (size_t i = 0; i < nblocks; ++i) L.order[i] = (uint32_t)i;
@@ -657,6 +622,7 @@ extern "C" cdcl_emu_stream* cdcl_emu_stream_create(uint64_t seed, uint32_t threa
     if (s) {
         s->seed = seed;
         s->threads = threads;
+        s->flags = cdcl_emu::rt::default_stream_flags();
     }
     return s;
 }

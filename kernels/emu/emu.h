@@ -4,9 +4,19 @@
 //
 // Model: the blocks of a grid are spread over worker OS threads; the threads of one block are
 // fibers (stackful coroutines) on one OS thread, so a block's shared memory is one arena and a
-// fiber only yields at a barrier, a warp collective or its exit. Every rule break (divergent
-// barrier, partial-mask collective, exit while others wait, too much shared memory) becomes a
-// fault that names kernel, block, thread and source line and fails the launch.
+// fiber only yields at a barrier, a warp collective or its exit (or, in the preemptive schedule,
+// before any shared-memory access). Every rule break (divergent barrier, partial-mask or
+// mismatched collective, exit while others wait, too much shared memory, a misaligned access, a
+// data race) becomes a fault that names kernel, block, thread and source line or address and
+// fails the launch.
+//
+// Memory checks. The kernel sources are compiled with two compiler instrumentations whose
+// runtimes the emulator provides itself (emu.cpp; nothing of the sanitizers' own runtimes is
+// linked): -fsanitize=alignment checks every typed access against its type's alignment (the
+// GPU faults with "misaligned address" on any misaligned access, vectors included), and
+// -fsanitize=thread turns every load and store into a call to a __tsan_readN/__tsan_writeN hook,
+// which feeds the race detector and the preemptive schedule. Atomics are excluded from that
+// instrumentation (no_sanitize) and report themselves to the race detector instead.
 #pragma once
 
 #include <math.h>
@@ -18,6 +28,7 @@
 #include <type_traits>
 
 #include "half.h"
+#include "vector_types.h"
 
 struct uint3 {
     unsigned int x, y, z;
@@ -47,8 +58,28 @@ enum class Collective : int { SyncWarp = 0, Shfl = 1, Ballot = 2, WmmaFill = 3, 
 // Rendezvous of the lanes named in `mask` (all of them must arrive at a collective of the same
 // kind and mask). Afterwards `gathered[l]` holds the value lane l contributed. For WmmaFill,
 // WmmaLoad and WmmaStore the values are hashes of the call's arguments and must all be equal.
+// `aux` must also agree between the lanes: the shuffle kind, width and operand size.
 void warp_collective(Collective kind, unsigned mask, uint64_t value, const char* file, int line,
-                     uint64_t gathered[32]);
+                     uint64_t gathered[32], uint32_t aux = 0);
+
+// An atomic read-modify-write of `bytes` at `p`, for the race detector: atomics never race with
+// each other, but an atomic and a plain write of the same address in one barrier interval do.
+void race_atomic(const void* p, size_t bytes);
+// A plain access made by code left out of the instrumentation (CDCL_EMU_UNCHECKED: the
+// emulator's own wmma internals), reported explicitly where it touches kernel memory.
+void race_access(const void* p, size_t bytes, bool write);
+
+// Per-stream checks and schedule (cdcl_emu_stream): the race detector (on unless
+// CDCL_EMU_RACECHECK=0) and the preemptive schedule (CDCL_EMU_SCHEDULE=preemptive), which may
+// switch threads before any shared-memory access so that lost updates show in the results.
+// The race detector checks a sample of each launch's blocks (the first kRaceSampledBlocks in the
+// seeded block order, plus the first and the last block of the grid) unless kRacecheckAll is set
+// (CDCL_EMU_RACECHECK=all): a race is a property of the code that every block runs, and a
+// different seed samples different blocks; the last block holds the partial tiles.
+enum StreamFlags : unsigned { kRacecheck = 1u, kPreemptive = 2u, kRacecheckAll = 4u };
+constexpr unsigned kRaceSampledBlocks = 4;
+// Sets the stream's flags and returns the previous ones (used by the self-tests).
+unsigned set_stream_flags(void* stream, unsigned flags);
 
 unsigned lane_id();
 void* shared_static(const void* key, size_t bytes, size_t align, const char* file, int line);
@@ -73,7 +104,10 @@ template <typename T>
 inline T shfl(ShflMode mode, unsigned mask, T var, int arg, int width, const char* file, int line) {
     if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fault(file, line, "shuffle width must be a power of two in [1, 32]");
     uint64_t gathered[32];
-    warp_collective(Collective::Shfl, mask, to_bits(var), file, line, gathered);
+    // Lanes of one shuffle must agree on kind, width and operand size (__shfl_up_sync meeting
+    // __shfl_down_sync, or widths 16 and 32, is undefined on the GPU).
+    const uint32_t aux = (uint32_t)mode | ((uint32_t)width << 8) | ((uint32_t)sizeof(T) << 16);
+    warp_collective(Collective::Shfl, mask, to_bits(var), file, line, gathered, aux);
     const int lane = (int)lane_id();
     const int seg = lane & ~(width - 1);
     int src = lane;
@@ -100,9 +134,16 @@ inline unsigned ballot(unsigned mask, int pred, const char* file, int line) {
     return r;
 }
 
-// Atomics: blocks run on several OS threads, so these are real atomic read-modify-writes.
+// Atomics: blocks run on several OS threads, so these are real atomic read-modify-writes. They
+// are left out of the thread instrumentation (whose runtime we do not link) and tell the race
+// detector about themselves.
+#define CDCL_EMU_ATOMIC __attribute__((no_sanitize("thread")))
+// Emulator internals whose memory traffic is bookkeeping (wmma fragment exchange, placement
+// tables), not kernel memory: not instrumented, which also keeps them fast.
+#define CDCL_EMU_UNCHECKED __attribute__((no_sanitize("thread")))
 template <typename T>
-inline T atomic_add(T* p, T v) {
+CDCL_EMU_ATOMIC inline T atomic_add(T* p, T v) {
+    race_atomic(p, sizeof(T));
     if constexpr (std::is_floating_point<T>::value) {
         static_assert(sizeof(T) == 4 || sizeof(T) == 8, "float atomics on f32/f64 only");
         using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
@@ -121,7 +162,8 @@ inline T atomic_add(T* p, T v) {
     }
 }
 template <typename T, bool IsMax>
-inline T atomic_minmax(T* p, T v) {
+CDCL_EMU_ATOMIC inline T atomic_minmax(T* p, T v) {
+    race_atomic(p, sizeof(T));
     if constexpr (std::is_floating_point<T>::value) {
         using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
         U* up = reinterpret_cast<U*>(p);
@@ -177,7 +219,9 @@ constexpr int warpSize = 32;
 
 #define CDCL_SHARED_KEY_(line) cdcl_shared_key_##line
 #define CDCL_SHARED_KEY(line) CDCL_SHARED_KEY_(line)
-// One arena per block, poisoned (0xFF bytes: NaN in every float format) when first handed out.
+// One arena per block, poisoned when first handed out with the 16-bit pattern 0x7FF5 repeated:
+// NaN in f16, bf16, f32 and f64 alike, and 2146795509 as an i32 / 32757 as an i16 (no index,
+// count or label a kernel would produce; a read of it used as an index lands far out of bounds).
 #define CDCL_SHARED(T, name, dims)                                                                 \
     static const char CDCL_SHARED_KEY(__LINE__) = 0;                                               \
     using cdcl_shared_type_##name = T dims;                                                        \
@@ -219,13 +263,17 @@ inline T atomicMax(T* p, T v) { return ::cdcl_emu::atomic_minmax<T, true>(p, v);
 template <typename T>
 inline T atomicMin(T* p, T v) { return ::cdcl_emu::atomic_minmax<T, false>(p, v); }
 template <typename T>
-inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+CDCL_EMU_ATOMIC inline T atomicExch(T* p, T v) {
+    ::cdcl_emu::race_atomic(p, sizeof(T));
+    return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+}
 template <typename T>
-inline T atomicCAS(T* p, T compare, T v) {
+CDCL_EMU_ATOMIC inline T atomicCAS(T* p, T compare, T v) {
+    ::cdcl_emu::race_atomic(p, sizeof(T));
     __atomic_compare_exchange_n(p, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return compare;
 }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+CDCL_EMU_ATOMIC inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // Math built-ins: the host libm, correctly rounded or close to it; the tests compare against
 // an f64 reference with tolerances wide enough for the GPU's ulp-level differences.

@@ -217,6 +217,9 @@ __global__ void wmma_assumed_layout(float* out) {
 
 using namespace CDCL_NAMESPACE;
 
+// The rule self-tests of selftest_rules.cu (codes from CDCL_SELFTEST_MISALIGNED_FLOAT4_LOAD on).
+int32_t cdcl_emu_run_rule_selftest(int32_t which, float* out, int32_t n, void* stream);
+
 CDCL_API uint16_t cdcl_emu_f32_to_f16_bits(float v) { return __float2half_rn(v).bits; }
 CDCL_API float cdcl_emu_f16_bits_to_f32(uint16_t b) { return __half2float(__half{b}); }
 CDCL_API uint16_t cdcl_emu_f32_to_bf16_bits(float v) { return __float2bfloat16_rn(v).bits; }
@@ -260,6 +263,6 @@ CDCL_API int32_t cdcl_emu_run_selftest(int32_t which, float* out, int32_t n, voi
         case CDCL_SELFTEST_WMMA_DIVERGENT_POINTER: return CDCL_LAUNCH(wmma_divergent_pointer, dim3(1), dim3(32), 0, stream, out);
         case CDCL_SELFTEST_WMMA_PARTIAL_WARP: return CDCL_LAUNCH(wmma_partial_warp, dim3(1), dim3(16), 0, stream, out);
         case CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT: return CDCL_LAUNCH(wmma_assumed_layout, dim3(1), dim3(32), 0, stream, out);
-        default: return CDCL_ERR_INVALID_PARAMS;
+        default: return cdcl_emu_run_rule_selftest(which, out, n, stream);
     }
 }

@@ -177,7 +177,7 @@ inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f,
 
 namespace detail_ {
 template <typename Frag, typename T>
-inline void load_elems(Frag& f, const T* p, unsigned ldm, bool row_major_mem, uint32_t salt, const char* file,
+CDCL_EMU_UNCHECKED inline void load_elems(Frag& f, const T* p, unsigned ldm, bool row_major_mem, uint32_t salt, const char* file,
                        int line) {
     namespace d = ::cdcl_emu::wmma_detail;
     constexpr int ne = Frag::num_elements;
@@ -186,7 +186,9 @@ inline void load_elems(Frag& f, const T* p, unsigned ldm, bool row_major_mem, ui
     (void)file, (void)line;
     for (int e = 0; e < ne; ++e) {
         const unsigned pos = pl.pos[lane * ne + e], r = pos / 16, c = pos % 16;
-        f.x[e] = p[row_major_mem ? r * ldm + c : c * ldm + r];
+        const T* src = &p[row_major_mem ? r * ldm + c : c * ldm + r];
+        ::cdcl_emu::race_access(src, sizeof(T), false);
+        f.x[e] = *src;
     }
 }
 }  // namespace detail_
@@ -212,7 +214,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
     detail_::load_elems(f, p, ldm, layout == mem_row_major, tr::salt, file, line);
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+CDCL_EMU_UNCHECKED inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
     using tr = d::traits<accumulator, float, void>;
@@ -222,12 +224,14 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
     const unsigned lane = ::cdcl_emu::lane_id();
     for (int e = 0; e < tr::num_elements; ++e) {
         const unsigned pos = pl.pos[lane * tr::num_elements + e], r = pos / 16, c = pos % 16;
-        p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
+        float* dst = &p[layout == mem_row_major ? r * ldm + c : c * ldm + r];
+        ::cdcl_emu::race_access(dst, sizeof(float), true);
+        *dst = f.x[e];
     }
 }
 
 template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& dfrag, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& dfrag, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c,
                      const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
@@ -247,7 +251,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& dfrag, const frag
     const void* lanes[32];
     d::mma_rendezvous(&mine, lanes, file, line);
     // Element (r, c) of A or B: the value of its first copy; a second copy (__half) must agree.
-    auto elem = [&](const auto& pl, int ne, auto getter, unsigned pos) -> float {
+    auto elem = [&](const auto& pl, int ne, auto getter, unsigned pos) CDCL_EMU_UNCHECKED -> float {
         const unsigned s0 = pl.slot_of[0][pos];
         const auto v0 = getter(static_cast<const Mine*>(lanes[s0 / ne]), s0 % ne);
         if (ne == 16) {
@@ -260,8 +264,8 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& dfrag, const frag
         }
         return d::elem_f32(v0);
     };
-    auto get_a = [](const Mine* m, unsigned e) { return m->a->x[e]; };
-    auto get_b = [](const Mine* m, unsigned e) { return m->b->x[e]; };
+    auto get_a = [](const Mine* m, unsigned e) CDCL_EMU_UNCHECKED { return m->a->x[e]; };
+    auto get_b = [](const Mine* m, unsigned e) CDCL_EMU_UNCHECKED { return m->b->x[e]; };
     const unsigned lane = ::cdcl_emu::lane_id();
     float out[nc];
     for (int e = 0; e < nc; ++e) {

@@ -114,6 +114,46 @@ pub enum SelfTest {
     /// Wrong code that assumes a fragment layout: loads M(r, c) = 16 r + c into an accumulator
     /// and writes element e of lane l to output[8 l + e] (256 floats).
     WmmaAssumedLayout,
+    /// A `float4` load from a 4-byte aligned address (output of 32 floats).
+    MisalignedFloat4Load,
+    /// A `float2` store to a 4-byte aligned address (output of 32 floats).
+    MisalignedFloat2Store,
+    /// A `uint4` read from shared memory at an 8-byte aligned address (output of 32 floats).
+    MisalignedSharedUint4,
+    /// A `__half2` read at an odd `__half` offset of shared memory (output of 32 floats).
+    MisalignedHalf2,
+    /// `wmma::load_matrix_sync` from a pointer that is 16- but not 32-byte aligned (32 floats).
+    MisalignedWmmaLoad,
+    /// One thread writes a shared word that the others read in the same barrier interval.
+    SharedReadWriteRace,
+    /// Every thread increments output[0] with a plain read-modify-write of global memory.
+    GlobalRace,
+    /// A plain store and atomic adds to one shared counter in the same barrier interval.
+    AtomicVsPlainWrite,
+    /// Lanes exchange values through shared memory with a `__syncwarp` between write and read:
+    /// correct (output of 64 floats: out[t] = (t ^ 1) + (t + 32) % 64).
+    WarpExchangeSynced,
+    /// The same exchange without the `__syncwarp`: a race between lanes of one warp.
+    WarpExchangeUnsynced,
+    /// 256 threads increment a shared counter with a plain read-modify-write, run under the
+    /// preemptive schedule without the race detector: output[0] shows the lost updates.
+    LostUpdatePreemptive,
+    /// The same kernel under the preemptive schedule with the race detector on.
+    LostUpdateRacecheck,
+    /// Half a warp calls `__shfl_up_sync`, the other half `__shfl_down_sync`.
+    ShuffleKindMismatch,
+    /// Half a warp shuffles with width 16, the other half with width 32.
+    ShuffleWidthMismatch,
+    /// Threads read an `int` shared array half of which nobody wrote; output[t] holds the bits
+    /// of slot t (output of 64 floats).
+    PoisonedSharedInt,
+    /// A kernel declared `__launch_bounds__(64)` launched with 128 threads per block.
+    BeyondLaunchBounds,
+    /// The same kernel launched with 64 threads per block, in 2 blocks (output of 64 floats).
+    WithinLaunchBounds,
+    /// output[3] = output[0] * output[1] + output[2] as plain code, which nvcc contracts to an
+    /// fma and the emulator does not (output of 4 floats).
+    FpContraction,
 }
 
 /// Runs a self-test kernel writing `out` (f32). The launch result is returned as is: a rule
@@ -133,6 +173,20 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::WmmaGemmF16Tiled | SelfTest::WmmaGemmBf16Tiled => 4096,
         SelfTest::WmmaDivergentPointer | SelfTest::WmmaPartialWarp => 32,
         SelfTest::WmmaAssumedLayout => 256,
+        SelfTest::MisalignedFloat4Load
+        | SelfTest::MisalignedFloat2Store
+        | SelfTest::MisalignedSharedUint4
+        | SelfTest::MisalignedHalf2
+        | SelfTest::MisalignedWmmaLoad
+        | SelfTest::ShuffleKindMismatch
+        | SelfTest::ShuffleWidthMismatch => 32,
+        SelfTest::SharedReadWriteRace
+        | SelfTest::WarpExchangeSynced
+        | SelfTest::WarpExchangeUnsynced
+        | SelfTest::PoisonedSharedInt
+        | SelfTest::WithinLaunchBounds => 64,
+        SelfTest::BeyondLaunchBounds => 128,
+        SelfTest::FpContraction => 4,
         _ => 1,
     };
     if out.numel() < need {
@@ -174,6 +228,24 @@ pub fn run_selftest(which: SelfTest, out: &mut Tensor) -> Result<()> {
         SelfTest::WmmaDivergentPointer => ffi::CDCL_SELFTEST_WMMA_DIVERGENT_POINTER,
         SelfTest::WmmaPartialWarp => ffi::CDCL_SELFTEST_WMMA_PARTIAL_WARP,
         SelfTest::WmmaAssumedLayout => ffi::CDCL_SELFTEST_WMMA_ASSUMED_LAYOUT,
+        SelfTest::MisalignedFloat4Load => ffi::CDCL_SELFTEST_MISALIGNED_FLOAT4_LOAD,
+        SelfTest::MisalignedFloat2Store => ffi::CDCL_SELFTEST_MISALIGNED_FLOAT2_STORE,
+        SelfTest::MisalignedSharedUint4 => ffi::CDCL_SELFTEST_MISALIGNED_SHARED_UINT4,
+        SelfTest::MisalignedHalf2 => ffi::CDCL_SELFTEST_MISALIGNED_HALF2,
+        SelfTest::MisalignedWmmaLoad => ffi::CDCL_SELFTEST_MISALIGNED_WMMA_LOAD,
+        SelfTest::SharedReadWriteRace => ffi::CDCL_SELFTEST_SHARED_READ_WRITE_RACE,
+        SelfTest::GlobalRace => ffi::CDCL_SELFTEST_GLOBAL_RACE,
+        SelfTest::AtomicVsPlainWrite => ffi::CDCL_SELFTEST_ATOMIC_VS_PLAIN_WRITE,
+        SelfTest::WarpExchangeSynced => ffi::CDCL_SELFTEST_WARP_EXCHANGE_SYNCED,
+        SelfTest::WarpExchangeUnsynced => ffi::CDCL_SELFTEST_WARP_EXCHANGE_UNSYNCED,
+        SelfTest::LostUpdatePreemptive => ffi::CDCL_SELFTEST_LOST_UPDATE_PREEMPTIVE,
+        SelfTest::LostUpdateRacecheck => ffi::CDCL_SELFTEST_LOST_UPDATE_RACECHECK,
+        SelfTest::ShuffleKindMismatch => ffi::CDCL_SELFTEST_SHUFFLE_KIND_MISMATCH,
+        SelfTest::ShuffleWidthMismatch => ffi::CDCL_SELFTEST_SHUFFLE_WIDTH_MISMATCH,
+        SelfTest::PoisonedSharedInt => ffi::CDCL_SELFTEST_POISONED_SHARED_INT,
+        SelfTest::BeyondLaunchBounds => ffi::CDCL_SELFTEST_BEYOND_LAUNCH_BOUNDS,
+        SelfTest::WithinLaunchBounds => ffi::CDCL_SELFTEST_WITHIN_LAUNCH_BOUNDS,
+        SelfTest::FpContraction => ffi::CDCL_SELFTEST_FP_CONTRACTION,
     };
     let n = out.numel().min(256) as i32;
     let ptr = out.buffer_mut().as_mut_ptr().cast::<f32>();
