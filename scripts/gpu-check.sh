@@ -106,15 +106,16 @@ check_steps() {
     done
     # 4. three training iterations with the step's accounting; if they fail, one more with
     #    every launch synchronised, so that the log names the kernel that faulted.
-    local train=("$dir/cdcl" train --device cuda --profile --iters 3 --size 512 --eval-images 0)
+    local train=(train --device cuda --profile --size 512 --eval-images 0)
     if [ "$device" != cuda ]; then
-        train=("$dir/cdcl" train --device emulator --profile --iters 3 --size 32 --width 0.0625 --batch 2 --eval-images 0)
+        train=(train --device emulator --profile --size 32 --width 0.0625 --batch 2 --eval-images 0)
     fi
+    train+=(--checkpoint "$out/checkpoint.safetensors")
     local before=$status
-    runs "${train[*]:1}" "$T_TRAIN" "$out/train.txt" "${train[@]}"
+    runs "cdcl ${train[*]} --iters 3" "$T_TRAIN" "$out/train.txt" "$dir/cdcl" "${train[@]}" --iters 3
     if [ "$status" != "$before" ] || [ "$device" != cuda ]; then
-        runs "CDCL_SYNC_LAUNCHES=1 ${train[*]:1} --iters 1" "$T_TRAIN" "$out/train.txt" \
-            env CDCL_SYNC_LAUNCHES=1 "${train[@]}" --iters 1
+        runs "CDCL_SYNC_LAUNCHES=1 cdcl ${train[*]} --iters 1" "$T_TRAIN" "$out/train.txt" \
+            env CDCL_SYNC_LAUNCHES=1 "$dir/cdcl" "${train[@]}" --iters 1
     fi
     # 5. the benches
     for b in "${BENCHES[@]}"; do

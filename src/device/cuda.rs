@@ -318,3 +318,32 @@ impl CudaMem {
         ptr
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{arch_mismatch, driver_mismatch};
+
+    #[test]
+    fn compute_capability_against_the_embedded_architectures() {
+        let archs = [80, 86, 89, 90];
+        // SASS of the same major version with an older or equal minor runs; the newest PTX
+        // covers newer GPUs.
+        for cc in [80, 86, 87, 89, 90, 100, 120] {
+            assert_eq!(arch_mismatch(cc, &archs), None, "sm_{cc}");
+        }
+        for cc in [35, 61, 70, 75] {
+            let why = arch_mismatch(cc, &archs).expect("refused");
+            assert!(why.contains(&format!("{}.{}", cc / 10, cc % 10)) && why.contains("sm_80"), "{why}");
+        }
+        // A build for sm_90 only does not run on an Ampere GPU.
+        assert!(arch_mismatch(86, &[90]).is_some());
+    }
+
+    #[test]
+    fn driver_version_against_the_cuda_release() {
+        assert_eq!(driver_mismatch(13000), None);
+        assert_eq!(driver_mismatch(13020), None);
+        let why = driver_mismatch(12080).expect("refused");
+        assert!(why.contains("12.8") && why.contains("13.0"), "{why}");
+    }
+}
