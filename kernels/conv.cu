@@ -41,62 +41,66 @@ __device__ __forceinline__ int sample_dataset(const cdcl_conv_params& p, int n) 
     return (d >= 0 && d < p.num_datasets) ? d : -1;
 }
 
-// An in-image input element as the convolution sees it: raw, or through the prologue.
-__device__ __forceinline__ float input_value(const cdcl_conv_params& p, int n, int c, float raw) {
-    if (!p.pro_mean) return raw;
-    const int d = sample_dataset(p, n);
-    if (d < 0) return 0.0f;
-    const int s = d * p.c + c;
-    const float v = bn_affine(raw, p.pro_mean[s], p.pro_invstd[s], p.pro_gamma[s], p.pro_beta[s]);
-    return p.pro_relu ? fmaxf(v, 0.0f) : v;
-}
-
-// ---- operand loading: the general mapping and the vector fast paths ---------------------------
+// ---- operands: the thread mapping and the per-thread iterators ---------------------------------
 //
 // Each step, a block loads a 16 (reduction) x 64 (rows of A, or columns of B) slab of each
 // operand, 4 values per thread. The general mapping puts 16 consecutive threads on 16
 // consecutive reduction indices of one row, and works for any sizes. When 4 consecutive
 // elements along one axis are contiguous and aligned in memory, a thread loads them with one
-// vector instruction instead (and computes their address once):
+// vector instruction instead:
 //   kAlongK:  4 consecutive reduction indices of one row (thread t: row t/4, k 4(t%4)..+3);
 //   kAlongMN: 4 consecutive rows at one reduction index (thread t: k t/16, rows 4(t%16)..+3).
 // Which applies is a property of the problem (its kVecA / kVecB) and of the sizes and pointers
 // (its vec_a() / vec_b(), uniform per launch).
+//
+// In every mapping a thread keeps the same rows and one reduction lane (k advancing by kBK per
+// step) for the whole k-loop. So each operand is an iterator: its rows are decomposed once,
+// before the loop (pixel -> n, p, q with fast divisors); the lane's coordinates ((r, s, c) of a
+// filter tap, or a pixel) advance incrementally, a carry into the next tap costing one fast
+// division only when the lane wraps. The k-loop holds no division (tests/sass.rs checks it).
 constexpr int kNoVec = 0, kAlongK = 1, kAlongMN = 2;
 
-// `one(i, kk)` loads a single element, `four(i, kk, r)` the 4-vector of the fast path; `base` is
-// the slab's first row, `bound` one past the last valid row; reduction indices from `k_end` on
-// read as zero. In the fast paths the 4 elements are all valid or all not: the problem only
-// enables them when the bound along the vector's axis is a multiple of 4.
-template <int kMode, class One, class Four>
-__device__ __forceinline__ void load_operand(bool vec, long long kt, long long k_end, long long base, long long bound,
-                                             One one, Four four, float (&r)[4]) {
+// The prologue's DSBN tables, staged in shared memory (see Prologue below) for at most this
+// many datasets; the launchers refuse a prologue with more.
+constexpr int kStageDatasets = 8;
+
+struct alignas(16) BnEntry {
+    float mean, invstd, gamma, beta;
+};
+
+// A thread's share of one operand's slab: its reduction lane and its 4 rows (offsets in the slab).
+struct Mapping {
+    int klane;
+    int row[4];
+};
+template <int kMode>
+__device__ __forceinline__ Mapping mapping(bool vec) {
     const int t = (int)threadIdx.x;
-    if constexpr (kMode != kNoVec) {
-        if (vec) {
-            const long long kk = kMode == kAlongK ? kt + (t % 4) * 4 : kt + t / 16;
-            const long long i = kMode == kAlongK ? base + t / 4 : base + (t % 16) * 4;
-            if (kk < k_end && i < bound)
-                four(i, kk, r);
-            else
-                for (int j = 0; j < 4; ++j) r[j] = 0.0f;
-            return;
+    Mapping m;
+    CDCL_UNROLL
+    for (int j = 0; j < 4; ++j) {
+        if (kMode == kAlongK && vec) {
+            m.klane = (t % 4) * 4;
+            m.row[j] = t / 4;
+        } else if (kMode == kAlongMN && vec) {
+            m.klane = t / 16;
+            m.row[j] = (t % 16) * 4 + j;
+        } else {
+            m.klane = t % 16;
+            m.row[j] = t / 16 + 16 * j;
         }
     }
-    const long long kk = kt + t % 16;
-    for (int j = 0; j < 4; ++j) {
-        const long long i = base + t / 16 + 16 * j;
-        r[j] = (kk < k_end && i < bound) ? one(i, kk) : 0.0f;
-    }
+    return m;
 }
 
-// Writes what load_operand loaded: `store(k, i, v)` with k the reduction offset in the step and
+// Writes what an iterator loaded: `store(k, i, v)` with k the reduction offset in the step and
 // i the row offset in the slab.
-template <int kMode, class Store>
-__device__ __forceinline__ void stash_operand(bool vec, const float (&r)[4], Store store) {
+template <int kMode, bool V, class Store>
+__device__ __forceinline__ void stash_operand(const float (&r)[4], Store store) {
     const int t = (int)threadIdx.x;
     if constexpr (kMode != kNoVec) {
-        if (vec) {
+        if constexpr (V) {
+            CDCL_UNROLL
             for (int j = 0; j < 4; ++j) {
                 if (kMode == kAlongK)
                     store((t % 4) * 4 + j, t / 4, r[j]);
@@ -106,78 +110,451 @@ __device__ __forceinline__ void stash_operand(bool vec, const float (&r)[4], Sto
             return;
         }
     }
-    for (int j = 0; j < 4; ++j) store(t % 16, t / 16 + 16 * j, r[j]);
-}
-
-// The 4 elements of storage type T at `base + off` as f32, one vector load; zeros for off < 0.
-template <typename T>
-__device__ __forceinline__ void load4(const void* base, long long off, float (&v)[4]) {
-    if (off < 0) {
-        for (int j = 0; j < 4; ++j) v[j] = 0.0f;
-        return;
+    if constexpr (kMode == kNoVec || !V) {
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) store(t % 16, t / 16 + 16 * j, r[j]);
     }
-    const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(static_cast<const T*>(base) + off);
+}
+
+// The element of storage type T at `base + off` as f32, or 0 when `in` is false; and the 4
+// elements there (one vector load). A masked-off load reads `base` itself (always valid) and
+// is discarded: a select instead of a branch around each load.
+template <typename T>
+__device__ __forceinline__ float load_or_zero(bool in, const T* base, long long off) {
+    const float v = to_f32(base[in ? off : 0]);
+    return in ? v : 0.0f;
+}
+template <typename T>
+__device__ __forceinline__ void load4_or_zero(bool in, const T* base, long long off, float (&v)[4]) {
+    const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(base + (in ? off : 0));
     CDCL_UNROLL
-    for (int j = 0; j < 4; ++j) v[j] = to_f32(x4.v[j]);
+    for (int j = 0; j < 4; ++j) v[j] = in ? to_f32(x4.v[j]) : 0.0f;
 }
 
-// ---- where the operands' elements live -------------------------------------------------------
+// What every iterator has: its reduction index, the end of its slice, which mapping it uses and
+// which of its rows exist. load() fills r with the current step's elements (zero outside the
+// matrix), next() moves one step on. Iterators without a prologue stage nothing.
+struct IterBase {
+    long long k, k_end;
+    bool vec;
+    bool ok[4];
+    __device__ void stage_block(BnEntry*) const {}
+    template <bool Pro>
+    __device__ void stage_fetch() {}
+    template <bool Pro>
+    __device__ void stage_store(BnEntry*) const {}
+    template <bool V, bool Pro>
+    __device__ void finish(float (&)[4], const BnEntry*) const {}
+};
 
-// im2col(x)[pixel, kk], pixel = (n, p, q) and kk = (r, s, c) flattened: its offset in x, with
-// its sample and channel, or -1 in the zero padding. The forward's A and the filter gradient's B.
-__device__ __forceinline__ long long im2col_at(const cdcl_conv_params& p, long long pixel, int kk, int& n, int& c) {
-    const int q = (int)(pixel % p.q);
-    const long long t = pixel / p.q;
-    const int pp = (int)(t % p.p);
-    n = (int)(t / p.p);
-    c = kk % p.c;
-    const int rs = kk / p.c, s = rs % p.s, r = rs / p.s;
-    const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-    const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-    if (h < 0 || h >= p.h || w < 0 || w >= p.w) return -1;
-    return (((long long)n * p.h + h) * p.w + w) * p.c + c;
+// The prologue: an in-image element of x is read as relu?(bn_affine(x, table[d, c])) with d the
+// sample's dataset (0 for an invalid one), so the operands see the previous block's DSBN + ReLU
+// without it ever being written. The four table entries of (d, c) come from shared memory,
+// staged by the iterator that reads x: per k-step for the forward (16 reduction lanes, i.e. 16
+// channels, times the datasets), once per block for the filter gradient (its 64 columns, i.e.
+// fixed channels, times the datasets). The raw values are loaded with the step's operands and
+// transformed when stashed, so the global loads still overlap the math.
+__device__ __forceinline__ float prologue_value(const cdcl_conv_params& p, float raw, const BnEntry& e) {
+    const float v = bn_affine(raw, e.mean, e.invstd, e.gamma, e.beta);
+    return p.pro_relu ? fmaxf(v, 0.0f) : v;
+}
+__device__ __forceinline__ BnEntry table_entry(const cdcl_conv_params& p, int d, int c) {
+    const int s = d * p.c + c;
+    return BnEntry{p.pro_mean[s], p.pro_invstd[s], p.pro_gamma[s], p.pro_beta[s]};
 }
 
-// im2col(x)[pixel, kk] as the convolution sees it (through the prologue, if any), one element
-// or the 4 consecutive channels of the vector fast path.
+// A reduction lane over the filter taps (r, s, ch), ch of `chans` channels: kk = (r*S + s)*chans
+// + ch, advancing by kBK with a carry into s and r when ch wraps.
+struct TapLane {
+    int r, s, ch;
+    __device__ void init(int kk, const FastDiv& fch, const FastDiv& fs) {
+        const int rs = fch.div(kk);
+        ch = kk - rs * fch.d;
+        r = fs.div(rs);
+        s = rs - r * fs.d;
+    }
+    // Returns true when the tap changed.
+    __device__ __forceinline__ bool next(const FastDiv& fch, const FastDiv& fs) {
+        ch += kBK;
+        if (ch < fch.d) return false;
+        const int carry = fch.div(ch);
+        ch -= carry * fch.d;
+        s += carry;
+        if (s >= fs.d) {
+            const int c2 = fs.div(s);
+            s -= c2 * fs.d;
+            r += c2;
+        }
+        return true;
+    }
+};
+
+// The forward's A, im2col(x)[pixel, (r, s, c)]: rows are output pixels (n, p, q).
 template <typename T>
-__device__ __forceinline__ float im2col_value(const cdcl_conv_params& p, long long pixel, long long kk) {
-    int n, c;
-    const long long at = im2col_at(p, pixel, (int)kk, n, c);
-    return at < 0 ? 0.0f : input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[at]));
-}
-template <typename T>
-__device__ __forceinline__ void im2col_value4(const cdcl_conv_params& p, long long pixel, long long kk, float (&v)[4]) {
-    int n, c;
-    const long long at = im2col_at(p, pixel, (int)kk, n, c);
-    load4<T>(p.x, at, v);
-    if (at >= 0)
-        for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, v[j]);
-}
+struct Im2colRows : IterBase {
+    const cdcl_conv_params& p;
+    long long xrow[4];  // offset in x of (n, h0, w0, 0), h0 = p*stride - pad (may be outside)
+    int h0[4], w0[4];
+    int ds[4];  // the row's dataset, for the prologue (-1: invalid index)
+    int klane;
+    bool live[4];  // the loaded element is in the image (the prologue applies)
+    FastDiv fc, fs;
+    TapLane lane;
+    int rdh, sdw;
+    long long koff;  // offset of (r*dil_h, s*dil_w, c) from a pixel window's origin
+    // The per-step table: thread t < 16 * datasets holds entry (t / 16, lane t % 16).
+    int tc;
+    BnEntry te;
 
-// The data gradient's A[m, kk], m = (n, h, w) and kk = (r, s, k) flattened: dx[n,h,w,c] sums
+    __device__ Im2colRows(const cdcl_conv_params& pr, long long base, long long bound, long long k0, long long kend,
+                          bool v)
+        : p(pr), fc(pr.c), fs(pr.s) {
+        const Mapping mp = mapping<kAlongK>(v);
+        k = k0 + mp.klane;
+        k_end = kend;
+        vec = v;
+        klane = mp.klane;
+        const FastDiv fq(p.q), fp(p.p);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const long long m = base + mp.row[j];
+            ok[j] = m < bound;
+            const int mi = ok[j] ? (int)m : 0;
+            const int t = fq.div(mi), q = mi - t * p.q;
+            const int n = fp.div(t), pp = t - n * p.p;
+            h0[j] = pp * p.stride_h - p.pad_h;
+            w0[j] = q * p.stride_w - p.pad_w;
+            xrow[j] = (((long long)n * p.h + h0[j]) * p.w + w0[j]) * p.c;
+            ds[j] = p.pro_mean ? sample_dataset(p, n) : -1;
+            live[j] = false;
+        }
+        lane.init((int)k, fc, fs);
+        rdh = lane.r * p.dil_h;
+        sdw = lane.s * p.dil_w;
+        koff = ((long long)rdh * p.w + sdw) * p.c + lane.ch;
+        tc = fc.mod((int)(k0 + threadIdx.x % 16));
+    }
+    __device__ __forceinline__ bool inside(int j) const {
+        const int h = h0[j] + rdh, w = w0[j] + sdw;
+        return ok[j] && k < k_end && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
+    }
+    template <bool V>
+    __device__ __forceinline__ void load(float (&r)[4]) {
+        const T* x = static_cast<const T*>(p.x);
+        if constexpr (V) {
+            live[0] = inside(0);
+            load4_or_zero(live[0], x, xrow[0] + koff, r);
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) {
+                live[j] = inside(j);
+                r[j] = load_or_zero(live[j], x, xrow[j] + koff);
+            }
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void next() {
+        k += kBK;
+        if (lane.next(fc, fs)) {
+            rdh = lane.r * p.dil_h;
+            sdw = lane.s * p.dil_w;
+            koff = ((long long)rdh * p.w + sdw) * p.c + lane.ch;
+        } else {
+            koff += kBK;
+        }
+    }
+    // The table of the step being loaded, fetched into registers with its operands.
+    template <bool Pro>
+    __device__ __forceinline__ void stage_fetch() {
+        if constexpr (Pro) {
+            const int d = (int)threadIdx.x / 16;
+            if (d < p.num_datasets && d < kStageDatasets) te = table_entry(p, d, tc);
+            tc += kBK;
+            if (tc >= p.c) tc -= fc.div(tc) * p.c;
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void stage_store(BnEntry* stage) const {
+        const int d = (int)threadIdx.x / 16;
+        if (Pro && d < p.num_datasets && d < kStageDatasets) stage[threadIdx.x] = te;
+    }
+    template <bool V, bool Pro>
+    __device__ __forceinline__ void finish(float (&r)[4], const BnEntry* stage) const {
+        if constexpr (!Pro) {
+        } else if constexpr (V) {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j)
+                r[j] = live[0] && ds[0] >= 0 ? prologue_value(p, r[j], stage[ds[0] * 16 + klane + j]) : 0.0f;
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j)
+                r[j] = live[j] && ds[j] >= 0 ? prologue_value(p, r[j], stage[ds[j] * 16 + klane]) : 0.0f;
+        }
+    }
+};
+
+// The filter gradient's B, im2col(x)[pixel, (r, s, c)]: columns are filter taps (fixed per
+// thread), the reduction runs over output pixels (n, p, q).
+template <typename T>
+struct Im2colCols : IterBase {
+    const cdcl_conv_params& p;
+    long long coff[4];  // offset of (r*dil_h, s*dil_w, c) from a pixel window's origin
+    int rdh[4], sdw[4];
+    int col0;  // the thread's first column offset in the block's 64 (prologue table index)
+    bool live[4];
+    FastDiv fq, fp;
+    int n, pp, q, h0, w0, d, dl;  // the lane's pixel, its window origin and dataset; dl: at load
+    long long xrow;
+
+    __device__ Im2colCols(const cdcl_conv_params& pr, long long base, long long bound, long long k0, long long kend,
+                          bool v)
+        : p(pr), fq(pr.q), fp(pr.p) {
+        const Mapping mp = mapping<kAlongMN>(v);
+        k = k0 + mp.klane;
+        k_end = kend;
+        vec = v;
+        col0 = mp.row[0];
+        const FastDiv fc(p.c), fs(p.s);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const long long col = base + mp.row[j];
+            ok[j] = col < bound;
+            TapLane tap;
+            tap.init(ok[j] ? (int)col : 0, fc, fs);
+            rdh[j] = tap.r * p.dil_h;
+            sdw[j] = tap.s * p.dil_w;
+            coff[j] = ((long long)rdh[j] * p.w + sdw[j]) * p.c + tap.ch;
+            live[j] = false;
+        }
+        const int kk = (int)k, t = fq.div(kk);
+        q = kk - t * p.q;
+        n = fp.div(t);
+        pp = t - n * p.p;
+        dl = -1;
+        window<false>();
+        d = p.pro_mean ? sample_dataset(p, n) : -1;
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void window() {
+        h0 = pp * p.stride_h - p.pad_h;
+        w0 = q * p.stride_w - p.pad_w;
+        xrow = (((long long)n * p.h + h0) * p.w + w0) * p.c;
+        if constexpr (Pro) d = n < p.n ? sample_dataset(p, n) : -1;
+    }
+    __device__ __forceinline__ bool inside(int j) const {
+        const int h = h0 + rdh[j], w = w0 + sdw[j];
+        return ok[j] && k < k_end && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
+    }
+    template <bool V>
+    __device__ __forceinline__ void load(float (&r)[4]) {
+        const T* x = static_cast<const T*>(p.x);
+        dl = d;
+        if constexpr (V) {
+            live[0] = inside(0);
+            load4_or_zero(live[0], x, xrow + coff[0], r);
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) {
+                live[j] = inside(j);
+                r[j] = load_or_zero(live[j], x, xrow + coff[j]);
+            }
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void next() {
+        k += kBK;
+        q += kBK;
+        if (q >= p.q) {
+            const int carry = fq.div(q);
+            q -= carry * p.q;
+            pp += carry;
+            if (pp >= p.p) {
+                const int c2 = fp.div(pp);
+                pp -= c2 * p.p;
+                n += c2;
+            }
+        }
+        window<Pro>();
+    }
+    // The block's 64 columns are fixed: their table entries for every dataset, staged once.
+    __device__ void stage_block(BnEntry* stage) const {
+        if (!p.pro_mean) return;
+        const int cols = p.r * p.s * p.c, n0 = (int)blockIdx.y * kBN;
+        const int datasets = p.num_datasets < kStageDatasets ? p.num_datasets : kStageDatasets;
+        for (int i = (int)threadIdx.x; i < datasets * kBN; i += kThreads) {
+            const int col = n0 + i % kBN;
+            if (col < cols) stage[i] = table_entry(p, i / kBN, col % p.c);
+        }
+    }
+    template <bool V, bool Pro>
+    __device__ __forceinline__ void finish(float (&r)[4], const BnEntry* stage) const {
+        if constexpr (Pro) {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) {
+                const bool in = V ? live[0] : live[j];
+                const int col = V ? col0 + j : col0 + 16 * j;
+                r[j] = in && dl >= 0 ? prologue_value(p, r[j], stage[dl * kBN + col]) : 0.0f;
+            }
+        }
+    }
+};
+
+// A matrix whose rows are `stride` apart and whose reduction index is contiguous (the forward's
+// weights, [k][r*s*c]) or the other way round (dy^T for the filter gradient, [pixel][k]):
+// element (row, kk) at row * row_step + kk * k_step, one of the steps 1.
+template <typename T, int kMode>
+struct Strided : IterBase {
+    const T* base_ptr;
+    long long roff[4];
+    long long koff, kstep;
+    __device__ Strided(const T* ptr, long long row_step, long long k_step, long long base, long long bound, long long k0,
+                       long long kend, bool v)
+        : base_ptr(ptr) {
+        const Mapping mp = mapping<kMode>(v);
+        k = k0 + mp.klane;
+        k_end = kend;
+        vec = v;
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const long long row = base + mp.row[j];
+            ok[j] = row < bound;
+            roff[j] = row * row_step;
+        }
+        koff = k * k_step;
+        kstep = kBK * k_step;
+    }
+    template <bool V>
+    __device__ __forceinline__ void load(float (&r)[4]) {
+        const bool kin = k < k_end;
+        if constexpr (V) {
+            load4_or_zero(ok[0] && kin, base_ptr, roff[0] + koff, r);
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) r[j] = load_or_zero(ok[j] && kin, base_ptr, roff[j] + koff);
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void next() {
+        k += kBK;
+        koff += kstep;
+    }
+};
+
+// The data gradient's A[m, kk], m = (n, h, w) and kk = (r, s, k): dx[n,h,w,c] sums
 // dy[n, p, q, k] * w[k, r, s, c] over the taps with h = p*stride - pad + r*dil, so only offsets
-// that land on the stride grid contribute. The offset in dy, or -1 where none does.
-__device__ __forceinline__ long long dgrad_dy_at(const cdcl_conv_params& p, long long m, long long kk) {
-    const int w = (int)(m % p.w);
-    const long long t = m / p.w;
-    const int h = (int)(t % p.h), n = (int)(t / p.h);
-    const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
-    const int hp = h + p.pad_h - r * p.dil_h;
-    const int wp = w + p.pad_w - s * p.dil_w;
-    if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return -1;
-    const int pp = hp / p.stride_h, q = wp / p.stride_w;
-    if (pp >= p.p || q >= p.q) return -1;
-    return (((long long)n * p.p + pp) * p.q + q) * p.k + k;
-}
+// that land on the stride grid contribute (checked with fast divisors by the strides).
+template <typename T>
+struct DgradRows : IterBase {
+    const cdcl_conv_params& p;
+    long long dyn[4];  // offset of sample n in dy
+    int hp0[4], wp0[4];  // h + pad_h, w + pad_w
+    FastDiv fk, fs, fsh, fsw;
+    TapLane lane;
+    int rdh, sdw;
+    __device__ DgradRows(const cdcl_conv_params& pr, long long base, long long bound, long long k0, long long kend,
+                         bool v)
+        : p(pr), fk(pr.k), fs(pr.s), fsh(pr.stride_h), fsw(pr.stride_w) {
+        const Mapping mp = mapping<kAlongK>(v);
+        k = k0 + mp.klane;
+        k_end = kend;
+        vec = v;
+        const FastDiv fw(p.w), fh(p.h);
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const long long m = base + mp.row[j];
+            ok[j] = m < bound;
+            const int mi = ok[j] ? (int)m : 0;
+            const int t = fw.div(mi), w = mi - t * p.w;
+            const int n = fh.div(t), h = t - n * p.h;
+            hp0[j] = h + p.pad_h;
+            wp0[j] = w + p.pad_w;
+            dyn[j] = (long long)n * p.p * p.q * p.k;
+        }
+        lane.init((int)k, fk, fs);
+        rdh = lane.r * p.dil_h;
+        sdw = lane.s * p.dil_w;
+    }
+    // The offset in dy of row j's element, or -1 where no output position reads it.
+    __device__ __forceinline__ long long at(int j) const {
+        const int hp = hp0[j] - rdh, wp = wp0[j] - sdw;
+        if (!ok[j] || k >= k_end || hp < 0 || wp < 0) return -1;
+        const int ph = fsh.div(hp), pw = fsw.div(wp);
+        if (ph * p.stride_h != hp || pw * p.stride_w != wp || ph >= p.p || pw >= p.q) return -1;
+        return dyn[j] + ((long long)ph * p.q + pw) * p.k + lane.ch;
+    }
+    template <bool V>
+    __device__ __forceinline__ void load(float (&r)[4]) {
+        const T* dy = static_cast<const T*>(p.dy);
+        if constexpr (V) {
+            const long long o = at(0);
+            load4_or_zero(o >= 0, dy, o, r);
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) {
+                const long long o = at(j);
+                r[j] = load_or_zero(o >= 0, dy, o);
+            }
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void next() {
+        k += kBK;
+        if (lane.next(fk, fs)) {
+            rdh = lane.r * p.dil_h;
+            sdw = lane.s * p.dil_w;
+        }
+    }
+};
 
-// The data gradient's B[kk, col] = w[k, r, s, col], kk = (r, s, k): its offset in the weight.
-__device__ __forceinline__ long long dgrad_w_at(const cdcl_conv_params& p, long long kk, int col) {
-    const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
-    return ((long long)k * p.r * p.s + rs) * p.c + col;
-}
+// The data gradient's B[kk, col] = w[k, r, s, col], kk = (r, s, k) flattened as (r*S + s)*K + k.
+template <typename T>
+struct DgradWeights : IterBase {
+    const cdcl_conv_params& p;
+    long long woff;  // offset of w[k, r, s, 0]
+    int col[4];
+    FastDiv fk;
+    int kout, rs;
+    __device__ DgradWeights(const cdcl_conv_params& pr, long long base, long long bound, long long k0, long long kend,
+                            bool v)
+        : p(pr), fk(pr.k) {
+        const Mapping mp = mapping<kAlongMN>(v);
+        k = k0 + mp.klane;
+        k_end = kend;
+        vec = v;
+        CDCL_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            col[j] = (int)base + mp.row[j];
+            ok[j] = col[j] < bound;
+        }
+        rs = fk.div((int)k);
+        kout = (int)k - rs * p.k;
+        woff = ((long long)kout * p.r * p.s + rs) * p.c;
+    }
+    template <bool V>
+    __device__ __forceinline__ void load(float (&r)[4]) {
+        const T* w = static_cast<const T*>(p.weight);
+        const bool kin = k < k_end;
+        if constexpr (V) {
+            load4_or_zero(ok[0] && kin, w, woff + col[0], r);
+        } else {
+            CDCL_UNROLL
+            for (int j = 0; j < 4; ++j) r[j] = load_or_zero(ok[j] && kin, w, woff + col[j]);
+        }
+    }
+    template <bool Pro>
+    __device__ __forceinline__ void next() {
+        k += kBK;
+        kout += kBK;
+        if (kout >= p.k) {
+            const int carry = fk.div(kout);
+            kout -= carry * p.k;
+            rs += carry;
+        }
+        woff = ((long long)kout * p.r * p.s + rs) * p.c;
+    }
+};
 
-// ---- the three problems: sizes, loaders, epilogues -------------------------------------------
+// ---- the three problems: sizes, operands, epilogues --------------------------------------------
 
 // T: the storage type of x, weight, residual and y (f32, or f16 / bf16 for the tensor-core
 // mainloop); values are f32 in registers.
@@ -187,19 +564,21 @@ struct ConvForward {
     __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
     __device__ int cols() const { return p.k; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.c; }
-    __device__ float a(long long m, long long kk) const { return im2col_value<T>(p, m, kk); }
-    __device__ float b(long long kk, int col) const {
-        return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
-    }
     // Both operands are contiguous along the reduction (4 consecutive indices = 4 channels of
     // one filter tap) when C is a multiple of 4.
     static constexpr int kVecA = kAlongK, kVecB = kAlongK;
     __device__ bool vec_a() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x); }
     __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.weight); }
-    __device__ void a4(long long m, long long kk, float (&v)[4]) const { im2col_value4<T>(p, m, kk, v); }
-    __device__ void b4(long long kk, int col, float (&v)[4]) const {
-        load4<T>(p.weight, (long long)col * depth() + kk, v);
-    }
+    using IterA = Im2colRows<T>;
+    struct IterB : Strided<T, kAlongK> {
+        __device__ IterB(const cdcl_conv_params& p, long long base, long long bound, long long k0, long long kend, bool v)
+            : Strided<T, kAlongK>(static_cast<const T*>(p.weight), (long long)p.r * p.s * p.c, 1, base, bound, k0,
+                                  kend, v) {}
+    };
+    // The prologue's table: per k-step, 16 lanes x the datasets (a barrier between its store and
+    // its use when the prologue is on).
+    static constexpr int kStageEntries = kStageDatasets * kBK;
+    static constexpr bool kStagePerStep = true, kHasPrologue = true;
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
     // dataset; the inference epilogue knows its sample without a division).
     __device__ long long segment() const { return (p.stats || p.epi_mean) ? (long long)p.p * p.q : 0; }
@@ -237,15 +616,10 @@ struct ConvBackwardData {
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
-    __device__ float a(long long m, long long kk) const {
-        const long long at = dgrad_dy_at(p, m, kk);
-        return at < 0 ? 0.0f : to_f32(static_cast<const T*>(p.dy)[at]);
-    }
-    __device__ float b(long long kk, int col) const {
-        return to_f32(static_cast<const T*>(p.weight)[dgrad_w_at(p, kk, col)]);
-    }
-    __device__ void a4(long long m, long long kk, float (&v)[4]) const { load4<T>(p.dy, dgrad_dy_at(p, m, kk), v); }
-    __device__ void b4(long long kk, int col, float (&v)[4]) const { load4<T>(p.weight, dgrad_w_at(p, kk, col), v); }
+    using IterA = DgradRows<T>;
+    using IterB = DgradWeights<T>;
+    static constexpr int kStageEntries = 1;
+    static constexpr bool kStagePerStep = false, kHasPrologue = false;
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int) const {
@@ -268,12 +642,14 @@ struct ConvBackwardFilter {
     __device__ long long rows() const { return p.k; }
     __device__ int cols() const { return p.r * p.s * p.c; }
     __device__ long long depth() const { return (long long)p.n * p.p * p.q; }
-    __device__ float a(long long m, long long j) const {  // dy^T
-        return to_f32(static_cast<const T*>(p.dy)[j * p.k + m]);
-    }
-    __device__ float b(long long j, int col) const { return im2col_value<T>(p, j, col); }
-    __device__ void a4(long long m, long long j, float (&v)[4]) const { load4<T>(p.dy, j * p.k + m, v); }
-    __device__ void b4(long long j, int col, float (&v)[4]) const { im2col_value4<T>(p, j, col, v); }
+    struct IterA : Strided<T, kAlongMN> {  // dy^T[m, j] = dy[j * K + m]
+        __device__ IterA(const cdcl_conv_params& p, long long base, long long bound, long long k0, long long kend, bool v)
+            : Strided<T, kAlongMN>(static_cast<const T*>(p.dy), 1, p.k, base, bound, k0, kend, v) {}
+    };
+    using IterB = Im2colCols<T>;
+    // The prologue's table: the block's 64 columns x the datasets, staged once.
+    static constexpr int kStageEntries = kStageDatasets * kBN;
+    static constexpr bool kStagePerStep = false, kHasPrologue = true;
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int slice) const {
@@ -288,11 +664,44 @@ struct ConvBackwardFilter {
     }
 };
 
+// Both operands' iterators and registers, shared by the FFMA and the tensor-core mainloops:
+// load() issues the next step's global loads (and the prologue table's), stash() writes them to
+// shared memory through `sa` / `sb` after the math of the current step.
+template <class Prob>
+struct Operands {
+    typename Prob::IterA ia;
+    typename Prob::IterB ib;
+    float ra[4], rb[4];
+    __device__ Operands(const cdcl_conv_params& p, long long m0, long long rows, int n0, int cols, long long k_begin,
+                        long long k_end, bool va, bool vb)
+        : ia(p, m0, rows, k_begin, k_end, va), ib(p, n0, cols, k_begin, k_end, vb) {}
+    template <bool V, bool Pro>
+    __device__ __forceinline__ void load() {
+        ia.template stage_fetch<Pro>();
+        ia.template load<V>(ra);
+        ib.template load<V>(rb);
+        ia.template next<Pro>();
+        ib.template next<Pro>();
+    }
+    template <bool V, bool Pro, class SA, class SB>
+    __device__ __forceinline__ void stash(BnEntry* stage, SA sa, SB sb) {
+        if constexpr (Prob::kStagePerStep && Pro) {
+            ia.template stage_store<Pro>(stage);
+            __syncthreads();
+        }
+        ia.template finish<V, Pro>(ra, stage);
+        ib.template finish<V, Pro>(rb, stage);
+        stash_operand<Prob::kVecA, V>(ra, sa);
+        stash_operand<Prob::kVecB, V>(rb, sb);
+    }
+};
+
 // Training epilogue: per channel of the tile, the mean and M2 of its (up to 64) valid rows, in a
 // fixed order: Welford over 16 rows in each of 4 groups, then Chan merges of the groups in
 // order. Written in kernels/dsbn.cu's partial layout for its finalize kernel.
 // `vals` holds the tile's outputs, staged by the caller before a barrier.
-__device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const float (*vals)[kBN + 1], long long m0,
+template <int kLd>
+__device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const float (*vals)[kLd], long long m0,
                                                 long long rows, int n0, int cols, unsigned tile) {
     CDCL_SHARED(float, g_cnt, [4][kBN]);
     CDCL_SHARED(float, g_mean, [4][kBN]);
@@ -327,6 +736,30 @@ __device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const
     }
 }
 
+// Runs f(Flag<V>, Flag<Pro>) with V (the vector mapping, for both operands) and Pro (the
+// prologue on) as compile-time constants: each path gets its own k-loop holding only its own
+// code (the choice is uniform per launch).
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+template <class Prob, class F>
+__device__ __forceinline__ void dispatch_paths(bool vec, bool pro, F&& f) {
+    if constexpr (Prob::kHasPrologue) {
+        if (pro) {
+            if (vec)
+                f(Flag<true>{}, Flag<true>{});
+            else
+                f(Flag<false>{}, Flag<true>{});
+            return;
+        }
+    }
+    if (vec)
+        f(Flag<true>{}, Flag<false>{});
+    else
+        f(Flag<false>{}, Flag<false>{});
+}
+
 // The shared mainloop. Tile loads put 16 consecutive threads on 16 consecutive reduction
 // indices, which for the forward's A (channels of one pixel) and B (one filter) are contiguous
 // in memory. blockIdx.z selects a reduction slice of `slice_len` (the whole depth unless split).
@@ -350,46 +783,42 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
 
     CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
     CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
-    float ra[4], rb[4];
-    bool va = false, vb = false;  // the vector fast paths (see load_operand)
-    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
-    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
-    auto load = [&](long long kt) {
-        load_operand<Prob::kVecA>(
-            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
-            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
-        load_operand<Prob::kVecB>(
-            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
-            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
-    };
-    auto stash = [&](int buf) {
-        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { As[buf][k][i] = v; });
-        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { Bs[buf][k][i] = v; });
-    };
+    CDCL_SHARED(BnEntry, stage, [Prob::kStageEntries]);
+    const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths (see Mapping)
+    Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
     float acc[4][4];
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
-    if (tiles > 0) {
-        load(k_begin);
-        stash(0);
-    }
-    __syncthreads();
-    for (long long tile = 0; tile < tiles; ++tile) {
-        const int cur = (int)(tile & 1);
-        const bool more = tile + 1 < tiles;
-        if (more) load(k_begin + (tile + 1) * kBK);  // global loads overlap the math below
-        for (int kk = 0; kk < kBK; ++kk) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
-            for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
-            for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        if (more) stash(cur ^ 1);
+    ops.ia.stage_block(stage);
+    ops.ib.stage_block(stage);
+    dispatch_paths<Prob>(vec, p.pro_mean != nullptr, [&](auto vec_flag, auto pro_flag) {
+        using VF = decltype(vec_flag);
+        using PF = decltype(pro_flag);
+        auto stash = [&](int buf) {
+            ops.template stash<VF::value, PF::value>(
+                stage, [&](int k, int i, float v) { As[buf][k][i] = v; }, [&](int k, int i, float v) { Bs[buf][k][i] = v; });
+        };
+        if (tiles > 0) ops.template load<VF::value, PF::value>();
+        __syncthreads();  // the block's prologue table
+        if (tiles > 0) stash(0);
         __syncthreads();
-    }
+        for (long long tile = 0; tile < tiles; ++tile) {
+            const int cur = (int)(tile & 1);
+            const bool more = tile + 1 < tiles;
+            if (more) ops.template load<VF::value, PF::value>();  // global loads overlap the math below
+            for (int kk = 0; kk < kBK; ++kk) {
+                float a[4], b[4];
+                for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
+                for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
+                for (int i = 0; i < 4; ++i)
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            }
+            if (more) stash(cur ^ 1);
+            __syncthreads();
+        }
+    });
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + ty + 16 * i;
@@ -425,6 +854,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         T a[2][kBM][kLdA];
         T b[2][kBK][kLdB];
         float c[kBM][kLdC];
+        BnEntry stage[Prob::kStageEntries];
     };
     const Prob prob{p};
     const int cols = prob.cols();
@@ -442,69 +872,60 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     const int warp = t / 32, wr = (warp % 4) * 16, wc = (warp / 4) * 32;
 
     CDCL_SHARED(Tiles, sm, );
-    float ra[4], rb[4];
-    bool va = false, vb = false;  // the vector fast paths, as in implicit_gemm
-    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
-    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
-    auto load = [&](long long kt) {
-        load_operand<Prob::kVecA>(
-            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
-            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
-        load_operand<Prob::kVecB>(
-            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
-            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
-    };
-    auto stash = [&](int buf) {
-        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); });
-        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
-    };
+    const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths, as in implicit_gemm
+    Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
-    if (tiles > 0) {
-        load(k_begin);
-        stash(0);
-    }
-    __syncthreads();
-    for (long long tile = 0; tile < tiles; ++tile) {
-        const int cur = (int)(tile & 1);
-        const bool more = tile + 1 < tiles;
-        if (more) load(k_begin + (tile + 1) * kBK);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
-        CDCL_UNROLL
-        for (int j = 0; j < 2; ++j) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
-            wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-        if (more) stash(cur ^ 1);
+    ops.ia.stage_block(sm.stage);
+    ops.ib.stage_block(sm.stage);
+    dispatch_paths<Prob>(vec, p.pro_mean != nullptr, [&](auto vec_flag, auto pro_flag) {
+        using VF = decltype(vec_flag);
+        using PF = decltype(pro_flag);
+        auto stash = [&](int buf) {
+            ops.template stash<VF::value, PF::value>(
+                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); },
+                [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
+        };
+        if (tiles > 0) ops.template load<VF::value, PF::value>();
+        __syncthreads();  // the block's prologue table
+        if (tiles > 0) stash(0);
         __syncthreads();
-    }
+        for (long long tile = 0; tile < tiles; ++tile) {
+            const int cur = (int)(tile & 1);
+            const bool more = tile + 1 < tiles;
+            if (more) ops.template load<VF::value, PF::value>();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
+            CDCL_UNROLL
+            for (int j = 0; j < 2; ++j) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
+                wmma::mma_sync(acc[j], fa, fb, acc[j]);
+            }
+            if (more) stash(cur ^ 1);
+            __syncthreads();
+        }
+    });
     CDCL_UNROLL
     for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(&sm.c[wr][wc + 16 * j], acc[j], kLdC, wmma::mem_row_major);
     __syncthreads();
-    float v[4][4];
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + ty + 16 * i;
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
-            v[i][j] = sm.c[ty + 16 * i][tx + 16 * j];
-            if (m < rows && col < cols) v[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, v[i][j]), (int)blockIdx.z);
+            float v = sm.c[ty + 16 * i][tx + 16 * j];
+            if (m < rows && col < cols) v = prob.store(m, col, prob.finish(seg_idx, m, col, v), (int)blockIdx.z);
+            sm.c[ty + 16 * i][tx + 16 * j] = v;  // what the statistics describe; read back by this thread only
         }
     }
     if (p.stats && seg > 0) {
-        CDCL_SHARED(float, vals, [kBM][kBN + 1]);
-        CDCL_UNROLL
-        for (int i = 0; i < 4; ++i)
-            CDCL_UNROLL
-            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = v[i][j];
         __syncthreads();
-        tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
+        tile_statistics(p, sm.c, m0, rows, n0, cols, blockIdx.x);
     }
 }
 
@@ -560,6 +981,11 @@ __host__ inline bool conv_params_ok(const cdcl_conv_params* p) {
     const long long ph = ((long long)p->h + 2LL * p->pad_h - (long long)p->dil_h * (p->r - 1) - 1) / p->stride_h + 1;
     const long long pw = ((long long)p->w + 2LL * p->pad_w - (long long)p->dil_w * (p->s - 1) - 1) / p->stride_w + 1;
     if (ph != p->p || pw != p->q || ph <= 0 || pw <= 0) return false;
+    // The iterators index pixels (output rows of the forward and the filter gradient, input
+    // rows of the data gradient) as 32-bit ints, with room for the lanes' overshoot.
+    if ((long long)p->n * ph * pw > 2147483647LL - 64 || (long long)p->n * p->h * p->w > 2147483647LL - 64) return false;
+    // The prologue's tables are staged in shared memory for at most kStageDatasets datasets.
+    if (p->pro_mean && p->num_datasets > kStageDatasets) return false;
     // Grid limits: y and z below 65536 blocks.
     const long long rsc = (long long)p->r * p->s * p->c;
     return (p->k + kBN - 1) / kBN < 65536 && (p->c + kBN - 1) / kBN < 65536 && (rsc + kBN - 1) / kBN < 65536 &&
