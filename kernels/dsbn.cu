@@ -116,25 +116,75 @@ __global__ void dsbn_stats_partial(const cdcl_dsbn_params p) {
     }
 }
 
-// Per (dataset, channel): merges the chunk partials of that dataset's samples in sample order,
+// The finalize kernels reduce each (dataset, channel)'s chunk partials with kFinLanes threads
+// instead of one: the list of all chunks in sample order (index n * chunks + j) is cut into
+// kFinLanes contiguous ranges by index alone, lane l merges the chunks of dataset d in its range
+// in order, then the lanes' results merge in a fixed pairwise tree (lane l takes lane l + 1,
+// then l + 2, l + 4, ...: always the left range first). The shape of the reduction depends only
+// on n, the chunk count and kFinLanes, never on the schedule, so the result has the same bits
+// for any block order. Blocks are kFinChans channels (consecutive: coalesced partial reads) x
+// kFinLanes lanes, one dataset per grid row.
+constexpr int kFinLanes = 16;
+constexpr int kFinChans = 16;
+
+// The half-open range of chunk indices (of `total`) that lane `lane` reduces.
+__device__ __forceinline__ void lane_range(int total, int lane, int& i0, int& i1) {
+    i0 = (int)((long long)total * lane / kFinLanes);
+    i1 = (int)((long long)total * (lane + 1) / kFinLanes);
+}
+
+// Walks chunk indices i0..i1 of the sample-ordered list, calling f(i, j) for each chunk (j its
+// index within its sample) whose sample belongs to dataset d. One division before the walk.
+template <class F>
+__device__ __forceinline__ void for_dataset_chunks(const cdcl_dsbn_params& p, int chunks, int d, int i0, int i1, F f) {
+    if (i0 >= i1) return;
+    int n = i0 / chunks, j = i0 - n * chunks;
+    bool mine = dataset_of(p, n) == d;
+    for (int i = i0; i < i1; ++i) {
+        if (mine) f(i, j);
+        if (++j == chunks) {
+            j = 0;
+            ++n;
+            mine = n < p.n && dataset_of(p, n) == d;
+        }
+    }
+}
+
+// Per (dataset, channel): merges the chunk partials of that dataset's samples (the tree above),
 // writes mean and 1/sqrt(var + eps), and moves the running statistics of present datasets.
 __global__ void dsbn_stats_finalize(const cdcl_dsbn_params p) {
     if (error_raised(p.err)) return;
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= p.num_datasets * p.c) return;
-    const int d = i / p.c, c = i % p.c;
+    const int tx = (int)threadIdx.x, lane = (int)threadIdx.y;
+    const int c = (int)blockIdx.x * kFinChans + tx, d = (int)blockIdx.y;
     const Geometry g = geometry(p);
     const long long parts = (long long)p.n * g.chunks * p.c;
+    int i0, i1;
+    lane_range(p.n * g.chunks, lane, i0, i1);
     float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int n = 0; n < p.n; ++n) {
-        if (dataset_of(p, n) != d) continue;
-        for (int j = 0; j < g.chunks; ++j) {
+    if (c < p.c)
+        for_dataset_chunks(p, g.chunks, d, i0, i1, [&](int i, int j) {
             const long long rest = g.hw - (long long)j * g.chunk;
             const float nb = (float)(rest < g.chunk ? rest : g.chunk);
-            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+            const long long slot = (long long)i * p.c + c;
             chan_merge(cnt, mean, m2, nb, p.workspace[slot], p.workspace[parts + slot]);
+        });
+    CDCL_SHARED(float, s_cnt, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_mean, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_m2, [kFinLanes][kFinChans]);
+    s_cnt[lane][tx] = cnt;
+    s_mean[lane][tx] = mean;
+    s_m2[lane][tx] = m2;
+    for (int step = 1; step < kFinLanes; step *= 2) {
+        __syncthreads();
+        if (lane % (2 * step) == 0) {
+            chan_merge(cnt, mean, m2, s_cnt[lane + step][tx], s_mean[lane + step][tx], s_m2[lane + step][tx]);
+            s_cnt[lane][tx] = cnt;
+            s_mean[lane][tx] = mean;
+            s_m2[lane][tx] = m2;
         }
     }
+    if (lane != 0 || c >= p.c) return;
+    const int i = d * p.c + c;
     if (cnt == 0.0f) {  // dataset absent from the batch: its running statistics stay as they are
         p.save_mean[i] = 0.0f;
         p.save_invstd[i] = 0.0f;
@@ -250,24 +300,38 @@ __global__ void dsbn_backward_partial(const cdcl_dsbn_params p, int training) {
     }
 }
 
-// Per (dataset, channel): dbeta = sum g, dgamma = sum g * xhat over that dataset's chunks in
-// sample order. Absent datasets get exact zeros.
+// Per (dataset, channel): dbeta = sum g, dgamma = sum g * xhat over that dataset's chunks, with
+// the lanes and the fixed tree of dsbn_stats_finalize. Absent datasets get exact zeros.
 __global__ void dsbn_backward_finalize(const cdcl_dsbn_params p) {
     if (error_raised(p.err)) return;
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= p.num_datasets * p.c) return;
-    const int d = i / p.c, c = i % p.c;
+    const int tx = (int)threadIdx.x, lane = (int)threadIdx.y;
+    const int c = (int)blockIdx.x * kFinChans + tx, d = (int)blockIdx.y;
     const Geometry g = geometry(p);
     const long long parts = (long long)p.n * g.chunks * p.c;
+    int i0, i1;
+    lane_range(p.n * g.chunks, lane, i0, i1);
     float sum_g = 0.0f, sum_gx = 0.0f;
-    for (int n = 0; n < p.n; ++n) {
-        if (dataset_of(p, n) != d) continue;
-        for (int j = 0; j < g.chunks; ++j) {
-            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+    if (c < p.c)
+        for_dataset_chunks(p, g.chunks, d, i0, i1, [&](int i, int) {
+            const long long slot = (long long)i * p.c + c;
             sum_g += p.workspace[slot];
             sum_gx += p.workspace[parts + slot];
+        });
+    CDCL_SHARED(float, s_g, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_gx, [kFinLanes][kFinChans]);
+    s_g[lane][tx] = sum_g;
+    s_gx[lane][tx] = sum_gx;
+    for (int step = 1; step < kFinLanes; step *= 2) {
+        __syncthreads();
+        if (lane % (2 * step) == 0) {
+            sum_g += s_g[lane + step][tx];
+            sum_gx += s_gx[lane + step][tx];
+            s_g[lane][tx] = sum_g;
+            s_gx[lane][tx] = sum_gx;
         }
     }
+    if (lane != 0 || c >= p.c) return;
+    const int i = d * p.c + c;
     p.dbeta[i] = sum_g;
     p.dgamma[i] = sum_gx;
     if (c == 0) {
@@ -322,16 +386,19 @@ __host__ inline unsigned elem_blocks(const cdcl_dsbn_params& p) {
 __host__ inline bool params_ok(const cdcl_dsbn_params* p) {
     return p && p->n > 0 && p->h > 0 && p->w > 0 && p->c > 0 && p->num_datasets > 0 && p->dataset && p->x &&
            p->err && (long long)p->n * geometry(*p).chunks <= 2147483647LL &&
-           (long long)p->num_datasets * p->c <= 2147483647LL;
+           (long long)p->num_datasets * p->c <= 2147483647LL && p->num_datasets < 65536;
 }
 
 __host__ inline dim3 partial_grid(const cdcl_dsbn_params& p) {
     return dim3((unsigned)(p.n * geometry(p).chunks), ceil_div((unsigned)p.c, kChanPerBlock), 1);
 }
 
-__host__ inline unsigned table_blocks(const cdcl_dsbn_params& p) {
-    return ceil_div((unsigned)(p.num_datasets * p.c), kElemThreads);
+// The finalize kernels' grid and block: kFinChans channels x kFinLanes lanes, one dataset per
+// grid row.
+__host__ inline dim3 finalize_grid(const cdcl_dsbn_params& p) {
+    return dim3(ceil_div((unsigned)p.c, kFinChans), (unsigned)p.num_datasets, 1);
 }
+__host__ inline dim3 finalize_block() { return dim3(kFinChans, kFinLanes, 1); }
 
 }  // namespace CDCL_NAMESPACE
 
@@ -353,7 +420,7 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_forward_train)(const cdcl_dsbn_params* pp, voi
         using T = decltype(tag);
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
         if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
         if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
         return st;
     });
@@ -383,7 +450,7 @@ static int32_t dsbn_backward(const cdcl_dsbn_params* pp, void* stream, int train
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
         if (st == CDCL_OK)
             st = CDCL_LAUNCH(dsbn_backward_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, training);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
         if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_dx<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p, training);
         return st;
     });
@@ -404,7 +471,7 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_stats_from_partials)(const cdcl_dsbn_params* p
         return CDCL_ERR_INVALID_PARAMS;
     const cdcl_dsbn_params p = *pp;
     int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
-    if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+    if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
     return st;
 }
 
