@@ -162,8 +162,13 @@ fn bf16_training_launches_only_the_hmma_mainloops() {
 /// reason printed, or a failure under CDCL_REQUIRE_CUOBJDUMP) when there is no nvcc build or
 /// no cuobjdump.
 fn conv_listing() -> Option<Vec<(String, String, String)>> {
+    listing("conv.o")
+}
+
+/// The SASS listing of one of the nvcc objects (`conv.o`, `dsbn.o`, ...), as [`conv_listing`].
+fn listing(object: &str) -> Option<Vec<(String, String, String)>> {
     let required = std::env::var_os("CDCL_REQUIRE_CUOBJDUMP").is_some();
-    let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join("conv.o");
+    let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join(object);
     let Some(tool) = cuobjdump().filter(|_| obj.is_file()) else {
         assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but there is no nvcc build or cuobjdump");
         eprintln!("no nvcc build or cuobjdump: skipping the SASS check (CI runs it)");
@@ -286,4 +291,36 @@ fn the_loop_finder_reads_branches() {
     assert_eq!(loops.len(), 1);
     assert_eq!(loops[0].len(), 3, "from the branch target (0x10) to the branch (0x30)");
     assert!(loops_with(&ins, |t| t.contains("CALL")).is_empty());
+}
+
+/// The elementwise passes (DSBN apply, infer and backward dx; dropout's apply) tile each
+/// sample's pixels, so a thread's dataset, channel and table entries (or mask value) are fixed
+/// and its per-element work has no index decomposition: no call (the 64-bit division routine was
+/// called twice per element before) and no 64-bit division anywhere, and no division of any kind
+/// (I2F starts the inlined 32-bit one, MUFU.RCP is its reciprocal) in their per-element loops.
+#[test]
+fn elementwise_passes_do_not_divide() {
+    for (object, kernels, per_arch) in [
+        ("dsbn.o", &["dsbn_apply", "dsbn_infer", "dsbn_backward_dx"][..], 9),
+        ("dropout.o", &["dropout_apply"][..], 3),
+    ] {
+        let Some(fns) = listing(object) else { return };
+        let archs: std::collections::BTreeSet<&str> = fns.iter().map(|f| f.0.as_str()).collect();
+        let mut checked = 0;
+        for (arch, name, sass) in fns.iter().filter(|f| kernels.iter().any(|k| f.1.contains(k))) {
+            let ins = instructions(sass);
+            assert_eq!(count(&ins, "CALL"), 0, "{arch} {name}: a call");
+            assert_eq!(count(&ins, "I2F.U64"), 0, "{arch} {name}: a 64-bit division");
+            let loops = loops_with(&ins, |t| t.starts_with("STG") || t.contains(" STG"));
+            assert!(!loops.is_empty(), "{arch} {name}: no per-element loop found");
+            for body in loops {
+                for bad in ["I2F", "MUFU.RCP"] {
+                    assert_eq!(count(body, bad), 0, "{arch} {name}: {bad} in a per-element loop");
+                }
+            }
+            checked += 1;
+        }
+        // Every pass in every storage type, on every architecture.
+        assert_eq!(checked, per_arch * archs.len(), "{object}: the elementwise passes in the listing");
+    }
 }
