@@ -293,9 +293,9 @@ fn the_loop_finder_reads_branches() {
     assert!(loops_with(&ins, |t| t.contains("CALL")).is_empty());
 }
 
-/// The elementwise passes (DSBN apply, infer and backward dx; dropout's apply) tile each
-/// sample's pixels, so a thread's dataset, channel and table entries (or mask value) are fixed
-/// and its per-element work has no index decomposition: no call (the 64-bit division routine was
+/// The elementwise passes (DSBN apply, infer and backward dx; dropout's apply; max pooling
+/// forward and backward) tile each sample's pixels, so a thread's dataset, channel and table
+/// entries (or mask value) are fixed and a pixel's row and column come from fast divisors: no call (the 64-bit division routine was
 /// called twice per element before) and no 64-bit division anywhere, and no division of any kind
 /// (I2F starts the inlined 32-bit one, MUFU.RCP is its reciprocal) in their per-element loops.
 #[test]
@@ -303,6 +303,7 @@ fn elementwise_passes_do_not_divide() {
     for (object, kernels, per_arch) in [
         ("dsbn.o", &["dsbn_apply", "dsbn_infer", "dsbn_backward_dx"][..], 9),
         ("dropout.o", &["dropout_apply"][..], 3),
+        ("maxpool.o", &["maxpool_forward_kernel", "maxpool_backward_kernel"][..], 6),
     ] {
         let Some(fns) = listing(object) else { return };
         let archs: std::collections::BTreeSet<&str> = fns.iter().map(|f| f.0.as_str()).collect();
