@@ -195,7 +195,7 @@ fn instructions(sass: &str) -> Vec<(u64, String)> {
 /// The outermost loops of a function that contain an instruction satisfying `key`: each the
 /// instructions from a backward branch's target to the branch. Loops nested in another such
 /// loop are part of it.
-fn loops_with<'a>(ins: &'a [(u64, String)], key: impl Fn(&str) -> bool) -> Vec<&'a [(u64, String)]> {
+fn loops_with(ins: &[(u64, String)], key: impl Fn(&str) -> bool) -> Vec<&[(u64, String)]> {
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     for (i, (addr, text)) in ins.iter().enumerate() {
         if !text.split_whitespace().any(|w| w == "BRA" || w.starts_with("BRA.")) {
