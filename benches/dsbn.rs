@@ -1,10 +1,13 @@
-//! DSBN throughput. On a GPU: training forward, backward and inference forward on ResNet-18
+//! DSBN throughput (and that of Dropout2d and max pooling, the other per-(sample, channel)
+//! elementwise passes, tiled the same way). On a GPU: training forward, backward and inference forward on ResNet-18
 //! activation shapes at batch 8 (512x512 crops: layer1 is 128x128x64), f32 and bf16, mixed
 //! datasets in one batch. Without a GPU the bench says so and measures the emulator and the
 //! f64 CPU reference on a small shape, so `cargo bench` always runs; those numbers describe the
 //! test infrastructure, not the kernels' GPU speed.
 
+use cdcl::ops::dropout::{self, Dropout2dOptions};
 use cdcl::ops::dsbn::{self, DsbnOptions, DsbnState};
+use cdcl::ops::maxpool::{self, PoolGeometry};
 use cdcl::reference::dsbn as refd;
 use cdcl::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -55,6 +58,27 @@ fn bench_device(c: &mut Criterion, dev: &Device, shapes: &[[usize; 4]], dtypes: 
             g.bench_function(BenchmarkId::new("forward_infer", &id), |b| {
                 b.iter(|| {
                     dsbn::forward_infer(&x, &ds, &state, &opts).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+            let pool = PoolGeometry::square(3, 2, 1);
+            g.bench_function(BenchmarkId::new("max_pool2d_3x3s2", &id), |b| {
+                b.iter(|| {
+                    maxpool::max_pool2d(&x, &pool).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+            let pooled = maxpool::max_pool2d(&x, &pool).unwrap();
+            g.bench_function(BenchmarkId::new("max_pool2d_3x3s2_backward", &id), |b| {
+                b.iter(|| {
+                    maxpool::max_pool2d_backward(&pooled.y, &pooled.indices, (shape[1], shape[2]), &pool).unwrap();
+                    dev.synchronize().unwrap();
+                })
+            });
+            let drop = Dropout2dOptions { p: 0.1, seed: 7 };
+            g.bench_function(BenchmarkId::new("dropout2d", &id), |b| {
+                b.iter(|| {
+                    dropout::dropout2d(&x, &drop).unwrap();
                     dev.synchronize().unwrap();
                 })
             });

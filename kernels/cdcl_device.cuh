@@ -101,4 +101,28 @@ __device__ __forceinline__ bool error_raised(const cdcl_error_record* err) {
 
 __host__ __device__ __forceinline__ unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
+// n / d and n % d for 0 <= n < 2^31 and 1 <= d < 2^31 with a multiply-high, an add and a shift
+// instead of the ~20-instruction integer division sequence (or, for 64-bit operands, a call to
+// the division routine): q = (umulhi(n, m) + n) >> l with l = ceil(log2 d) and
+// m = floor(2^32 (2^l - d) / d) + 1, i.e. the 33-bit multiplier 2^32 + m of Granlund and
+// Montgomery, "Division by invariant integers using multiplication" (PLDI 1994), Figure 4.1,
+// exact for every n < 2^32; the sum stays below 2^32 because umulhi(n, m) <= n < 2^31.
+// The constructor divides once: build divisors before the hot loop, never inside it.
+struct FastDiv {
+    int d;
+    unsigned m;
+    unsigned l;
+    __host__ __device__ FastDiv() : d(1), m(1), l(0) {}
+    __host__ __device__ explicit FastDiv(int divisor) : d(divisor), m(1), l(0) {
+        while (l < 31 && (1u << l) < (unsigned)divisor) ++l;
+        const unsigned long long span = (1ull << l) - (unsigned)divisor;
+        m = (unsigned)((span << 32) / (unsigned)divisor + 1);
+    }
+    __host__ __device__ __forceinline__ int div(int n) const {
+        const unsigned hi = (unsigned)(((unsigned long long)m * (unsigned)n) >> 32);
+        return (int)((hi + (unsigned)n) >> l);
+    }
+    __host__ __device__ __forceinline__ int mod(int n) const { return n - div(n) * d; }
+};
+
 }  // namespace CDCL_NAMESPACE

@@ -41,143 +41,9 @@ __device__ __forceinline__ int sample_dataset(const cdcl_conv_params& p, int n) 
     return (d >= 0 && d < p.num_datasets) ? d : -1;
 }
 
-// An in-image input element as the convolution sees it: raw, or through the prologue.
-__device__ __forceinline__ float input_value(const cdcl_conv_params& p, int n, int c, float raw) {
-    if (!p.pro_mean) return raw;
-    const int d = sample_dataset(p, n);
-    if (d < 0) return 0.0f;
-    const int s = d * p.c + c;
-    const float v = bn_affine(raw, p.pro_mean[s], p.pro_invstd[s], p.pro_gamma[s], p.pro_beta[s]);
-    return p.pro_relu ? fmaxf(v, 0.0f) : v;
-}
+#include "conv_operands.cuh"
 
-// ---- operand loading: the general mapping and the vector fast paths ---------------------------
-//
-// Each step, a block loads a 16 (reduction) x 64 (rows of A, or columns of B) slab of each
-// operand, 4 values per thread. The general mapping puts 16 consecutive threads on 16
-// consecutive reduction indices of one row, and works for any sizes. When 4 consecutive
-// elements along one axis are contiguous and aligned in memory, a thread loads them with one
-// vector instruction instead (and computes their address once):
-//   kAlongK:  4 consecutive reduction indices of one row (thread t: row t/4, k 4(t%4)..+3);
-//   kAlongMN: 4 consecutive rows at one reduction index (thread t: k t/16, rows 4(t%16)..+3).
-// Which applies is a property of the problem (its kVecA / kVecB) and of the sizes and pointers
-// (its vec_a() / vec_b(), uniform per launch).
-constexpr int kNoVec = 0, kAlongK = 1, kAlongMN = 2;
-
-// `one(i, kk)` loads a single element, `four(i, kk, r)` the 4-vector of the fast path; `base` is
-// the slab's first row, `bound` one past the last valid row; reduction indices from `k_end` on
-// read as zero. In the fast paths the 4 elements are all valid or all not: the problem only
-// enables them when the bound along the vector's axis is a multiple of 4.
-template <int kMode, class One, class Four>
-__device__ __forceinline__ void load_operand(bool vec, long long kt, long long k_end, long long base, long long bound,
-                                             One one, Four four, float (&r)[4]) {
-    const int t = (int)threadIdx.x;
-    if constexpr (kMode != kNoVec) {
-        if (vec) {
-            const long long kk = kMode == kAlongK ? kt + (t % 4) * 4 : kt + t / 16;
-            const long long i = kMode == kAlongK ? base + t / 4 : base + (t % 16) * 4;
-            if (kk < k_end && i < bound)
-                four(i, kk, r);
-            else
-                for (int j = 0; j < 4; ++j) r[j] = 0.0f;
-            return;
-        }
-    }
-    const long long kk = kt + t % 16;
-    for (int j = 0; j < 4; ++j) {
-        const long long i = base + t / 16 + 16 * j;
-        r[j] = (kk < k_end && i < bound) ? one(i, kk) : 0.0f;
-    }
-}
-
-// Writes what load_operand loaded: `store(k, i, v)` with k the reduction offset in the step and
-// i the row offset in the slab.
-template <int kMode, class Store>
-__device__ __forceinline__ void stash_operand(bool vec, const float (&r)[4], Store store) {
-    const int t = (int)threadIdx.x;
-    if constexpr (kMode != kNoVec) {
-        if (vec) {
-            for (int j = 0; j < 4; ++j) {
-                if (kMode == kAlongK)
-                    store((t % 4) * 4 + j, t / 4, r[j]);
-                else
-                    store(t / 16, (t % 16) * 4 + j, r[j]);
-            }
-            return;
-        }
-    }
-    for (int j = 0; j < 4; ++j) store(t % 16, t / 16 + 16 * j, r[j]);
-}
-
-// The 4 elements of storage type T at `base + off` as f32, one vector load; zeros for off < 0.
-template <typename T>
-__device__ __forceinline__ void load4(const void* base, long long off, float (&v)[4]) {
-    if (off < 0) {
-        for (int j = 0; j < 4; ++j) v[j] = 0.0f;
-        return;
-    }
-    const Vec4<T> x4 = *reinterpret_cast<const Vec4<T>*>(static_cast<const T*>(base) + off);
-    CDCL_UNROLL
-    for (int j = 0; j < 4; ++j) v[j] = to_f32(x4.v[j]);
-}
-
-// ---- where the operands' elements live -------------------------------------------------------
-
-// im2col(x)[pixel, kk], pixel = (n, p, q) and kk = (r, s, c) flattened: its offset in x, with
-// its sample and channel, or -1 in the zero padding. The forward's A and the filter gradient's B.
-__device__ __forceinline__ long long im2col_at(const cdcl_conv_params& p, long long pixel, int kk, int& n, int& c) {
-    const int q = (int)(pixel % p.q);
-    const long long t = pixel / p.q;
-    const int pp = (int)(t % p.p);
-    n = (int)(t / p.p);
-    c = kk % p.c;
-    const int rs = kk / p.c, s = rs % p.s, r = rs / p.s;
-    const int h = pp * p.stride_h - p.pad_h + r * p.dil_h;
-    const int w = q * p.stride_w - p.pad_w + s * p.dil_w;
-    if (h < 0 || h >= p.h || w < 0 || w >= p.w) return -1;
-    return (((long long)n * p.h + h) * p.w + w) * p.c + c;
-}
-
-// im2col(x)[pixel, kk] as the convolution sees it (through the prologue, if any), one element
-// or the 4 consecutive channels of the vector fast path.
-template <typename T>
-__device__ __forceinline__ float im2col_value(const cdcl_conv_params& p, long long pixel, long long kk) {
-    int n, c;
-    const long long at = im2col_at(p, pixel, (int)kk, n, c);
-    return at < 0 ? 0.0f : input_value(p, n, c, to_f32(static_cast<const T*>(p.x)[at]));
-}
-template <typename T>
-__device__ __forceinline__ void im2col_value4(const cdcl_conv_params& p, long long pixel, long long kk, float (&v)[4]) {
-    int n, c;
-    const long long at = im2col_at(p, pixel, (int)kk, n, c);
-    load4<T>(p.x, at, v);
-    if (at >= 0)
-        for (int j = 0; j < 4; ++j) v[j] = input_value(p, n, c + j, v[j]);
-}
-
-// The data gradient's A[m, kk], m = (n, h, w) and kk = (r, s, k) flattened: dx[n,h,w,c] sums
-// dy[n, p, q, k] * w[k, r, s, c] over the taps with h = p*stride - pad + r*dil, so only offsets
-// that land on the stride grid contribute. The offset in dy, or -1 where none does.
-__device__ __forceinline__ long long dgrad_dy_at(const cdcl_conv_params& p, long long m, long long kk) {
-    const int w = (int)(m % p.w);
-    const long long t = m / p.w;
-    const int h = (int)(t % p.h), n = (int)(t / p.h);
-    const int k = (int)(kk % p.k), rs = (int)(kk / p.k), s = rs % p.s, r = rs / p.s;
-    const int hp = h + p.pad_h - r * p.dil_h;
-    const int wp = w + p.pad_w - s * p.dil_w;
-    if (hp < 0 || wp < 0 || hp % p.stride_h != 0 || wp % p.stride_w != 0) return -1;
-    const int pp = hp / p.stride_h, q = wp / p.stride_w;
-    if (pp >= p.p || q >= p.q) return -1;
-    return (((long long)n * p.p + pp) * p.q + q) * p.k + k;
-}
-
-// The data gradient's B[kk, col] = w[k, r, s, col], kk = (r, s, k): its offset in the weight.
-__device__ __forceinline__ long long dgrad_w_at(const cdcl_conv_params& p, long long kk, int col) {
-    const int k = (int)(kk % p.k), rs = (int)(kk / p.k);
-    return ((long long)k * p.r * p.s + rs) * p.c + col;
-}
-
-// ---- the three problems: sizes, loaders, epilogues -------------------------------------------
+// ---- the three problems: sizes, operands, epilogues --------------------------------------------
 
 // T: the storage type of x, weight, residual and y (f32, or f16 / bf16 for the tensor-core
 // mainloop); values are f32 in registers.
@@ -187,19 +53,21 @@ struct ConvForward {
     __device__ long long rows() const { return (long long)p.n * p.p * p.q; }
     __device__ int cols() const { return p.k; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.c; }
-    __device__ float a(long long m, long long kk) const { return im2col_value<T>(p, m, kk); }
-    __device__ float b(long long kk, int col) const {
-        return to_f32(static_cast<const T*>(p.weight)[(long long)col * depth() + kk]);
-    }
     // Both operands are contiguous along the reduction (4 consecutive indices = 4 channels of
     // one filter tap) when C is a multiple of 4.
     static constexpr int kVecA = kAlongK, kVecB = kAlongK;
     __device__ bool vec_a() const { return p.c % 4 == 0 && vec4_aligned<T>(p.x); }
     __device__ bool vec_b() const { return p.c % 4 == 0 && vec4_aligned<T>(p.weight); }
-    __device__ void a4(long long m, long long kk, float (&v)[4]) const { im2col_value4<T>(p, m, kk, v); }
-    __device__ void b4(long long kk, int col, float (&v)[4]) const {
-        load4<T>(p.weight, (long long)col * depth() + kk, v);
-    }
+    using IterA = Im2colRows<T>;
+    struct IterB : Strided<T, kAlongK> {
+        __device__ IterB(const cdcl_conv_params& p, long long base, long long bound, long long k0, long long kend, bool v)
+            : Strided<T, kAlongK>(static_cast<const T*>(p.weight), (long long)p.r * p.s * p.c, 1, base, bound, k0,
+                                  kend, v) {}
+    };
+    // The prologue's table: per k-step, 16 lanes x the datasets (a barrier between its store and
+    // its use when the prologue is on).
+    static constexpr int kStageEntries = kStageDatasets * kBK;
+    static constexpr bool kStagePerStep = true, kHasPrologue = true;
     // With a per-dataset epilogue, rows are tiled per sample (a tile's statistics belong to one
     // dataset; the inference epilogue knows its sample without a division).
     __device__ long long segment() const { return (p.stats || p.epi_mean) ? (long long)p.p * p.q : 0; }
@@ -237,15 +105,10 @@ struct ConvBackwardData {
     __device__ long long rows() const { return (long long)p.n * p.h * p.w; }
     __device__ int cols() const { return p.c; }
     __device__ long long depth() const { return (long long)p.r * p.s * p.k; }
-    __device__ float a(long long m, long long kk) const {
-        const long long at = dgrad_dy_at(p, m, kk);
-        return at < 0 ? 0.0f : to_f32(static_cast<const T*>(p.dy)[at]);
-    }
-    __device__ float b(long long kk, int col) const {
-        return to_f32(static_cast<const T*>(p.weight)[dgrad_w_at(p, kk, col)]);
-    }
-    __device__ void a4(long long m, long long kk, float (&v)[4]) const { load4<T>(p.dy, dgrad_dy_at(p, m, kk), v); }
-    __device__ void b4(long long kk, int col, float (&v)[4]) const { load4<T>(p.weight, dgrad_w_at(p, kk, col), v); }
+    using IterA = DgradRows<T>;
+    using IterB = DgradWeights<T>;
+    static constexpr int kStageEntries = 1;
+    static constexpr bool kStagePerStep = false, kHasPrologue = false;
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int) const {
@@ -268,12 +131,14 @@ struct ConvBackwardFilter {
     __device__ long long rows() const { return p.k; }
     __device__ int cols() const { return p.r * p.s * p.c; }
     __device__ long long depth() const { return (long long)p.n * p.p * p.q; }
-    __device__ float a(long long m, long long j) const {  // dy^T
-        return to_f32(static_cast<const T*>(p.dy)[j * p.k + m]);
-    }
-    __device__ float b(long long j, int col) const { return im2col_value<T>(p, j, col); }
-    __device__ void a4(long long m, long long j, float (&v)[4]) const { load4<T>(p.dy, j * p.k + m, v); }
-    __device__ void b4(long long j, int col, float (&v)[4]) const { im2col_value4<T>(p, j, col, v); }
+    struct IterA : Strided<T, kAlongMN> {  // dy^T[m, j] = dy[j * K + m]
+        __device__ IterA(const cdcl_conv_params& p, long long base, long long bound, long long k0, long long kend, bool v)
+            : Strided<T, kAlongMN>(static_cast<const T*>(p.dy), 1, p.k, base, bound, k0, kend, v) {}
+    };
+    using IterB = Im2colCols<T>;
+    // The prologue's table: the block's 64 columns x the datasets, staged once.
+    static constexpr int kStageEntries = kStageDatasets * kBN;
+    static constexpr bool kStagePerStep = false, kHasPrologue = true;
     __device__ long long segment() const { return 0; }
     __device__ float finish(long long, long long, int, float v) const { return v; }
     __device__ float store(long long m, int col, float v, int slice) const {
@@ -288,11 +153,44 @@ struct ConvBackwardFilter {
     }
 };
 
+// Both operands' iterators and registers, shared by the FFMA and the tensor-core mainloops:
+// load() issues the next step's global loads (and the prologue table's), stash() writes them to
+// shared memory through `sa` / `sb` after the math of the current step.
+template <class Prob>
+struct Operands {
+    typename Prob::IterA ia;
+    typename Prob::IterB ib;
+    float ra[4], rb[4];
+    __device__ Operands(const cdcl_conv_params& p, long long m0, long long rows, int n0, int cols, long long k_begin,
+                        long long k_end, bool va, bool vb)
+        : ia(p, m0, rows, k_begin, k_end, va), ib(p, n0, cols, k_begin, k_end, vb) {}
+    template <bool V, bool Pro>
+    __device__ __forceinline__ void load() {
+        ia.template stage_fetch<Pro>();
+        ia.template load<V>(ra);
+        ib.template load<V>(rb);
+        ia.template next<Pro>();
+        ib.template next<Pro>();
+    }
+    template <bool V, bool Pro, class SA, class SB>
+    __device__ __forceinline__ void stash(BnEntry* stage, SA sa, SB sb) {
+        if constexpr (Prob::kStagePerStep && Pro) {
+            ia.template stage_store<Pro>(stage);
+            __syncthreads();
+        }
+        ia.template finish<V, Pro>(ra, stage);
+        ib.template finish<V, Pro>(rb, stage);
+        stash_operand<Prob::kVecA, V>(ra, sa);
+        stash_operand<Prob::kVecB, V>(rb, sb);
+    }
+};
+
 // Training epilogue: per channel of the tile, the mean and M2 of its (up to 64) valid rows, in a
 // fixed order: Welford over 16 rows in each of 4 groups, then Chan merges of the groups in
 // order. Written in kernels/dsbn.cu's partial layout for its finalize kernel.
 // `vals` holds the tile's outputs, staged by the caller before a barrier.
-__device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const float (*vals)[kBN + 1], long long m0,
+template <int kLd>
+__device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const float (*vals)[kLd], long long m0,
                                                 long long rows, int n0, int cols, unsigned tile) {
     CDCL_SHARED(float, g_cnt, [4][kBN]);
     CDCL_SHARED(float, g_mean, [4][kBN]);
@@ -327,6 +225,30 @@ __device__ __forceinline__ void tile_statistics(const cdcl_conv_params& p, const
     }
 }
 
+// Runs f(Flag<V>, Flag<Pro>) with V (the vector mapping, for both operands) and Pro (the
+// prologue on) as compile-time constants: each path gets its own k-loop holding only its own
+// code (the choice is uniform per launch).
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+template <class Prob, class F>
+__device__ __forceinline__ void dispatch_paths(bool vec, bool pro, F&& f) {
+    if constexpr (Prob::kHasPrologue) {
+        if (pro) {
+            if (vec)
+                f(Flag<true>{}, Flag<true>{});
+            else
+                f(Flag<false>{}, Flag<true>{});
+            return;
+        }
+    }
+    if (vec)
+        f(Flag<true>{}, Flag<false>{});
+    else
+        f(Flag<false>{}, Flag<false>{});
+}
+
 // The shared mainloop. Tile loads put 16 consecutive threads on 16 consecutive reduction
 // indices, which for the forward's A (channels of one pixel) and B (one filter) are contiguous
 // in memory. blockIdx.z selects a reduction slice of `slice_len` (the whole depth unless split).
@@ -350,46 +272,42 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
 
     CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
     CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
-    float ra[4], rb[4];
-    bool va = false, vb = false;  // the vector fast paths (see load_operand)
-    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
-    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
-    auto load = [&](long long kt) {
-        load_operand<Prob::kVecA>(
-            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
-            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
-        load_operand<Prob::kVecB>(
-            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
-            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
-    };
-    auto stash = [&](int buf) {
-        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { As[buf][k][i] = v; });
-        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { Bs[buf][k][i] = v; });
-    };
+    CDCL_SHARED(BnEntry, stage, [Prob::kStageEntries]);
+    const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths (see Mapping)
+    Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
     float acc[4][4];
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
-    if (tiles > 0) {
-        load(k_begin);
-        stash(0);
-    }
-    __syncthreads();
-    for (long long tile = 0; tile < tiles; ++tile) {
-        const int cur = (int)(tile & 1);
-        const bool more = tile + 1 < tiles;
-        if (more) load(k_begin + (tile + 1) * kBK);  // global loads overlap the math below
-        for (int kk = 0; kk < kBK; ++kk) {
-            float a[4], b[4];
-            for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
-            for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
-            for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
-        if (more) stash(cur ^ 1);
+    ops.ia.stage_block(stage);
+    ops.ib.stage_block(stage);
+    dispatch_paths<Prob>(vec, p.pro_mean != nullptr, [&](auto vec_flag, auto pro_flag) {
+        using VF = decltype(vec_flag);
+        using PF = decltype(pro_flag);
+        auto stash = [&](int buf) {
+            ops.template stash<VF::value, PF::value>(
+                stage, [&](int k, int i, float v) { As[buf][k][i] = v; }, [&](int k, int i, float v) { Bs[buf][k][i] = v; });
+        };
+        if (tiles > 0) ops.template load<VF::value, PF::value>();
+        __syncthreads();  // the block's prologue table
+        if (tiles > 0) stash(0);
         __syncthreads();
-    }
+        for (long long tile = 0; tile < tiles; ++tile) {
+            const int cur = (int)(tile & 1);
+            const bool more = tile + 1 < tiles;
+            if (more) ops.template load<VF::value, PF::value>();  // global loads overlap the math below
+            for (int kk = 0; kk < kBK; ++kk) {
+                float a[4], b[4];
+                for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
+                for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
+                for (int i = 0; i < 4; ++i)
+                    for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+            }
+            if (more) stash(cur ^ 1);
+            __syncthreads();
+        }
+    });
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + ty + 16 * i;
@@ -425,6 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         T a[2][kBM][kLdA];
         T b[2][kBK][kLdB];
         float c[kBM][kLdC];
+        BnEntry stage[Prob::kStageEntries];
     };
     const Prob prob{p};
     const int cols = prob.cols();
@@ -442,69 +361,60 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     const int warp = t / 32, wr = (warp % 4) * 16, wc = (warp / 4) * 32;
 
     CDCL_SHARED(Tiles, sm, );
-    float ra[4], rb[4];
-    bool va = false, vb = false;  // the vector fast paths, as in implicit_gemm
-    if constexpr (Prob::kVecA != kNoVec) va = prob.vec_a();
-    if constexpr (Prob::kVecB != kNoVec) vb = prob.vec_b();
-    auto load = [&](long long kt) {
-        load_operand<Prob::kVecA>(
-            va, kt, k_end, m0, rows, [&](long long m, long long kk) { return prob.a(m, kk); },
-            [&](long long m, long long kk, float(&r)[4]) { prob.a4(m, kk, r); }, ra);
-        load_operand<Prob::kVecB>(
-            vb, kt, k_end, n0, cols, [&](long long col, long long kk) { return prob.b(kk, (int)col); },
-            [&](long long col, long long kk, float(&r)[4]) { prob.b4(kk, (int)col, r); }, rb);
-    };
-    auto stash = [&](int buf) {
-        stash_operand<Prob::kVecA>(va, ra, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); });
-        stash_operand<Prob::kVecB>(vb, rb, [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
-    };
+    const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths, as in implicit_gemm
+    Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
-    if (tiles > 0) {
-        load(k_begin);
-        stash(0);
-    }
-    __syncthreads();
-    for (long long tile = 0; tile < tiles; ++tile) {
-        const int cur = (int)(tile & 1);
-        const bool more = tile + 1 < tiles;
-        if (more) load(k_begin + (tile + 1) * kBK);
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
-        CDCL_UNROLL
-        for (int j = 0; j < 2; ++j) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-            wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
-            wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-        if (more) stash(cur ^ 1);
+    ops.ia.stage_block(sm.stage);
+    ops.ib.stage_block(sm.stage);
+    dispatch_paths<Prob>(vec, p.pro_mean != nullptr, [&](auto vec_flag, auto pro_flag) {
+        using VF = decltype(vec_flag);
+        using PF = decltype(pro_flag);
+        auto stash = [&](int buf) {
+            ops.template stash<VF::value, PF::value>(
+                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); },
+                [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
+        };
+        if (tiles > 0) ops.template load<VF::value, PF::value>();
+        __syncthreads();  // the block's prologue table
+        if (tiles > 0) stash(0);
         __syncthreads();
-    }
+        for (long long tile = 0; tile < tiles; ++tile) {
+            const int cur = (int)(tile & 1);
+            const bool more = tile + 1 < tiles;
+            if (more) ops.template load<VF::value, PF::value>();
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
+            CDCL_UNROLL
+            for (int j = 0; j < 2; ++j) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+                wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
+                wmma::mma_sync(acc[j], fa, fb, acc[j]);
+            }
+            if (more) stash(cur ^ 1);
+            __syncthreads();
+        }
+    });
     CDCL_UNROLL
     for (int j = 0; j < 2; ++j) wmma::store_matrix_sync(&sm.c[wr][wc + 16 * j], acc[j], kLdC, wmma::mem_row_major);
     __syncthreads();
-    float v[4][4];
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
         const long long m = m0 + ty + 16 * i;
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
             const int col = n0 + tx + 16 * j;
-            v[i][j] = sm.c[ty + 16 * i][tx + 16 * j];
-            if (m < rows && col < cols) v[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, v[i][j]), (int)blockIdx.z);
+            float v = sm.c[ty + 16 * i][tx + 16 * j];
+            if (m < rows && col < cols) v = prob.store(m, col, prob.finish(seg_idx, m, col, v), (int)blockIdx.z);
+            sm.c[ty + 16 * i][tx + 16 * j] = v;  // what the statistics describe; read back by this thread only
         }
     }
     if (p.stats && seg > 0) {
-        CDCL_SHARED(float, vals, [kBM][kBN + 1]);
-        CDCL_UNROLL
-        for (int i = 0; i < 4; ++i)
-            CDCL_UNROLL
-            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = v[i][j];
         __syncthreads();
-        tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
+        tile_statistics(p, sm.c, m0, rows, n0, cols, blockIdx.x);
     }
 }
 
@@ -560,6 +470,11 @@ __host__ inline bool conv_params_ok(const cdcl_conv_params* p) {
     const long long ph = ((long long)p->h + 2LL * p->pad_h - (long long)p->dil_h * (p->r - 1) - 1) / p->stride_h + 1;
     const long long pw = ((long long)p->w + 2LL * p->pad_w - (long long)p->dil_w * (p->s - 1) - 1) / p->stride_w + 1;
     if (ph != p->p || pw != p->q || ph <= 0 || pw <= 0) return false;
+    // The iterators index pixels (output rows of the forward and the filter gradient, input
+    // rows of the data gradient) as 32-bit ints, with room for the lanes' overshoot.
+    if ((long long)p->n * ph * pw > 2147483647LL - 64 || (long long)p->n * p->h * p->w > 2147483647LL - 64) return false;
+    // The prologue's tables are staged in shared memory for at most kStageDatasets datasets.
+    if (p->pro_mean && p->num_datasets > kStageDatasets) return false;
     // Grid limits: y and z below 65536 blocks.
     const long long rsc = (long long)p->r * p->s * p->c;
     return (p->k + kBN - 1) / kBN < 65536 && (p->c + kBN - 1) / kBN < 65536 && (rsc + kBN - 1) / kBN < 65536 &&

@@ -19,7 +19,6 @@ constexpr int kChunkPixels = 256;
 constexpr int kChanPerBlock = 32;
 constexpr int kRows = 8;
 constexpr int kElemThreads = 256;
-constexpr unsigned kMaxElemBlocks = 1024;  // grid-stride beyond: ~262k threads fill an H100
 
 struct Geometry {
     long long hw;      // pixels per sample
@@ -116,25 +115,75 @@ __global__ void dsbn_stats_partial(const cdcl_dsbn_params p) {
     }
 }
 
-// Per (dataset, channel): merges the chunk partials of that dataset's samples in sample order,
+// The finalize kernels reduce each (dataset, channel)'s chunk partials with kFinLanes threads
+// instead of one: the list of all chunks in sample order (index n * chunks + j) is cut into
+// kFinLanes contiguous ranges by index alone, lane l merges the chunks of dataset d in its range
+// in order, then the lanes' results merge in a fixed pairwise tree (lane l takes lane l + 1,
+// then l + 2, l + 4, ...: always the left range first). The shape of the reduction depends only
+// on n, the chunk count and kFinLanes, never on the schedule, so the result has the same bits
+// for any block order. Blocks are kFinChans channels (consecutive: coalesced partial reads) x
+// kFinLanes lanes, one dataset per grid row.
+constexpr int kFinLanes = 16;
+constexpr int kFinChans = 16;
+
+// The half-open range of chunk indices (of `total`) that lane `lane` reduces.
+__device__ __forceinline__ void lane_range(int total, int lane, int& i0, int& i1) {
+    i0 = (int)((long long)total * lane / kFinLanes);
+    i1 = (int)((long long)total * (lane + 1) / kFinLanes);
+}
+
+// Walks chunk indices i0..i1 of the sample-ordered list, calling f(i, j) for each chunk (j its
+// index within its sample) whose sample belongs to dataset d. One division before the walk.
+template <class F>
+__device__ __forceinline__ void for_dataset_chunks(const cdcl_dsbn_params& p, int chunks, int d, int i0, int i1, F f) {
+    if (i0 >= i1) return;
+    int n = i0 / chunks, j = i0 - n * chunks;
+    bool mine = dataset_of(p, n) == d;
+    for (int i = i0; i < i1; ++i) {
+        if (mine) f(i, j);
+        if (++j == chunks) {
+            j = 0;
+            ++n;
+            mine = n < p.n && dataset_of(p, n) == d;
+        }
+    }
+}
+
+// Per (dataset, channel): merges the chunk partials of that dataset's samples (the tree above),
 // writes mean and 1/sqrt(var + eps), and moves the running statistics of present datasets.
 __global__ void dsbn_stats_finalize(const cdcl_dsbn_params p) {
     if (error_raised(p.err)) return;
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= p.num_datasets * p.c) return;
-    const int d = i / p.c, c = i % p.c;
+    const int tx = (int)threadIdx.x, lane = (int)threadIdx.y;
+    const int c = (int)blockIdx.x * kFinChans + tx, d = (int)blockIdx.y;
     const Geometry g = geometry(p);
     const long long parts = (long long)p.n * g.chunks * p.c;
+    int i0, i1;
+    lane_range(p.n * g.chunks, lane, i0, i1);
     float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (int n = 0; n < p.n; ++n) {
-        if (dataset_of(p, n) != d) continue;
-        for (int j = 0; j < g.chunks; ++j) {
+    if (c < p.c)
+        for_dataset_chunks(p, g.chunks, d, i0, i1, [&](int i, int j) {
             const long long rest = g.hw - (long long)j * g.chunk;
             const float nb = (float)(rest < g.chunk ? rest : g.chunk);
-            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+            const long long slot = (long long)i * p.c + c;
             chan_merge(cnt, mean, m2, nb, p.workspace[slot], p.workspace[parts + slot]);
+        });
+    CDCL_SHARED(float, s_cnt, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_mean, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_m2, [kFinLanes][kFinChans]);
+    s_cnt[lane][tx] = cnt;
+    s_mean[lane][tx] = mean;
+    s_m2[lane][tx] = m2;
+    for (int step = 1; step < kFinLanes; step *= 2) {
+        __syncthreads();
+        if (lane % (2 * step) == 0) {
+            chan_merge(cnt, mean, m2, s_cnt[lane + step][tx], s_mean[lane + step][tx], s_m2[lane + step][tx]);
+            s_cnt[lane][tx] = cnt;
+            s_mean[lane][tx] = mean;
+            s_m2[lane][tx] = m2;
         }
     }
+    if (lane != 0 || c >= p.c) return;
+    const int i = d * p.c + c;
     if (cnt == 0.0f) {  // dataset absent from the batch: its running statistics stay as they are
         p.save_mean[i] = 0.0f;
         p.save_invstd[i] = 0.0f;
@@ -148,39 +197,67 @@ __global__ void dsbn_stats_finalize(const cdcl_dsbn_params p) {
     p.running_var[i] = fmaf(p.momentum, unbiased - p.running_var[i], p.running_var[i]);
 }
 
+// The elementwise passes (apply, infer, backward dx) tile each sample's pixels: a block covers
+// kTilePixels pixels x kChanPerBlock channels of one sample (grid x: sample-major tiles, grid
+// y: channel blocks), so a thread's dataset and channel, hence its table entries, are fixed:
+// it reads them once and its per-element work is a load, an affine transform and a store, with
+// 64-bit offsets by multiply-add and no division (tests/sass.rs checks the SASS). Consecutive
+// threads take consecutive channels: coalesced in NHWC.
+constexpr int kTilePixels = 64;
+
+struct ElemTile {
+    int n, c;          // the block's sample and the thread's channel
+    long long base;    // offset of (n, pixel 0, c)
+    int pix0, pix1;    // the tile's pixels
+};
+__device__ __forceinline__ ElemTile elem_tile(const cdcl_dsbn_params& p, unsigned tiles_per_sample) {
+    ElemTile t;
+    t.n = (int)(blockIdx.x / tiles_per_sample);
+    const int tile = (int)(blockIdx.x - (unsigned)t.n * tiles_per_sample);
+    t.c = (int)(blockIdx.y * kChanPerBlock + threadIdx.x);
+    const int hw = p.h * p.w;
+    t.base = (long long)t.n * hw * p.c + t.c;
+    t.pix0 = tile * kTilePixels + (int)threadIdx.y;
+    t.pix1 = (tile + 1) * kTilePixels < hw ? (tile + 1) * kTilePixels : hw;
+    return t;
+}
+
 template <typename T>
-__global__ void dsbn_apply(const cdcl_dsbn_params p) {
+__global__ void dsbn_apply(const cdcl_dsbn_params p, unsigned tiles_per_sample) {
     if (error_raised(p.err)) return;
-    const Geometry g = geometry(p);
+    const ElemTile t = elem_tile(p, tiles_per_sample);
+    const int d = dataset_of(p, t.n);
+    if (t.c >= p.c || d < 0) return;
+    const int s = d * p.c + t.c;
+    const float mean = p.save_mean[s], invstd = p.save_invstd[s], gamma = p.gamma[s], beta = p.beta[s];
     const T* x = static_cast<const T*>(p.x);
+    const T* res = static_cast<const T*>(p.residual);
     T* y = static_cast<T*>(p.y);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
-        const int c = (int)(e % p.c);
-        const int d = dataset_of(p, (int)(e / (g.hw * p.c)));
-        if (d < 0) continue;
-        const int s = d * p.c + c;
-        float v = affine(to_f32(x[e]), p.save_mean[s], p.save_invstd[s], p.gamma[s], p.beta[s]);
-        if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[e]);
+    for (int pix = t.pix0; pix < t.pix1; pix += kRows) {
+        const long long e = t.base + (long long)pix * p.c;
+        float v = affine(to_f32(x[e]), mean, invstd, gamma, beta);
+        if (res) v += to_f32(res[e]);
         if (p.relu) v = fmaxf(v, 0.0f);
         y[e] = from_f32<T>(v);
     }
 }
 
 template <typename T>
-__global__ void dsbn_infer(const cdcl_dsbn_params p) {
+__global__ void dsbn_infer(const cdcl_dsbn_params p, unsigned tiles_per_sample) {
     if (error_raised(p.err)) return;
-    const Geometry g = geometry(p);
+    const ElemTile t = elem_tile(p, tiles_per_sample);
+    const int d = dataset_of(p, t.n);
+    if (t.c >= p.c || d < 0) return;
+    const int s = d * p.c + t.c;
+    const float mean = p.running_mean[s], invstd = rsqrtf(p.running_var[s] + p.eps), gamma = p.gamma[s],
+                beta = p.beta[s];
     const T* x = static_cast<const T*>(p.x);
+    const T* res = static_cast<const T*>(p.residual);
     T* y = static_cast<T*>(p.y);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
-        const int c = (int)(e % p.c);
-        const int d = dataset_of(p, (int)(e / (g.hw * p.c)));
-        if (d < 0) continue;
-        const int s = d * p.c + c;
-        float v = affine(to_f32(x[e]), p.running_mean[s], rsqrtf(p.running_var[s] + p.eps), p.gamma[s], p.beta[s]);
-        if (p.residual) v += to_f32(static_cast<const T*>(p.residual)[e]);
+    for (int pix = t.pix0; pix < t.pix1; pix += kRows) {
+        const long long e = t.base + (long long)pix * p.c;
+        float v = affine(to_f32(x[e]), mean, invstd, gamma, beta);
+        if (res) v += to_f32(res[e]);
         if (p.relu) v = fmaxf(v, 0.0f);
         y[e] = from_f32<T>(v);
     }
@@ -250,24 +327,38 @@ __global__ void dsbn_backward_partial(const cdcl_dsbn_params p, int training) {
     }
 }
 
-// Per (dataset, channel): dbeta = sum g, dgamma = sum g * xhat over that dataset's chunks in
-// sample order. Absent datasets get exact zeros.
+// Per (dataset, channel): dbeta = sum g, dgamma = sum g * xhat over that dataset's chunks, with
+// the lanes and the fixed tree of dsbn_stats_finalize. Absent datasets get exact zeros.
 __global__ void dsbn_backward_finalize(const cdcl_dsbn_params p) {
     if (error_raised(p.err)) return;
-    const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
-    if (i >= p.num_datasets * p.c) return;
-    const int d = i / p.c, c = i % p.c;
+    const int tx = (int)threadIdx.x, lane = (int)threadIdx.y;
+    const int c = (int)blockIdx.x * kFinChans + tx, d = (int)blockIdx.y;
     const Geometry g = geometry(p);
     const long long parts = (long long)p.n * g.chunks * p.c;
+    int i0, i1;
+    lane_range(p.n * g.chunks, lane, i0, i1);
     float sum_g = 0.0f, sum_gx = 0.0f;
-    for (int n = 0; n < p.n; ++n) {
-        if (dataset_of(p, n) != d) continue;
-        for (int j = 0; j < g.chunks; ++j) {
-            const long long slot = ((long long)n * g.chunks + j) * p.c + c;
+    if (c < p.c)
+        for_dataset_chunks(p, g.chunks, d, i0, i1, [&](int i, int) {
+            const long long slot = (long long)i * p.c + c;
             sum_g += p.workspace[slot];
             sum_gx += p.workspace[parts + slot];
+        });
+    CDCL_SHARED(float, s_g, [kFinLanes][kFinChans]);
+    CDCL_SHARED(float, s_gx, [kFinLanes][kFinChans]);
+    s_g[lane][tx] = sum_g;
+    s_gx[lane][tx] = sum_gx;
+    for (int step = 1; step < kFinLanes; step *= 2) {
+        __syncthreads();
+        if (lane % (2 * step) == 0) {
+            sum_g += s_g[lane + step][tx];
+            sum_gx += s_gx[lane + step][tx];
+            s_g[lane][tx] = sum_g;
+            s_gx[lane][tx] = sum_gx;
         }
     }
+    if (lane != 0 || c >= p.c) return;
+    const int i = d * p.c + c;
     p.dbeta[i] = sum_g;
     p.dgamma[i] = sum_gx;
     if (c == 0) {
@@ -279,33 +370,32 @@ __global__ void dsbn_backward_finalize(const cdcl_dsbn_params p) {
 
 // dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M) with batch statistics (M values per
 // channel of the sample's dataset); with frozen statistics the mean and variance are constants
-// and dx = gamma * invstd * g.
+// and dx = gamma * invstd * g. Tiled like dsbn_apply.
 template <typename T>
-__global__ void dsbn_backward_dx(const cdcl_dsbn_params p, int training) {
+__global__ void dsbn_backward_dx(const cdcl_dsbn_params p, int training, unsigned tiles_per_sample, long long inv_m_at) {
     if (error_raised(p.err)) return;
-    const Geometry g = geometry(p);
+    const ElemTile t = elem_tile(p, tiles_per_sample);
+    const int d = dataset_of(p, t.n);
+    if (t.c >= p.c || d < 0) return;
+    const int s = d * p.c + t.c;
+    const NormStats st = norm_stats(p, s, training != 0);
+    const float k = p.gamma[s] * st.invstd;
+    // 1/M, M = every value of dataset d (its samples times the pixels per sample), left by
+    // dsbn_backward_finalize at workspace[inv_m_at + d] after the partials.
+    const float inv_m = training ? p.workspace[inv_m_at + d] : 0.0f;
+    const float dbeta = training ? p.dbeta[s] : 0.0f, dgamma = training ? p.dgamma[s] : 0.0f;
     const T* x = static_cast<const T*>(p.x);
     const T* dy = static_cast<const T*>(p.dy);
     T* dx = static_cast<T*>(p.dx);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < g.total; e += stride) {
-        const int c = (int)(e % p.c);
-        const int n = (int)(e / (g.hw * p.c));
-        const int d = dataset_of(p, n);
-        if (d < 0) continue;
-        const int s = d * p.c + c;
-        const NormStats st = norm_stats(p, s, training != 0);
+    for (int pix = t.pix0; pix < t.pix1; pix += kRows) {
+        const long long e = t.base + (long long)pix * p.c;
         const float xv = to_f32(x[e]);
         const float gv = masked_grad<T>(p, to_f32(dy[e]), xv, st, s, e);
         if (p.dresidual) static_cast<T*>(p.dresidual)[e] = from_f32<T>(gv);  // the residual branch's gradient
-        const float k = p.gamma[s] * st.invstd;
         float v;
         if (training) {
-            // 1/M, M = every value of dataset d (its samples times the pixels per sample),
-            // left by dsbn_backward_finalize after the partials.
-            const float inv_m = p.workspace[2 * (long long)p.n * g.chunks * p.c + d];
             const float xhat = (xv - st.mean) * st.invstd;
-            v = k * (gv - p.dbeta[s] * inv_m - xhat * p.dgamma[s] * inv_m);
+            v = k * (gv - dbeta * inv_m - xhat * dgamma * inv_m);
         } else {
             v = k * gv;
         }
@@ -313,25 +403,31 @@ __global__ void dsbn_backward_dx(const cdcl_dsbn_params p, int training) {
     }
 }
 
-__host__ inline unsigned elem_blocks(const cdcl_dsbn_params& p) {
-    const long long total = geometry(p).total;
-    const long long b = (total + kElemThreads - 1) / kElemThreads;
-    return (unsigned)(b < 1 ? 1 : (b > kMaxElemBlocks ? kMaxElemBlocks : b));
+// The elementwise passes' grid: sample-major pixel tiles x channel blocks; and the tiles per sample.
+__host__ inline unsigned elem_tiles(const cdcl_dsbn_params& p) { return ceil_div((unsigned)(p.h * p.w), kTilePixels); }
+__host__ inline dim3 elem_grid(const cdcl_dsbn_params& p) {
+    return dim3((unsigned)p.n * elem_tiles(p), ceil_div((unsigned)p.c, kChanPerBlock), 1);
 }
 
 __host__ inline bool params_ok(const cdcl_dsbn_params* p) {
     return p && p->n > 0 && p->h > 0 && p->w > 0 && p->c > 0 && p->num_datasets > 0 && p->dataset && p->x &&
            p->err && (long long)p->n * geometry(*p).chunks <= 2147483647LL &&
-           (long long)p->num_datasets * p->c <= 2147483647LL;
+           (long long)p->num_datasets * p->c <= 2147483647LL && p->num_datasets < 65536 &&
+           (long long)p->h * p->w <= 2147483647LL - kTilePixels &&
+           (long long)p->n * (((long long)p->h * p->w + kTilePixels - 1) / kTilePixels) <= 2147483647LL &&
+           (p->c + kChanPerBlock - 1) / kChanPerBlock < 65536;
 }
 
 __host__ inline dim3 partial_grid(const cdcl_dsbn_params& p) {
     return dim3((unsigned)(p.n * geometry(p).chunks), ceil_div((unsigned)p.c, kChanPerBlock), 1);
 }
 
-__host__ inline unsigned table_blocks(const cdcl_dsbn_params& p) {
-    return ceil_div((unsigned)(p.num_datasets * p.c), kElemThreads);
+// The finalize kernels' grid and block: kFinChans channels x kFinLanes lanes, one dataset per
+// grid row.
+__host__ inline dim3 finalize_grid(const cdcl_dsbn_params& p) {
+    return dim3(ceil_div((unsigned)p.c, kFinChans), (unsigned)p.num_datasets, 1);
 }
+__host__ inline dim3 finalize_block() { return dim3(kFinChans, kFinLanes, 1); }
 
 }  // namespace CDCL_NAMESPACE
 
@@ -353,8 +449,8 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_forward_train)(const cdcl_dsbn_params* pp, voi
         using T = decltype(tag);
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
         if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, elem_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, elem_tiles(p));
         return st;
     });
 }
@@ -366,7 +462,7 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_forward_infer)(const cdcl_dsbn_params* pp, voi
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_infer<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_infer<T>, elem_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, elem_tiles(p));
         return st;
     });
 }
@@ -383,8 +479,9 @@ static int32_t dsbn_backward(const cdcl_dsbn_params* pp, void* stream, int train
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
         if (st == CDCL_OK)
             st = CDCL_LAUNCH(dsbn_backward_partial<T>, partial_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, training);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_dx<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p, training);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_backward_dx<T>, elem_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, training,
+                                     elem_tiles(p), 2 * (long long)p.n * geometry(p).chunks * p.c);
         return st;
     });
 }
@@ -404,7 +501,7 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_stats_from_partials)(const cdcl_dsbn_params* p
         return CDCL_ERR_INVALID_PARAMS;
     const cdcl_dsbn_params p = *pp;
     int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 1);
-    if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, dim3(table_blocks(p)), dim3(kElemThreads), 0, stream, p);
+    if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_stats_finalize, finalize_grid(p), finalize_block(), 0, stream, p);
     return st;
 }
 
@@ -416,7 +513,7 @@ CDCL_API int32_t CDCL_PREFIX(dsbn_apply)(const cdcl_dsbn_params* pp, void* strea
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
         int st = CDCL_LAUNCH(dsbn_validate, dim3(1), dim3(kElemThreads), 0, stream, p, 0);
-        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, dim3(elem_blocks(p)), dim3(kElemThreads), 0, stream, p);
+        if (st == CDCL_OK) st = CDCL_LAUNCH(dsbn_apply<T>, elem_grid(p), dim3(kChanPerBlock, kRows), 0, stream, p, elem_tiles(p));
         return st;
     });
 }

@@ -18,31 +18,43 @@
 
 namespace CDCL_NAMESPACE {
 
+// Both kernels tile each sample's pixels (output pixels for the forward, input pixels for the
+// backward): a block covers kPoolTile pixels x 32 channels of one sample (grid x: sample-major
+// tiles, y: channel blocks), consecutive threads on consecutive channels (coalesced in NHWC).
+// A pixel's row and column come from host-built fast divisors, so the per-element work has no
+// division (tests/sass.rs); offsets are 64-bit by multiply-add.
 constexpr int kPoolThreads = 256;
-constexpr unsigned kPoolMaxBlocks = 4096;  // grid-stride beyond (~1M threads)
+constexpr int kPoolTile = 64;
+constexpr int kPoolChans = 32;
+constexpr int kPoolRows = kPoolThreads / kPoolChans;
 
-__host__ inline unsigned pool_blocks(long long total) {
-    const long long b = (total + kPoolThreads - 1) / kPoolThreads;
-    return (unsigned)(b < 1 ? 1 : (b > kPoolMaxBlocks ? kPoolMaxBlocks : b));
+struct PoolTile {
+    int n, c, pix0, pix1;
+};
+__device__ __forceinline__ PoolTile pool_tile(int pixels, unsigned tiles_per_sample) {
+    PoolTile t;
+    t.n = (int)(blockIdx.x / tiles_per_sample);
+    const int tile = (int)(blockIdx.x - (unsigned)t.n * tiles_per_sample);
+    t.c = (int)(blockIdx.y * kPoolChans + threadIdx.x);
+    t.pix0 = tile * kPoolTile + (int)threadIdx.y;
+    t.pix1 = (tile + 1) * kPoolTile < pixels ? (tile + 1) * kPoolTile : pixels;
+    return t;
 }
 
+// fq: divisor by the output width q.
 template <typename T>
-__global__ void __launch_bounds__(kPoolThreads) maxpool_forward_kernel(const cdcl_maxpool_params p) {
-    const long long total = (long long)p.n * p.p * p.q * p.c;
-    const T* x = static_cast<const T*>(p.x);
+__global__ void __launch_bounds__(kPoolThreads) maxpool_forward_kernel(const cdcl_maxpool_params p, unsigned tiles,
+                                                                       FastDiv fq) {
+    const PoolTile t = pool_tile(p.p * p.q, tiles);
+    if (t.c >= p.c) return;
+    const T* plane = static_cast<const T*>(p.x) + (long long)t.n * p.h * p.w * p.c + t.c;
+    const long long obase = (long long)t.n * p.p * p.q * p.c + t.c;
     T* y = static_cast<T*>(p.y);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int c = (int)(e % p.c);
-        long long t = e / p.c;
-        const int q = (int)(t % p.q);
-        t /= p.q;
-        const int pp = (int)(t % p.p);
-        const int n = (int)(t / p.p);
+    for (int pix = t.pix0; pix < t.pix1; pix += kPoolRows) {
+        const int pp = fq.div(pix), q = pix - pp * p.q;
         const int h0 = pp * p.stride_h - p.pad_h, w0 = q * p.stride_w - p.pad_w;
         const int h1 = min(h0 + p.kernel_h, p.h), w1 = min(w0 + p.kernel_w, p.w);
         const int hs = max(h0, 0), ws = max(w0, 0);
-        const T* plane = x + (long long)n * p.h * p.w * p.c + c;
         float best = __int_as_float((int)0xff800000u);  // -inf
         int best_idx = hs * p.w + ws;
         for (int h = hs; h < h1; ++h) {
@@ -55,32 +67,30 @@ __global__ void __launch_bounds__(kPoolThreads) maxpool_forward_kernel(const cdc
                 }
             }
         }
+        const long long e = obase + (long long)pix * p.c;
         y[e] = from_f32<T>(best);  // exact: best is an input value or -inf
         p.indices[e] = best_idx;
     }
 }
 
+// fw: divisor by the input width; fsh, fsw: by the strides.
 template <typename T>
-__global__ void __launch_bounds__(kPoolThreads) maxpool_backward_kernel(const cdcl_maxpool_params p) {
-    const long long total = (long long)p.n * p.h * p.w * p.c;
+__global__ void __launch_bounds__(kPoolThreads) maxpool_backward_kernel(const cdcl_maxpool_params p, unsigned tiles,
+                                                                        FastDiv fw, FastDiv fsh, FastDiv fsw) {
+    const PoolTile t = pool_tile(p.h * p.w, tiles);
+    if (t.c >= p.c) return;
     const T* dy = static_cast<const T*>(p.dy);
     T* dx = static_cast<T*>(p.dx);
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int c = (int)(e % p.c);
-        long long t = e / p.c;
-        const int w = (int)(t % p.w);
-        t /= p.w;
-        const int h = (int)(t % p.h);
-        const int n = (int)(t / p.h);
+    const long long base = (long long)t.n * p.p * p.q * p.c + t.c;
+    const long long xbase = (long long)t.n * p.h * p.w * p.c + t.c;
+    for (int self = t.pix0; self < t.pix1; self += kPoolRows) {
+        const int h = fw.div(self), w = self - h * p.w;
         // Outputs whose window [o*stride - pad, o*stride - pad + kernel) covers h (likewise w).
         const int hp = h + p.pad_h, wp = w + p.pad_w;
-        const int p0 = hp < p.kernel_h ? 0 : (hp - p.kernel_h) / p.stride_h + 1;
-        const int p1 = min(hp / p.stride_h + 1, p.p);
-        const int q0 = wp < p.kernel_w ? 0 : (wp - p.kernel_w) / p.stride_w + 1;
-        const int q1 = min(wp / p.stride_w + 1, p.q);
-        const int self = h * p.w + w;
-        const long long base = (long long)n * p.p * p.q * p.c + c;
+        const int p0 = hp < p.kernel_h ? 0 : fsh.div(hp - p.kernel_h) + 1;
+        const int p1 = min(fsh.div(hp) + 1, p.p);
+        const int q0 = wp < p.kernel_w ? 0 : fsw.div(wp - p.kernel_w) + 1;
+        const int q1 = min(fsw.div(wp) + 1, p.q);
         float acc = 0.0f;
         for (int op = p0; op < p1; ++op) {
             for (int oq = q0; oq < q1; ++oq) {
@@ -88,7 +98,7 @@ __global__ void __launch_bounds__(kPoolThreads) maxpool_backward_kernel(const cd
                 if (p.indices[o] == self) acc += to_f32(dy[o]);  // dy read only on a match
             }
         }
-        dx[e] = from_f32<T>(acc);
+        dx[xbase + (long long)self * p.c] = from_f32<T>(acc);
     }
 }
 
@@ -99,7 +109,9 @@ __host__ inline bool maxpool_params_ok(const cdcl_maxpool_params* p) {
     const long long ph = ((long long)p->h + 2LL * p->pad_h - p->kernel_h) / p->stride_h + 1;
     const long long pw = ((long long)p->w + 2LL * p->pad_w - p->kernel_w) / p->stride_w + 1;
     if ((long long)p->h + 2LL * p->pad_h < p->kernel_h || (long long)p->w + 2LL * p->pad_w < p->kernel_w) return false;
-    return ph == p->p && pw == p->q && (long long)p->h * p->w <= 2147483647LL && p->indices;
+    return ph == p->p && pw == p->q && (long long)p->h * p->w <= 2147483647LL - kPoolTile && p->indices &&
+           (long long)p->n * (((long long)p->h * p->w + kPoolTile - 1) / kPoolTile) <= 2147483647LL &&
+           (p->c + kPoolChans - 1) / kPoolChans < 65536;
 }
 
 }  // namespace CDCL_NAMESPACE
@@ -109,19 +121,23 @@ using namespace CDCL_NAMESPACE;
 CDCL_API int32_t CDCL_PREFIX(maxpool_forward)(const cdcl_maxpool_params* pp, void* stream) {
     if (!maxpool_params_ok(pp) || !pp->x || !pp->y) return CDCL_ERR_INVALID_PARAMS;
     const cdcl_maxpool_params p = *pp;
-    const long long total = (long long)p.n * p.p * p.q * p.c;
+    const unsigned tiles = ceil_div((unsigned)(p.p * p.q), kPoolTile);
+    const dim3 grid((unsigned)p.n * tiles, ceil_div((unsigned)p.c, kPoolChans), 1);
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
-        return CDCL_LAUNCH(maxpool_forward_kernel<T>, dim3(pool_blocks(total)), dim3(kPoolThreads), 0, stream, p);
+        return CDCL_LAUNCH(maxpool_forward_kernel<T>, grid, dim3(kPoolChans, kPoolRows), 0, stream, p, tiles,
+                           FastDiv(p.q));
     });
 }
 
 CDCL_API int32_t CDCL_PREFIX(maxpool_backward)(const cdcl_maxpool_params* pp, void* stream) {
     if (!maxpool_params_ok(pp) || !pp->dy || !pp->dx) return CDCL_ERR_INVALID_PARAMS;
     const cdcl_maxpool_params p = *pp;
-    const long long total = (long long)p.n * p.h * p.w * p.c;
+    const unsigned tiles = ceil_div((unsigned)(p.h * p.w), kPoolTile);
+    const dim3 grid((unsigned)p.n * tiles, ceil_div((unsigned)p.c, kPoolChans), 1);
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
-        return CDCL_LAUNCH(maxpool_backward_kernel<T>, dim3(pool_blocks(total)), dim3(kPoolThreads), 0, stream, p);
+        return CDCL_LAUNCH(maxpool_backward_kernel<T>, grid, dim3(kPoolChans, kPoolRows), 0, stream, p, tiles,
+                           FastDiv(p.w), FastDiv(p.stride_h), FastDiv(p.stride_w));
     });
 }

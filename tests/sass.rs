@@ -157,3 +157,193 @@ fn bf16_training_launches_only_the_hmma_mainloops() {
         }
     }
 }
+
+/// The SASS listing of conv.o as (architecture, function, text) triples, or None (with the
+/// reason printed, or a failure under CDCL_REQUIRE_CUOBJDUMP) when there is no nvcc build or
+/// no cuobjdump.
+fn conv_listing() -> Option<Vec<(String, String, String)>> {
+    listing("conv.o")
+}
+
+/// The SASS listing of one of the nvcc objects (`conv.o`, `dsbn.o`, ...), as [`conv_listing`].
+fn listing(object: &str) -> Option<Vec<(String, String, String)>> {
+    let required = std::env::var_os("CDCL_REQUIRE_CUOBJDUMP").is_some();
+    let obj = Path::new(env!("CDCL_CUDA_OBJ_DIR")).join(object);
+    let Some(tool) = cuobjdump().filter(|_| obj.is_file()) else {
+        assert!(!required, "CDCL_REQUIRE_CUOBJDUMP is set but there is no nvcc build or cuobjdump");
+        eprintln!("no nvcc build or cuobjdump: skipping the SASS check (CI runs it)");
+        return None;
+    };
+    let out = Command::new(&tool).arg("-sass").arg(&obj).output().expect("run cuobjdump");
+    assert!(out.status.success(), "cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr));
+    Some(functions(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The instructions of one function's SASS: (address, text without the trailing `;`).
+fn instructions(sass: &str) -> Vec<(u64, String)> {
+    sass.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("/*")?;
+            let (addr, text) = rest.split_once("*/")?;
+            let addr = u64::from_str_radix(addr.trim(), 16).ok()?;
+            let text = text.split(';').next()?.trim();
+            (!text.is_empty()).then(|| (addr, text.to_string()))
+        })
+        .collect()
+}
+
+/// The outermost loops of a function that contain an instruction satisfying `key`: each the
+/// instructions from a backward branch's target to the branch. Loops nested in another such
+/// loop are part of it.
+fn loops_with(ins: &[(u64, String)], key: impl Fn(&str) -> bool) -> Vec<&[(u64, String)]> {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for (i, (addr, text)) in ins.iter().enumerate() {
+        if !text.split_whitespace().any(|w| w == "BRA" || w.starts_with("BRA.")) {
+            continue;
+        }
+        let Some(target) = text.rsplit("0x").next() else { continue };
+        let Ok(target) = u64::from_str_radix(target.trim(), 16) else { continue };
+        if target <= *addr {
+            if let Some(start) = ins.iter().position(|(a, _)| *a == target) {
+                if ins[start..=i].iter().any(|(_, t)| key(t)) {
+                    ranges.push((start, i));
+                }
+            }
+        }
+    }
+    let outer: Vec<(usize, usize)> = ranges
+        .iter()
+        .copied()
+        .filter(|&(s, e)| !ranges.iter().any(|&(s2, e2)| (s2, e2) != (s, e) && s2 <= s && e <= e2))
+        .collect();
+    outer.into_iter().map(|(s, e)| &ins[s..=e]).collect()
+}
+
+fn count(body: &[(u64, String)], pat: &str) -> usize {
+    body.iter().filter(|(_, t)| t.contains(pat)).count()
+}
+
+/// The calls in `body` to a subroutine of the function `ins`: a division routine (or any other)
+/// is placed after the function's last EXIT. On sm_80-sm_89 nvcc also writes loop exits as a
+/// predicated `CALL.REL.NOINC` to the block right after the loop, which is not a call.
+fn subroutine_calls(ins: &[(u64, String)], body: &[(u64, String)]) -> usize {
+    let last_exit = ins.iter().filter(|(_, t)| t.contains("EXIT")).map(|(a, _)| *a).max().unwrap_or(u64::MAX);
+    body.iter()
+        .filter_map(|(_, t)| t.split_once("CALL").map(|(_, rest)| rest))
+        .filter(|rest| {
+            let target = rest.rsplit("0x").next().and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
+            target.is_none_or(|a| a > last_exit)
+        })
+        .count()
+}
+
+/// The k-loops of a convolution mainloop: the outermost loops holding its MMAs (HMMA for the
+/// tensor-core mainloops, at least 64 FFMA — one step's 4x4 outer products — for the f32 one).
+/// There is one per path (vector or general loads, prologue or not).
+fn k_loops(sass: &str) -> Vec<Vec<(u64, String)>> {
+    let ins = instructions(sass);
+    let hmma = count(&ins, "HMMA") > 0;
+    loops_with(&ins, |t| t.contains(if hmma { "HMMA" } else { "FFMA" }))
+        .into_iter()
+        .filter(|body| hmma || count(body, "FFMA") >= 64)
+        .map(|b| b.to_vec())
+        .collect()
+}
+
+/// No convolution k-loop divides: the reduction index advances incrementally and the rows are
+/// decomposed before the loop, so there is no subroutine call (the 64-bit division routine), no reciprocal
+/// (MUFU.RCP, the heart of the inlined 32-bit division and of float division) and no integer to
+/// float conversion (I2F, the 32-bit division's first step) inside any k-loop, for every problem,
+/// storage type, path and architecture.
+#[test]
+fn convolution_k_loops_do_not_divide() {
+    let Some(fns) = conv_listing() else { return };
+    let mut checked = 0;
+    for (arch, name, sass) in fns.iter().filter(|f| f.1.contains("implicit_gemm")) {
+        let loops = k_loops(sass);
+        // Forward and filter gradient: 4 paths (vector or not, prologue or not); data gradient 2.
+        let want = if name.contains("ConvBackwardData") { 2 } else { 4 };
+        assert_eq!(loops.len(), want, "{arch} {name}: k-loops found");
+        let ins = instructions(sass);
+        for body in &loops {
+            assert_eq!(
+                subroutine_calls(&ins, body),
+                0,
+                "{arch} {name}: a call in a k-loop of {} instructions",
+                body.len()
+            );
+            for bad in ["MUFU.RCP", "I2F"] {
+                assert_eq!(count(body, bad), 0, "{arch} {name}: {bad} in a k-loop of {} instructions", body.len());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no convolution mainloop in the listing");
+}
+
+/// The 16-bit forward k-loop's static instructions per HMMA. Before the iterators (rows
+/// decomposed per element with 64-bit divisions, the prologue's tables read from global memory
+/// per element, one loop for every path) the sm_90 f16 loop held 1376 instructions for 4 HMMA:
+/// 344 per HMMA. Every path's loop must now stay within a quarter of that, on every architecture.
+#[test]
+fn the_16_bit_forward_k_loop_costs_a_quarter_of_what_it_did() {
+    const BEFORE_PER_HMMA: f64 = 1376.0 / 4.0;
+    let Some(fns) = conv_listing() else { return };
+    let mut checked = 0;
+    for (arch, name, sass) in fns.iter().filter(|f| f.1.contains("implicit_gemm_wmma") && f.1.contains("ConvForward")) {
+        let loops = k_loops(sass);
+        for body in &loops {
+            let hmma = count(body, "HMMA");
+            let per = body.len() as f64 / hmma as f64;
+            println!("{arch} {name}: {} instructions, {hmma} HMMA: {per:.1} per HMMA", body.len());
+            assert!(per <= BEFORE_PER_HMMA / 4.0, "{arch} {name}: {per:.1} instructions per HMMA");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no 16-bit forward mainloop in the listing");
+}
+
+#[test]
+fn the_loop_finder_reads_branches() {
+    let sass = "/*0000*/ MOV R1, R2 ;\n/*0010*/ HMMA.16816.F32 R4, R8, R12, R4 ;\n/*0020*/ IADD3 R1, R1, 0x1, RZ ;\n\
+                /*0030*/ @P0 BRA 0x10 ;\n/*0040*/ EXIT ;\n";
+    let ins = instructions(sass);
+    assert_eq!(ins.len(), 5);
+    let loops = loops_with(&ins, |t| t.contains("HMMA"));
+    assert_eq!(loops.len(), 1);
+    assert_eq!(loops[0].len(), 3, "from the branch target (0x10) to the branch (0x30)");
+    assert!(loops_with(&ins, |t| t.contains("CALL")).is_empty());
+}
+
+/// The elementwise passes (DSBN apply, infer and backward dx; dropout's apply; max pooling
+/// forward and backward) tile each sample's pixels, so a thread's dataset, channel and table
+/// entries (or mask value) are fixed and a pixel's row and column come from fast divisors: no call (the 64-bit division routine was
+/// called twice per element before) and no 64-bit division anywhere, and no division of any kind
+/// (I2F starts the inlined 32-bit one, MUFU.RCP is its reciprocal) in their per-element loops.
+#[test]
+fn elementwise_passes_do_not_divide() {
+    for (object, kernels, per_arch) in [
+        ("dsbn.o", &["dsbn_apply", "dsbn_infer", "dsbn_backward_dx"][..], 9),
+        ("dropout.o", &["dropout_apply"][..], 3),
+        ("maxpool.o", &["maxpool_forward_kernel", "maxpool_backward_kernel"][..], 6),
+    ] {
+        let Some(fns) = listing(object) else { return };
+        let archs: std::collections::BTreeSet<&str> = fns.iter().map(|f| f.0.as_str()).collect();
+        let mut checked = 0;
+        for (arch, name, sass) in fns.iter().filter(|f| kernels.iter().any(|k| f.1.contains(k))) {
+            let ins = instructions(sass);
+            assert_eq!(subroutine_calls(&ins, &ins), 0, "{arch} {name}: a call");
+            assert_eq!(count(&ins, "I2F.U64"), 0, "{arch} {name}: a 64-bit division");
+            let loops = loops_with(&ins, |t| t.starts_with("STG") || t.contains(" STG"));
+            assert!(!loops.is_empty(), "{arch} {name}: no per-element loop found");
+            for body in loops {
+                for bad in ["I2F", "MUFU.RCP"] {
+                    assert_eq!(count(body, bad), 0, "{arch} {name}: {bad} in a per-element loop");
+                }
+            }
+            checked += 1;
+        }
+        // Every pass in every storage type, on every architecture.
+        assert_eq!(checked, per_arch * archs.len(), "{object}: the elementwise passes in the listing");
+    }
+}

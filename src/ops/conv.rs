@@ -178,8 +178,17 @@ fn set_datasets(p: &mut ffi::cdcl_conv_params, datasets: &Tensor, num_datasets: 
     Ok(())
 }
 
+/// The most datasets a prologue may have: the convolution stages their tables in shared memory
+/// (kernels/conv.cu, `kStageDatasets`).
+pub(crate) const PROLOGUE_MAX_DATASETS: usize = 8;
+
 fn set_prologue(p: &mut ffi::cdcl_conv_params, pro: &Prologue<'_>, x: &Tensor) -> Result<()> {
     let d = pro.mean.shape().first().copied().unwrap_or(0);
+    if d > PROLOGUE_MAX_DATASETS {
+        return Err(Error::InvalidArgument(format!(
+            "a fused DSBN prologue supports at most {PROLOGUE_MAX_DATASETS} datasets, got {d}"
+        )));
+    }
     let shape = [d, p.c as usize];
     for (what, t) in [
         ("prologue mean", pro.mean),
