@@ -321,7 +321,10 @@ impl<B: Backend> Graph<B> {
             let y = self.backend.dab_forward_infer(input, &store.bn(spec.bn).tables, &opts)?;
             return Ok(self.push(y, false));
         }
-        let materialize = !spec.defer || spec.residual.is_some();
+        // The convolution stages the prologue's tables in shared memory for a bounded number of
+        // datasets; beyond it the block writes its output and the next one reads it plainly.
+        let too_many = store.bn(spec.bn).num_datasets > crate::ops::conv::PROLOGUE_MAX_DATASETS;
+        let materialize = !spec.defer || spec.residual.is_some() || too_many;
         let (weight, layer, prev) = store.dab_parts(spec.weight, dtype, spec.bn, prologue.map(|p| p.bn))?;
         let opts = DabOptions {
             geometry: spec.geometry,

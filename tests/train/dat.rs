@@ -166,6 +166,27 @@ fn more_than_64_bn_slices_is_a_typed_error() {
 
 /// Training 4 iterations equals training 2, saving, loading into a fresh trainer and training
 /// 2 more: every parameter, running statistic and momentum buffer bit for bit.
+/// Our convolution fuses a block's normalisation into the next convolution for at most 8
+/// datasets; a model with more trains through the unfused chain, on both backends alike.
+#[test]
+fn more_datasets_than_the_fused_prologue_holds_train_unfused() {
+    let classes = vec![2; 9];
+    for (name, losses) in [
+        ("cpu", {
+            let be = CpuBackend::new();
+            let mut t = Trainer::new(&be, tiny_model(classes.clone(), 0.0), TrainConfig::default()).unwrap();
+            t.step(&[batch(0, 2, 16, 16, 2, 1), batch(8, 2, 16, 16, 2, 2)]).unwrap().per_dataset
+        }),
+        ("emulator", {
+            let be = device_backend();
+            let mut t = Trainer::new(&be, tiny_model(classes.clone(), 0.0), TrainConfig::default()).unwrap();
+            t.step(&[batch(0, 2, 16, 16, 2, 1), batch(8, 2, 16, 16, 2, 2)]).unwrap().per_dataset
+        }),
+    ] {
+        assert!(losses[0].is_finite() && losses[8].is_finite(), "{name}: {losses:?}");
+    }
+}
+
 #[test]
 fn resume_is_bitwise() {
     let be = CpuBackend::new();
