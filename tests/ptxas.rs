@@ -81,10 +81,11 @@ fn every_kernel_compiles_cleanly_without_spills_or_local_memory() {
             failures.push(format!("{name}: {line}"));
         }
         let entries = parse(&text);
-        // kernels/runtime.cu holds host-side state of the GPU build and no kernel, by design.
+        // kernels/runtime.cu holds host-side state of the GPU build and one kernel: the step's
+        // error-record-to-skip-flag fold (src/device/step.rs). Any other kernel belongs elsewhere.
         if name == "runtime" {
-            assert!(entries.is_empty(), "runtime.cu is meant to hold no kernel: {entries:?}");
-            continue;
+            let others: Vec<_> = entries.iter().filter(|e| !e.function.contains("step_flag_kernel")).collect();
+            assert!(others.is_empty(), "runtime.cu is meant to hold only step_flag_kernel: {others:?}");
         }
         assert!(!entries.is_empty(), "{name}: the report lists no kernel; is -Xptxas -v still passed?");
         let seen: BTreeSet<String> = entries.iter().map(|e| e.arch.clone()).collect();
