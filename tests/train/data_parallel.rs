@@ -80,12 +80,12 @@ fn ranks_step_on_the_mean_gradient_and_stay_identical() {
     let mut moved = 0;
     for ((((name, p), x0), x1), d) in p0.iter().zip(&a0).zip(&a1).zip(&dp) {
         assert_eq!(name, &d.0);
-        for i in 0..p.len() {
-            let (d0, d1) = (x0.1[i] - p[i], x1.1[i] - p[i]);
-            let expected = p[i] + 0.5 * (d0 + d1);
-            let tol = 8.0 * f32::EPSILON * (p[i].abs() + d0.abs() + d1.abs()) + 1e-30;
-            assert!((d.1[i] - expected).abs() <= tol, "{name}[{i}]: {} vs {expected} (tol {tol})", d.1[i]);
-            moved += (d.1[i] != p[i]) as usize;
+        for (i, (((&p, &v0), &v1), &got)) in p.iter().zip(&x0.1).zip(&x1.1).zip(&d.1).enumerate() {
+            let (d0, d1) = (v0 - p, v1 - p);
+            let expected = p + 0.5 * (d0 + d1);
+            let tol = 8.0 * f32::EPSILON * (p.abs() + d0.abs() + d1.abs()) + 1e-30;
+            assert!((got - expected).abs() <= tol, "{name}[{i}]: {got} vs {expected} (tol {tol})");
+            moved += (got != p) as usize;
         }
     }
     assert!(moved > 1000, "the step moved only {moved} values");
