@@ -253,34 +253,56 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
     println!("cargo:rustc-env=CDCL_EMBEDDED_ARCHS={}", archs.join(","));
     let obj_dir = out.join("cuda-obj");
     fs::create_dir_all(&obj_dir).expect("create the CUDA object directory in OUT_DIR");
-    let mut objects = Vec::new();
-    for cu in cu_files {
-        let stem = cu.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel").to_string();
-        let obj = obj_dir.join(format!("{stem}.o"));
-        let mut cmd = Command::new(nvcc);
-        cmd.arg("-c").arg(cu).arg("-o").arg(&obj).arg("-std=c++17").arg("-O3").arg("-I").arg(kernels).args([
-            "-Xcompiler",
-            "-fPIC",
-            "-Xptxas",
-            "-v",
-            "-Xptxas",
-            "-warn-spills",
-            "-Xptxas",
-            "-warn-lmem-usage",
-        ]);
-        for a in &archs {
-            cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
-        }
-        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
-        let output = cmd.output().unwrap_or_else(|e| fail(&format!("could not run {}: {e}", nvcc.display())));
-        let mut report = String::from_utf8_lossy(&output.stdout).into_owned();
-        report.push_str(&String::from_utf8_lossy(&output.stderr));
-        fs::write(report_dir.join(format!("{stem}.txt")), &report).expect("write the nvcc report");
-        if !output.status.success() {
-            fail(&format!("nvcc failed on {}:\n{report}", cu.display()));
-        }
-        objects.push(obj);
+    let mut flags: Vec<String> = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC"]
+        .iter()
+        .chain(["-Xptxas", "-v", "-Xptxas", "-warn-spills", "-Xptxas", "-warn-lmem-usage"].iter())
+        .map(|s| s.to_string())
+        .collect();
+    for a in &archs {
+        flags.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
+    flags.push(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+
+    // nvcc for four architectures is most of a cold build, and every target directory (debug,
+    // release, the sanitizer build, clippy's) would repeat it: objects are kept by content —
+    // nvcc's version, the flags, the file and every header under kernels/ — and compiled two or
+    // more at a time.
+    let cache = cuda_cache_dir(out);
+    let version = Command::new(nvcc).arg("--version").output().map(|o| o.stdout).unwrap_or_default();
+    let headers = header_digest(kernels);
+    let jobs: usize = env::var("NUM_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(1).clamp(1, 8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs.min(cu_files.len()).max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut failures = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(cu) = cu_files.get(i) else { break };
+                        let key = Fingerprint::new()
+                            .bytes(&version)
+                            .bytes(flags.join("\0").as_bytes())
+                            .bytes(&headers.to_le_bytes())
+                            .bytes(&fs::read(cu).unwrap_or_default())
+                            .finish();
+                        if let Err(e) = compile_cached(nvcc, kernels, cu, &flags, key, &cache, &obj_dir, report_dir) {
+                            failures.push(e);
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("nvcc worker thread")).collect()
+    });
+    if let Some(e) = failures.first() {
+        fail(e);
+    }
+    let objects: Vec<PathBuf> = cu_files
+        .iter()
+        .map(|cu| obj_dir.join(format!("{}.o", cu.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel"))))
+        .collect();
     fs::write(report_dir.join("archs.txt"), archs.join(",")).expect("write the arch list");
 
     let mut b = cc::Build::new();
@@ -304,4 +326,132 @@ fn build_cuda(nvcc: &Path, kernels: &Path, cu_files: &[PathBuf], out: &Path, rep
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
     println!("cargo:rustc-cfg=cdcl_cuda");
+}
+
+/// Where compiled CUDA objects are kept between builds: `CDCL_CUDA_CACHE`, else `cuda-cache` in
+/// the outermost cargo target directory above OUT_DIR (the one holding `CACHEDIR.TAG`), so that
+/// `--target-dir target/asan` and the release profile share the debug build's objects.
+fn cuda_cache_dir(out: &Path) -> PathBuf {
+    println!("cargo:rerun-if-env-changed=CDCL_CUDA_CACHE");
+    if let Some(dir) = env::var_os("CDCL_CUDA_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let root = out.ancestors().filter(|d| d.join("CACHEDIR.TAG").is_file()).last();
+    root.map(|r| r.join("cuda-cache")).unwrap_or_else(|| out.join("cuda-cache"))
+}
+
+/// One digest of every file under `kernels/` except the `.cu` translation units themselves
+/// (headers any of them may include); a change to any header recompiles every kernel.
+fn header_digest(kernels: &Path) -> u64 {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, files);
+            } else if p.extension().is_none_or(|e| e != "cu") {
+                files.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(kernels, &mut files);
+    files.sort();
+    let mut f = Fingerprint::new();
+    for p in files {
+        f = f
+            .bytes(p.strip_prefix(kernels).unwrap_or(&p).to_string_lossy().as_bytes())
+            .bytes(&fs::read(&p).unwrap_or_default());
+    }
+    f.finish()
+}
+
+/// FNV-1a over length-prefixed pieces: stable across toolchains, unlike `DefaultHasher`, so a
+/// cache entry written by one rustc is found by the next.
+struct Fingerprint(u64);
+
+impl Fingerprint {
+    fn new() -> Self {
+        Fingerprint(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(mut self, data: &[u8]) -> Self {
+        for b in (data.len() as u64).to_le_bytes().iter().chain(data) {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Compiles `cu` into `obj_dir/<stem>.o` and its nvcc report into `report_dir/<stem>.txt`, or
+/// copies both from the cache when an entry with the same key exists.
+#[allow(clippy::too_many_arguments)]
+fn compile_cached(
+    nvcc: &Path,
+    kernels: &Path,
+    cu: &Path,
+    flags: &[String],
+    key: u64,
+    cache: &Path,
+    obj_dir: &Path,
+    report_dir: &Path,
+) -> Result<(), String> {
+    let stem = cu.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel").to_string();
+    let obj = obj_dir.join(format!("{stem}.o"));
+    let report_path = report_dir.join(format!("{stem}.txt"));
+    let entry = cache.join(format!("{stem}-{key:016x}"));
+    let (cached_obj, cached_report) = (entry.with_extension("o"), entry.with_extension("txt"));
+    if cached_obj.is_file() && cached_report.is_file() {
+        let copied = fs::copy(&cached_obj, &obj).and_then(|_| fs::copy(&cached_report, &report_path));
+        if copied.is_ok() {
+            return Ok(());
+        }
+    }
+    let output = Command::new(nvcc)
+        .arg("-c")
+        .arg(cu)
+        .arg("-o")
+        .arg(&obj)
+        .arg("-I")
+        .arg(kernels)
+        .args(flags)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
+    let mut report = String::from_utf8_lossy(&output.stdout).into_owned();
+    report.push_str(&String::from_utf8_lossy(&output.stderr));
+    fs::write(&report_path, &report).map_err(|e| format!("write the nvcc report {}: {e}", report_path.display()))?;
+    if !output.status.success() {
+        return Err(format!("nvcc failed on {}:\n{report}", cu.display()));
+    }
+    // A failed store only costs the next build a recompile; written under a temporary name and
+    // renamed, so a concurrent build never reads half an object.
+    if fs::create_dir_all(cache).is_ok() {
+        let pid = std::process::id();
+        for (src, dst) in [(&report_path, &cached_report), (&obj, &cached_obj)] {
+            let tmp = dst.with_extension(format!("tmp{pid}"));
+            if fs::copy(src, &tmp).is_err() || fs::rename(&tmp, dst).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+        prune_cache(cache, &stem, &entry);
+    }
+    Ok(())
+}
+
+/// Drops this kernel's older entries once a day old, so an edited kernel does not grow the cache
+/// without bound while builds of the previous version (another checkout) may still use it.
+fn prune_cache(cache: &Path, stem: &str, keep: &Path) {
+    let Ok(rd) = fs::read_dir(cache) else { return };
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let same_kernel = name.strip_prefix(stem).and_then(|r| r.strip_prefix('-')).is_some_and(|r| r.len() >= 16);
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > day);
+        if same_kernel && old && p.with_extension("") != keep {
+            let _ = fs::remove_file(&p);
+        }
+    }
 }
