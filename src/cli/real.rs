@@ -66,6 +66,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
             )));
         }
     }
+    args.usss.reject_synthetic_only()?;
     let crop = parse_size(&args.data.crop, "--crop")?;
     let scale = match parse_floats(&args.data.scale_range, "--scale-range")?[..] {
         [lo, hi] if lo <= hi => (lo, hi),
