@@ -2,6 +2,10 @@
 //! images against class prototypes; see `cdcl::train::usss`), flattened into the train
 //! arguments.
 
+use std::path::Path;
+
+use cdcl::data::layouts::image_folder;
+use cdcl::data::FileDataset;
 use cdcl::train::UsssConfig;
 use cdcl::{Error, Result};
 
@@ -26,6 +30,11 @@ pub struct UsssArgs {
     /// they are not used at all (a supervised run on the labelled part).
     #[arg(long, value_name = "FRACTION")]
     pub unlabeled_fraction: Option<f32>,
+    /// With --data: a folder of unlabelled images (PNG or JPEG) of the dataset named NAME (as
+    /// --data names it). Repeat for several datasets; each iteration draws an unlabelled batch
+    /// of --batch crops for every dataset it trains that has one.
+    #[arg(long = "unlabeled", value_name = "NAME=PATH")]
+    pub unlabeled: Vec<String>,
 }
 
 impl UsssArgs {
@@ -46,6 +55,13 @@ impl UsssArgs {
     /// unlabelled images or one of the two parts would be empty.
     pub fn synthetic_split(&self, batch: usize) -> Result<(usize, usize)> {
         let active = self.config()?.active();
+        if !self.unlabeled.is_empty() {
+            return Err(Error::InvalidArgument(
+                "--unlabeled names folders of images for --data; the synthetic scenes hold back labels with \
+                 --unlabeled-fraction"
+                    .into(),
+            ));
+        }
         let Some(f) = self.unlabeled_fraction else {
             if active {
                 return Err(Error::InvalidArgument(
@@ -68,18 +84,37 @@ impl UsssArgs {
         Ok((batch - unlabeled, unlabeled))
     }
 
-    /// Options that only mean something on the synthetic scenes are refused with `--data`.
-    pub fn reject_synthetic_only(&self) -> Result<()> {
+    /// With `--data`: the unlabelled image folders of `--unlabeled`, each with the index of the
+    /// training set it belongs to (`sets`, by name), in the order given. Refuses
+    /// `--unlabeled-fraction`, a name that is not one of `sets` or given twice, a folder without
+    /// images, and USSS weights without any unlabelled folder.
+    pub fn open_unlabeled(&self, sets: &[FileDataset]) -> Result<Vec<(usize, FileDataset)>> {
         if self.unlabeled_fraction.is_some() {
             return Err(Error::InvalidArgument(
-                "--unlabeled-fraction holds back labels of the synthetic scenes; it does not apply with --data".into(),
+                "--unlabeled-fraction holds back labels of the synthetic scenes; with --data give --unlabeled NAME=PATH"
+                    .into(),
             ));
         }
-        if self.config()?.active() {
+        if self.config()?.active() && self.unlabeled.is_empty() {
             return Err(Error::InvalidArgument(
-                "USSS training (--alpha / --beta) runs on the synthetic scenes (--unlabeled-fraction) for now".into(),
+                "--alpha / --beta train on unlabelled images: give --unlabeled NAME=PATH".into(),
             ));
         }
-        Ok(())
+        let mut out: Vec<(usize, FileDataset)> = Vec::new();
+        for spec in &self.unlabeled {
+            let (name, path) = spec
+                .split_once('=')
+                .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+                .ok_or_else(|| Error::InvalidArgument(format!("--unlabeled {spec:?}: expected NAME=PATH")))?;
+            let d = sets.iter().position(|s| s.name == name).ok_or_else(|| {
+                let names: Vec<&str> = sets.iter().map(|s| s.name.as_str()).collect();
+                Error::InvalidArgument(format!("--unlabeled {spec:?}: no --data dataset is named {name:?} ({names:?})"))
+            })?;
+            if out.iter().any(|(o, _)| *o == d) {
+                return Err(Error::InvalidArgument(format!("--unlabeled names {name:?} twice")));
+            }
+            out.push((d, image_folder(Path::new(path), &sets[d])?));
+        }
+        Ok(out)
     }
 }
