@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use cdcl::backend::{Backend, CpuBackend, DeviceBackend};
 use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{evaluate, Batch, DatasetMeta, Precision, TrainConfig, Trainer};
+use cdcl::train::{evaluate, Batch, DatasetMeta, Precision, TrainConfig, Trainer, UnlabeledBatch};
 use cdcl::Device;
 
 mod cli;
@@ -116,6 +116,8 @@ struct TrainArgs {
     profile: bool,
     #[command(flatten)]
     data: cli::data_args::DataArgs,
+    #[command(flatten)]
+    usss: cli::usss_args::UsssArgs,
 }
 
 impl TrainArgs {
@@ -174,6 +176,8 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         return cli::real::train(args, backend);
     }
     args.data.reject_real_only()?;
+    // Labelled and unlabelled images of each dataset per iteration (--unlabeled-fraction).
+    let (labelled, unlabelled) = args.usss.synthetic_split(args.batch)?;
     let cfg = match args.datasets {
         2 => SyntheticConfig::default_two_domains(args.size, args.size, args.seed),
         3 => SyntheticConfig::default_three_domains(args.size, args.size, args.seed),
@@ -207,8 +211,10 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         max_iters: args.iters,
         seed: args.seed,
         precision: args.precision(),
+        usss: args.usss.config()?,
         ..Default::default()
     };
+    let semi = config.usss.active();
     let mut session = cli::session::Session::start(args, metas, resume.as_ref())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
@@ -234,18 +240,30 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     );
     bar.set_position(trainer.iteration() as u64);
     let start = Instant::now();
+    let mut entropies = Vec::new();
     // Each iteration's batches are a pure function of (seed, iteration): resume draws the same.
     while trainer.iteration() < args.iters {
         let it = trainer.iteration();
         let plan = trainer.plan(it, d);
         let mut batches = Vec::with_capacity(plan.len());
+        let mut unlabeled = Vec::new();
         for (pass, &ds) in plan.iter().enumerate() {
             let base = ((it * plan.len() + pass) * args.batch) as u64;
             let idx: Vec<u64> = (0..args.batch as u64).map(|i| base + i).collect();
-            batches.push(to_train_batch(data.batch(ds, &idx)?, ds));
+            // The same images as a fully labelled run; the last ones' labels are held back.
+            batches.push(to_train_batch(data.batch(ds, &idx[..labelled])?, ds));
+            if semi && unlabelled > 0 {
+                let b = data.batch(ds, &idx[labelled..])?;
+                unlabeled.push(UnlabeledBatch { dataset: ds, n: b.n, h: b.h, w: b.w, images: b.images });
+            }
         }
         let profile = cli::profile::StepProfile::start(&backend);
-        let stats = trainer.step(&batches)?;
+        let (stats, usss) = if semi {
+            let s = trainer.step_semi(&batches, &unlabeled)?;
+            (s.step, s.usss)
+        } else {
+            (trainer.step(&batches)?, None)
+        };
         if args.profile {
             let line = profile.line(&backend, it);
             // Not bar.println: that prints nothing when the bar is hidden (no terminal).
@@ -260,7 +278,14 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
             .collect();
         let scale = if stats.loss_scale != 1.0 { format!(" scale {}", stats.loss_scale) } else { String::new() };
         let skipped = if stats.skipped { " (overflow: step skipped)" } else { "" };
-        bar.set_message(format!("loss {:.3} [{}] lr {:.4}{scale}{skipped}", stats.total, per.join(" "), stats.lr));
+        entropies.extend(usss.map(|u| (u.within, u.cross)));
+        let usss = usss.map_or(String::new(), |u| format!(" usss within {:.3} cross {:.3}", u.within, u.cross));
+        bar.set_message(format!(
+            "loss {:.3} [{}]{usss} lr {:.4}{scale}{skipped}",
+            stats.total,
+            per.join(" "),
+            stats.lr
+        ));
         bar.inc(1);
         if !stats.total.is_finite() && !stats.skipped {
             bar.abandon();
@@ -271,6 +296,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("trained in {secs:.1} s");
+    if let Some(line) = entropy_summary(&entropies) {
+        eprintln!("{line}");
+    }
     session.finish(&trainer)?;
     // Held-out images: indices far from any training index. Only the datasets the mode has a
     // head for are evaluated, each as the mode defines (the line says what it means).
@@ -294,4 +322,26 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     }
     println!("checkpoint: {}", args.checkpoint.display());
     Ok(())
+}
+
+/// The unlabelled pixels' mean entropies over the first and the last five iterations that had a
+/// USSS term (each iteration's own batch, against the prototypes of its time).
+fn entropy_summary(e: &[(f32, f32)]) -> Option<String> {
+    if e.is_empty() {
+        return None;
+    }
+    let k = e.len().min(5);
+    let mean = |s: &[(f32, f32)]| {
+        let n = s.len() as f64;
+        (s.iter().map(|v| v.0 as f64).sum::<f64>() / n, s.iter().map(|v| v.1 as f64).sum::<f64>() / n)
+    };
+    let (first, last) = (mean(&e[..k]), mean(&e[e.len() - k..]));
+    Some(format!(
+        "usss: unlabelled entropy within {:.4} -> {:.4}, cross {:.4} -> {:.4} (means of the first and last {k} of {} USSS iterations)",
+        first.0,
+        last.0,
+        first.1,
+        last.1,
+        e.len()
+    ))
 }

@@ -375,3 +375,71 @@ fn recalibrate_writes_a_checkpoint_with_new_running_statistics_only() {
     assert!(fails(&["recalibrate", "--checkpoint", &ck, "--out", &out_ck, "--bn-slice", "fog", "--synthetic", "fog"])
         .contains("not a dataset"));
 }
+
+#[test]
+fn usss_flags_train_semi_supervised_or_refuse_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("u.safetensors").display().to_string();
+    let common = ["--size", "32", "--width", "0.0625", "--eval-images", "0", "--device", "cpu", "--checkpoint", &ck];
+    let run = |extra: &[&str], good: bool| {
+        let mut args = vec!["train", "--iters", "3"];
+        args.extend(extra);
+        args.extend(common);
+        if good {
+            ok(&args)
+        } else {
+            fails(&args)
+        }
+    };
+    let out = run(&["--batch", "4", "--unlabeled-fraction", "0.5", "--alpha", "0.5", "--beta", "1"], true);
+    assert!(out.contains("usss: unlabelled entropy within"), "{out}");
+    for (bad, says) in [
+        (&["--alpha", "1"][..], "--unlabeled-fraction"),
+        (&["--unlabeled-fraction", "1.5", "--beta", "1"][..], "(0, 1)"),
+        (&["--unlabeled-fraction", "0.1", "--beta", "1", "--batch", "4"][..], "at least one"),
+        (&["--unlabeled-fraction", "0.5", "--alpha=-1"][..], "alpha"),
+        (&["--unlabeled-fraction", "0.5", "--beta", "NaN"][..], "beta"),
+        (&["--unlabeled-fraction", "0.5", "--beta", "1", "--usss-temperature", "0"][..], "temperature"),
+        (&["--unlabeled-fraction", "0.5", "--beta", "1", "--prototype-momentum", "1"][..], "momentum"),
+        (&["--unlabeled-fraction", "0.5", "--beta", "1", "--mode", "single", "--dataset", "city"][..], "USSS"),
+        (&["--unlabeled", "city=/tmp", "--beta", "1"][..], "--unlabeled-fraction"),
+    ] {
+        let out = run(bad, false);
+        assert!(out.contains("error: ") && out.contains(says), "{bad:?}:\n{out}");
+    }
+    // Real data: a folder of unlabelled images for one of the two datasets.
+    let (cs, cv) = data(dir.path());
+    let unl = dir.path().join("unlabeled");
+    mkdir(&unl);
+    for k in 0..3 {
+        png_rgb(&unl.join(format!("frame{k}.png")), &rgb(40, 28, 50 + k));
+    }
+    let empty = dir.path().join("empty");
+    mkdir(&empty);
+    let real = |extra: &[&str], good: bool| {
+        let mut args = vec!["train", "--data", &cs, "--data", &cv, "--iters", "3", "--eval-images", "0"];
+        args.extend(["--checkpoint", &ck]);
+        args.extend(TINY);
+        args.extend(extra);
+        if good {
+            ok(&args)
+        } else {
+            fails(&args)
+        }
+    };
+    let folder = format!("cityscapes={}", unl.display());
+    let out = real(&["--unlabeled", &folder, "--alpha", "1", "--beta", "1"], true);
+    assert!(out.contains("checked 11 images") && out.contains("usss: unlabelled entropy within"), "{out}");
+    let nowhere = format!("kitti={}", unl.display());
+    let no_images = format!("camvid={}", empty.display());
+    for (bad, says) in [
+        (&["--unlabeled-fraction", "0.5", "--beta", "1"][..], "--unlabeled-fraction"),
+        (&["--beta", "1"][..], "--unlabeled NAME=PATH"),
+        (&["--unlabeled", &nowhere, "--beta", "1"][..], "no --data dataset is named"),
+        (&["--unlabeled", &no_images, "--beta", "1"][..], "no PNG or JPEG image"),
+        (&["--unlabeled", &folder, "--unlabeled", &folder, "--beta", "1"][..], "twice"),
+    ] {
+        let out = real(bad, false);
+        assert!(out.contains("error: ") && out.contains(says), "{bad:?}:\n{out}");
+    }
+}

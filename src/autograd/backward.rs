@@ -113,6 +113,27 @@ impl<B: Backend> Graph<B> {
                     };
                     acc(&mut grads, logits, d)?;
                 }
+                Node::Usss { x, datasets, ref protos, ref classes_per_dataset, opts, ref mut pre, out } => {
+                    let g = sgrads[out.0];
+                    if g == 0.0 || !needs[x.0] {
+                        continue;
+                    }
+                    let d = match pre.take() {
+                        Some((scale, d)) if scale == g => d,
+                        _ => b
+                            .usss_entropy(
+                                &values[x.0],
+                                &values[datasets.0],
+                                protos,
+                                classes_per_dataset,
+                                &opts,
+                                Some(g),
+                            )?
+                            .1
+                            .ok_or_else(|| Error::InvalidArgument("backend returned no USSS gradient".into()))?,
+                    };
+                    acc(&mut grads, x, d)?;
+                }
                 Node::Conv { x, w, bias, geometry, out } => {
                     let Some(dy) = grads[out.0].take() else { continue };
                     let xv = &values[x.0];

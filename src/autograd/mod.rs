@@ -11,10 +11,11 @@
 //! **The tape records what the kernels fuse**: one node per dataset-aware block
 //! ([`Graph::dab`]), one for the pyramid pooling module ([`Graph::ppm`]), one for the loss with
 //! the upsampling of the logits fused in ([`Graph::cross_entropy`] with
-//! [`LossSpec::upsample`]). A block may leave its output unwritten ([`DabCall::defer`]): the
-//! value is then the block's raw convolution output with its normalisation *pending*, and the
-//! only op that accepts it is the next block, which applies the normalisation in its
-//! convolution's prologue (forward and backward); any other op refuses it with a typed error.
+//! [`LossSpec::upsample`]), one for the USSS entropy loss ([`Graph::usss`]). A block may leave
+//! its output unwritten ([`DabCall::defer`]): the value is then the block's raw convolution
+//! output with its normalisation *pending*, and the only op that accepts it is the next block,
+//! which applies the normalisation in its convolution's prologue (forward and backward); any
+//! other op refuses it with a typed error.
 //!
 //! **Nothing is read back mid-step.** Losses stay on the backend as tensors; a [`Scalar`] is a
 //! loss or a weighted sum of scalars, evaluated on the host only when read
@@ -33,9 +34,11 @@
 mod backward;
 mod node;
 mod params;
+mod usss;
 
 pub use backward::{BackwardOptions, Gradients};
 pub use params::{BnId, BnLayer, Group, ParamStore, Weight, WeightId};
+pub use usss::UsssSpec;
 
 use crate::backend::{
     Backend, DabInput, DabOptions, LossOptions, PpmBranchMut, PpmBranchRef, PpmRecords, Prologue, TensorLike,

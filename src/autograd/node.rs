@@ -7,6 +7,7 @@ use crate::ops::dropout::Dropout2dOptions;
 use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::ppm::PpmOptions;
+use crate::ops::usss::UsssOptions;
 
 /// A block's normalisation that its consumer applies (the value holds the raw convolution
 /// output): the DSBN layer, the index of its saved statistics in the graph, the ReLU.
@@ -117,6 +118,17 @@ pub(crate) enum Node<B: Backend> {
         num_classes: Vec<usize>,
         weights: Option<Vec<f32>>,
         upsample: Option<bool>,
+        /// The gradient the forward computed with the upstream gradient it was told to expect.
+        pre: Option<(f32, B::Tensor)>,
+        out: Scalar,
+    },
+    /// The USSS entropy loss ([`super::Graph::usss`]); the prototypes are constants.
+    Usss {
+        x: Var,
+        datasets: Var,
+        protos: B::Tensor,
+        classes_per_dataset: Vec<usize>,
+        opts: UsssOptions,
         /// The gradient the forward computed with the upstream gradient it was told to expect.
         pre: Option<(f32, B::Tensor)>,
         out: Scalar,

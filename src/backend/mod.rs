@@ -35,6 +35,7 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::ppm::PpmOptions;
 use crate::ops::sgd::{FrozenRows, SgdOptions};
+use crate::ops::usss::UsssOptions;
 use crate::tensor::DType;
 
 pub mod counters;
@@ -560,6 +561,21 @@ pub trait Backend: Clone + fmt::Debug + 'static {
     ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
     /// Per pixel, the class of the largest logit of the sample's own head: `[N,H,W]` i32.
     fn argmax(&self, logits: &Self::Tensor, datasets: &Self::Tensor, num_classes: &[usize]) -> Result<Self::Tensor>;
+    /// The USSS entropy loss (ops::usss; every pixel takes part) of pixel features `x`
+    /// `[N,H,W,E]` (any float storage) whose samples belong to `datasets` (`[N]` i32, rows of the
+    /// prototype table), against fixed class prototypes `protos`: one `[Σ_d C_d, E]` f32 table,
+    /// dataset 0's `classes_per_dataset[0]` rows first. Returns an f32 `[3]` tensor —
+    /// `α·cross + β·within`, cross, within — left on the backend, and with `grad = Some(g)` the
+    /// gradient `g · ∂total/∂x` (x's storage). No gradient flows to the prototypes.
+    fn usss_entropy(
+        &self,
+        x: &Self::Tensor,
+        datasets: &Self::Tensor,
+        protos: &Self::Tensor,
+        classes_per_dataset: &[usize],
+        opts: &UsssOptions,
+        grad: Option<f32>,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)>;
 
     // ---- optimiser (ops::sgd) ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ pub mod recalibrate;
 pub mod run_log;
 pub mod session;
 pub mod study;
+pub mod usss_args;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

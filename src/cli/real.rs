@@ -16,7 +16,7 @@ use cdcl::backend::Backend;
 use cdcl::data::{verify, AugmentConfig, FileDataset, Loader, LoaderConfig, SegDataset};
 use cdcl::eval::{evaluate_dataset, InferOptions, Route};
 use cdcl::nn::{Depth, ModelConfig};
-use cdcl::train::{Batch, DatasetMeta, TrainConfig, Trainer};
+use cdcl::train::{Batch, DatasetMeta, TrainConfig, Trainer, UnlabeledBatch};
 use cdcl::{Error, Result};
 
 use super::modes::ClassMapSource;
@@ -86,7 +86,12 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
     if explicit("eval_images") {
         val_sets.iter_mut().for_each(|v| v.items.truncate(args.eval_images));
     }
-    let all: Vec<&FileDataset> = train_sets.iter().chain(val_sets.iter().filter(|v| !v.items.is_empty())).collect();
+    let unlabeled = args.usss.open_unlabeled(&train_sets)?;
+    let all: Vec<&FileDataset> = train_sets
+        .iter()
+        .chain(val_sets.iter().filter(|v| !v.items.is_empty()))
+        .chain(unlabeled.iter().map(|(_, u)| u))
+        .collect();
     verify_all(&all, args.data.workers)?;
 
     let d = specs.len();
@@ -113,8 +118,10 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         max_iters: args.iters,
         seed: args.seed,
         precision: args.precision(),
+        usss: args.usss.config()?,
         ..Default::default()
     };
+    let semi = config.usss.active();
     let mut session = Session::start(args, datasets.clone(), resume.as_ref())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
@@ -148,6 +155,21 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         rank: 0,
         world: 1,
     };
+    // USSS: a second loader over the unlabelled folders, in step with the first: each
+    // iteration draws one unlabelled batch for every dataset of its plan that has a folder.
+    let owners: Vec<usize> = unlabeled.iter().map(|(d, _)| *d).collect();
+    let mut unlabeled_loader = if semi {
+        let plan: Vec<Vec<usize>> =
+            schedule.iter().map(|p| p.iter().filter_map(|d| owners.iter().position(|o| o == d)).collect()).collect();
+        let usets: Vec<Arc<dyn SegDataset>> =
+            unlabeled.into_iter().map(|(_, u)| Arc::new(u) as Arc<dyn SegDataset>).collect();
+        // Augmentation draws of their own (the seed), the same crops and scales.
+        let config = LoaderConfig { seed: args.seed ^ 0x0055_5353, ..loader_config.clone() };
+        Some(Loader::new(usets, config, plan, trainer.iteration().min(args.iters))?)
+    } else {
+        None
+    };
+    let mut entropies = Vec::new();
     let mut loader = Loader::new(sets, loader_config, schedule, trainer.iteration().min(args.iters))?;
     let bar = ProgressBar::new(args.iters as u64);
     bar.set_style(bar_style());
@@ -159,7 +181,27 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
             .collect();
         let images: usize = batches.iter().map(|b| b.n).sum();
         let (it, profile) = (trainer.iteration(), super::profile::StepProfile::start(&backend));
-        let stats = trainer.step(&batches)?;
+        let stats = match unlabeled_loader.as_mut() {
+            Some(ul) => {
+                let unl: Vec<UnlabeledBatch> = match ul.next_iteration() {
+                    Some(r) => r?
+                        .into_iter()
+                        .map(|b| UnlabeledBatch {
+                            dataset: owners[b.dataset],
+                            n: b.n,
+                            h: b.h,
+                            w: b.w,
+                            images: b.images,
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let s = trainer.step_semi(&batches, &unl)?;
+                entropies.extend(s.usss.map(|u| (u.within, u.cross)));
+                s.step
+            }
+            None => trainer.step(&batches)?,
+        };
         if args.profile {
             let line = profile.line(&backend, it);
             bar.suspend(|| eprintln!("{line}"));
@@ -183,6 +225,9 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         }
     }
     bar.finish();
+    if let Some(line) = crate::entropy_summary(&entropies) {
+        eprintln!("{line}");
+    }
     session.finish(&trainer)?;
     println!("checkpoint: {}", args.checkpoint.display());
 

@@ -15,7 +15,10 @@ use cdcl::data::{Synthetic, SyntheticConfig};
 use cdcl::eval::report::write_text;
 use cdcl::nn::{Depth, ModelConfig};
 use cdcl::train::modes::synthetic_class_map;
-use cdcl::train::{evaluate, evaluate_routed, precise_bn, Batch, Mode, PreciseBnOptions, Route, TrainConfig, Trainer};
+use cdcl::train::{
+    evaluate, evaluate_routed, precise_bn, Batch, Mode, PreciseBnOptions, Route, TrainConfig, Trainer, UnlabeledBatch,
+    UsssConfig,
+};
 use cdcl::{Device, Error, Result};
 
 use super::chart::{bars_svg, BarGroup};
@@ -80,10 +83,16 @@ pub fn run(args: &StudyArgs, command: &str) -> Result<()> {
     }
 }
 
-/// The rows of the mode table (city = 0, dusk = 1).
-fn modes(iters: usize, data: &Synthetic) -> Vec<(String, Mode)> {
+/// USSS weights of the study's semi-supervised row (α = β, not tuned).
+const USSS_WEIGHT: f32 = 0.1;
+
+/// The rows of the mode table (city = 0, dusk = 1): a label, the mode and, for the
+/// semi-supervised rows, the USSS settings (the labels of the second half of every batch are
+/// then held back; α = β = 0 is the supervised baseline on the labelled half).
+fn modes(iters: usize, data: &Synthetic) -> Vec<(String, Mode, Option<UsssConfig>)> {
     let s = iters / 2;
-    vec![
+    let half = |w: f32| Some(UsssConfig { alpha: w, beta: w, ..UsssConfig::default() });
+    let plain: Vec<(String, Mode)> = vec![
         ("single city".into(), Mode::Single(0)),
         ("single dusk".into(), Mode::Single(1)),
         ("finetune city→dusk".into(), Mode::Finetune { source: 0, target: 1, switch_at: s }),
@@ -100,7 +109,11 @@ fn modes(iters: usize, data: &Synthetic) -> Vec<(String, Mode)> {
         ("unshared conv + shared BN".into(), Mode::SeparateConv),
         ("DSBN, no DAT".into(), Mode::DsbnNoDat),
         ("DSBN + DAT (CDCL)".into(), Mode::Dat),
-    ]
+    ];
+    let mut rows: Vec<(String, Mode, Option<UsssConfig>)> = plain.into_iter().map(|(l, m)| (l, m, None)).collect();
+    rows.push(("DSBN + DAT, half the labels".into(), Mode::Dat, half(0.0)));
+    rows.push((format!("DSBN + DAT + USSS (α = β = {USSS_WEIGHT}), half the labels"), Mode::Dat, half(USSS_WEIGHT)));
+    rows
 }
 
 fn batches_of(data: &Synthetic, plan: &[usize], it: usize, batch: usize) -> Result<Vec<Batch>> {
@@ -128,7 +141,7 @@ fn set(data: &Synthetic, domain: usize, dataset: usize, start: u64, n: usize, ba
 fn train<B: Backend>(
     backend: &B,
     data: &Synthetic,
-    mode: Mode,
+    (mode, semi): (Mode, Option<UsssConfig>),
     seed: u64,
     s: &Setup,
     datasets: usize,
@@ -136,11 +149,22 @@ fn train<B: Backend>(
     let classes: Vec<usize> = (0..datasets).map(|d| data.num_classes(d)).collect();
     let base = ModelConfig { depth: Depth::R18, width: s.width, seed, ..ModelConfig::resnet18(classes.clone()) };
     let model = mode.model_config(&classes, base)?;
-    let config = TrainConfig { mode, base_lr: s.lr, max_iters: s.iters, seed, ..TrainConfig::default() };
+    let usss = semi.unwrap_or_default();
+    let config = TrainConfig { mode, base_lr: s.lr, max_iters: s.iters, seed, usss, ..TrainConfig::default() };
     let mut t = Trainer::new(backend, model, config)?;
+    // Semi-supervised rows: the same images, the labels of each batch's second half held back.
+    let labelled = if semi.is_some() { s.batch - s.batch / 2 } else { s.batch };
     for it in 0..s.iters {
-        let batches = batches_of(data, &t.plan(it, datasets), it, s.batch)?;
-        let stats = t.step(&batches)?;
+        let mut batches = batches_of(data, &t.plan(it, datasets), it, s.batch)?;
+        let mut unlabeled = Vec::new();
+        for b in batches.iter_mut().filter(|_| labelled < s.batch) {
+            let px = b.h * b.w;
+            let images = b.images.split_off(labelled * px * 3);
+            b.labels.truncate(labelled * px);
+            unlabeled.push(UnlabeledBatch { dataset: b.dataset, n: b.n - labelled, h: b.h, w: b.w, images });
+            b.n = labelled;
+        }
+        let stats = t.step_semi(&batches, &unlabeled)?.step;
         if !stats.total.is_finite() {
             return Err(Error::InvalidArgument(format!("loss became {} at iteration {it}", stats.total)));
         }
@@ -189,11 +213,11 @@ fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> 
     let mut zero: [[Vec<f64>; 2]; 2] = Default::default();
     for seed in 0..args.seeds {
         let data = Synthetic::new(SyntheticConfig::default_two_domains(s.size, s.size, seed))?;
-        for (r, (label, _)) in rows.iter().enumerate() {
+        for (r, (label, ..)) in rows.iter().enumerate() {
             // The class maps are functions of the label spaces, not of the seed.
-            let mode = modes(s.iters, &data).swap_remove(r).1;
+            let (_, mode, semi) = modes(s.iters, &data).swap_remove(r);
             let evaluated = mode.evaluation(&names);
-            let mut t = train(&backend, &data, mode, seed, &s, 2)?;
+            let mut t = train(&backend, &data, (mode, semi), seed, &s, 2)?;
             let mut parts = Vec::new();
             for (d, meaning) in evaluated {
                 let held = set(&data, d, d, cdcl::data::HELD_OUT_START, s.eval_images, s.batch)?;
@@ -207,7 +231,7 @@ fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> 
         }
         // Zero-shot on fog.
         let three = Synthetic::new(SyntheticConfig::default_three_domains(s.size, s.size, seed))?;
-        let mut t = train(&backend, &three, Mode::Dat, seed, &s, 2)?;
+        let mut t = train(&backend, &three, (Mode::Dat, None), seed, &s, 2)?;
         let trained = t.checkpoint()?;
         let fog_held = set(&three, 2, 0, cdcl::data::HELD_OUT_START, s.eval_images, s.batch)?;
         let fog_train = set(&three, 2, 0, 0, 4 * s.eval_images, s.batch)?;
@@ -239,9 +263,13 @@ fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> 
     );
     let _ = writeln!(md, "| mode | {} mIoU | {} mIoU | what is evaluated |", names[0], names[1]);
     let _ = writeln!(md, "|---|---|---|---|");
-    for (r, (label, _)) in rows.iter().enumerate() {
+    for (r, (label, ..)) in rows.iter().enumerate() {
         let _ = writeln!(md, "| {label} | {} | {} | {} |", cell(&results[r][0]), cell(&results[r][1]), meanings[r]);
     }
+    let _ = writeln!(
+        md,
+        "\nThe two \"half the labels\" rows train DSBN + DAT on the same images with the labels of the second half of every batch held back: without the unlabelled images, and with the USSS entropy of those images (α = β = {USSS_WEIGHT}, EMA prototypes with momentum 0.9, temperature 1)."
+    );
     let _ = writeln!(
         md,
         "\nZero-shot: DAT on {} + {}, evaluated on the unseen fog domain (its held-out images, in {}'s classes with {}'s head) through each BN slice, before and after precise BN on {} fog training images:\n",
@@ -261,7 +289,7 @@ fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> 
     let groups: Vec<BarGroup> = rows
         .iter()
         .zip(&results)
-        .map(|((label, _), r)| BarGroup { label: label.clone(), values: r.iter().map(|v| mean_std(v)).collect() })
+        .map(|((label, ..), r)| BarGroup { label: label.clone(), values: r.iter().map(|v| mean_std(v)).collect() })
         .collect();
     let title = format!("held-out mIoU, mean ± std over {} seeds", args.seeds);
     let svg_path = args.out.join("study.svg");

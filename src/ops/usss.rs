@@ -273,13 +273,25 @@ pub fn forward(
     mask: Option<&Tensor>,
     opts: &UsssOptions,
 ) -> Result<UsssLoss> {
+    let v = loss_on_device(x, datasets, protos, mask, opts)?.to_vec::<f32>()?;
+    Ok(UsssLoss { total: v[0], cross: v[1], within: v[2] })
+}
+
+/// [`forward`] with the loss left on the device: an f32 `[3]` tensor (total, cross, within),
+/// for a caller that reads it later with other values (a training step).
+pub fn loss_on_device(
+    x: &Tensor,
+    datasets: &Tensor,
+    protos: &UsssPrototypes,
+    mask: Option<&Tensor>,
+    opts: &UsssOptions,
+) -> Result<Tensor> {
     let mut p = validate(x, datasets, protos, mask, opts)?;
     let device = x.device();
     let mut out = Tensor::uninit(device, &[3], DType::F32)?;
     p.out = out.ptr_mut().cast();
     run(device, &FORWARD, p)?;
-    let v = out.to_vec::<f32>()?;
-    Ok(UsssLoss { total: v[0], cross: v[1], within: v[2] })
+    Ok(out)
 }
 
 /// `grad · d(loss)/dx` for the loss of [`forward`] on the same inputs: a tensor like `x`, zero

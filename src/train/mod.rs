@@ -27,6 +27,7 @@ mod eval;
 pub mod modes;
 pub mod precise_bn;
 pub mod precision;
+pub mod usss;
 
 pub use checkpoint::{first_model_mismatch, DatasetMeta, ModelMeta, MODEL_KEY};
 pub use data_parallel::DataParallel;
@@ -34,8 +35,9 @@ pub use eval::{evaluate, evaluate_routed, EvalResult};
 pub use modes::{mode_for_model, parse_class_map, Interval, Mode, Route};
 pub use precise_bn::{precise_bn, PreciseBnOptions, PreciseBnReport};
 pub use precision::{LossScaleConfig, LossScaler, Precision};
+pub use usss::{Prototypes, SemiStepStats, UnlabeledBatch, UsssConfig};
 
-use crate::autograd::{BackwardOptions, Graph, Group, LossSpec, ParamStore, Scalar};
+use crate::autograd::{BackwardOptions, Graph, Group, LossSpec, ParamStore, Scalar, Var};
 use crate::backend::{Backend, BnTables, SgdTensor, TensorLike};
 use crate::error::{Error, Result};
 use crate::nn::{ModelConfig, Outputs, PspNet};
@@ -92,6 +94,8 @@ pub struct TrainConfig {
     /// Run the per-dataset forwards of an iteration as one pass when that computes the same
     /// function (distinct BN slices, one image size); see the module documentation.
     pub fuse_datasets: bool,
+    /// Semi-supervised training with unlabelled images ([`usss`]; off by default).
+    pub usss: UsssConfig,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +115,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             loss_scale: LossScaleConfig::default(),
             fuse_datasets: true,
+            usss: UsssConfig::default(),
         }
     }
 }
@@ -148,6 +153,9 @@ pub struct Trainer<B: Backend> {
     iter: usize,
     scaler: LossScaler,
     data_parallel: Option<DataParallel>,
+    prototypes: Prototypes,
+    /// While a semi-supervised step's labelled forwards run: each batch's trunk features.
+    captured: Option<Vec<Var>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -187,11 +195,22 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         config.loss_scale.check()?;
+        config.usss.check_mode(&config.mode)?;
         let mut store = ParamStore::new(backend.clone());
         store.set_precision(config.precision.storage())?;
         let model = PspNet::new(model, &mut store)?;
         let scaler = LossScaler::new(config.loss_scale);
-        Ok(Trainer { backend: backend.clone(), model, store, config, iter: 0, scaler, data_parallel: None })
+        Ok(Trainer {
+            backend: backend.clone(),
+            model,
+            store,
+            config,
+            iter: 0,
+            scaler,
+            data_parallel: None,
+            prototypes: Prototypes::default(),
+            captured: None,
+        })
     }
 
     /// Makes this trainer one rank of a data-parallel run over `comm`'s group: every rank
@@ -371,6 +390,9 @@ impl<B: Backend> Trainer<B> {
             };
             (f, a)
         };
+        if let Some(c) = self.captured.as_mut() {
+            c.extend(&feats);
+        }
         let mut losses = Vec::with_capacity(batches.len());
         for ((b, f), a) in batches.iter().zip(feats).zip(auxs) {
             let head = self.head_of(b.dataset)?;

@@ -13,6 +13,7 @@
 //! | `elementwise.rs` | add, ReLU, Dropout2d |
 //! | `loss.rs` | multi-head cross-entropy (with the fused upsampling), argmax |
 //! | `sgd.rs` | SGD with 16-bit copies, scaled gradient sums |
+//! | `usss.rs` | the USSS entropy loss against class prototypes and its gradient |
 //!
 //! - Convolutions are im2col + GEMM (`matrixmultiply`'s f32 `sgemm` through ndarray's safe
 //!   `general_mat_mul`), the filter gradient accumulated over tiles in f64.
@@ -42,6 +43,7 @@ mod loss;
 mod pool;
 mod sgd;
 mod tensor;
+mod usss;
 
 pub use dab::CpuPpmSaved;
 pub use tensor::{CpuBn, CpuBnSaved, CpuData, CpuTensor};
@@ -57,6 +59,7 @@ use crate::ops::dsbn::DsbnOptions;
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::ppm::PpmOptions;
 use crate::ops::sgd::SgdOptions;
+use crate::ops::usss::UsssOptions;
 use crate::tensor::DType;
 use tensor::numel_of;
 
@@ -351,6 +354,18 @@ impl Backend for CpuBackend {
 
     fn argmax(&self, logits: &CpuTensor, datasets: &CpuTensor, num_classes: &[usize]) -> Result<CpuTensor> {
         loss::argmax(logits, datasets, num_classes)
+    }
+
+    fn usss_entropy(
+        &self,
+        x: &CpuTensor,
+        datasets: &CpuTensor,
+        protos: &CpuTensor,
+        classes_per_dataset: &[usize],
+        opts: &UsssOptions,
+        grad: Option<f32>,
+    ) -> Result<(CpuTensor, Option<CpuTensor>)> {
+        usss::usss_entropy(x, datasets, protos, classes_per_dataset, opts, grad)
     }
 
     fn sum_scaled(&self, groups: &[&[&CpuTensor]], scale: f32) -> Result<(Vec<CpuTensor>, CpuTensor)> {

@@ -23,6 +23,7 @@
 //! ([`crate::backend::counters`]).
 
 mod layout;
+mod usss;
 
 use half::{bf16, f16};
 
@@ -41,6 +42,7 @@ use crate::ops::dsbn::{DsbnOptions, DsbnSaved, DsbnState};
 use crate::ops::maxpool::PoolGeometry;
 use crate::ops::ppm::{PpmOptions, PpmSaved};
 use crate::ops::sgd::{SgdOptions, SgdParam};
+use crate::ops::usss::UsssOptions;
 use crate::tensor::{DType, Tensor};
 
 /// Our kernels on one [`Device`] (a GPU, or the CPU emulator).
@@ -607,6 +609,20 @@ impl Backend for DeviceBackend {
     fn argmax(&self, logits: &Tensor, datasets: &Tensor, num_classes: &[usize]) -> Result<Tensor> {
         self.on_device(&[logits, datasets])?;
         ops::metrics::argmax(logits, datasets, num_classes).map(|t| self.wrote(t))
+    }
+
+    fn usss_entropy(
+        &self,
+        x: &Tensor,
+        datasets: &Tensor,
+        protos: &Tensor,
+        classes_per_dataset: &[usize],
+        opts: &UsssOptions,
+        grad: Option<f32>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.on_device(&[x, datasets, protos])?;
+        let (loss, dx) = usss::usss_entropy(self, x, datasets, protos, classes_per_dataset, opts, grad)?;
+        Ok((loss, dx.map(|t| self.wrote(t))))
     }
 
     fn sum_scaled(&self, groups: &[&[&Tensor]], scale: f32) -> Result<(Vec<Tensor>, Tensor)> {

@@ -88,3 +88,19 @@ pub(crate) fn non_empty(ds: FileDataset, dir: &Path, what: &str) -> Result<FileD
         Ok(ds)
     }
 }
+
+/// A folder of unlabelled images (PNG or JPEG, sorted; sub-folders are not searched) as a split
+/// of dataset `like` without labels: its name and classes, every item without a label map (the
+/// loader gives such samples label 255 everywhere). No image is an error naming the folder.
+pub fn image_folder(root: &Path, like: &FileDataset) -> Result<FileDataset> {
+    let images = files_with_suffix(root, &[".png", ".jpg", ".jpeg"])?;
+    let ds = FileDataset {
+        name: like.name.clone(),
+        split: "unlabeled".into(),
+        classes: like.classes.clone(),
+        palette: like.palette.clone(),
+        mappings: Vec::new(),
+        items: images.into_iter().map(|image| FileItem { image, labels: None }).collect(),
+    };
+    non_empty(ds, root, "PNG or JPEG image")
+}
