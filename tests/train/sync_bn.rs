@@ -391,3 +391,72 @@ fn with_sync_bn_off_each_rank_keeps_its_own_statistics() {
     }
     assert_ne!(running(&ranks[0].grads), running(&ranks[1].grads));
 }
+
+#[test]
+fn a_run_checkpointed_on_two_ranks_resumes_on_three() {
+    let classes = [3, 4];
+    // Two ranks train a step; rank 0's checkpoint is the run's (they are identical anyway).
+    let two = shards(2);
+    let comms = local_group(2).unwrap();
+    let checkpoints: Vec<_> = comms
+        .into_iter()
+        .zip(two.clone())
+        .zip(rank_weights(&two, 2))
+        .enumerate()
+        .map(|(rank, ((comm, shard), loss_weights))| {
+            thread::spawn(move || {
+                let be = CpuBackend::new();
+                let config = TrainConfig { loss_weights, ..TrainConfig::default() };
+                let mut t = Trainer::new(&be, model(vec![3, 4], 7 + rank as u64), config).unwrap();
+                t.set_data_parallel(Arc::new(comm)).unwrap();
+                t.set_sync_bn(true).unwrap();
+                t.step(&shard).unwrap();
+                t.checkpoint().unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let ck = Arc::new(checkpoints.into_iter().next().unwrap());
+
+    // Three ranks resume from it (each initialised differently first) and take a step; one
+    // process resumed from it takes the step on the concatenated batch.
+    let three = shards(3);
+    let comms = local_group(3).unwrap();
+    let ranks: Vec<(usize, Snapshot)> = comms
+        .into_iter()
+        .zip(three.clone())
+        .zip(rank_weights(&three, 2))
+        .enumerate()
+        .map(|(rank, ((comm, shard), loss_weights))| {
+            let ck = ck.clone();
+            thread::spawn(move || {
+                let be = CpuBackend::new();
+                let config = TrainConfig { loss_weights, ..TrainConfig::default() };
+                let mut t = Trainer::new(&be, model(vec![3, 4], 30 + rank as u64), config).unwrap();
+                t.restore(&ck).unwrap();
+                t.set_data_parallel(Arc::new(comm)).unwrap();
+                t.set_sync_bn(true).unwrap();
+                t.step(&shard).unwrap();
+                (t.iteration(), snapshot(&t.store))
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let be = CpuBackend::new();
+    let mut one = Trainer::new(&be, model(classes.to_vec(), 7), TrainConfig::default()).unwrap();
+    one.restore(&ck).unwrap();
+    one.step(&concatenated(&three, 2)).unwrap();
+
+    let values = |s: &Snapshot| s.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect::<Vec<_>>();
+    for (it, s) in &ranks {
+        assert_eq!(*it, 2);
+        assert_eq!(values(s), values(&ranks[0].1));
+    }
+    // The tolerance of the equality test above.
+    let err = worst("resumed", &values(&ranks[0].1), &values(&snapshot(&one.store)));
+    assert!(err <= 1e-3, "resumed on three ranks vs one process: {err:e}");
+}
