@@ -237,11 +237,14 @@ fn concatenated(shards: &[Vec<Batch>], num_datasets: usize) -> Vec<Batch> {
         .collect()
 }
 
-fn train_run(t: &mut Trainer<CpuBackend>, batches: &[Batch]) -> Run {
+fn train_run<B: Backend>(t: &mut Trainer<B>, batches: &[Batch]) -> Run {
     let first = t.compute_gradients(batches).unwrap();
     let grads = snapshot(&t.store);
     t.store.zero_grad();
-    let totals = (0..STEPS).map(|_| t.step(batches).unwrap().total).collect();
+    // The emulator runs every kernel on fibers: there the first iteration's loss, gradients
+    // and running statistics only (the SGD step is the same code on every rank), for time.
+    let steps = if t.backend().name() == "cpu" { STEPS } else { 0 };
+    let totals = (0..steps).map(|_| t.step(batches).unwrap().total).collect();
     Run { first_total: first.total, grads, totals, after: snapshot(&t.store) }
 }
 
@@ -252,6 +255,10 @@ fn model(classes: Vec<usize>, seed: u64) -> ModelConfig {
 /// Rank r (model initialised with seed 7 + r: the start broadcast makes it rank 0's) on
 /// `shards[r]`, SyncBN `sync`.
 fn run_ranks(classes: &[usize], shards: &[Vec<Batch>], sync: bool) -> Vec<Run> {
+    run_ranks_on(CpuBackend::new, classes, shards, sync)
+}
+
+fn run_ranks_on<B: Backend>(make: fn() -> B, classes: &[usize], shards: &[Vec<Batch>], sync: bool) -> Vec<Run> {
     let weights = rank_weights(shards, classes.len());
     let comms = local_group(shards.len()).unwrap();
     let handles: Vec<_> = comms
@@ -262,7 +269,7 @@ fn run_ranks(classes: &[usize], shards: &[Vec<Batch>], sync: bool) -> Vec<Run> {
         .map(|(rank, ((comm, shard), loss_weights))| {
             let classes = classes.to_vec();
             thread::spawn(move || {
-                let be = CpuBackend::new();
+                let be = make();
                 let config = TrainConfig { loss_weights, ..TrainConfig::default() };
                 let mut t = Trainer::new(&be, model(classes, 7 + rank as u64), config).unwrap();
                 let comm: Arc<dyn Communicator> = Arc::new(comm);
@@ -276,20 +283,23 @@ fn run_ranks(classes: &[usize], shards: &[Vec<Batch>], sync: bool) -> Vec<Run> {
 }
 
 fn single(classes: &[usize], batches: &[Batch]) -> Run {
-    let be = CpuBackend::new();
+    single_on(CpuBackend::new(), classes, batches)
+}
+
+fn single_on<B: Backend>(be: B, classes: &[usize], batches: &[Batch]) -> Run {
     let mut t = Trainer::new(&be, model(classes.to_vec(), 7), TrainConfig::default()).unwrap();
     train_run(&mut t, batches)
 }
 
 /// Dataset 0 on every rank (2 samples), dataset 1 on rank 0 (2 samples) and on rank 2 (1).
-fn shards(world: usize) -> Vec<Vec<Batch>> {
+fn shards(world: usize, size: usize) -> Vec<Vec<Batch>> {
     (0..world)
         .map(|r| {
-            let mut s = vec![batch(0, 2, 24, 24, 3, 10 + r as u64)];
+            let mut s = vec![batch(0, 2, size, size, 3, 10 + r as u64)];
             match r {
-                0 => s.push(batch(1, 2, 24, 24, 4, 20)),
+                0 => s.push(batch(1, 2, size, size, 4, 20)),
                 // One sample: its 1×1 pyramid bin has one value, too few for local statistics.
-                2 => s.push(batch(1, 1, 24, 24, 4, 22)),
+                2 => s.push(batch(1, 1, size, size, 4, 22)),
                 _ => {}
             }
             s
@@ -313,72 +323,81 @@ fn worst(name: &str, a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f64 
 
 #[test]
 fn w_ranks_with_sync_bn_train_as_one_process_on_the_concatenated_batch() {
-    let classes = [3, 4];
     for world in [2usize, 3] {
-        let shards = shards(world);
-        let reference = single(&classes, &concatenated(&shards, classes.len()));
-        let ranks = run_ranks(&classes, &shards, true);
-        let w = world as f32;
-
-        // Every rank ends with the same state, running statistics included, bit for bit.
-        for r in &ranks[1..] {
-            assert_eq!(
-                r.after.iter().map(|s| &s.1).collect::<Vec<_>>(),
-                ranks[0].after.iter().map(|s| &s.1).collect::<Vec<_>>()
-            );
-        }
-        let values = |s: &Snapshot| s.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect::<Vec<_>>();
-        let grads = |s: &Snapshot| {
-            s.iter()
-                .filter(|(_, _, g)| g.is_some())
-                .map(|(n, _, g)| (n.clone(), g.clone().unwrap()))
-                .collect::<Vec<_>>()
-        };
-        let mean_grads: Vec<(String, Vec<f32>)> = grads(&reference.grads)
-            .into_iter()
-            .map(|(name, g)| {
-                let mut m = vec![0.0f32; g.len()];
-                for r in &ranks {
-                    if let Some((_, _, Some(rg))) = r.grads.iter().find(|(n, ..)| *n == name) {
-                        m.iter_mut().zip(rg).for_each(|(a, b)| *a += b / w);
-                    }
-                }
-                (name, m)
-            })
-            .collect();
-
-        // Tolerance. Each synchronised normalisation differs from the one-process one by the
-        // f32 rounding of its shifted sums: relative ≤ 4·(W·u·(1 + (μ−K)²/σ²) + 2u) in its
-        // statistics (the layer test's bound), ≈ 1e-5 at W = 3 for activations whose mean is
-        // within 3σ of the running mean. The network has 23 normalisations, passed through
-        // forward and backward: ≤ 46 such errors adding up in a gradient, ≈ 5e-4; the
-        // parameters (and γ, β from 0/1) move by lr × gradient, the running statistics by the
-        // statistics' own errors. Losses: one more rounding of the mean of W values.
-        const TOL: f64 = 1e-3;
-        let mean_first: f32 = ranks.iter().map(|r| r.first_total).sum::<f32>() / w;
-        assert!(
-            (mean_first as f64 - reference.first_total as f64).abs() <= TOL * reference.first_total as f64,
-            "world {world}: first loss {mean_first} vs {}",
-            reference.first_total
-        );
-        for (s, t) in reference.totals.iter().enumerate() {
-            let m: f32 = ranks.iter().map(|r| r.totals[s]).sum::<f32>() / w;
-            assert!((m as f64 - *t as f64).abs() <= TOL * *t as f64, "world {world} step {s}: loss {m} vs {t}");
-        }
-        let g_err = worst("grad", &mean_grads, &grads(&reference.grads));
-        let p_err = worst("after", &values(&ranks[0].after), &values(&reference.after));
-        eprintln!("world {world}: worst relative error of a gradient {g_err:e}, of a parameter or statistic {p_err:e}");
-        assert!(g_err <= TOL && p_err <= TOL, "world {world}: gradients {g_err:e}, state {p_err:e} > {TOL:e}");
-        // Every parameter got a gradient somewhere and the comparison saw them all.
-        assert_eq!(mean_grads.len(), grads(&reference.grads).len());
-        assert!(mean_grads.len() > 20);
+        let shards = shards(world, 24);
+        let reference = single(&[3, 4], &concatenated(&shards, 2));
+        check_equal(world, &reference, &run_ranks(&[3, 4], &shards, true), 1e-3);
     }
+}
+
+/// The same through the emulator's device backend (kernels for everything but the
+/// synchronised normalisation, which goes through the host): 2 ranks, smaller images.
+#[test]
+fn the_same_holds_on_the_emulator() {
+    let shards = shards(2, 16);
+    let reference = single_on(device_backend(), &[3, 4], &concatenated(&shards, 2));
+    // The ranks' normalisations are the CPU backend's (f64 statistics) and the reference's the
+    // device kernels' (f32 tile statistics): a ReLU input that lands on the other side of zero
+    // moves a small layer's gradient by ~1e-3 of its norm (tests/train/backends.rs measures
+    // and bounds this the same way), so gradients get that backend comparison's 3e-2; the
+    // losses and the state keep 1e-3 (measured: gradients 6e-4, state 8e-6).
+    check_equal(2, &reference, &run_ranks_on(device_backend, &[3, 4], &shards, true), 3e-2);
+}
+
+fn check_equal(world: usize, reference: &Run, ranks: &[Run], grad_tol: f64) {
+    let w = world as f32;
+    // Every rank ends with the same state, running statistics included, bit for bit.
+    for r in &ranks[1..] {
+        let v = |s: &Snapshot| s.iter().map(|x| x.1.clone()).collect::<Vec<_>>();
+        assert_eq!(v(&r.after), v(&ranks[0].after));
+    }
+    let values = |s: &Snapshot| s.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect::<Vec<_>>();
+    let grads =
+        |s: &Snapshot| s.iter().filter_map(|(n, _, g)| g.as_ref().map(|g| (n.clone(), g.clone()))).collect::<Vec<_>>();
+    let mean_grads: Vec<(String, Vec<f32>)> = grads(&reference.grads)
+        .into_iter()
+        .map(|(name, g)| {
+            let mut m = vec![0.0f32; g.len()];
+            for r in ranks {
+                if let Some((_, _, Some(rg))) = r.grads.iter().find(|(n, ..)| *n == name) {
+                    m.iter_mut().zip(rg).for_each(|(a, b)| *a += b / w);
+                }
+            }
+            (name, m)
+        })
+        .collect();
+    // Tolerance. Each synchronised normalisation differs from the one-process one by the
+    // f32 rounding of its shifted sums: relative ≤ 4·(W·u·(1 + (μ−K)²/σ²) + 2u) in its
+    // statistics (the layer test's bound), ≈ 1e-5 at W = 3 for activations whose mean is
+    // within 3σ of the running mean. The network has 23 normalisations, passed through
+    // forward and backward: ≤ 46 such errors adding up in a gradient, ≈ 5e-4; the
+    // parameters (and γ, β from 0/1) move by lr × gradient, the running statistics by the
+    // statistics' own errors. Losses: one more rounding of the mean of W values.
+    const TOL: f64 = 1e-3;
+    let mean_first: f32 = ranks.iter().map(|r| r.first_total).sum::<f32>() / w;
+    assert!(
+        (mean_first as f64 - reference.first_total as f64).abs() <= TOL * reference.first_total as f64,
+        "world {world}: first loss {mean_first} vs {}",
+        reference.first_total
+    );
+    for (s, t) in reference.totals.iter().enumerate() {
+        let m: f32 = ranks.iter().map(|r| r.totals[s]).sum::<f32>() / w;
+        assert!((m as f64 - *t as f64).abs() <= TOL * *t as f64, "world {world} step {s}: loss {m} vs {t}");
+    }
+    let g_err = worst("grad", &mean_grads, &grads(&reference.grads));
+    let p_err = worst("after", &values(&ranks[0].after), &values(&reference.after));
+    eprintln!("world {world}: worst relative error of a gradient {g_err:e}, of a parameter or statistic {p_err:e}");
+    assert!(g_err <= grad_tol, "world {world}: gradients {g_err:e} > {grad_tol:e}");
+    assert!(p_err <= TOL, "world {world}: state {p_err:e} > {TOL:e}");
+    // Every parameter got a gradient somewhere and the comparison saw them all.
+    assert_eq!(mean_grads.len(), grads(&reference.grads).len());
+    assert!(mean_grads.len() > 20);
 }
 
 #[test]
 fn with_sync_bn_off_each_rank_keeps_its_own_statistics() {
     let classes = [3, 4];
-    let shards = shards(2);
+    let shards = shards(2, 24);
     let ranks = run_ranks(&classes, &shards, false);
     let running = |s: &Snapshot| {
         s.iter().filter(|(n, ..)| n.contains(".running_")).map(|(n, v, _)| (n.clone(), v.clone())).collect::<Vec<_>>()
@@ -396,7 +415,7 @@ fn with_sync_bn_off_each_rank_keeps_its_own_statistics() {
 fn a_run_checkpointed_on_two_ranks_resumes_on_three() {
     let classes = [3, 4];
     // Two ranks train a step; rank 0's checkpoint is the run's (they are identical anyway).
-    let two = shards(2);
+    let two = shards(2, 24);
     let comms = local_group(2).unwrap();
     let checkpoints: Vec<_> = comms
         .into_iter()
@@ -422,7 +441,7 @@ fn a_run_checkpointed_on_two_ranks_resumes_on_three() {
 
     // Three ranks resume from it (each initialised differently first) and take a step; one
     // process resumed from it takes the step on the concatenated batch.
-    let three = shards(3);
+    let three = shards(3, 24);
     let comms = local_group(3).unwrap();
     let ranks: Vec<(usize, Snapshot)> = comms
         .into_iter()
