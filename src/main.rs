@@ -289,7 +289,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> 
         }
         let profile = cli::profile::StepProfile::start(&backend);
         let stats = trainer.step(&batches)?;
-        if args.profile {
+        if args.profile && par.writes() {
             let line = profile.line(&backend, it);
             // Not bar.println: that prints nothing when the bar is hidden (no terminal).
             bar.suspend(|| eprintln!("{line}"));

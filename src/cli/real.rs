@@ -163,7 +163,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B, par: super::launch::Paral
         let images: usize = batches.iter().map(|b| b.n).sum();
         let (it, profile) = (trainer.iteration(), super::profile::StepProfile::start(&backend));
         let stats = trainer.step(&batches)?;
-        if args.profile {
+        if args.profile && par.writes() {
             let line = profile.line(&backend, it);
             bar.suspend(|| eprintln!("{line}"));
         }

@@ -70,8 +70,8 @@ fn run_layer(ids: &[usize], ds: &[i32], reduce: Option<&mut StatsReduce<'_, CpuT
         let [g, b, m, v] = bn.tables_mut();
         be.write_f32(g, &(0..D * C).map(|i| 0.5 + 0.1 * i as f32).collect::<Vec<_>>()).unwrap();
         be.write_f32(b, &(0..D * C).map(|i| 0.05 * i as f32 - 0.3).collect::<Vec<_>>()).unwrap();
-        be.write_f32(m, &vec![0.25; D * C]).unwrap();
-        be.write_f32(v, &vec![2.0; D * C]).unwrap();
+        be.write_f32(m, &[0.25; D * C]).unwrap();
+        be.write_f32(v, &[2.0; D * C]).unwrap();
     }
     let opts = DsbnOptions { relu: true, ..DsbnOptions::default() };
     let mut reduce = reduce;
