@@ -18,6 +18,8 @@
 #                                        #     synccheck on the DSBN and conv tests -> sanitizer-*.txt
 #                                        #  4. cdcl train --device cuda --profile, 3 iterations
 #                                        #     at 512x512, CDCL_SYNC_LAUNCHES=1 -> train.txt
+#                                        #  4b. with two GPUs: cdcl train --nproc-per-node 2
+#                                        #     (NCCL, SyncBN), 2 iterations  -> train-2gpu.txt
 #                                        #  5. the benches, short Criterion times -> benches.txt
 #   scripts/gpu-check.sh --dry-run [OUT] # the same steps rehearsed here on the emulator with the
 #                                        # debug binaries `cargo test` built (CI runs this so the
@@ -106,16 +108,28 @@ check_steps() {
     done
     # 4. three training iterations with the step's accounting; if they fail, one more with
     #    every launch synchronised, so that the log names the kernel that faulted.
-    local train=(train --device cuda --profile --size 512 --eval-images 0)
+    local base=(train --device cuda --profile --size 512 --eval-images 0)
     if [ "$device" != cuda ]; then
-        train=(train --device emulator --profile --size 32 --width 0.0625 --batch 2 --eval-images 0)
+        base=(train --device emulator --profile --size 32 --width 0.0625 --batch 2 --eval-images 0)
     fi
-    train+=(--checkpoint "$out/checkpoint.safetensors")
+    local train=("${base[@]}" --checkpoint "$out/checkpoint.safetensors")
     local before=$status
     runs "cdcl ${train[*]} --iters 3" "$T_TRAIN" "$out/train.txt" "$dir/cdcl" "${train[@]}" --iters 3
     if [ "$status" != "$before" ] || [ "$device" != cuda ]; then
         runs "CDCL_SYNC_LAUNCHES=1 cdcl ${train[*]} --iters 1" "$T_TRAIN" "$out/train.txt" \
             env CDCL_SYNC_LAUNCHES=1 "$dir/cdcl" "${train[@]}" --iters 1
+    fi
+    # 4b. a data-parallel run on two GPUs (one process each, NCCL, per-dataset SyncBN) when
+    #     the machine has two; the dry run rehearses it with two emulator ranks (threads).
+    local gpus=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [ "$device" != cuda ] || [ "$gpus" -ge 2 ]; then
+        runs "cdcl ${base[*]} --nproc-per-node 2 --iters 2" "$T_TRAIN" "$out/train-2gpu.txt" "$dir/cdcl" \
+            "${base[@]}" --nproc-per-node 2 --iters 2 --checkpoint "$out/checkpoint-2gpu.safetensors"
+    else
+        echo "$gpus GPU(s) here: the two-GPU step needs two" >"$out/train-2gpu.txt"
     fi
     # 5. the benches
     for b in "${BENCHES[@]}"; do
@@ -126,7 +140,7 @@ check_steps() {
             echo "would run: $dir/bench-$b --bench --warm-up-time 1 --measurement-time 2" >>"$out/benches.txt"
         fi
     done
-    grep -hE "^==== |^test result" "$out"/tests.txt "$out"/train.txt || true
+    grep -hE "^==== |^test result" "$out"/tests.txt "$out"/train.txt "$out"/train-2gpu.txt || true
     grep -h "profile: iteration" "$out/train.txt" || true
 }
 

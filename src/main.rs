@@ -114,6 +114,16 @@ struct TrainArgs {
     /// written, convolutions by storage type).
     #[arg(long)]
     profile: bool,
+    /// Ranks to run on this node: one process per GPU with --device cuda (as `torchrun
+    /// --nproc-per-node`), threads of this process on the CPU backend or the emulator. Under a
+    /// launcher (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT or Slurm's variables
+    /// set) this process is one rank and the flag is ignored. --batch is per rank.
+    #[arg(long, default_value_t = 1)]
+    nproc_per_node: usize,
+    /// With several ranks: BatchNorm statistics per rank (plain DDP) instead of the per-dataset
+    /// statistics of all ranks together (SyncBN, the default).
+    #[arg(long)]
+    no_sync_bn: bool,
     #[command(flatten)]
     data: cli::data_args::DataArgs,
     #[command(flatten)]
@@ -153,15 +163,43 @@ fn main() -> ExitCode {
 }
 
 fn train_auto(args: &TrainArgs) -> cdcl::Result<()> {
-    match args.device {
-        Where::Cpu => run(args, CpuBackend::new()),
-        Where::Emulator => run(args, DeviceBackend::new(Device::emulator())),
-        Where::Cuda => run(args, DeviceBackend::new(Device::cuda(0)?)),
-        Where::Auto => match Device::cuda(0) {
-            Ok(dev) => run(args, DeviceBackend::new(dev)),
+    use cli::launch::{self, Launch, Parallel};
+    let env = cdcl::dist::DistEnv::from_env()?;
+    let several = args.nproc_per_node > 1 || env.as_ref().is_some_and(|e| e.world_size > 1);
+    // Auto with several ranks: GPUs if the first one is usable, else CPU threads.
+    let device = match args.device {
+        Where::Auto if several => match Device::cuda(0) {
+            Ok(_) => Where::Cuda,
             Err(e) => {
                 eprintln!("no usable GPU ({e}); training on the CPU backend");
-                run(args, CpuBackend::new())
+                Where::Cpu
+            }
+        },
+        d => d,
+    };
+    let sync_bn = !args.no_sync_bn;
+    match launch::plan(env, args.nproc_per_node, matches!(device, Where::Cpu | Where::Emulator))? {
+        Launch::Single => train_on(args, device, Parallel::single()),
+        Launch::Threads(n) => launch::in_threads(n, sync_bn, |p| train_on(args, device, p)),
+        Launch::Processes(n) => launch::spawn_processes(n),
+        Launch::Rank(env) => {
+            let dev = Device::cuda(env.local_rank)?;
+            let comm = cdcl::dist::NcclCommunicator::init(&dev, &env, launch::TIMEOUT)?;
+            run(args, DeviceBackend::new(dev), Parallel { comm: Some(std::sync::Arc::new(comm)), sync_bn })
+        }
+    }
+}
+
+fn train_on(args: &TrainArgs, device: Where, par: cli::launch::Parallel) -> cdcl::Result<()> {
+    match device {
+        Where::Cpu => run(args, CpuBackend::new(), par),
+        Where::Emulator => run(args, DeviceBackend::new(Device::emulator()), par),
+        Where::Cuda => run(args, DeviceBackend::new(Device::cuda(par.rank())?), par),
+        Where::Auto => match Device::cuda(0) {
+            Ok(dev) => run(args, DeviceBackend::new(dev), par),
+            Err(e) => {
+                eprintln!("no usable GPU ({e}); training on the CPU backend");
+                run(args, CpuBackend::new(), par)
             }
         },
     }
@@ -171,9 +209,9 @@ fn to_train_batch(b: cdcl::data::Batch, dataset: usize) -> Batch {
     Batch { dataset, n: b.n, h: b.h, w: b.w, images: b.images, labels: b.labels }
 }
 
-fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
+fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> cdcl::Result<()> {
     if !args.data.data.is_empty() {
-        return cli::real::train(args, backend);
+        return cli::real::train(args, backend, par);
     }
     args.data.reject_real_only()?;
     // Labelled and unlabelled images of each dataset per iteration (--unlabeled-fraction).
@@ -215,25 +253,29 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         ..Default::default()
     };
     let semi = config.usss.active();
-    let mut session = cli::session::Session::start(args, metas, resume.as_ref())?;
+    let mut session = cli::session::Session::start_rank(args, metas, resume.as_ref(), par.writes())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
-    eprintln!(
-        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {} | {} iterations of {}×{}×{}",
-        backend.name(),
-        args.precision,
-        cli::depth_number(trainer.model.config.depth),
-        trainer.model.config.width,
-        trainer.store.num_parameters(),
-        d,
-        classes,
-        mode.name(),
-        args.iters,
-        args.batch,
-        args.size,
-        args.size
-    );
-    let bar = ProgressBar::new(args.iters as u64);
+    par.join(&mut trainer)?;
+    let (rank, world) = (par.rank(), par.world());
+    if par.writes() {
+        eprintln!(
+            "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} datasets {:?} | {} | {} iterations of {}×{}×{}",
+            backend.name(),
+            args.precision,
+            cli::depth_number(trainer.model.config.depth),
+            trainer.model.config.width,
+            trainer.store.num_parameters(),
+            d,
+            classes,
+            mode.name(),
+            args.iters,
+            args.batch,
+            args.size,
+            args.size
+        );
+    }
+    let bar = if par.writes() { ProgressBar::new(args.iters as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -248,7 +290,8 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         let mut batches = Vec::with_capacity(plan.len());
         let mut unlabeled = Vec::new();
         for (pass, &ds) in plan.iter().enumerate() {
-            let base = ((it * plan.len() + pass) * args.batch) as u64;
+            // Rank r's shard: the r-th run of --batch images of the iteration's world × batch.
+            let base = ((it * plan.len() + pass) * args.batch * world + rank * args.batch) as u64;
             let idx: Vec<u64> = (0..args.batch as u64).map(|i| base + i).collect();
             // The same images as a fully labelled run; the last ones' labels are held back.
             batches.push(to_train_batch(data.batch(ds, &idx[..labelled])?, ds));
@@ -264,7 +307,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         } else {
             (trainer.step(&batches)?, None)
         };
-        if args.profile {
+        if args.profile && par.writes() {
             let line = profile.line(&backend, it);
             // Not bar.println: that prints nothing when the bar is hidden (no terminal).
             bar.suspend(|| eprintln!("{line}"));
@@ -295,11 +338,14 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     }
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
+    session.finish(&trainer)?;
+    if !par.writes() {
+        return Ok(());
+    }
     eprintln!("trained in {secs:.1} s");
     if let Some(line) = entropy_summary(&entropies) {
         eprintln!("{line}");
     }
-    session.finish(&trainer)?;
     // Held-out images: indices far from any training index. Only the datasets the mode has a
     // head for are evaluated, each as the mode defines (the line says what it means).
     for (ds, meaning) in mode.evaluation(&names) {

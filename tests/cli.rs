@@ -443,3 +443,55 @@ fn usss_flags_train_semi_supervised_or_refuse_bad_values() {
         assert!(out.contains("error: ") && out.contains(says), "{bad:?}:\n{out}");
     }
 }
+
+#[test]
+fn data_parallel_runs_write_from_rank_zero_and_resume_on_another_number_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("dp.safetensors").display().to_string();
+    let log = dir.path().join("log").display().to_string();
+    let common = ["--size", "32", "--batch", "2", "--width", "0.0625", "--eval-images", "2", "--device", "cpu"];
+    let mut args = vec!["train", "--iters", "2", "--nproc-per-node", "2", "--checkpoint", &ck, "--log-dir", &log];
+    args.extend(common);
+    let out = ok(&args);
+    assert!(out.contains("data-parallel: 2 ranks, per-dataset SyncBN"), "{out}");
+    // One header, one report: rank 0 alone prints, logs and writes.
+    assert_eq!(out.matches("cdcl train:").count(), 1, "{out}");
+    assert_eq!(out.matches("held-out").count(), 2, "{out}");
+    let metrics = std::fs::read_to_string(dir.path().join("log/metrics.jsonl")).unwrap();
+    let once = |it: usize| metrics.lines().filter(|l| l.contains(&format!("\"iter\":{it},"))).count();
+    assert!(once(0) >= 1 && once(0) == once(1), "{metrics}");
+    // Resumed on three ranks (per-rank statistics), then on one process.
+    let mut args = vec!["train", "--iters", "3", "--nproc-per-node", "3", "--no-sync-bn", "--resume", &ck];
+    args.extend(["--checkpoint", &ck]);
+    args.extend(common);
+    let out = ok(&args);
+    assert!(out.contains("at iteration 2") && out.contains("3 ranks, BatchNorm statistics per rank"), "{out}");
+    let mut args = vec!["train", "--iters", "4", "--resume", &ck, "--checkpoint", &ck];
+    args.extend(common);
+    assert!(ok(&args).contains("at iteration 3"));
+    let it = Checkpoint::load(&ck).unwrap().metadata.get("iteration").cloned();
+    assert_eq!(it.as_deref(), Some("4"));
+}
+
+#[test]
+fn launcher_ranks_need_a_gpu_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("x.safetensors").display().to_string();
+    let args = ["train", "--iters", "1", "--size", "32", "--width", "0.0625", "--checkpoint", &ck];
+    // A CPU rank launched as one process of a torchrun-style run: refused, typed, no panic.
+    let o = Command::new(env!("CARGO_BIN_EXE_cdcl"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .envs([("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("rank 1 of 2") && t.contains("--device cuda"), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+    // GPU ranks on a machine without a usable GPU: each child fails with a typed error, and
+    // the launching process names the ranks that failed.
+    let mut cuda = args.to_vec();
+    cuda.extend(["--device", "cuda", "--nproc-per-node", "2"]);
+    let t = fails(&cuda);
+    assert!(t.contains("rank 0 exited") && t.contains("rank 1 exited") && !t.contains("panicked"), "{t}");
+}

@@ -79,6 +79,7 @@ impl<B: Backend> Graph<B> {
         self.backward_done = true;
         // The tape stays (what the forward saved can be inspected afterwards: Graph::dab_records);
         // only the loss gradients precomputed by the forward are taken out.
+        let sync = self.bn_sync.clone();
         let (tape, values, stats) = (&mut self.tape, &self.values, &self.stats);
         for node in tape.iter_mut().rev() {
             match *node {
@@ -178,17 +179,27 @@ impl<B: Backend> Graph<B> {
                     store.push_weight_grad(w, g.dweight);
                     store.push_bn_grad(bn, g.dgamma, g.dbeta);
                 }
-                Node::Dsbn { x, residual, datasets, bn, stats: si, opts, out } => {
-                    let Some(dy) = grads[out.0].take() else { continue };
-                    let g = b.dsbn_backward_train(
-                        &dy,
-                        &values[x.0],
-                        residual.map(|r| &values[r.0]),
-                        &values[datasets.0],
-                        &store.bn(bn).tables,
-                        &stats[si],
-                        &opts,
-                    )?;
+                Node::Dsbn { x, residual, datasets, bn, stats: si, opts, out, synced } => {
+                    let comm = sync.as_ref().filter(|_| synced);
+                    let dy = match (grads[out.0].take(), comm) {
+                        (Some(dy), _) => dy,
+                        // The group's collective needs every rank, with or without a gradient.
+                        (None, Some(_)) => {
+                            let xv = &values[x.0];
+                            let n = xv.shape().iter().product();
+                            b.tensor_float(xv.shape(), &vec![0.0; n], xv.dtype())?
+                        }
+                        (None, None) => continue,
+                    };
+                    let (xv, rv, dv) = (&values[x.0], residual.map(|r| &values[r.0]), &values[datasets.0]);
+                    let tables = &store.bn(bn).tables;
+                    let g = match comm {
+                        Some(comm) => {
+                            let mut reduce = super::host_all_reduce(&b, comm.as_ref());
+                            b.dsbn_backward_train_synced(&dy, xv, rv, dv, tables, &stats[si], &opts, &mut reduce)?
+                        }
+                        None => b.dsbn_backward_train(&dy, xv, rv, dv, tables, &stats[si], &opts)?,
+                    };
                     acc(&mut grads, x, g.dx)?;
                     if let (Some(r), Some(dr)) = (residual, g.dresidual) {
                         acc(&mut grads, r, dr)?;

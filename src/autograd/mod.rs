@@ -135,6 +135,7 @@ pub struct Graph<B: Backend> {
     scalars: Vec<ScalarDef>,
     tape: Vec<Node<B>>,
     backward_done: bool,
+    bn_sync: Option<std::sync::Arc<dyn crate::dist::Communicator>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Graph<B> {
@@ -172,7 +173,30 @@ impl<B: Backend> Graph<B> {
             scalars: Vec::new(),
             tape: Vec::new(),
             backward_done: false,
+            bn_sync: None,
         }
+    }
+
+    /// Per-dataset synchronised BatchNorm over `comm`'s group (`None`: statistics of this
+    /// process's batch only). With it every training normalisation — standalone DSBN, block,
+    /// pyramid pooling branch — runs as a convolution followed by
+    /// [`Backend::dsbn_forward_train_synced`] (the unfused chain: the fused block takes its
+    /// statistics inside one op, with no point between the statistics and the normalisation at
+    /// which a collective could run), and no block defers its normalisation. Every rank must
+    /// then build the same sequence of normalisations; set before the first op.
+    pub fn set_bn_sync(&mut self, comm: Option<std::sync::Arc<dyn crate::dist::Communicator>>) -> Result<()> {
+        if !self.values.is_empty() {
+            return Err(Error::InvalidArgument(
+                "BatchNorm synchronisation is chosen before the graph's first op".into(),
+            ));
+        }
+        self.bn_sync = comm;
+        Ok(())
+    }
+
+    /// Whether training normalisations use the statistics of a data-parallel group.
+    pub fn bn_synced(&self) -> bool {
+        self.bn_sync.is_some() && self.training
     }
 
     /// The backend computing the values.
@@ -324,6 +348,12 @@ impl<B: Backend> Graph<B> {
             let y = self.backend.dab_forward_infer(input, &store.bn(spec.bn).tables, &opts)?;
             return Ok(self.push(y, false));
         }
+        if self.bn_synced() {
+            // Per-dataset SyncBN: the collective sits between the statistics and the
+            // normalisation, i.e. inside the fused op; run the unfused chain instead.
+            let c = self.conv2d(store, x, spec.weight, None, spec.geometry)?;
+            return self.dsbn(store, c, datasets, spec.bn, spec.residual, spec.dsbn);
+        }
         // The convolution stages the prologue's tables in shared memory for a bounded number of
         // datasets; beyond it the block writes its output and the next one reads it plainly.
         let too_many = store.bn(spec.bn).num_datasets > crate::ops::conv::PROLOGUE_MAX_DATASETS;
@@ -397,13 +427,28 @@ impl<B: Backend> Graph<B> {
             return Ok(self.push(y, false));
         }
         let layer = store.bn_mut(bn);
-        let (y, saved) =
-            self.backend.dsbn_forward_train(&self.values[x.0], &self.values[dv.0], &mut layer.tables, &opts, res)?;
+        let sync = self.bn_sync.clone();
+        let (y, saved) = match &sync {
+            Some(comm) => {
+                let mut reduce = host_all_reduce(&self.backend, comm.as_ref());
+                self.backend.dsbn_forward_train_synced(
+                    &self.values[x.0],
+                    &self.values[dv.0],
+                    &mut layer.tables,
+                    &opts,
+                    res,
+                    &mut reduce,
+                )?
+            }
+            None => {
+                self.backend.dsbn_forward_train(&self.values[x.0], &self.values[dv.0], &mut layer.tables, &opts, res)?
+            }
+        };
         Self::track(self.host_datasets[dv.0].as_ref(), &mut layer.batches_tracked);
         self.stats.push(saved);
         let stats = self.stats.len() - 1;
         let out = self.push(y, true);
-        self.rec(Node::Dsbn { x, residual, datasets: dv, bn, stats, opts, out });
+        self.rec(Node::Dsbn { x, residual, datasets: dv, bn, stats, opts, out, synced: sync.is_some() });
         Ok(out)
     }
 
@@ -429,6 +474,9 @@ impl<B: Backend> Graph<B> {
             let y = self.backend.ppm_forward_infer(&self.values[x.0], &self.values[dv.0], &refs, opts)?;
             return Ok(self.push(y, false));
         }
+        if self.bn_synced() {
+            return self.ppm_unfused(store, x, datasets, branches, opts);
+        }
         let (weights, layers) = store.branch_parts(branches, dtype)?;
         let mut views: Vec<PpmBranchMut<'_, B>> = Vec::with_capacity(branches.len());
         let mut counts = Vec::with_capacity(branches.len());
@@ -443,6 +491,36 @@ impl<B: Backend> Graph<B> {
         let out = self.push(y, true);
         self.rec(Node::Ppm { x, datasets: dv, branches: branches.to_vec(), saved, opts: opts.clone(), out });
         Ok(out)
+    }
+
+    /// The pyramid pooling module as the chain of graph ops the fused one computes (pooling, the
+    /// branch's 1×1 convolution and DSBN, upsampling, concatenation), for SyncBN. Branch order
+    /// does not matter to the result (each has its own DSBN layer); every rank uses bin order.
+    fn ppm_unfused(
+        &mut self,
+        store: &mut ParamStore<B>,
+        x: Var,
+        datasets: Datasets,
+        branches: &[(WeightId, BnId)],
+        opts: &PpmOptions,
+    ) -> Result<Var> {
+        let [_, h, w, _] = nhwc(&self.values[x.0], "PPM input")?;
+        if opts.bins.is_empty() || branches.len() != opts.bins.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} PPM branches for {} bins: one branch per bin, at least one",
+                branches.len(),
+                opts.bins.len()
+            )));
+        }
+        let one = ConvGeometry { stride: (1, 1), padding: (0, 0), dilation: (1, 1) };
+        let mut parts = vec![x];
+        for (&(wid, bid), &bin) in branches.iter().zip(&opts.bins) {
+            let pooled = self.adaptive_avg_pool(x, bin, bin)?;
+            let c = self.conv2d(store, pooled, wid, None, one)?;
+            let y = self.dsbn(store, c, datasets, bid, None, opts.dsbn)?;
+            parts.push(self.resize_bilinear(y, h, w, opts.align_corners)?);
+        }
+        self.concat_channels(&parts)
     }
 
     /// `max(x, 0)`.
@@ -709,5 +787,18 @@ impl<B: Backend> Graph<B> {
     /// The storage type of a value (what the graph's convolutions read their weights in).
     pub fn dtype(&self, v: Var) -> DType {
         self.values[v.0].dtype()
+    }
+}
+
+/// The collective of a synchronised DSBN op: the backend's f32 buffer summed over the group
+/// through host memory (a few `[D, C]` tables per layer).
+pub(crate) fn host_all_reduce<'a, B: Backend>(
+    backend: &'a B,
+    comm: &'a dyn crate::dist::Communicator,
+) -> impl FnMut(&mut B::Tensor) -> Result<()> + 'a {
+    move |t: &mut B::Tensor| {
+        let mut host = backend.to_f32(t)?;
+        comm.all_reduce_sum(&mut host)?;
+        backend.write_f32(t, &host)
     }
 }

@@ -56,6 +56,9 @@ pub(crate) enum Node<B: Backend> {
         stats: usize,
         opts: DsbnOptions,
         out: Var,
+        /// Whether the forward used the data-parallel group's statistics (the backward then
+        /// reduces its sums over the group too).
+        synced: bool,
     },
     Ppm {
         x: Var,

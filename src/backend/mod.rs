@@ -63,6 +63,17 @@ impl TensorLike for crate::Tensor {
     }
 }
 
+/// The collective a synchronised DSBN op calls on its partial sums: replace the f32 tensor by
+/// the element-wise sum of every rank's (see [`Backend::dsbn_forward_train_synced`]).
+pub type StatsReduce<'a, T> = dyn FnMut(&mut T) -> Result<()> + 'a;
+
+fn sync_unsupported(backend: &str) -> crate::Error {
+    crate::Error::InvalidArgument(format!(
+        "per-dataset synchronised BatchNorm is not implemented on the {backend} backend; \
+         train with per-rank statistics (SyncBN off)"
+    ))
+}
+
 /// The four `[D, C]` f32 tables of one DSBN layer, in the order γ, β, running μ, running σ².
 pub trait BnTables<T> {
     /// γ, β, running mean, running variance.
@@ -429,6 +440,50 @@ pub trait Backend: Clone + fmt::Debug + 'static {
         saved: &Self::BnSaved,
         opts: &DsbnOptions,
     ) -> Result<BnGrads<Self::Tensor>>;
+
+    // ---- synchronised DSBN (data-parallel training) ------------------------------------------
+
+    /// [`Backend::dsbn_forward_train`] with the batch statistics of a whole data-parallel
+    /// group (per-dataset SyncBN): this rank's per-(dataset, channel) partial sums and
+    /// per-dataset counts go, as ONE f32 tensor, through `reduce` — an element-wise sum over
+    /// the ranks, called exactly once, in place — and every rank then normalises with the
+    /// group's statistics of each dataset and moves the running statistics of every dataset
+    /// some rank held (identically on every rank). A dataset no rank held is untouched. The
+    /// tensor's layout is this backend's (every rank of a group runs the same backend); its
+    /// length depends only on the layer's `[D, C]`. The default refuses (a typed error).
+    #[allow(clippy::too_many_arguments)]
+    fn dsbn_forward_train_synced(
+        &self,
+        x: &Self::Tensor,
+        datasets: &Self::Tensor,
+        bn: &mut Self::Bn,
+        opts: &DsbnOptions,
+        residual: Option<&Self::Tensor>,
+        reduce: &mut StatsReduce<'_, Self::Tensor>,
+    ) -> Result<(Self::Tensor, Self::BnSaved)> {
+        let _ = (x, datasets, bn, opts, residual, reduce);
+        Err(sync_unsupported(&self.name()))
+    }
+
+    /// Backward of [`Backend::dsbn_forward_train_synced`]: this rank's per-(dataset, channel)
+    /// Σdy and Σdy·x̂ (behind the ReLU mask) and per-dataset counts go through `reduce` once,
+    /// and `dx` uses the group's sums and counts. `dgamma` and `dbeta` are this rank's own
+    /// sums (the data-parallel step averages parameter gradients over the ranks afterwards).
+    #[allow(clippy::too_many_arguments)]
+    fn dsbn_backward_train_synced(
+        &self,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        residual: Option<&Self::Tensor>,
+        datasets: &Self::Tensor,
+        bn: &Self::Bn,
+        saved: &Self::BnSaved,
+        opts: &DsbnOptions,
+        reduce: &mut StatsReduce<'_, Self::Tensor>,
+    ) -> Result<BnGrads<Self::Tensor>> {
+        let _ = (dy, x, residual, datasets, bn, saved, opts, reduce);
+        Err(sync_unsupported(&self.name()))
+    }
 
     // ---- the dataset-aware block (ops::dab) --------------------------------------------------
 

@@ -5,6 +5,7 @@
 pub mod chart;
 pub mod data_args;
 pub mod eval_cmd;
+pub mod launch;
 pub mod modes;
 pub mod profile;
 pub mod real;

@@ -56,7 +56,7 @@ pub fn metas(sets: &[FileDataset]) -> Vec<DatasetMeta> {
 }
 
 /// Trains on the datasets of `--data`.
-pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
+pub fn train<B: Backend>(args: &TrainArgs, backend: B, par: super::launch::Parallel) -> Result<()> {
     let specs: Vec<DataSpec> = args.data.data.iter().map(|s| DataSpec::parse(s)).collect::<Result<_>>()?;
     for (i, s) in specs.iter().enumerate() {
         if specs[..i].iter().any(|o| o.name == s.name) {
@@ -122,27 +122,30 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         ..Default::default()
     };
     let semi = config.usss.active();
-    let mut session = Session::start(args, datasets.clone(), resume.as_ref())?;
+    let mut session = Session::start_rank(args, datasets.clone(), resume.as_ref(), par.writes())?;
     let mut trainer = Trainer::new(&backend, model, config)?;
     session.prepare(&mut trainer, args, resume)?;
+    par.join(&mut trainer)?;
     let sizes: Vec<String> =
         train_sets.iter().map(|s| format!("{} ({} images, {} classes)", s.name, s.len(), s.num_classes())).collect();
-    eprintln!(
-        "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} | {} | {} iterations of {} × {}×{} crops per dataset, scale {}–{}",
-        backend.name(),
-        args.precision,
-        super::depth_number(trainer.model.config.depth),
-        trainer.model.config.width,
-        trainer.store.num_parameters(),
-        sizes.join(", "),
-        mode.name(),
-        args.iters,
-        args.batch,
-        crop.0,
-        crop.1,
-        scale.0,
-        scale.1
-    );
+    if par.writes() {
+        eprintln!(
+            "cdcl train: {} | {:?} | PSPNet-ResNet{} width {} | {} parameters | {} | {} | {} iterations of {} × {}×{} crops per dataset, scale {}–{}",
+            backend.name(),
+            args.precision,
+            super::depth_number(trainer.model.config.depth),
+            trainer.model.config.width,
+            trainer.store.num_parameters(),
+            sizes.join(", "),
+            mode.name(),
+            args.iters,
+            args.batch,
+            crop.0,
+            crop.1,
+            scale.0,
+            scale.1
+        );
+    }
 
     let schedule: Vec<Vec<usize>> = (0..args.iters).map(|it| trainer.plan(it, d)).collect();
     let sets: Vec<Arc<dyn SegDataset>> = train_sets.into_iter().map(|s| Arc::new(s) as Arc<dyn SegDataset>).collect();
@@ -152,8 +155,8 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         seed: args.seed,
         workers: args.data.workers,
         prefetch: 2,
-        rank: 0,
-        world: 1,
+        rank: par.rank(),
+        world: par.world(),
     };
     // USSS: a second loader over the unlabelled folders, in step with the first: each
     // iteration draws one unlabelled batch for every dataset of its plan that has a folder.
@@ -171,7 +174,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
     };
     let mut entropies = Vec::new();
     let mut loader = Loader::new(sets, loader_config, schedule, trainer.iteration().min(args.iters))?;
-    let bar = ProgressBar::new(args.iters as u64);
+    let bar = if par.writes() { ProgressBar::new(args.iters as u64) } else { ProgressBar::hidden() };
     bar.set_style(bar_style());
     bar.set_position(trainer.iteration() as u64);
     while let Some(loaded) = loader.next_iteration() {
@@ -202,7 +205,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
             }
             None => trainer.step(&batches)?,
         };
-        if args.profile {
+        if args.profile && par.writes() {
             let line = profile.line(&backend, it);
             bar.suspend(|| eprintln!("{line}"));
         }
@@ -225,10 +228,13 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         }
     }
     bar.finish();
-    if let Some(line) = crate::entropy_summary(&entropies) {
+    if let Some(line) = crate::entropy_summary(&entropies).filter(|_| par.writes()) {
         eprintln!("{line}");
     }
     session.finish(&trainer)?;
+    if !par.writes() {
+        return Ok(());
+    }
     println!("checkpoint: {}", args.checkpoint.display());
 
     // Only the datasets the mode has a head for are evaluated, each as the mode defines.

@@ -80,15 +80,29 @@ pub struct Session {
     started: Instant,
     last: Instant,
     rate: Option<f64>,
+    /// Rank 0 of a data-parallel run (or a single process): the one that writes.
+    writes: bool,
 }
 
 impl Session {
-    /// Checks that the checkpoint can be written and opens the log, before anything trains.
-    pub fn start(args: &TrainArgs, datasets: Vec<DatasetMeta>, resume: Option<&Resume>) -> Result<Self> {
-        Checkpoint::check_writable(&args.checkpoint)?;
+    /// Checks that the checkpoint can be written and opens the log, before anything trains —
+    /// on the rank that `writes` (rank 0 of a data-parallel run, or the single process); the
+    /// other ranks write no checkpoint and keep no log.
+    pub fn start_rank(
+        args: &TrainArgs,
+        datasets: Vec<DatasetMeta>,
+        resume: Option<&Resume>,
+        writes: bool,
+    ) -> Result<Self> {
+        if writes {
+            Checkpoint::check_writable(&args.checkpoint)?;
+        }
         let names: Vec<String> = datasets.iter().map(|d| d.name.clone()).collect();
         let start = resume.map_or(0, |r| r.iteration);
-        let log = args.data.log_dir.as_deref().map(|dir| RunLog::open(dir, &names, start)).transpose()?;
+        let log = match writes {
+            true => args.data.log_dir.as_deref().map(|dir| RunLog::open(dir, &names, start)).transpose()?,
+            false => None,
+        };
         let now = Instant::now();
         Ok(Session {
             checkpoint: args.checkpoint.clone(),
@@ -99,6 +113,7 @@ impl Session {
             started: now,
             last: now,
             rate: None,
+            writes,
         })
     }
 
@@ -141,7 +156,7 @@ impl Session {
             log.iteration(stats, instant, now.duration_since(self.started).as_secs_f64())?;
         }
         let it = trainer.iteration();
-        if self.save_every > 0 && it % self.save_every == 0 && it < self.iters {
+        if self.writes && self.save_every > 0 && it % self.save_every == 0 && it < self.iters {
             trainer.save_checkpoint_with(&self.checkpoint, &self.datasets)?;
             if let Some(log) = &self.log {
                 log.chart()?;
@@ -160,6 +175,9 @@ impl Session {
 
     /// Writes the final checkpoint and the loss chart.
     pub fn finish<B: Backend>(&mut self, trainer: &Trainer<B>) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         trainer.save_checkpoint_with(&self.checkpoint, &self.datasets)?;
         if let Some(log) = &self.log {
             log.chart()?;

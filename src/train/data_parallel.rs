@@ -3,9 +3,13 @@
 //! gradients are averaged over the ranks, so parameters and momentum stay identical.
 //!
 //! This first version reduces through host memory in one buffer per step (what the CPU backend
-//! and the emulator need; the NCCL path will reduce device buffers in buckets). Per-dataset
-//! synchronised BatchNorm is not built yet: each rank normalises with its own batch statistics
-//! and keeps its own running statistics.
+//! and the emulator need; the NCCL path will reduce device buffers in buckets).
+//!
+//! BatchNorm statistics are per rank by default (plain DDP). With per-dataset SyncBN
+//! ([`super::Trainer::set_sync_bn`]) every training normalisation uses the group's statistics of
+//! each dataset (see [`crate::autograd::Graph::set_bn_sync`]): one all-reduce per DSBN layer in
+//! the forward, one in the backward, and the running statistics move identically on every rank.
+//! Every rank must then run the same forward passes; a step checks that first.
 
 use std::sync::Arc;
 
@@ -18,11 +22,12 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct DataParallel {
     comm: Arc<dyn Communicator>,
+    sync_bn: bool,
 }
 
 impl std::fmt::Debug for DataParallel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DataParallel(rank {} of {})", self.comm.rank(), self.comm.world_size())
+        write!(f, "DataParallel(rank {} of {}, SyncBN {})", self.comm.rank(), self.comm.world_size(), self.sync_bn)
     }
 }
 
@@ -36,7 +41,42 @@ pub(crate) struct Averaged {
 impl DataParallel {
     /// Joins the group `comm` belongs to.
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        DataParallel { comm }
+        DataParallel { comm, sync_bn: false }
+    }
+
+    /// Per-dataset SyncBN on or off.
+    pub(crate) fn set_sync_bn(&mut self, on: bool) {
+        self.sync_bn = on;
+    }
+
+    /// Whether the BatchNorm statistics are the group's.
+    pub fn sync_bn(&self) -> bool {
+        self.sync_bn
+    }
+
+    /// The communicator a step's graph synchronises its BatchNorm statistics over: `None`
+    /// when SyncBN is off or the group has one rank (its statistics are the local ones).
+    pub(crate) fn bn_comm(&self) -> Option<Arc<dyn Communicator>> {
+        (self.sync_bn && self.comm.world_size() > 1).then(|| self.comm.clone())
+    }
+
+    /// With SyncBN: fails on every rank unless every rank is about to run `passes` forward
+    /// passes (their normalisations are collectives, so the ranks must run the same sequence).
+    pub(crate) fn check_passes(&self, passes: usize) -> Result<()> {
+        if self.bn_comm().is_none() {
+            return Ok(());
+        }
+        let mut v = [passes as f32, (passes * passes) as f32];
+        self.comm.all_reduce_sum(&mut v)?;
+        let w = self.comm.world_size() as f32;
+        if v != [w * passes as f32, w * (passes * passes) as f32] {
+            return Err(crate::dist::dist_error(format!(
+                "rank {} runs {passes} forward passes but the group does not agree: with SyncBN every \
+                 rank needs a batch of the same datasets in the same passes",
+                self.comm.rank()
+            )));
+        }
+        Ok(())
     }
 
     /// This rank and the number of ranks.

@@ -227,6 +227,20 @@ impl<B: Backend> Trainer<B> {
         Ok(())
     }
 
+    /// Per-dataset synchronised BatchNorm for a data-parallel run (after
+    /// [`Trainer::set_data_parallel`]; off by default): every rank normalises with the group's
+    /// batch statistics of each dataset and moves identical running statistics, so N ranks ×
+    /// batch b train as one process with the concatenated batch. Every rank must set the same.
+    pub fn set_sync_bn(&mut self, on: bool) -> Result<()> {
+        match self.data_parallel.as_mut() {
+            Some(dp) => {
+                dp.set_sync_bn(on);
+                Ok(())
+            }
+            None => Err(Error::InvalidArgument("SyncBN needs a data-parallel run (set_data_parallel first)".into())),
+        }
+    }
+
     /// The loss-scaling state (its scale is 1 and unused unless the precision is f16).
     pub fn loss_scaler(&self) -> &LossScaler {
         &self.scaler
@@ -607,9 +621,14 @@ impl<B: Backend> Trainer<B> {
     fn forward_all(&mut self, batches: &[Batch]) -> Result<Forward<B>> {
         self.num_datasets_of(batches)?;
         let mut g = Graph::new(&self.backend, true);
+        let passes = self.passes(batches)?;
+        if let Some(dp) = &self.data_parallel {
+            dp.check_passes(passes.len())?;
+            g.set_bn_sync(dp.bn_comm())?;
+        }
         let mut terms = Vec::new();
         let mut mains = Vec::new();
-        for (pass, idx) in self.passes(batches)?.into_iter().enumerate() {
+        for (pass, idx) in passes.into_iter().enumerate() {
             let group: Vec<&Batch> = idx.iter().map(|&i| &batches[i]).collect();
             mains.extend(self.forward_pass(&mut g, &group, pass, &mut terms)?);
         }

@@ -13,6 +13,7 @@ mod fused;
 mod modes;
 mod precise_bn;
 mod precision;
+mod sync_bn;
 mod usss;
 
 use cdcl::autograd::{Graph, Group, LossSpec, ParamStore};

@@ -10,7 +10,7 @@ use super::check::{
     dataset_indices, f32_of, float_as, float_of, i32_of, nhwc, per_pixel_chunk, relu, same_dtype, shape_is,
 };
 use super::tensor::{CpuBn, CpuBnSaved, CpuTensor};
-use crate::backend::BnGrads;
+use crate::backend::{BnGrads, StatsReduce};
 use crate::error::{Error, Result};
 use crate::ops::check::finite_positive;
 use crate::ops::dsbn::DsbnOptions;
@@ -18,10 +18,10 @@ use crate::tensor::DType;
 
 /// Validated sizes of one DSBN call.
 pub(crate) struct BnDims {
-    n: usize,
-    hw: usize,
-    c: usize,
-    d: usize,
+    pub(crate) n: usize,
+    pub(crate) hw: usize,
+    pub(crate) c: usize,
+    pub(crate) d: usize,
 }
 
 /// As `ops::dsbn::check_common`.
@@ -121,12 +121,31 @@ pub(crate) fn bn_new(num_datasets: usize, channels: usize) -> Result<CpuBn> {
 
 /// Batch statistics of a training forward, before anything moves.
 pub(crate) struct BatchStats {
-    dims: BnDims,
-    counts: Vec<usize>,
-    mean: Vec<f64>,
-    var: Vec<f64>,
+    pub(crate) dims: BnDims,
+    pub(crate) counts: Vec<usize>,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) var: Vec<f64>,
     /// The f32 mean and 1/std the output and the backward use.
     pub(crate) saved: CpuBnSaved,
+}
+
+impl BatchStats {
+    /// The statistics from per-(dataset, channel) mean and biased variance (f64) and
+    /// per-dataset counts: the f32 mean and 1/std saved exactly as [`batch_statistics`] saves
+    /// them (zero for a dataset with no values).
+    pub(crate) fn from_moments(dims: BnDims, counts: Vec<usize>, mean: Vec<f64>, var: Vec<f64>, eps: f32) -> Self {
+        let (c, d) = (dims.c, dims.d);
+        let present = |i: usize| counts[i / c] > 0;
+        let eps = eps as f64;
+        let mean32: Vec<f32> = (0..d * c).map(|i| if present(i) { mean[i] as f32 } else { 0.0 }).collect();
+        let invstd32: Vec<f32> =
+            (0..d * c).map(|i| if present(i) { (1.0 / (var[i] + eps).sqrt()) as f32 } else { 0.0 }).collect();
+        let saved = CpuBnSaved {
+            mean: CpuTensor::f32_unchecked(vec![d, c], mean32),
+            invstd: CpuTensor::f32_unchecked(vec![d, c], invstd32),
+        };
+        BatchStats { dims, counts, mean, var, saved }
+    }
 }
 
 /// Per (dataset, channel) mean and biased variance of `x` over the samples of each dataset
@@ -279,6 +298,22 @@ pub(crate) fn backward_train(
     saved: &CpuBnSaved,
     opts: &DsbnOptions,
 ) -> Result<BnGrads<CpuTensor>> {
+    backward_with(dy, x, residual, datasets, bn, saved, opts, None)
+}
+
+/// [`backward_train`], or with `reduce` its synchronised form: the sums and counts of `dx`'s
+/// formula are the group's (`dsbn_sync::reduce_backward`), `dγ` and `dβ` this rank's own.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_with(
+    dy: &CpuTensor,
+    x: &CpuTensor,
+    residual: Option<&CpuTensor>,
+    datasets: &CpuTensor,
+    bn: &CpuBn,
+    saved: &CpuBnSaved,
+    opts: &DsbnOptions,
+    reduce: Option<&mut StatsReduce<'_, CpuTensor>>,
+) -> Result<BnGrads<CpuTensor>> {
     let g = check_bn(x, datasets, bn, opts)?;
     let dyv = float_as("DSBN output gradient", dy, x.dtype())?;
     shape_is("DSBN output gradient", dy, x.shape())?;
@@ -335,12 +370,21 @@ pub(crate) fn backward_train(
     }
     let mut samples = vec![0usize; d];
     ds.iter().for_each(|&di| samples[di] += 1);
+    let counts: Vec<usize> = samples.iter().map(|&s| s * hw).collect();
+    let group = match reduce {
+        Some(reduce) => Some(super::dsbn_sync::reduce_backward(&dbeta, &dgamma, &counts, reduce)?),
+        None => None,
+    };
+    let (sum_beta, sum_gamma, counts) = match &group {
+        Some((b, g, m)) => (b, g, m),
+        None => (&dbeta, &dgamma, &counts),
+    };
 
     let mut dx = vec![0.0f32; xv.len()];
     let mut dres = res.map(|_| vec![0.0f32; xv.len()]);
     let write = |pix: usize, out: &mut [f32], dr: Option<&mut [f32]>| {
         let di = ds[pix / hw];
-        let m = (samples[di] * hw) as f64;
+        let m = counts[di] as f64;
         let mut dr = dr;
         for ci in 0..c {
             let (e, s) = (pix * c + ci, di * c + ci);
@@ -349,7 +393,7 @@ pub(crate) fn backward_train(
                 dr[ci] = gv as f32;
             }
             let k = gamma[s] as f64 * invstd[s];
-            out[ci] = (k * (gv - dbeta[s] / m - xhat(e, s) * dgamma[s] / m)) as f32;
+            out[ci] = (k * (gv - sum_beta[s] / m - xhat(e, s) * sum_gamma[s] / m)) as f32;
         }
     };
     match dres.as_mut() {

@@ -7,6 +7,7 @@
 //! | `tensor.rs` | [`CpuTensor`] (f32 values in f32 / f16 / bf16 storage, or i32), DSBN tables |
 //! | `conv.rs`, `gemm.rs` | convolution forward, data and filter gradients (im2col + GEMM) |
 //! | `dsbn.rs` | dataset-specific BatchNorm: statistics, apply, inference, backward |
+//! | `dsbn_sync.rs` | its synchronised form (data-parallel SyncBN): partial sums out, the group's in |
 //! | `dab.rs` | the dataset-aware block and the pyramid pooling module, composed from the above |
 //! | `pool.rs` | max pooling, adaptive average pooling, bilinear resize, the PPM's input gradient |
 //! | `layout.rs` | channel and batch slices and concatenations |
@@ -36,6 +37,7 @@ mod check;
 mod conv;
 mod dab;
 mod dsbn;
+mod dsbn_sync;
 mod elementwise;
 mod gemm;
 mod layout;
@@ -50,7 +52,7 @@ pub use tensor::{CpuBn, CpuBnSaved, CpuData, CpuTensor};
 
 use super::{
     Backend, BnGrads, DabForward, DabGrads, DabInput, DabOptions, DabSaved, LossOptions, PpmBranchMut, PpmBranchRef,
-    PpmGrads, SgdTensor,
+    PpmGrads, SgdTensor, StatsReduce,
 };
 use crate::error::{Error, Result};
 use crate::ops::conv::ConvGeometry;
@@ -214,6 +216,32 @@ impl Backend for CpuBackend {
         opts: &DsbnOptions,
     ) -> Result<BnGrads<CpuTensor>> {
         dsbn::backward_train(dy, x, residual, datasets, bn, saved, opts)
+    }
+
+    fn dsbn_forward_train_synced(
+        &self,
+        x: &CpuTensor,
+        datasets: &CpuTensor,
+        bn: &mut CpuBn,
+        opts: &DsbnOptions,
+        residual: Option<&CpuTensor>,
+        reduce: &mut StatsReduce<'_, CpuTensor>,
+    ) -> Result<(CpuTensor, CpuBnSaved)> {
+        dsbn_sync::forward_train(x, datasets, bn, opts, residual, reduce)
+    }
+
+    fn dsbn_backward_train_synced(
+        &self,
+        dy: &CpuTensor,
+        x: &CpuTensor,
+        residual: Option<&CpuTensor>,
+        datasets: &CpuTensor,
+        bn: &CpuBn,
+        saved: &CpuBnSaved,
+        opts: &DsbnOptions,
+        reduce: &mut StatsReduce<'_, CpuTensor>,
+    ) -> Result<BnGrads<CpuTensor>> {
+        dsbn::backward_with(dy, x, residual, datasets, bn, saved, opts, Some(reduce))
     }
 
     // ---- the dataset-aware block and the PPM ----------------------------------------------------

@@ -23,6 +23,7 @@
 //! ([`crate::backend::counters`]).
 
 mod layout;
+mod sync_bn;
 mod usss;
 
 use half::{bf16, f16};
@@ -30,7 +31,7 @@ use half::{bf16, f16};
 use crate::backend::counters::{ConvProblem, OpCounters, OpTally};
 use crate::backend::{
     Backend, BnGrads, BnStats, BnTables, DabForward, DabGrads, DabInput, DabOptions, DabSaved, LossOptions,
-    PpmBranchGrads, PpmBranchMut, PpmBranchRef, PpmGrads, SgdTensor,
+    PpmBranchGrads, PpmBranchMut, PpmBranchRef, PpmGrads, SgdTensor, StatsReduce,
 };
 use crate::device::{CopyRegion, Device};
 use crate::error::{Error, Result};
@@ -369,6 +370,33 @@ impl Backend for DeviceBackend {
             dbeta: g.dbeta,
             dresidual: g.dresidual.map(|t| self.wrote(t)),
         })
+    }
+
+    // Through the host for now (see sync_bn.rs).
+    fn dsbn_forward_train_synced(
+        &self,
+        x: &Tensor,
+        datasets: &Tensor,
+        bn: &mut DsbnState,
+        opts: &DsbnOptions,
+        residual: Option<&Tensor>,
+        reduce: &mut StatsReduce<'_, Tensor>,
+    ) -> Result<(Tensor, DsbnSaved)> {
+        sync_bn::forward_train(self, x, datasets, bn, opts, residual, reduce)
+    }
+
+    fn dsbn_backward_train_synced(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        datasets: &Tensor,
+        bn: &DsbnState,
+        saved: &DsbnSaved,
+        opts: &DsbnOptions,
+        reduce: &mut StatsReduce<'_, Tensor>,
+    ) -> Result<BnGrads<Tensor>> {
+        sync_bn::backward_train(self, dy, x, residual, datasets, bn, saved, opts, reduce)
     }
 
     // ---- the dataset-aware block and the PPM ------------------------------------------------
