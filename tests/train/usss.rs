@@ -1,7 +1,7 @@
 //! USSS semi-supervised training: the entropy loss through the graph (finite differences, both
 //! backends), the prototypes' moving average, α = β = 0 as exactly the supervised run, the
-//! unlabelled entropy falling while training on synthetic scenes with held-back labels, and
-//! bad settings or batches as typed errors.
+//! unlabelled entropy falling while training on synthetic scenes with held-back labels,
+//! semi-supervised steps agreeing across backends, and bad settings or batches as typed errors.
 
 use super::*;
 use cdcl::autograd::UsssSpec;
@@ -286,4 +286,35 @@ fn bad_usss_settings_and_unlabelled_batches_are_typed_errors() {
     }
     assert_eq!(t.iteration(), 0);
     assert!(snapshot(&t.store) == before, "a refused step changed the model");
+}
+
+/// Two semi-supervised steps (SGD included; USSS in the second) on the CPU backend and on
+/// our kernels: the objective and the unlabelled entropies agree within 1e-2 relative — the
+/// tolerance of the supervised ten-step comparison (tests/train/backends.rs): the two backends'
+/// summation orders differ by ~1e-5 per step and the SGD steps compound that a little, while a
+/// wrong USSS term or gradient on one backend is O(1).
+#[test]
+fn semi_steps_cpu_and_emulator_agree() {
+    let on = UsssConfig { alpha: 0.5, beta: 1.0, ..UsssConfig::default() };
+    let cfg = TrainConfig { usss: on, max_iters: 2, ..TrainConfig::default() };
+    let classes = vec![4, 3];
+    let mut a = Trainer::new(&CpuBackend::new(), tiny_model(classes.clone(), 0.1), cfg.clone()).unwrap();
+    let mut b = Trainer::new(&device_backend(), tiny_model(classes, 0.1), cfg).unwrap();
+    // Small images: the emulator runs every kernel of three passes per step.
+    for it in 0..2u64 {
+        let l = vec![batch(0, 2, 16, 16, 4, 10 + it), batch(1, 2, 16, 16, 3, 100 + it)];
+        let u: Vec<UnlabeledBatch> = (0..2)
+            .map(|d| UnlabeledBatch { dataset: d, n: 2, h: 16, w: 16, images: batch(d, 2, 16, 16, 3, 500 + it).images })
+            .collect();
+        let (sa, sb) = (a.step_semi(&l, &u).unwrap(), b.step_semi(&l, &u).unwrap());
+        let close = |p: f32, q: f32| (p - q).abs() <= 1e-2 * p.abs().max(1e-3);
+        assert!(close(sa.step.total, sb.step.total), "step {it}: {} vs {}", sa.step.total, sb.step.total);
+        match (sa.usss, sb.usss) {
+            (None, None) => assert_eq!(it, 0, "no USSS term after the first step"),
+            (Some(x), Some(y)) => {
+                assert!(close(x.within, y.within) && close(x.cross, y.cross), "step {it}: {x:?} vs {y:?}");
+            }
+            (x, y) => panic!("step {it}: USSS term on one backend only: {x:?} vs {y:?}"),
+        }
+    }
 }
