@@ -227,7 +227,7 @@ run)
     mkdir -p "$dir"
     collect "$dir"
     cargo build --quiet --bin cdcl
-    cp target/debug/cdcl "$dir/cdcl"
+    cp "${CARGO_TARGET_DIR:-target}/debug/cdcl" "$dir/cdcl"
     out="${2:-${OUT:-$dir/out}}"
     unset CDCL_TEST_DEVICE
     check_steps "$dir" "$out" emulator

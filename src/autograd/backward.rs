@@ -195,7 +195,7 @@ impl<B: Backend> Graph<B> {
                     let tables = &store.bn(bn).tables;
                     let g = match comm {
                         Some(comm) => {
-                            let mut reduce = super::host_all_reduce(&b, comm.as_ref());
+                            let mut reduce = super::sync::host_all_reduce(&b, comm.as_ref());
                             b.dsbn_backward_train_synced(&dy, xv, rv, dv, tables, &stats[si], &opts, &mut reduce)?
                         }
                         None => b.dsbn_backward_train(&dy, xv, rv, dv, tables, &stats[si], &opts)?,

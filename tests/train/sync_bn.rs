@@ -479,3 +479,36 @@ fn a_run_checkpointed_on_two_ranks_resumes_on_three() {
     let err = worst("resumed", &values(&ranks[0].1), &values(&snapshot(&one.store)));
     assert!(err <= 1e-3, "resumed on three ranks vs one process: {err:e}");
 }
+
+#[test]
+fn ranks_that_run_different_forward_passes_fail_together_instead_of_pairing_wrong_layers() {
+    // Rank 0's datasets have two image sizes (two passes), rank 1's one.
+    let shards = vec![vec![batch(0, 2, 24, 24, 3, 1), batch(1, 2, 16, 16, 4, 2)], vec![batch(0, 2, 24, 24, 3, 3)]];
+    let comms = local_group(2).unwrap();
+    let errors: Vec<String> = comms
+        .into_iter()
+        .zip(shards)
+        .enumerate()
+        .map(|(rank, (comm, shard))| {
+            thread::spawn(move || {
+                let be = CpuBackend::new();
+                let mut t = Trainer::new(&be, model(vec![3, 4], 7 + rank as u64), TrainConfig::default()).unwrap();
+                t.set_data_parallel(Arc::new(comm)).unwrap();
+                t.set_sync_bn(true).unwrap();
+                match t.step(&shard) {
+                    Err(e @ cdcl::Error::Distributed { .. }) => e.to_string(),
+                    other => panic!("rank {rank}: expected a distributed error, got {other:?}"),
+                }
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(errors[0].contains("rank 0 runs 2 forward passes"), "{}", errors[0]);
+    assert!(errors[1].contains("rank 1 runs 1 forward passes"), "{}", errors[1]);
+    // Without a data-parallel run there is nothing to synchronise with.
+    let be = CpuBackend::new();
+    let mut t = Trainer::new(&be, model(vec![3, 4], 7), TrainConfig::default()).unwrap();
+    assert!(matches!(t.set_sync_bn(true), Err(cdcl::Error::InvalidArgument(_))));
+}
