@@ -1,5 +1,6 @@
-// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA) or f16 / bf16
-// storage through tensor cores (nvcuda::wmma, f32 accumulation), forward and backward, any
+// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA, or tensor cores
+// in TF32 with allow_tf32) or f16 / bf16 storage through tensor cores (nvcuda::wmma, f32
+// accumulation), forward and backward, any
 // stride, padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
 //   forward:          M = N*P*Q, N = K, K = R*S*C   (A = im2col(x), B = w^T)
 //   data gradient:    M = N*H*W, N = C, K = R*S*K   (A = the strided gather of dy, B = w)
@@ -328,17 +329,38 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     }
 }
 
-// The tensor-core mainloop for 16-bit storage (T = __half or __nv_bfloat16), same tiles, loaders
-// and epilogues as implicit_gemm: 64x64 block tile, 16-deep reduction steps double-buffered in
-// shared memory as T (A [64][16+8] row-major, B [16][64+8] row-major: rows offset by 16 bytes,
-// every fragment pointer 32-byte aligned), 8 warps each computing a 16x32 strip with two
-// m16n16k16 accumulators (f32). The accumulators then go through a shared f32 tile to the
-// per-element epilogue, whose value is rounded to T before the statistics so that they
+// What the tensor cores take for storage type T: the m16n16k16 shape on T itself for 16-bit
+// storage; for f32 storage (TF32, `allow_tf32`), the m16n16k8 shape on precision::tf32 with
+// every operand rounded once by __float_to_tf32 (cvt.rna.tf32.f32) as it is written to shared
+// memory, so the fragments hold TF32 values and the k-loop converts nothing.
+template <typename T>
+struct MmaOperand {
+    using type = T;
+    static constexpr int kK = 16;
+    __device__ static __forceinline__ T from(float v) { return from_f32<T>(v); }
+};
+template <>
+struct MmaOperand<float> {
+    using type = nvcuda::wmma::precision::tf32;
+    static constexpr int kK = 8;
+    __device__ static __forceinline__ float from(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+};
+
+// The tensor-core mainloop for 16-bit storage (T = __half or __nv_bfloat16) and for f32 storage
+// through TF32 (T = float), same tiles, loaders and epilogues as implicit_gemm: 64x64 block
+// tile, 16-deep reduction steps double-buffered in shared memory as T (A [64][16+pad] row-major,
+// B [16][64+pad] row-major, rows padded by 16 bytes, every fragment pointer 32-byte aligned),
+// 8 warps each computing a 16x32 strip with two 16x16 accumulators (f32), one (16-bit) or two
+// (TF32: k = 8) mma steps per 16-deep step. The accumulators then go through a shared f32 tile
+// to the per-element epilogue, whose value is rounded to T before the statistics so that they
 // describe what is stored.
 template <class Prob, typename T>
 __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_conv_params p, long long slice_len) {
     using namespace nvcuda;
-    constexpr int kLdA = kBK + 8, kLdB = kBN + 8, kLdC = kBN + 4;
+    using Mma = MmaOperand<T>;
+    constexpr int kMK = Mma::kK;
+    constexpr int kPadT = 16 / (int)sizeof(T);
+    constexpr int kLdA = kBK + kPadT, kLdB = kBN + kPadT, kLdC = kBN + 4;
     struct alignas(32) Tiles {
         T a[2][kBM][kLdA];
         T b[2][kBK][kLdB];
@@ -364,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths, as in implicit_gemm
     Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fragment<wmma::accumulator, 16, 16, kMK, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
@@ -375,8 +397,8 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         using PF = decltype(pro_flag);
         auto stash = [&](int buf) {
             ops.template stash<VF::value, PF::value>(
-                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); },
-                [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
+                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = Mma::from(v); },
+                [&](int k, int i, float v) { sm.b[buf][k][i] = Mma::from(v); });
         };
         if (tiles > 0) ops.template load<VF::value, PF::value>();
         __syncthreads();  // the block's prologue table
@@ -386,13 +408,16 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
             const int cur = (int)(tile & 1);
             const bool more = tile + 1 < tiles;
             if (more) ops.template load<VF::value, PF::value>();
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
             CDCL_UNROLL
-            for (int j = 0; j < 2; ++j) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
-                wmma::mma_sync(acc[j], fa, fb, acc[j]);
+            for (int kk = 0; kk < kBK; kk += kMK) {
+                wmma::fragment<wmma::matrix_a, 16, 16, kMK, typename Mma::type, wmma::row_major> fa;
+                wmma::load_matrix_sync(fa, &sm.a[cur][wr][kk], kLdA);
+                CDCL_UNROLL
+                for (int j = 0; j < 2; ++j) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, kMK, typename Mma::type, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, &sm.b[cur][kk][wc + 16 * j], kLdB);
+                    wmma::mma_sync(acc[j], fa, fb, acc[j]);
+                }
             }
             if (more) stash(cur ^ 1);
             __syncthreads();
@@ -519,11 +544,13 @@ CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* str
     if (p.dtype == CDCL_DTYPE_BF16)
         return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream,
                            p, depth);
+    if (p.allow_tf32)
+        return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<float>, float>), grid, dim3(kThreads), 0, stream, p, depth);
     return CDCL_LAUNCH(implicit_gemm<ConvForward<float>>, grid, dim3(kThreads), 0, stream, p, depth);
 }
 
-// The three storage types of the backward passes: f32 through the FFMA mainloop, f16 / bf16
-// through the tensor-core one.
+// The three storage types of the backward passes: f32 through the FFMA mainloop (or the
+// tensor-core one in TF32 with allow_tf32), f16 / bf16 through the tensor-core one.
 template <template <typename> class Prob>
 __host__ inline int launch_gemm(const cdcl_conv_params& p, dim3 grid, long long slice, void* stream) {
     if (p.dtype == CDCL_DTYPE_F16)
@@ -531,6 +558,8 @@ __host__ inline int launch_gemm(const cdcl_conv_params& p, dim3 grid, long long 
     if (p.dtype == CDCL_DTYPE_BF16)
         return CDCL_LAUNCH((implicit_gemm_wmma<Prob<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream, p,
                            slice);
+    if (p.allow_tf32)
+        return CDCL_LAUNCH((implicit_gemm_wmma<Prob<float>, float>), grid, dim3(kThreads), 0, stream, p, slice);
     return CDCL_LAUNCH(implicit_gemm<Prob<float>>, grid, dim3(kThreads), 0, stream, p, slice);
 }
 

@@ -61,6 +61,12 @@ enum PrecisionArg {
     F16,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Training iterations.
@@ -109,6 +115,10 @@ struct TrainArgs {
     /// (f32 master weights, statistics and loss; f16 with dynamic loss scaling).
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     precision: PrecisionArg,
+    /// f32 convolutions on tensor cores in TF32 (on: the default, as PyTorch's `allow_tf32`),
+    /// or exact f32 (off). GPU and emulator only: the cpu device is always exact f32.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    tf32: OnOff,
     /// Print, per iteration, its wall time and what the device was asked to do (kernel
     /// launches, allocations, memsets, copies, host synchronisations, activation-sized tensors
     /// written, convolutions by storage type).
@@ -125,6 +135,10 @@ impl TrainArgs {
             PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::F16 => Precision::F16,
         }
+    }
+
+    fn tf32(&self) -> Option<bool> {
+        Some(self.tf32 == OnOff::On)
     }
 }
 
@@ -207,6 +221,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         max_iters: args.iters,
         seed: args.seed,
         precision: args.precision(),
+        tf32: args.tf32(),
         ..Default::default()
     };
     let mut session = cli::session::Session::start(args, metas, resume.as_ref())?;

@@ -113,6 +113,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B) -> Result<()> {
         max_iters: args.iters,
         seed: args.seed,
         precision: args.precision(),
+        tf32: args.tf32(),
         ..Default::default()
     };
     let mut session = Session::start(args, datasets.clone(), resume.as_ref())?;

@@ -92,6 +92,10 @@ pub struct TrainConfig {
     /// Run the per-dataset forwards of an iteration as one pass when that computes the same
     /// function (distinct BN slices, one image size); see the module documentation.
     pub fuse_datasets: bool,
+    /// TF32 for the f32 convolutions of a device backend: `Some(on)` sets it on the backend's
+    /// device when the trainer is built ([`Backend::set_allow_tf32`]); `None` leaves the
+    /// device's setting (on by default, as PyTorch's `allow_tf32`). A host backend stays exact.
+    pub tf32: Option<bool>,
 }
 
 impl Default for TrainConfig {
@@ -111,6 +115,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             loss_scale: LossScaleConfig::default(),
             fuse_datasets: true,
+            tf32: None,
         }
     }
 }
@@ -187,6 +192,9 @@ impl<B: Backend> Trainer<B> {
             )));
         }
         config.loss_scale.check()?;
+        if let Some(on) = config.tf32 {
+            backend.set_allow_tf32(on);
+        }
         let mut store = ParamStore::new(backend.clone());
         store.set_precision(config.precision.storage())?;
         let model = PspNet::new(model, &mut store)?;
