@@ -13,7 +13,8 @@
 
 namespace CDCL_NAMESPACE {
 
-// 64x64 output tile per block of 256 threads, 4x4 outputs per thread, 16-deep reduction steps,
+// 64x64 output tile per block of 256 threads, 4x4 outputs per thread (the FFMA mainloop: a
+// contiguous 4x4 micro-tile), 16-deep reduction steps,
 // double-buffered through shared memory with one barrier per step.
 constexpr int kBM = 64;
 constexpr int kBN = 64;
@@ -269,10 +270,17 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     const long long k_begin = (long long)blockIdx.z * slice_len;
     const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
     const int t = (int)threadIdx.x;
-    const int tx = t % 16, ty = t / 16;      // compute: 4 rows ty + 16i, 4 cols tx + 16j
+    // compute: the 4x4 micro-tile of rows 4ty..4ty+3 and columns 4tx..4tx+3, so that each
+    // k-step reads its 4 A values and 4 B values with one 128-bit shared load each (LDS.128).
+    const int tx = t % 16, ty = t / 16;
 
-    CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
-    CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
+    struct alignas(16) FTiles {  // rows of kBM + kPad = 68 floats: every 4-aligned float4 16-byte aligned
+        float a[2][kBK][kBM + kPad];
+        float b[2][kBK][kBN + kPad];
+    };
+    CDCL_SHARED(FTiles, ft, );
+    auto& As = ft.a;
+    auto& Bs = ft.b;
     CDCL_SHARED(BnEntry, stage, [Prob::kStageEntries]);
     const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths (see Mapping)
     Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
@@ -299,9 +307,9 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
             const bool more = tile + 1 < tiles;
             if (more) ops.template load<VF::value, PF::value>();  // global loads overlap the math below
             for (int kk = 0; kk < kBK; ++kk) {
-                float a[4], b[4];
-                for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
-                for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
+                const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][4 * ty]);
+                const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][4 * tx]);
+                const float a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
                 for (int i = 0; i < 4; ++i)
                     for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
             }
@@ -311,10 +319,10 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     });
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
-        const long long m = m0 + ty + 16 * i;
+        const long long m = m0 + 4 * ty + i;
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
-            const int col = n0 + tx + 16 * j;
+            const int col = n0 + 4 * tx + j;
             if (m < rows && col < cols) acc[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, acc[i][j]), (int)blockIdx.z);
         }
     }
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
         CDCL_UNROLL
         for (int i = 0; i < 4; ++i)
             CDCL_UNROLL
-            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = acc[i][j];
+            for (int j = 0; j < 4; ++j) vals[4 * ty + i][4 * tx + j] = acc[i][j];
         __syncthreads();
         tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
     }
