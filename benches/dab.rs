@@ -1,7 +1,8 @@
 //! Convolution and Dataset-Aware Block throughput. On a GPU: our conv forward / data gradient /
 //! filter gradient, the fused DAB training forward + backward and the one-kernel inference
 //! forward, on the ResNet-18 3x3 layer shapes of a dilated (output stride 8) network at batch 8
-//! on 512x512 crops, in f32 (FFMA mainloop) and bf16 (tensor-core mainloop). Without a GPU the
+//! on 512x512 crops, in f32 (FFMA mainloop, TF32 off), f32 in TF32 (tensor cores, the default)
+//! and bf16 (tensor-core mainloop). Without a GPU the
 //! bench says so and measures the f64 CPU reference on a small shape, so `cargo bench` always runs (those numbers describe the oracle, not the
 //! kernels). The comparison with cuDNN (conv + per-dataset BatchNorm on the split batch + ReLU)
 //! is benches/dab_cudnn.rs.
@@ -31,8 +32,11 @@ fn gpu_benches(c: &mut Criterion, dev: &Device) {
     let mut g = c.benchmark_group("dab/gpu");
     g.sample_size(10);
     let batch = 8;
-    for (l, dtype) in LAYERS.iter().flat_map(|l| [(l, DType::F32), (l, DType::BF16)]) {
-        let name = format!("{}/{dtype}", l.name);
+    for (l, dtype, tf32) in
+        LAYERS.iter().flat_map(|l| [(l, DType::F32, false), (l, DType::F32, true), (l, DType::BF16, false)])
+    {
+        dev.set_allow_tf32(tf32);
+        let name = if tf32 { format!("{}/tf32", l.name) } else { format!("{}/{dtype}", l.name) };
         let geom = ConvGeometry::square(1, l.dilation, l.dilation);
         let x = filled(dev, &[batch, l.hw, l.hw, l.c], 1, dtype);
         let w = filled(dev, &[l.k, 3, 3, l.c], 2, dtype);

@@ -24,8 +24,9 @@
 //! layouts our kernels use; convolution algorithms from cuDNN's heuristics
 //! (`cudnnGetConvolution*Algorithm_v7`); one workspace of the largest size the three chosen
 //! algorithms ask for; every activation, gradient and statistics buffer allocated once. The
-//! convolutions are pinned to `CUDNN_FMA_MATH`, so cuDNN does not use TF32 tensor cores: our f32
-//! convolution is plain FFMA, and both sides should compute the same f32 result. Our side
+//! convolutions are pinned to `CUDNN_FMA_MATH`, so cuDNN does not use TF32 tensor cores, and our
+//! side runs with TF32 off (`Device::set_allow_tf32(false)`, its FFMA mainloop): both sides
+//! should compute the same f32 result. Our side
 //! allocates its outputs inside the loop, because that is how our API works.
 //!
 //! Before timing a layer the bench runs each cuDNN pipeline once from the same inputs and state
@@ -675,6 +676,8 @@ fn cross_check(
 }
 
 fn gpu_benches(c: &mut Criterion, dev: &Device) {
+    // Exact f32 on both sides: cuDNN is pinned to FMA math, so ours runs its FFMA mainloop.
+    dev.set_allow_tf32(false);
     let blocks = dataset_blocks(&DATASETS, NUM_DATASETS);
     let stream = match (vendor::probe(), &blocks) {
         (Err(why), _) => {

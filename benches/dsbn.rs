@@ -8,6 +8,7 @@
 use cdcl::ops::dropout::{self, Dropout2dOptions};
 use cdcl::ops::dsbn::{self, DsbnOptions, DsbnState};
 use cdcl::ops::maxpool::{self, PoolGeometry};
+use cdcl::ops::pool;
 use cdcl::reference::dsbn as refd;
 use cdcl::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -75,6 +76,16 @@ fn bench_device(c: &mut Criterion, dev: &Device, shapes: &[[usize; 4]], dtypes: 
                     dev.synchronize().unwrap();
                 })
             });
+            // The pyramid pooling module's upsampling backward: dy of the feature map's size back
+            // to the 1x1, 2x2, 3x3 and 6x6 bins (PSPNet, align_corners false).
+            for bin in [1usize, 2, 3, 6] {
+                g.bench_function(BenchmarkId::new(format!("ppm_resize_backward_{bin}x{bin}"), &id), |b| {
+                    b.iter(|| {
+                        pool::resize_bilinear_backward(&dy, 0, &[shape[0], bin, bin, shape[3]], false).unwrap();
+                        dev.synchronize().unwrap();
+                    })
+                });
+            }
             let drop = Dropout2dOptions { p: 0.1, seed: 7 };
             g.bench_function(BenchmarkId::new("dropout2d", &id), |b| {
                 b.iter(|| {

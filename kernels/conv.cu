@@ -1,5 +1,6 @@
-// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA) or f16 / bf16
-// storage through tensor cores (nvcuda::wmma, f32 accumulation), forward and backward, any
+// Convolution as implicit GEMM over NHWC activations and KRSC weights, f32 (FFMA, or tensor cores
+// in TF32 with allow_tf32) or f16 / bf16 storage through tensor cores (nvcuda::wmma, f32
+// accumulation), forward and backward, any
 // stride, padding and dilation, any channel counts. One tiled GEMM mainloop serves three problems:
 //   forward:          M = N*P*Q, N = K, K = R*S*C   (A = im2col(x), B = w^T)
 //   data gradient:    M = N*H*W, N = C, K = R*S*K   (A = the strided gather of dy, B = w)
@@ -12,7 +13,8 @@
 
 namespace CDCL_NAMESPACE {
 
-// 64x64 output tile per block of 256 threads, 4x4 outputs per thread, 16-deep reduction steps,
+// 64x64 output tile per block of 256 threads, 4x4 outputs per thread (the FFMA mainloop: a
+// contiguous 4x4 micro-tile), 16-deep reduction steps,
 // double-buffered through shared memory with one barrier per step.
 constexpr int kBM = 64;
 constexpr int kBN = 64;
@@ -268,10 +270,17 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     const long long k_begin = (long long)blockIdx.z * slice_len;
     const long long k_end = k_begin + slice_len < depth ? k_begin + slice_len : depth;
     const int t = (int)threadIdx.x;
-    const int tx = t % 16, ty = t / 16;      // compute: 4 rows ty + 16i, 4 cols tx + 16j
+    // compute: the 4x4 micro-tile of rows 4ty..4ty+3 and columns 4tx..4tx+3, so that each
+    // k-step reads its 4 A values and 4 B values with one 128-bit shared load each (LDS.128).
+    const int tx = t % 16, ty = t / 16;
 
-    CDCL_SHARED(float, As, [2][kBK][kBM + kPad]);
-    CDCL_SHARED(float, Bs, [2][kBK][kBN + kPad]);
+    struct alignas(16) FTiles {  // rows of kBM + kPad = 68 floats: every 4-aligned float4 16-byte aligned
+        float a[2][kBK][kBM + kPad];
+        float b[2][kBK][kBN + kPad];
+    };
+    CDCL_SHARED(FTiles, ft, );
+    auto& As = ft.a;
+    auto& Bs = ft.b;
     CDCL_SHARED(BnEntry, stage, [Prob::kStageEntries]);
     const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths (see Mapping)
     Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
@@ -298,9 +307,9 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
             const bool more = tile + 1 < tiles;
             if (more) ops.template load<VF::value, PF::value>();  // global loads overlap the math below
             for (int kk = 0; kk < kBK; ++kk) {
-                float a[4], b[4];
-                for (int i = 0; i < 4; ++i) a[i] = As[cur][kk][ty + 16 * i];
-                for (int j = 0; j < 4; ++j) b[j] = Bs[cur][kk][tx + 16 * j];
+                const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][4 * ty]);
+                const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][4 * tx]);
+                const float a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
                 for (int i = 0; i < 4; ++i)
                     for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
             }
@@ -310,10 +319,10 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
     });
     CDCL_UNROLL
     for (int i = 0; i < 4; ++i) {
-        const long long m = m0 + ty + 16 * i;
+        const long long m = m0 + 4 * ty + i;
         CDCL_UNROLL
         for (int j = 0; j < 4; ++j) {
-            const int col = n0 + tx + 16 * j;
+            const int col = n0 + 4 * tx + j;
             if (m < rows && col < cols) acc[i][j] = prob.store(m, col, prob.finish(seg_idx, m, col, acc[i][j]), (int)blockIdx.z);
         }
     }
@@ -322,23 +331,44 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm(const cdcl_conv_par
         CDCL_UNROLL
         for (int i = 0; i < 4; ++i)
             CDCL_UNROLL
-            for (int j = 0; j < 4; ++j) vals[ty + 16 * i][tx + 16 * j] = acc[i][j];
+            for (int j = 0; j < 4; ++j) vals[4 * ty + i][4 * tx + j] = acc[i][j];
         __syncthreads();
         tile_statistics(p, vals, m0, rows, n0, cols, blockIdx.x);
     }
 }
 
-// The tensor-core mainloop for 16-bit storage (T = __half or __nv_bfloat16), same tiles, loaders
-// and epilogues as implicit_gemm: 64x64 block tile, 16-deep reduction steps double-buffered in
-// shared memory as T (A [64][16+8] row-major, B [16][64+8] row-major: rows offset by 16 bytes,
-// every fragment pointer 32-byte aligned), 8 warps each computing a 16x32 strip with two
-// m16n16k16 accumulators (f32). The accumulators then go through a shared f32 tile to the
-// per-element epilogue, whose value is rounded to T before the statistics so that they
+// What the tensor cores take for storage type T: the m16n16k16 shape on T itself for 16-bit
+// storage; for f32 storage (TF32, `allow_tf32`), the m16n16k8 shape on precision::tf32 with
+// every operand rounded once by __float_to_tf32 (cvt.rna.tf32.f32) as it is written to shared
+// memory, so the fragments hold TF32 values and the k-loop converts nothing.
+template <typename T>
+struct MmaOperand {
+    using type = T;
+    static constexpr int kK = 16;
+    __device__ static __forceinline__ T from(float v) { return from_f32<T>(v); }
+};
+template <>
+struct MmaOperand<float> {
+    using type = nvcuda::wmma::precision::tf32;
+    static constexpr int kK = 8;
+    __device__ static __forceinline__ float from(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+};
+
+// The tensor-core mainloop for 16-bit storage (T = __half or __nv_bfloat16) and for f32 storage
+// through TF32 (T = float), same tiles, loaders and epilogues as implicit_gemm: 64x64 block
+// tile, 16-deep reduction steps double-buffered in shared memory as T (A [64][16+pad] row-major,
+// B [16][64+pad] row-major, rows padded by 16 bytes, every fragment pointer 32-byte aligned),
+// 8 warps each computing a 16x32 strip with two 16x16 accumulators (f32), one (16-bit) or two
+// (TF32: k = 8) mma steps per 16-deep step. The accumulators then go through a shared f32 tile
+// to the per-element epilogue, whose value is rounded to T before the statistics so that they
 // describe what is stored.
 template <class Prob, typename T>
 __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_conv_params p, long long slice_len) {
     using namespace nvcuda;
-    constexpr int kLdA = kBK + 8, kLdB = kBN + 8, kLdC = kBN + 4;
+    using Mma = MmaOperand<T>;
+    constexpr int kMK = Mma::kK;
+    constexpr int kPadT = 16 / (int)sizeof(T);
+    constexpr int kLdA = kBK + kPadT, kLdB = kBN + kPadT, kLdC = kBN + 4;
     struct alignas(32) Tiles {
         T a[2][kBM][kLdA];
         T b[2][kBK][kLdB];
@@ -364,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
     const bool vec = prob.vec_a() && prob.vec_b();  // the vector fast paths, as in implicit_gemm
     Operands<Prob> ops(p, m0, rows, n0, cols, k_begin, k_end, vec, vec);
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+    wmma::fragment<wmma::accumulator, 16, 16, kMK, float> acc[2];
     wmma::fill_fragment(acc[0], 0.0f);
     wmma::fill_fragment(acc[1], 0.0f);
     const long long tiles = k_end > k_begin ? (k_end - k_begin + kBK - 1) / kBK : 0;
@@ -375,8 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
         using PF = decltype(pro_flag);
         auto stash = [&](int buf) {
             ops.template stash<VF::value, PF::value>(
-                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = from_f32<T>(v); },
-                [&](int k, int i, float v) { sm.b[buf][k][i] = from_f32<T>(v); });
+                sm.stage, [&](int k, int i, float v) { sm.a[buf][i][k] = Mma::from(v); },
+                [&](int k, int i, float v) { sm.b[buf][k][i] = Mma::from(v); });
         };
         if (tiles > 0) ops.template load<VF::value, PF::value>();
         __syncthreads();  // the block's prologue table
@@ -386,13 +416,16 @@ __global__ void __launch_bounds__(kThreads, 1) implicit_gemm_wmma(const cdcl_con
             const int cur = (int)(tile & 1);
             const bool more = tile + 1 < tiles;
             if (more) ops.template load<VF::value, PF::value>();
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-            wmma::load_matrix_sync(fa, &sm.a[cur][wr][0], kLdA);
             CDCL_UNROLL
-            for (int j = 0; j < 2; ++j) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-                wmma::load_matrix_sync(fb, &sm.b[cur][0][wc + 16 * j], kLdB);
-                wmma::mma_sync(acc[j], fa, fb, acc[j]);
+            for (int kk = 0; kk < kBK; kk += kMK) {
+                wmma::fragment<wmma::matrix_a, 16, 16, kMK, typename Mma::type, wmma::row_major> fa;
+                wmma::load_matrix_sync(fa, &sm.a[cur][wr][kk], kLdA);
+                CDCL_UNROLL
+                for (int j = 0; j < 2; ++j) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, kMK, typename Mma::type, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fb, &sm.b[cur][kk][wc + 16 * j], kLdB);
+                    wmma::mma_sync(acc[j], fa, fb, acc[j]);
+                }
             }
             if (more) stash(cur ^ 1);
             __syncthreads();
@@ -519,11 +552,13 @@ CDCL_API int32_t CDCL_PREFIX(conv_forward)(const cdcl_conv_params* pp, void* str
     if (p.dtype == CDCL_DTYPE_BF16)
         return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream,
                            p, depth);
+    if (p.allow_tf32)
+        return CDCL_LAUNCH((implicit_gemm_wmma<ConvForward<float>, float>), grid, dim3(kThreads), 0, stream, p, depth);
     return CDCL_LAUNCH(implicit_gemm<ConvForward<float>>, grid, dim3(kThreads), 0, stream, p, depth);
 }
 
-// The three storage types of the backward passes: f32 through the FFMA mainloop, f16 / bf16
-// through the tensor-core one.
+// The three storage types of the backward passes: f32 through the FFMA mainloop (or the
+// tensor-core one in TF32 with allow_tf32), f16 / bf16 through the tensor-core one.
 template <template <typename> class Prob>
 __host__ inline int launch_gemm(const cdcl_conv_params& p, dim3 grid, long long slice, void* stream) {
     if (p.dtype == CDCL_DTYPE_F16)
@@ -531,6 +566,8 @@ __host__ inline int launch_gemm(const cdcl_conv_params& p, dim3 grid, long long 
     if (p.dtype == CDCL_DTYPE_BF16)
         return CDCL_LAUNCH((implicit_gemm_wmma<Prob<__nv_bfloat16>, __nv_bfloat16>), grid, dim3(kThreads), 0, stream, p,
                            slice);
+    if (p.allow_tf32)
+        return CDCL_LAUNCH((implicit_gemm_wmma<Prob<float>, float>), grid, dim3(kThreads), 0, stream, p, slice);
     return CDCL_LAUNCH(implicit_gemm<Prob<float>>, grid, dim3(kThreads), 0, stream, p, slice);
 }
 

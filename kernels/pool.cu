@@ -239,6 +239,51 @@ __global__ void resize_bilinear_bwd(const cdcl_pool_params p) {
     }
 }
 
+// The same sums for few, large candidate windows (the pyramid's 1x1 and 2x2 bins upsampled to the
+// feature map: every input pixel has thousands of candidates): one block per input pixel and 32
+// channels; its kResizeLanes row lanes take candidate rows oh0 + lane, oh0 + lane + kResizeLanes,
+// ... (each row summed over its columns as above), and the lanes' partials are added in lane
+// order: a fixed order, so the bits do not depend on the schedule.
+constexpr int kResizeLanes = 16;
+template <typename T>
+__global__ void resize_bilinear_bwd_wide(const cdcl_pool_params p) {
+    const T* dy = static_cast<const T*>(p.dy);
+    T* dx = static_cast<T*>(p.dx);
+    const float sh = resize_scale(p.in_h, p.out_h, p.align_corners);
+    const float sw = resize_scale(p.in_w, p.out_w, p.align_corners);
+    const int c = (int)(blockIdx.y * 32 + threadIdx.x);
+    const long long pixel = blockIdx.x;  // n * in_h * in_w + h * in_w + w: one division per block
+    const int w = (int)(pixel % p.in_w);
+    const int h = (int)(pixel / p.in_w % p.in_h);
+    const int n = (int)(pixel / p.in_w / p.in_h);
+    int oh0, oh1, ow0, ow1;
+    resize_candidates(h, p.in_h, p.out_h, p.align_corners, oh0, oh1);
+    resize_candidates(w, p.in_w, p.out_w, p.align_corners, ow0, ow1);
+    float acc = 0.0f;
+    if (c < p.c) {
+        for (int oh = oh0 + (int)threadIdx.y; oh <= oh1; oh += kResizeLanes) {
+            const Tap th = resize_tap(oh, p.in_h, sh, p.align_corners);
+            if (th.lo != h && th.hi != h) continue;
+            float row = 0.0f;
+            for (int ow = ow0; ow <= ow1; ++ow) {
+                const Tap tw = resize_tap(ow, p.in_w, sw, p.align_corners);
+                if (tw.lo != w && tw.hi != w) continue;
+                const float g = to_f32(dy[nhwc_index(n, oh, ow, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]);
+                row = fmaf(tap_weight(tw, w), g, row);
+            }
+            acc = fmaf(tap_weight(th, h), row, acc);
+        }
+    }
+    CDCL_SHARED(float, part, [kResizeLanes][32]);
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.c) {
+        float sum = part[0][threadIdx.x];
+        for (int l = 1; l < kResizeLanes; ++l) sum += part[l][threadIdx.x];
+        dx[pixel * p.c + c] = from_f32<T>(sum);
+    }
+}
+
 // ---- launch helpers ----------------------------------------------------------------------------
 
 __host__ inline bool params_ok(const cdcl_pool_params* p) {
@@ -327,8 +372,16 @@ CDCL_API int32_t CDCL_PREFIX(resize_bilinear_backward)(const cdcl_pool_params* p
     if (!resize_params_ok(pp) || !pp->dy || !pp->dx) return CDCL_ERR_INVALID_PARAMS;
     const cdcl_pool_params p = *pp;
     const unsigned blocks = elem_blocks((long long)p.n * p.in_h * p.in_w * p.c);
+    // Candidate rows per input row (the upscale factor plus the window's slack): with at least
+    // 2 * kResizeLanes of them, the row lanes of resize_bilinear_bwd_wide each get two or more.
+    const long long cand_rows = (long long)p.out_h / p.in_h + 4;
+    const long long pixels = (long long)p.n * p.in_h * p.in_w;
+    const bool wide = cand_rows >= 2 * kResizeLanes && pixels <= 2147483647LL && ceil_div((unsigned)p.c, 32) <= 65535;
     return dispatch_float_dtype(p.dtype, [&](auto tag) -> int {
         using T = decltype(tag);
+        if (wide)
+            return CDCL_LAUNCH(resize_bilinear_bwd_wide<T>, dim3((unsigned)pixels, ceil_div((unsigned)p.c, 32)),
+                               dim3(32, kResizeLanes), 0, stream, p);
         return CDCL_LAUNCH(resize_bilinear_bwd<T>, dim3(blocks), dim3(kElemThreads), 0, stream, p);
     });
 }

@@ -61,6 +61,12 @@ enum PrecisionArg {
     F16,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Training iterations.
@@ -109,6 +115,10 @@ struct TrainArgs {
     /// (f32 master weights, statistics and loss; f16 with dynamic loss scaling).
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     precision: PrecisionArg,
+    /// f32 convolutions on tensor cores in TF32 (on: the default, as PyTorch's `allow_tf32`),
+    /// or exact f32 (off). GPU and emulator only: the cpu device is always exact f32.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    tf32: OnOff,
     /// Print, per iteration, its wall time and what the device was asked to do (kernel
     /// launches, allocations, memsets, copies, host synchronisations, activation-sized tensors
     /// written, convolutions by storage type).
@@ -137,6 +147,10 @@ impl TrainArgs {
             PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::F16 => Precision::F16,
         }
+    }
+
+    fn tf32(&self) -> Option<bool> {
+        Some(self.tf32 == OnOff::On)
     }
 }
 
@@ -250,6 +264,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> 
         seed: args.seed,
         precision: args.precision(),
         usss: args.usss.config()?,
+        tf32: args.tf32(),
         ..Default::default()
     };
     let semi = config.usss.active();

@@ -9,6 +9,8 @@
 //! and bias sums): the standard bound is |err| <= gamma_D * sum|a*b| with gamma_D = D*u/(1-D*u),
 //! u = 2^-24. `sum|a*b|` is the reference run on |x| and |w|. On top of that element-wise bound
 //! every result must satisfy the acceptance criterion max|err| <= 1e-4 * max|reference|.
+//! These hold on devices with TF32 off (`common::test_device`); TF32 has its own bound, derived
+//! at `tf32_bound`.
 
 mod common;
 
@@ -89,7 +91,24 @@ fn gamma(d: usize) -> f64 {
     (d as f64 + 2.0) * u / (1.0 - (d as f64 + 2.0) * u)
 }
 
-fn check(what: &str, got: &[f64], want: &[f64], magnitude: &[f64], depth: usize) -> Result<(), String> {
+/// TF32 (`Device::allow_tf32`): every operand a, b is rounded once to nearest with ties away
+/// from zero to 10 mantissa bits, a relative error of at most u = 2^-11 each (subnormal inputs
+/// aside: f32 subnormals keep an absolute error below 2^-137, far under the 1e-30 floor's
+/// neighbours here, since the test data are normal(0, 1)). So each product changes by at most
+/// (2u + u^2)|a*b|, and the f32 accumulation of the D rounded products (exact in f32: 11 x 11
+/// significant bits) in 8-deep tensor-core steps, then across steps, the bias add and up to 32
+/// split-K slices adds gamma(D + 32) * sum|a~ b~| <= gamma(D + 32) (1 + u)^2 sum|a*b|. Together:
+/// |err| <= ((2u + u^2) + gamma(D + 32) (1 + u)^2) * sum|a*b| (sum|a*b| includes |bias|, which is
+/// not rounded: an over-estimate).
+fn tf32_bound(depth: usize, magnitude: f64) -> f64 {
+    let u = 2f64.powi(-11);
+    ((2.0 * u + u * u) + gamma(depth + 32) * (1.0 + u) * (1.0 + u)) * magnitude + 1e-30
+}
+
+fn check(what: &str, got: &[f64], want: &[f64], magnitude: &[f64], depth: usize, tf32: bool) -> Result<(), String> {
+    if tf32 {
+        return assert_close(&format!("TF32 {what}"), got, want, |i| tf32_bound(depth, magnitude[i]));
+    }
     assert_close(what, got, want, |i| gamma(depth) * magnitude[i] + 1e-30)?;
     let max_ref = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let max_err = got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs()));
@@ -100,6 +119,7 @@ fn check(what: &str, got: &[f64], want: &[f64], magnitude: &[f64], depth: usize)
 }
 
 fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
+    let tf32 = dev.allow_tf32();
     let hst = make(k);
     let (p, q) = k.out();
     let (xd, wd, yd) = ((k.n, k.h, k.w, k.c), (k.k, k.r, k.s, k.c), (k.n, p, q, k.k));
@@ -114,18 +134,19 @@ fn run_case(k: &Case, dev: &Device) -> Result<(), String> {
     let want = rconv::conv2d(a4(&hst.x, xd), a4(&hst.w, wd), k.bias.then(|| bias.view()), &spec);
     let absb = Array1::from(abs(&hst.b));
     let mag = rconv::conv2d(a4(&abs(&hst.x), xd), a4(&abs(&hst.w), wd), k.bias.then(|| absb.view()), &spec);
-    check("forward", &host(&y), want.as_slice().unwrap(), mag.as_slice().unwrap(), k.r * k.s * k.c)?;
+    check("forward", &host(&y), want.as_slice().unwrap(), mag.as_slice().unwrap(), k.r * k.s * k.c, tf32)?;
 
     let wg = rconv::conv2d_backward(a4(&hst.dy, yd), a4(&hst.x, xd), a4(&hst.w, wd), &spec);
     let mg = rconv::conv2d_backward(a4(&abs(&hst.dy), yd), a4(&abs(&hst.x), xd), a4(&abs(&hst.w), wd), &spec);
     let dx = conv::conv2d_backward_data(&dy, &w, (k.h, k.w), &k.geom).map_err(|e| e.to_string())?;
-    check("data gradient", &host(&dx), wg.dx.as_slice().unwrap(), mg.dx.as_slice().unwrap(), k.r * k.s * k.k)?;
+    check("data gradient", &host(&dx), wg.dx.as_slice().unwrap(), mg.dx.as_slice().unwrap(), k.r * k.s * k.k, tf32)?;
     let fg = conv::conv2d_backward_filter(&dy, &x, (k.k, k.r, k.s), k.bias, &k.geom).map_err(|e| e.to_string())?;
     let npq = k.n * p * q;
-    check("filter gradient", &host(&fg.dweight), wg.dw.as_slice().unwrap(), mg.dw.as_slice().unwrap(), npq)?;
+    check("filter gradient", &host(&fg.dweight), wg.dw.as_slice().unwrap(), mg.dw.as_slice().unwrap(), npq, tf32)?;
     match (&fg.dbias, k.bias) {
         (Some(db), true) => {
-            check("bias gradient", &host(db), wg.dbias.as_slice().unwrap(), mg.dbias.as_slice().unwrap(), npq)?
+            // The bias gradient sums dy in f32 on every path: no TF32 rounding.
+            check("bias gradient", &host(db), wg.dbias.as_slice().unwrap(), mg.dbias.as_slice().unwrap(), npq, false)?
         }
         (None, false) => {}
         _ => return Err("bias gradient presence does not follow the request".into()),
@@ -165,8 +186,9 @@ fn network_shapes() {
     }
 }
 
-fn all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
+fn all_bits(seed: u64, threads: u32, tf32: bool) -> Vec<Vec<u8>> {
     let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
+    dev.set_allow_tf32(tf32);
     let k =
         Case { n: 3, h: 60, w: 50, c: 5, k: 7, r: 3, s: 3, geom: ConvGeometry::square(1, 2, 2), bias: true, seed: 9 };
     let hst = make(&k);
@@ -183,9 +205,76 @@ fn all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
 
 #[test]
 fn bitwise_identical_across_emulator_seeds() {
-    let base = all_bits(0, 1);
-    for (seed, threads) in [(1, 2), (77, 0), (0xFEED, 1)] {
-        assert!(all_bits(seed, threads) == base, "seed {seed}, threads {threads} changed the bits");
+    for tf32 in [false, true] {
+        let base = all_bits(0, 1, tf32);
+        for (seed, threads) in [(1, 2), (77, 0), (0xFEED, 1)] {
+            assert!(
+                all_bits(seed, threads, tf32) == base,
+                "TF32 {tf32}: seed {seed}, threads {threads} changed the bits"
+            );
+        }
+    }
+}
+
+// ---- f32 storage in TF32 (tensor cores) -------------------------------------------------------
+
+fn tf32_device() -> Device {
+    let dev = common::test_device();
+    dev.set_allow_tf32(true);
+    dev
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Forward, data and filter (+ bias) gradients in TF32 within `tf32_bound`.
+    #[test]
+    fn conv_tf32_matches_reference(k in case_strategy()) {
+        run_case(&k, &tf32_device()).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// TF32 at the network's shapes (split-K filter gradient included), within `tf32_bound`.
+#[test]
+fn tf32_network_shapes() {
+    let dev = tf32_device();
+    let cases = [
+        (2, 17, 17, 3, 16, 7, 2, 3, 1), // stem: 7x7 stride 2
+        (2, 9, 9, 33, 65, 1, 1, 0, 1),  // 1x1 projection, odd channels
+        (2, 65, 65, 5, 6, 3, 1, 1, 1),  // N*P*Q = 8450: split-K of the filter gradient
+    ];
+    for (i, &(n, h, w, c, k, r, stride, pad, dil)) in cases.iter().enumerate() {
+        let case =
+            Case { n, h, w, c, k, r, s: r, geom: ConvGeometry::square(stride, pad, dil), bias: true, seed: i as u64 };
+        run_case(&case, &dev).unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    }
+}
+
+/// The setting is honoured on all three problems: an input that TF32 cannot hold (1 + 2^-20 is
+/// 1 in TF32) gives C exactly with TF32 on and C * (1 + 2^-20) with it off; and `set_allow_tf32`
+/// is on by default, as PyTorch's `allow_tf32`.
+#[test]
+fn tf32_setting_selects_the_path() {
+    let (c, k) = (8usize, 4usize);
+    let g = ConvGeometry::default();
+    let v = 1.0 + 2f64.powi(-20);
+    for on in [true, false] {
+        let dev = Device::emulator_with(EmulatorConfig { seed: 0, threads: 1 }).unwrap();
+        assert!(dev.allow_tf32(), "TF32 is on by default");
+        dev.set_allow_tf32(on);
+        let x = tensor(&dev, &[1, 2, 2, c], &vec![v; 4 * c], DType::F32);
+        let w = tensor(&dev, &[k, 1, 1, c], &vec![1.0; k * c], DType::F32);
+        let dy = tensor(&dev, &[1, 2, 2, k], &vec![v; 4 * k], DType::F32);
+        let want = |terms: usize| if on { terms as f64 } else { terms as f64 * v };
+        let y = host(&conv::conv2d(&x, &w, None, &g).unwrap());
+        assert!(y.iter().all(|&e| e == want(c)), "forward, TF32 {on}: {y:?}");
+        let dx = host(&conv::conv2d_backward_data(&dy, &w, (2, 2), &g).unwrap());
+        assert!(dx.iter().all(|&e| e == want(k)), "data gradient, TF32 {on}: {dx:?}");
+        let dw = host(&conv::conv2d_backward_filter(&dy, &x, (k, 1, 1), false, &g).unwrap().dweight);
+        // dw = sum over 4 pixels of dy * x = 4 v^2 exactly in f64; TF32 rounds both to 1.
+        let want_w = if on { 4.0 } else { ((v * v) as f32 as f64) * 4.0 };
+        assert!(dw.iter().all(|&e| (e - want_w).abs() <= 4.0 * 2f64.powi(-23)), "filter gradient, TF32 {on}: {dw:?}");
+        assert!(on == (dw[0] == 4.0), "filter gradient, TF32 {on}: {dw:?}");
     }
 }
 

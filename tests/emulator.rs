@@ -206,6 +206,59 @@ fn half_and_bfloat16_conversions_round_to_nearest_even() {
     assert!(f16::from_bits(f32_to_f16_bits(f32::NAN)).is_nan() && bf16::from_bits(f32_to_bf16_bits(f32::NAN)).is_nan());
 }
 
+/// `wmma::__float_to_tf32` (`cvt.rna.tf32.f32`) against an independent f64 rounding: the value's
+/// ulp at 10 mantissa bits (2^(e - 10), e = max(floor(log2|x|), -126) so that subnormals keep the
+/// spacing 2^-136), |x| / ulp rounded to nearest with ties away from zero, overflow to infinity.
+/// Inputs: every tie and its neighbours (one f32 ulp either side) over all exponents and a
+/// sweep of mantissas, both signs, subnormals, the largest finite values, infinities and NaN.
+#[test]
+fn tf32_conversion_rounds_to_nearest_ties_away() {
+    use cdcl::device::emulator::f32_to_tf32;
+    let reference = |x: f32| -> f32 {
+        if !x.is_finite() {
+            return x;
+        }
+        let a = (x as f64).abs();
+        if a == 0.0 {
+            return x;
+        }
+        let e = (a.log2().floor() as i32).max(-126);
+        // log2 of values just below a power of two can round up: fix the exponent exactly.
+        let e = if 2f64.powi(e) > a { e - 1 } else { e }.max(-126);
+        let ulp = 2f64.powi(e - 10);
+        let r = (a / ulp + 0.5).floor() * ulp; // a / ulp is exact; + 0.5 then floor: ties away
+        let r = if r >= 2f64.powi(128) { f64::INFINITY } else { r };
+        (r as f32).copysign(x)
+    };
+    let mut checked = 0usize;
+    for exp in 0u32..255 {
+        for m in (0u32..1 << 10).step_by(7).chain([0, 1, 1022, 1023]) {
+            let kept = (exp << 23) | (m << 13);
+            for low in [0u32, 1, 0x0FFF, 0x1000, 0x1001, 0x1FFF] {
+                for sign in [0u32, 1 << 31] {
+                    let x = f32::from_bits(sign | kept | low);
+                    let (got, want) = (f32_to_tf32(x), reference(x));
+                    assert!(
+                        got.to_bits() == want.to_bits(),
+                        "tf32({x:e} = {:#010x}): {got:e} vs {want:e}",
+                        x.to_bits()
+                    );
+                    assert!(got.is_infinite() || got.to_bits() & 0x1FFF == 0, "{x:e}: low bits left");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100_000);
+    for x in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, 0.0, -0.0, f32::MIN_POSITIVE, 1e-45] {
+        assert_eq!(f32_to_tf32(x).to_bits(), reference(x).to_bits(), "{x:e}");
+    }
+    // Ties go away from zero (not to even): 1 + 2^-11 is halfway between 1 and 1 + 2^-10.
+    assert_eq!(f32_to_tf32(1.0 + 2f32.powi(-11)), 1.0 + 2f32.powi(-10));
+    assert_eq!(f32_to_tf32(-(1.0 + 3.0 * 2f32.powi(-11))), -(1.0 + 2.0 * 2f32.powi(-10)));
+    assert!(f32_to_tf32(f32::NAN).is_nan());
+}
+
 // ---- nvcuda::wmma ------------------------------------------------------------------------------
 
 /// Deterministic inputs in [-2, 2), rounded on the host to the 16-bit format the kernel rounds

@@ -321,10 +321,33 @@ fn pyramid_concatenation_through_channel_slices() {
     }
 }
 
+/// The pyramid's 1x1 and 2x2 bins upsampled to a feature map: every input pixel has thousands of
+/// candidate outputs, which the backward splits over 16 row lanes per pixel and adds in lane
+/// order (kernels/pool.cu, `resize_bilinear_bwd_wide`: at least 32 candidate rows per input
+/// row). The property test's sizes (at most 11) never take that kernel; these cases do, with the
+/// property test's tolerances, in f32 and bf16, 45 channels (two 32-channel groups, one partial).
+#[test]
+fn resize_backward_of_the_pyramid_bins_matches_reference() {
+    let dev = device();
+    for (i, (h, w, oh, ow, align_corners)) in
+        [(1, 1, 40, 37, false), (1, 1, 33, 65, true), (2, 2, 70, 61, true), (2, 1, 64, 40, false)]
+            .into_iter()
+            .enumerate()
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            let k = Case { n: 2, h, w, oh, ow, c: 45, before: 3, after: 2, align_corners, seed: i as u64 };
+            check_case(Op::Resize, &k, dtype, &dev).unwrap_or_else(|e| panic!("{k:?} {dtype}: {e}"));
+        }
+    }
+}
+
 fn run_all_bits(seed: u64, threads: u32) -> Vec<Vec<u8>> {
     let dev = Device::emulator_with(EmulatorConfig { seed, threads }).unwrap();
     let mut out = Vec::new();
-    for (h, w, oh, ow, align_corners) in [(13, 11, 3, 5, false), (4, 5, 9, 7, true), (17, 17, 1, 1, false)] {
+    // The last two upsample 1x1 and 2x2 maps 35-70 times: the backward's parallel candidate rows.
+    for (h, w, oh, ow, align_corners) in
+        [(13, 11, 3, 5, false), (4, 5, 9, 7, true), (17, 17, 1, 1, false), (1, 1, 40, 37, false), (2, 2, 70, 61, true)]
+    {
         let k = Case { n: 2, h, w, oh, ow, c: 45, before: 3, after: 2, align_corners, seed: 9 };
         let data = make_data(&k, DType::F32);
         let x = tensor(&dev, &k.in_shape(), &data.x, DType::F32);

@@ -1,7 +1,8 @@
 //! Facts about the machine code of the GPU build, read with `cuobjdump -sass` from the nvcc
 //! objects that build.rs keeps (OUT_DIR/cuda-obj): the f16/bf16 convolution mainloops run on
-//! the tensor cores (HMMA instructions) for every compiled architecture, the f32 ones do not,
-//! and the channel-aligned fast paths issue vector loads.
+//! the tensor cores (HMMA instructions) for every compiled architecture, and so do the f32 ones
+//! in TF32; the exact f32 ones do not, and load shared memory 128 bits at a time; the
+//! channel-aligned fast paths issue vector loads.
 //!
 //! Needs the nvcc build and cuobjdump, looked up as $CUOBJDUMP, then on PATH, then next to the
 //! nvcc the build used. CI installs it with
@@ -68,24 +69,37 @@ fn the_16_bit_convolution_mainloop_uses_tensor_cores() {
             fns.iter().filter(|f| f.0 == *arch && f.1.contains(pat)).map(|f| (&f.1, &f.2)).collect::<Vec<_>>()
         };
         let wmma = of_arch("implicit_gemm_wmma");
-        // One instantiation per problem (forward, data gradient, filter gradient) and 16-bit type
-        // (__half, __nv_bfloat16): the mangled names carry both.
+        // One instantiation per problem (forward, data gradient, filter gradient) and storage
+        // type (__half, __nv_bfloat16, and f32 in TF32): the mangled names carry both
+        // (`...I6__halfEES2_EE...`, `...IfEEfEE...`).
         for problem in ["ConvForward", "ConvBackwardData", "ConvBackwardFilter"] {
-            for ty in ["6__half", "13__nv_bfloat16"] {
+            for ty in ["6__half", "13__nv_bfloat16", "IfEEfE"] {
                 let n = wmma.iter().filter(|f| f.0.contains(problem) && f.0.contains(ty)).count();
                 assert!(n >= 1, "{arch}: no {problem}<{ty}> tensor-core mainloop in {:?}", wmma.iter().map(|f| f.0));
             }
         }
-        assert_eq!(wmma.len(), 6, "{arch}: the tensor-core mainloops: {:?}", wmma.iter().map(|f| f.0));
+        assert_eq!(wmma.len(), 9, "{arch}: the tensor-core mainloops: {:?}", wmma.iter().map(|f| f.0));
         for (name, sass) in &wmma {
             let hmma = sass.lines().filter(|l| l.contains("HMMA")).count();
-            // Two m16n16k16 MMAs per reduction step: several HMMA instructions each.
+            // Two m16n16k16 MMAs per reduction step (four m16n16k8 in TF32): several HMMA
+            // instructions each.
             assert!(hmma >= 4, "{arch} {name}: {hmma} HMMA instructions");
+            // The f32 instantiations multiply in TF32 (HMMA.1684.F32.TF32: m16n8k4, f32
+            // accumulation); the 16-bit ones in f16 / bf16 (HMMA.16816), never TF32.
+            let tf32 = sass.lines().filter(|l| l.contains("HMMA") && l.contains(".TF32")).count();
+            if name.contains("IfEEfE") {
+                assert_eq!(tf32, hmma, "{arch} {name}: {tf32} of {hmma} HMMA in TF32");
+                assert!(sass.contains("HMMA.1684.F32.TF32"), "{arch} {name}: no HMMA.1684.F32.TF32");
+            } else {
+                assert_eq!(tf32, 0, "{arch} {name}: a 16-bit mainloop in TF32");
+                assert!(sass.contains("HMMA.16816.F32"), "{arch} {name}: no HMMA.16816.F32");
+            }
         }
         // Every problem's fast path (channel counts multiple of 4) loads four elements with one
-        // instruction: 128-bit loads for f32, 64-bit for f16 / bf16.
+        // instruction: 128-bit loads for f32 (FFMA or TF32), 64-bit for f16 / bf16.
         for (name, sass) in of_arch("implicit_gemm") {
-            let wide = if name.contains("implicit_gemm_wmma") { "LDG.E.64" } else { "LDG.E.128" };
+            let sixteen_bit = name.contains("implicit_gemm_wmma") && !name.contains("IfEEfE");
+            let wide = if sixteen_bit { "LDG.E.64" } else { "LDG.E.128" };
             assert!(sass.contains(wide), "{arch} {name}: no {wide} vector load in the fast path");
         }
         for (name, sass) in of_arch("implicit_gemm").iter().filter(|f| !f.0.contains("implicit_gemm_wmma")) {
@@ -290,7 +304,10 @@ fn the_16_bit_forward_k_loop_costs_a_quarter_of_what_it_did() {
     const BEFORE_PER_HMMA: f64 = 1376.0 / 4.0;
     let Some(fns) = conv_listing() else { return };
     let mut checked = 0;
-    for (arch, name, sass) in fns.iter().filter(|f| f.1.contains("implicit_gemm_wmma") && f.1.contains("ConvForward")) {
+    for (arch, name, sass) in fns
+        .iter()
+        .filter(|f| f.1.contains("implicit_gemm_wmma") && f.1.contains("ConvForward") && !f.1.contains("IfEEfE"))
+    {
         let loops = k_loops(sass);
         for body in &loops {
             let hmma = count(body, "HMMA");
@@ -301,6 +318,30 @@ fn the_16_bit_forward_k_loop_costs_a_quarter_of_what_it_did() {
         }
     }
     assert!(checked > 0, "no 16-bit forward mainloop in the listing");
+}
+
+/// The f32 FFMA k-loops (TF32 off) read their operands with 128-bit shared loads: each thread's
+/// 4x4 micro-tile is 4 contiguous rows by 4 contiguous columns, so one k of the step is one
+/// LDS.128 of A and one of B for 16 FFMA. Before (columns 16 apart) every k took 8 LDS.32: one
+/// shared load per two FFMA. Checked for every problem, path and architecture: no 32-bit LDS in
+/// the loop, and at least one LDS.128 per 8 FFMA.
+#[test]
+fn the_f32_ffma_k_loop_loads_shared_memory_128_bits_at_a_time() {
+    let Some(fns) = conv_listing() else { return };
+    let mut checked = 0;
+    for (arch, name, sass) in
+        fns.iter().filter(|f| f.1.contains("implicit_gemm") && !f.1.contains("implicit_gemm_wmma"))
+    {
+        for body in k_loops(sass) {
+            let (ffma, wide) = (count(&body, "FFMA"), count(&body, "LDS.128"));
+            let narrow = body.iter().filter(|(_, t)| t.starts_with("LDS ") || t.contains(" LDS ")).count();
+            println!("{arch} {name}: {} instructions, {ffma} FFMA, {wide} LDS.128", body.len());
+            assert_eq!(narrow, 0, "{arch} {name}: 32-bit shared loads in the FFMA k-loop");
+            assert!(wide * 8 >= ffma, "{arch} {name}: {wide} LDS.128 for {ffma} FFMA");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no f32 FFMA mainloop in the listing");
 }
 
 #[test]

@@ -494,14 +494,16 @@ unsigned lane_id() { return tls_fiber->lane; }
 namespace wmma_detail {
 
 const Placement& placement(uint32_t salt, int num_elements) {
-    // One fixed, scrambled placement per fragment type (salt 1..9), built once from a seeded
-    // shuffle: slot order shuffled, then the first 256 slots take positions 0..255 (copy 0) and,
-    // for 16-element fragments, the next 256 take them again (copy 1).
+    // One fixed, scrambled placement per fragment type (salt 1..14), built once from a seeded
+    // shuffle: slot order shuffled, then the first `positions` slots take positions 0.. (copy 0)
+    // and, for 16-element __half fragments (512 slots, 256 positions), the next 256 take them
+    // again (copy 1). TF32 matrix_a / matrix_b (salts 10..13) have 128 slots and positions.
     struct Table {
-        Placement p[10];
+        Placement p[15];
         Table() {
-            for (uint32_t s = 1; s < 10; ++s) {
-                const unsigned slots = (s <= 4) ? 512 : 256;  // __half matrix_a/b hold each position twice
+            for (uint32_t s = 1; s < 15; ++s) {
+                const unsigned slots = (s <= 4) ? 512 : (s >= 10 && s <= 13) ? 128 : 256;
+                const unsigned positions = slots < 256 ? slots : 256;
                 uint16_t order[512];
                 for (unsigned i = 0; i < slots; ++i) order[i] = (uint16_t)i;
                 Rng rng{0xC0FFEE00ull + 0x1000193ull * s};
@@ -509,14 +511,15 @@ const Placement& placement(uint32_t salt, int num_elements) {
                 Placement& pl = p[s];
                 std::memset(&pl, 0, sizeof pl);
                 for (unsigned t = 0; t < slots; ++t) {
-                    pl.pos[order[t]] = (uint8_t)(t % 256);
-                    pl.slot_of[t / 256][t % 256] = order[t];
+                    pl.pos[order[t]] = (uint8_t)(t % positions);
+                    pl.slot_of[t / positions][t % positions] = order[t];
                 }
             }
         }
     };
     static const Table table;
-    if (salt < 1 || salt > 9 || (salt <= 4) != (num_elements == 16)) std::abort();
+    const int expect = (salt <= 4) ? 16 : (salt >= 10 && salt <= 13) ? 4 : 8;
+    if (salt < 1 || salt > 14 || num_elements != expect) std::abort();
     return table.p[salt];
 }
 

@@ -223,6 +223,7 @@ int32_t cdcl_emu_run_rule_selftest(int32_t which, float* out, int32_t n, void* s
 CDCL_API uint16_t cdcl_emu_f32_to_f16_bits(float v) { return __float2half_rn(v).bits; }
 CDCL_API float cdcl_emu_f16_bits_to_f32(uint16_t b) { return __half2float(__half{b}); }
 CDCL_API uint16_t cdcl_emu_f32_to_bf16_bits(float v) { return __float2bfloat16_rn(v).bits; }
+CDCL_API float cdcl_emu_f32_to_tf32(float v) { return nvcuda::wmma::__float_to_tf32(v); }
 CDCL_API float cdcl_emu_bf16_bits_to_f32(uint16_t b) { return __bfloat162float(__nv_bfloat16{b}); }
 
 static int32_t run_atomics(float* out, void* stream) {

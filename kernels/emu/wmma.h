@@ -1,11 +1,12 @@
 // `nvcuda::wmma` for the emulator: the m16n16k16 warp matrix operations with __half or
-// __nv_bfloat16 inputs (matrix_a / matrix_b, row_major or col_major) and float accumulators,
-// with CUDA's signatures (<mma.h>) and strict semantics.
+// __nv_bfloat16 inputs and the m16n16k8 ones with precision::tf32 inputs (matrix_a / matrix_b,
+// row_major or col_major), float accumulators, with CUDA's signatures (<mma.h>) and strict
+// semantics.
 //
 // Fragments. As on the GPU, every lane of the warp holds `num_elements` elements of the 16x16
 // matrix in a public array `x[]`: 8 for bf16 matrix_a/matrix_b and for float accumulators, 16
 // for __half matrix_a/matrix_b (mma.h declares those with 16 elements: every matrix position is
-// held twice over the warp). Which lane and element hold which matrix position is opaque on the
+// held twice over the warp), 4 floats for tf32 matrix_a (16x8) / matrix_b (8x16). Which lane and element hold which matrix position is opaque on the
 // GPU and differs between architectures. The emulator therefore uses a deliberately scrambled,
 // fixed permutation of the matrix positions over (lane, element), a different one for every
 // fragment type (use, element type, layout): a kernel that assumes a layout (reads x[i] as "row
@@ -31,6 +32,11 @@
 // 11 + 11 significand bits); each D_ij starts from C_ij and adds the 16 products in k order with
 // f32 rounding. The GPU's tensor cores add in another order and rounding (products exact,
 // sums truncated to f32 or wider): tests must allow a few f32 ulps of the sum of |products|.
+// TF32 (m16n16k8): the operands are floats that must already be TF32 values (low 13 mantissa
+// bits zero), rounded by the kernel with wmma::__float_to_tf32 as CUDA's documentation asks;
+// mma_sync faults on any other finite value instead of guessing what the tensor cores do with
+// the low bits. Products of two TF32 values (11 significant bits each) are exact in f32, and
+// D_ij adds its 8 products in k order with f32 rounding, as above.
 //
 // CUDA's rules checked here: the pointer is 256-bit (32-byte) aligned, ldm is a multiple of 16
 // bytes and at least 16. The GPU build includes the real <mma.h> instead of this header.
@@ -53,6 +59,28 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+// f32 -> TF32 as `cvt.rna.tf32.f32` (PTX ISA, "Data Movement and Conversion Instructions: cvt":
+// the .rna rounding modifier, valid only for the conversion to .tf32, rounds to nearest with
+// ties away from zero; the .tf32 result keeps f32's sign and 8-bit exponent and the 10 leading
+// mantissa bits, the 13 low bits zero). On the magnitude bits, adding half of the kept ulp
+// (bit 12) and clearing the low 13 bits is exactly that rounding: a remainder of 0x1000 or more
+// (a tie included) carries into the kept bits, a carry out of the mantissa steps the exponent,
+// and the largest finite values round to infinity. Infinities stay; a NaN stays a NaN.
+inline float __float_to_tf32(float in) {
+    uint32_t b;
+    std::memcpy(&b, &in, sizeof b);
+    if ((b & 0x7F800000u) == 0x7F800000u)
+        b = (b & 0x007FFFFFu) ? 0x7FFFFFFFu : b;
+    else
+        b = (b + 0x1000u) & 0xFFFFE000u;
+    float out;
+    std::memcpy(&out, &b, sizeof out);
+    return out;
+}
 
 }  // namespace wmma
 }  // namespace nvcuda
@@ -62,43 +90,85 @@ namespace wmma_detail {
 
 using namespace ::nvcuda::wmma;
 
-template <typename Use, typename T, typename Layout>
+// Per fragment type: valid (a shape and type CUDA provides), elements per lane, the salt of its
+// placement, the columns of the matrix it describes (positions are row * cols + column).
+template <typename Use, int K, typename T, typename Layout>
 struct traits {
     static constexpr bool valid = false;
 };
 template <typename Layout>
-struct traits<matrix_a, __half, Layout> {
-    static constexpr bool valid = std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value;
+struct is_layout {
+    static constexpr bool value = std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value;
+};
+template <typename Layout>
+struct traits<matrix_a, 16, __half, Layout> {
+    static constexpr bool valid = is_layout<Layout>::value;
     static constexpr int num_elements = 16;
     static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 1 : 2;
+    static constexpr unsigned cols = 16;
 };
 template <typename Layout>
-struct traits<matrix_b, __half, Layout> {
-    static constexpr bool valid = std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value;
+struct traits<matrix_b, 16, __half, Layout> {
+    static constexpr bool valid = is_layout<Layout>::value;
     static constexpr int num_elements = 16;
     static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 3 : 4;
+    static constexpr unsigned cols = 16;
 };
 template <typename Layout>
-struct traits<matrix_a, __nv_bfloat16, Layout> {
-    static constexpr bool valid = std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value;
+struct traits<matrix_a, 16, __nv_bfloat16, Layout> {
+    static constexpr bool valid = is_layout<Layout>::value;
     static constexpr int num_elements = 8;
     static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 5 : 6;
+    static constexpr unsigned cols = 16;
 };
 template <typename Layout>
-struct traits<matrix_b, __nv_bfloat16, Layout> {
-    static constexpr bool valid = std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value;
+struct traits<matrix_b, 16, __nv_bfloat16, Layout> {
+    static constexpr bool valid = is_layout<Layout>::value;
     static constexpr int num_elements = 8;
     static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 7 : 8;
+    static constexpr unsigned cols = 16;
 };
 template <>
-struct traits<accumulator, float, void> {
+struct traits<accumulator, 16, float, void> {
     static constexpr bool valid = true;
     static constexpr int num_elements = 8;
     static constexpr uint32_t salt = 9;
+    static constexpr unsigned cols = 16;
+};
+template <typename Layout>
+struct traits<matrix_a, 8, precision::tf32, Layout> {  // 16 x 8
+    static constexpr bool valid = is_layout<Layout>::value;
+    static constexpr int num_elements = 4;
+    static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 10 : 11;
+    static constexpr unsigned cols = 8;
+};
+template <typename Layout>
+struct traits<matrix_b, 8, precision::tf32, Layout> {  // 8 x 16
+    static constexpr bool valid = is_layout<Layout>::value;
+    static constexpr int num_elements = 4;
+    static constexpr uint32_t salt = std::is_same<Layout, row_major>::value ? 12 : 13;
+    static constexpr unsigned cols = 16;
+};
+template <>
+struct traits<accumulator, 8, float, void> {  // a placement of its own: the GPU's may differ
+    static constexpr bool valid = true;
+    static constexpr int num_elements = 8;
+    static constexpr uint32_t salt = 14;
+    static constexpr unsigned cols = 16;
+};
+
+// What x[] holds: T, or float for precision::tf32 (as mma.h's storage_element_type).
+template <typename T>
+struct storage {
+    using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+    using type = float;
 };
 
 // The scrambled placement of one fragment type: slot s = lane * num_elements + element holds
-// matrix position pos[s] (row * 16 + column of the matrix the fragment describes: A is M x K,
+// matrix position pos[s] (row * cols + column of the matrix the fragment describes: A is M x K,
 // B is K x N, the accumulator M x N). slot_of[copy][pos] is the inverse.
 struct Placement {
     uint8_t pos[512];
@@ -130,6 +200,11 @@ inline float elem_f32(__half v) { return __half2float(v); }
 inline float elem_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline uint16_t elem_bits(__half v) { return v.bits; }
 inline uint16_t elem_bits(__nv_bfloat16 v) { return v.bits; }
+inline uint32_t elem_bits(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+}
 template <typename T>
 inline uint64_t fill_bits(const T& v) {
     uint64_t b = 0;
@@ -149,43 +224,42 @@ namespace wmma {
 
 template <typename Use, int m, int n, int k, typename T, typename Layout = void>
 class fragment {
-    using traits = ::cdcl_emu::wmma_detail::traits<Use, T, Layout>;
-    static_assert(m == 16 && n == 16 && k == 16, "the emulator provides the m16n16k16 wmma shape only");
+    using traits = ::cdcl_emu::wmma_detail::traits<Use, k, T, Layout>;
+    static_assert(m == 16 && n == 16 && (k == 16 || k == 8), "the emulator provides the m16n16k16 and m16n16k8 shapes only");
     static_assert(traits::valid,
-                  "the emulator provides matrix_a/matrix_b of __half or __nv_bfloat16 (row_major or col_major) and "
-                  "float accumulators (no layout) only");
+                  "the emulator provides m16n16k16 matrix_a/matrix_b of __half or __nv_bfloat16, m16n16k8 ones of "
+                  "precision::tf32 (row_major or col_major), and float accumulators (no layout) only");
 
    public:
     using element_type = T;
-    using storage_element_type = T;
+    using storage_element_type = typename ::cdcl_emu::wmma_detail::storage<T>::type;
     enum { num_elements = traits::num_elements };
     // Poisoned like fresh shared memory (all-ones bytes: NaN in every float format), so that an
     // accumulator used before fill_fragment / load_matrix_sync shows up in the results.
-    T x[num_elements];
+    storage_element_type x[num_elements];
     fragment() { std::memset(static_cast<void*>(x), 0xFF, sizeof x); }
 };
 
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f,
-                          const typename ::cdcl_emu::wmma_detail::identity<T>::type& v,
+template <typename Use, int K, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, K, T, Layout>& f,
+                          const typename ::cdcl_emu::wmma_detail::storage<T>::type& v,
                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
-    using tr = d::traits<Use, T, Layout>;
+    using tr = d::traits<Use, K, T, Layout>;
     d::uniform_rendezvous(d::OpFill, d::args_hash(d::OpFill, tr::salt, nullptr, 0, 0, d::fill_bits(v)), file, line);
     for (int i = 0; i < tr::num_elements; ++i) f.x[i] = v;
 }
 
 namespace detail_ {
 template <typename Frag, typename T>
-CDCL_EMU_UNCHECKED inline void load_elems(Frag& f, const T* p, unsigned ldm, bool row_major_mem, uint32_t salt, const char* file,
-                       int line) {
+CDCL_EMU_UNCHECKED inline void load_elems(Frag& f, const T* p, unsigned ldm, bool row_major_mem, uint32_t salt,
+                                          unsigned cols) {
     namespace d = ::cdcl_emu::wmma_detail;
     constexpr int ne = Frag::num_elements;
     const d::Placement& pl = d::placement(salt, ne);
     const unsigned lane = ::cdcl_emu::lane_id();
-    (void)file, (void)line;
     for (int e = 0; e < ne; ++e) {
-        const unsigned pos = pl.pos[lane * ne + e], r = pos / 16, c = pos % 16;
+        const unsigned pos = pl.pos[lane * ne + e], r = pos / cols, c = pos % cols;
         const T* src = &p[row_major_mem ? r * ldm + c : c * ldm + r];
         ::cdcl_emu::race_access(src, sizeof(T), false);
         f.x[e] = *src;
@@ -193,31 +267,35 @@ CDCL_EMU_UNCHECKED inline void load_elems(Frag& f, const T* p, unsigned ldm, boo
 }
 }  // namespace detail_
 
-template <typename Use, typename T, typename Layout,
+template <typename Use, int K, typename T, typename Layout,
           typename = typename std::enable_if<!std::is_same<Use, accumulator>::value>::type>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f,
-                             const typename ::cdcl_emu::wmma_detail::identity<T>::type* p, unsigned ldm,
+inline void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout>& f,
+                             const typename ::cdcl_emu::wmma_detail::storage<T>::type* p, unsigned ldm,
                              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
-    using tr = d::traits<Use, T, Layout>;
-    d::check_matrix_args("wmma::load_matrix_sync", p, ldm, sizeof(T), file, line);
+    using tr = d::traits<Use, K, T, Layout>;
+    using S = typename d::storage<T>::type;
+    d::check_matrix_args("wmma::load_matrix_sync", p, ldm, sizeof(S), file, line);
     d::uniform_rendezvous(d::OpLoad, d::args_hash(d::OpLoad, tr::salt, p, ldm, 0, 0), file, line);
-    detail_::load_elems(f, p, ldm, std::is_same<Layout, row_major>::value, tr::salt, file, line);
+    detail_::load_elems(f, p, ldm, std::is_same<Layout, row_major>::value, tr::salt, tr::cols);
 }
 
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
-                             layout_t layout, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+template <int K>
+inline void load_matrix_sync(fragment<accumulator, 16, 16, K, float>& f, const float* p, unsigned ldm, layout_t layout,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
-    using tr = d::traits<accumulator, float, void>;
+    using tr = d::traits<accumulator, K, float, void>;
     d::check_matrix_args("wmma::load_matrix_sync", p, ldm, sizeof(float), file, line);
     d::uniform_rendezvous(d::OpLoad, d::args_hash(d::OpLoad, tr::salt, p, ldm, (int)layout, 0), file, line);
-    detail_::load_elems(f, p, ldm, layout == mem_row_major, tr::salt, file, line);
+    detail_::load_elems(f, p, ldm, layout == mem_row_major, tr::salt, tr::cols);
 }
 
-CDCL_EMU_UNCHECKED inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
-                              layout_t layout, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+template <int K>
+CDCL_EMU_UNCHECKED inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm,
+                                                 layout_t layout, const char* file = __builtin_FILE(),
+                                                 int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
-    using tr = d::traits<accumulator, float, void>;
+    using tr = d::traits<accumulator, K, float, void>;
     d::check_matrix_args("wmma::store_matrix_sync", p, ldm, sizeof(float), file, line);
     d::uniform_rendezvous(d::OpStore, d::args_hash(d::OpStore, tr::salt, p, ldm, (int)layout, 0), file, line);
     const d::Placement& pl = d::placement(tr::salt, tr::num_elements);
@@ -230,16 +308,19 @@ CDCL_EMU_UNCHECKED inline void store_matrix_sync(float* p, const fragment<accumu
     }
 }
 
-template <typename T, typename LA, typename LB>
-CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& dfrag, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c,
-                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+template <int K, typename T, typename LA, typename LB>
+CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, K, float>& dfrag,
+                                        const fragment<matrix_a, 16, 16, K, T, LA>& a,
+                                        const fragment<matrix_b, 16, 16, K, T, LB>& b,
+                                        const fragment<accumulator, 16, 16, K, float>& c,
+                                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
     namespace d = ::cdcl_emu::wmma_detail;
-    using FA = fragment<matrix_a, 16, 16, 16, T, LA>;
-    using FB = fragment<matrix_b, 16, 16, 16, T, LB>;
-    using ta = d::traits<matrix_a, T, LA>;
-    using tb = d::traits<matrix_b, T, LB>;
-    using tc = d::traits<accumulator, float, void>;
+    using FA = fragment<matrix_a, 16, 16, K, T, LA>;
+    using FB = fragment<matrix_b, 16, 16, K, T, LB>;
+    using ta = d::traits<matrix_a, K, T, LA>;
+    using tb = d::traits<matrix_b, K, T, LB>;
+    using tc = d::traits<accumulator, K, float, void>;
+    constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
     constexpr int na = ta::num_elements, nb = tb::num_elements, nc = tc::num_elements;
     const d::Placement& pa = d::placement(ta::salt, na);
     const d::Placement& pb = d::placement(tb::salt, nb);
@@ -250,7 +331,8 @@ CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>
     } mine{&a, &b};
     const void* lanes[32];
     d::mma_rendezvous(&mine, lanes, file, line);
-    // Element (r, c) of A or B: the value of its first copy; a second copy (__half) must agree.
+    // Element (r, c) of A or B: the value of its first copy; a second copy (__half) must agree;
+    // a TF32 operand must be a TF32 value.
     auto elem = [&](const auto& pl, int ne, auto getter, unsigned pos) CDCL_EMU_UNCHECKED -> float {
         const unsigned s0 = pl.slot_of[0][pos];
         const auto v0 = getter(static_cast<const Mine*>(lanes[s0 / ne]), s0 % ne);
@@ -262,6 +344,14 @@ CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>
                                   "wmma::mma_sync: the two copies of a __half matrix element disagree (an element-wise "
                                   "update of x[] that depends on the element index relies on the opaque layout)");
         }
+        if (tf32) {
+            const uint32_t bits = d::elem_bits(v0);
+            const bool nan = (bits & 0x7F800000u) == 0x7F800000u && (bits & 0x007FFFFFu) != 0;
+            if (!nan && (bits & 0x1FFFu) != 0)
+                ::cdcl_emu::fault(file, line,
+                                  "wmma::mma_sync: a precision::tf32 operand is not a TF32 value (round it with "
+                                  "wmma::__float_to_tf32 first)");
+        }
         return d::elem_f32(v0);
     };
     auto get_a = [](const Mine* m, unsigned e) CDCL_EMU_UNCHECKED { return m->a->x[e]; };
@@ -271,9 +361,9 @@ CDCL_EMU_UNCHECKED inline void mma_sync(fragment<accumulator, 16, 16, 16, float>
     for (int e = 0; e < nc; ++e) {
         const unsigned pos = pc.pos[lane * nc + e], i = pos / 16, j = pos % 16;
         float acc = c.x[e];
-        for (unsigned k = 0; k < 16; ++k) {
-            const float av = elem(pa, na, get_a, i * 16 + k);
-            const float bv = elem(pb, nb, get_b, k * 16 + j);
+        for (unsigned k = 0; k < (unsigned)K; ++k) {
+            const float av = elem(pa, na, get_a, i * ta::cols + k);
+            const float bv = elem(pb, nb, get_b, k * tb::cols + j);
             acc += av * bv;  // the product is exact in f32; the sum rounds
         }
         out[e] = acc;

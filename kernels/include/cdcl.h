@@ -156,6 +156,12 @@ typedef struct cdcl_conv_params {
     float epi_eps;
     int32_t epi_relu;
     const void* residual; /* like y, optional */
+
+    /* F32 storage only: nonzero runs the three problems on tensor cores in TF32 (every operand
+       rounded to nearest, ties away from zero, to 10 mantissa bits; f32 accumulation), as
+       PyTorch's allow_tf32 for cuDNN convolutions; zero keeps the exact f32 FFMA mainloop.
+       Ignored for F16 / BF16. */
+    int32_t allow_tf32;
 } cdcl_conv_params;
 
 /* Rows of the convolution's output tiles: the statistics chunk of its training epilogue. */
@@ -567,6 +573,8 @@ uint16_t cdcl_emu_f32_to_f16_bits(float v);
 float cdcl_emu_f16_bits_to_f32(uint16_t bits);
 uint16_t cdcl_emu_f32_to_bf16_bits(float v);
 float cdcl_emu_bf16_bits_to_f32(uint16_t bits);
+/* The emulator's wmma::__float_to_tf32 (cvt.rna.tf32.f32), for the same comparison. */
+float cdcl_emu_f32_to_tf32(float v);
 
 #ifdef __cplusplus
 }

@@ -333,6 +333,11 @@ pub trait Backend: Clone + fmt::Debug + 'static {
         None
     }
 
+    /// Turns TF32 for f32 convolutions on or off where the device has it
+    /// ([`Device::set_allow_tf32`](crate::Device::set_allow_tf32), on by default as PyTorch's
+    /// `allow_tf32`). Nothing to do on a host backend: its convolutions stay exact f32.
+    fn set_allow_tf32(&self, _on: bool) {}
+
     /// Starts a training step: from here until [`Backend::end_step`], data errors found on the
     /// device are gathered and reported by the step's first read-back (its losses), and the
     /// SGD step is skipped on the device when there is one. Nothing to do on a host backend.

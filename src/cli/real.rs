@@ -119,6 +119,7 @@ pub fn train<B: Backend>(args: &TrainArgs, backend: B, par: super::launch::Paral
         seed: args.seed,
         precision: args.precision(),
         usss: args.usss.config()?,
+        tf32: args.tf32(),
         ..Default::default()
     };
     let semi = config.usss.active();

@@ -283,3 +283,10 @@ pub fn bf16_bits_to_f32(bits: u16) -> f32 {
     // SAFETY: pure function of its argument.
     unsafe { ffi::cdcl_emu_bf16_bits_to_f32(bits) }
 }
+
+/// The emulator's `wmma::__float_to_tf32` (`cvt.rna.tf32.f32`: round to nearest, ties away from
+/// zero, to 10 mantissa bits), the rounding of every operand of a TF32 convolution.
+pub fn f32_to_tf32(v: f32) -> f32 {
+    // SAFETY: pure function of its argument.
+    unsafe { ffi::cdcl_emu_f32_to_tf32(v) }
+}

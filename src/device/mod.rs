@@ -72,6 +72,8 @@ pub struct Device {
     pub(crate) counters: Arc<counters::Counters>,
     pub(crate) cache: Arc<cache::MemCache>,
     pub(crate) step: Arc<step::StepState>,
+    /// f32 convolutions in TF32 on tensor cores ([`Device::set_allow_tf32`]).
+    pub(crate) allow_tf32: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Device {
@@ -94,7 +96,24 @@ impl Device {
             counters: Arc::default(),
             cache: Arc::new(cache::MemCache::new(cache::default_limit())),
             step: Arc::default(),
+            allow_tf32: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Whether f32 convolutions on this device (forward and both gradients) run on tensor cores
+    /// in TF32: each operand rounded to nearest (ties away from zero) to 10 mantissa bits, the
+    /// products summed in f32 — a relative error of about 2⁻¹¹ per operand instead of f32's
+    /// 2⁻²⁴. On by default, as PyTorch's `torch.backends.cudnn.allow_tf32`; the emulator models
+    /// the GPU and follows the same setting. f16 / bf16 convolutions are not affected, and
+    /// neither is the host CPU backend, which stays exact f32.
+    pub fn allow_tf32(&self) -> bool {
+        self.allow_tf32.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns TF32 for f32 convolutions on or off ([`Device::allow_tf32`]); off keeps the exact
+    /// f32 FFMA kernels. Applies to every handle of this device and to launches made after it.
+    pub fn set_allow_tf32(&self, on: bool) {
+        self.allow_tf32.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The CUDA GPU with this ordinal, checked to run this build: a typed error, never a panic,

@@ -154,10 +154,11 @@ pub struct cdcl_conv_params {
     pub epi_eps: f32,
     pub epi_relu: i32,
     pub residual: *const ::std::os::raw::c_void,
+    pub allow_tf32: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of cdcl_conv_params"][::std::mem::size_of::<cdcl_conv_params>() - 240usize];
+    ["Size of cdcl_conv_params"][::std::mem::size_of::<cdcl_conv_params>() - 248usize];
     ["Alignment of cdcl_conv_params"][::std::mem::align_of::<cdcl_conv_params>() - 8usize];
     ["Offset of field: cdcl_conv_params::n"][::std::mem::offset_of!(cdcl_conv_params, n) - 0usize];
     ["Offset of field: cdcl_conv_params::h"][::std::mem::offset_of!(cdcl_conv_params, h) - 4usize];
@@ -200,6 +201,7 @@ const _: () = {
     ["Offset of field: cdcl_conv_params::epi_eps"][::std::mem::offset_of!(cdcl_conv_params, epi_eps) - 224usize];
     ["Offset of field: cdcl_conv_params::epi_relu"][::std::mem::offset_of!(cdcl_conv_params, epi_relu) - 228usize];
     ["Offset of field: cdcl_conv_params::residual"][::std::mem::offset_of!(cdcl_conv_params, residual) - 232usize];
+    ["Offset of field: cdcl_conv_params::allow_tf32"][::std::mem::offset_of!(cdcl_conv_params, allow_tf32) - 240usize];
 };
 impl Default for cdcl_conv_params {
     fn default() -> Self {
@@ -1143,4 +1145,7 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn cdcl_emu_bf16_bits_to_f32(bits: u16) -> f32;
+}
+unsafe extern "C" {
+    pub fn cdcl_emu_f32_to_tf32(v: f32) -> f32;
 }

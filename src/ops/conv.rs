@@ -1,7 +1,8 @@
 //! 2-D convolution (cross-correlation, as PyTorch's `conv2d`) over NHWC activations and KRSC
 //! weights as implicit GEMM: forward with optional bias, data gradient, and filter gradient with
-//! optional bias gradient (deterministic split-K). The forward takes f32 storage (FFMA mainloop)
-//! or f16 / bf16 storage (tensor-core mainloop through `nvcuda::wmma`, f32 accumulation, one
+//! optional bias gradient (deterministic split-K). The forward takes f32 storage (tensor cores in
+//! TF32 while [`Device::allow_tf32`](crate::Device::allow_tf32) is on, the default; the exact
+//! FFMA mainloop when it is off) or f16 / bf16 storage (tensor-core mainloop through `nvcuda::wmma`, f32 accumulation, one
 //! rounding of the stored output), in all three passes. A 16-bit filter gradient keeps its
 //! split-K slices in f32 and rounds only their sum; the bias gradient is always f32.
 //!
@@ -272,6 +273,7 @@ pub(crate) fn conv2d_fused(
         }
         p.stats = stats.as_mut_ptr().cast();
     }
+    p.allow_tf32 = x.device().allow_tf32() as i32;
     let mut y = Tensor::uninit(x.device(), &out_shape, x.dtype())?;
     p.x = x.ptr();
     p.weight = weight.ptr();
@@ -321,6 +323,7 @@ pub fn conv2d_backward_data(
         });
     }
     p.dtype = dy.dtype().to_ffi();
+    p.allow_tf32 = dy.device().allow_tf32() as i32;
     let mut dx = Tensor::uninit(dy.device(), &[n, h, w, c], dy.dtype())?;
     p.dy = dy.ptr();
     p.weight = weight.ptr();
@@ -387,6 +390,7 @@ pub(crate) fn conv2d_backward_filter_fused(
     }
     p.dtype = x.dtype().to_ffi();
     let device = x.device();
+    p.allow_tf32 = device.allow_tf32() as i32;
     let mut dweight = Tensor::uninit(device, &[k, r, s, c], x.dtype())?;
     let mut dbias = if with_bias { Some(Tensor::uninit(device, &[k], DType::F32)?) } else { None };
     p.x = x.ptr();

@@ -96,6 +96,10 @@ pub struct TrainConfig {
     pub fuse_datasets: bool,
     /// Semi-supervised training with unlabelled images ([`usss`]; off by default).
     pub usss: UsssConfig,
+    /// TF32 for the f32 convolutions of a device backend: `Some(on)` sets it on the backend's
+    /// device when the trainer is built ([`Backend::set_allow_tf32`]); `None` leaves the
+    /// device's setting (on by default, as PyTorch's `allow_tf32`). A host backend stays exact.
+    pub tf32: Option<bool>,
 }
 
 impl Default for TrainConfig {
@@ -116,6 +120,7 @@ impl Default for TrainConfig {
             loss_scale: LossScaleConfig::default(),
             fuse_datasets: true,
             usss: UsssConfig::default(),
+            tf32: None,
         }
     }
 }
@@ -196,6 +201,9 @@ impl<B: Backend> Trainer<B> {
         }
         config.loss_scale.check()?;
         config.usss.check_mode(&config.mode)?;
+        if let Some(on) = config.tf32 {
+            backend.set_allow_tf32(on);
+        }
         let mut store = ParamStore::new(backend.clone());
         store.set_precision(config.precision.storage())?;
         let model = PspNet::new(model, &mut store)?;

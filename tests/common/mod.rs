@@ -123,10 +123,16 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: impl Fn(usize) -
 /// CUDA GPU with `CDCL_TEST_DEVICE=cuda`, so that the same property tests check the nvcc build
 /// on hardware (scripts/gpu-check.sh). Tests about the emulator itself (schedule seeds, worker
 /// counts) build their emulators directly.
+///
+/// TF32 is off on it: these tests hold f32 convolutions to exact-f32 tolerances, and compare
+/// whole training steps with the host backend, which is exact. TF32 has its own tests, with
+/// their own derived tolerances (tests/conv.rs), on devices that turn it on.
 pub fn test_device() -> Device {
-    match std::env::var("CDCL_TEST_DEVICE").as_deref() {
+    let dev = match std::env::var("CDCL_TEST_DEVICE").as_deref() {
         Err(_) | Ok("") | Ok("emulator") => Device::emulator_with(EmulatorConfig { seed: 0, threads: 0 }).unwrap(),
         Ok("cuda") => Device::cuda(0).unwrap_or_else(|e| panic!("CDCL_TEST_DEVICE=cuda, but no usable GPU: {e}")),
         Ok(other) => panic!("CDCL_TEST_DEVICE={other}: expected `emulator` or `cuda`"),
-    }
+    };
+    dev.set_allow_tf32(false);
+    dev
 }

@@ -174,6 +174,10 @@ impl Backend for DeviceBackend {
         Some(self.tally.snapshot())
     }
 
+    fn set_allow_tf32(&self, on: bool) {
+        self.device.set_allow_tf32(on)
+    }
+
     fn begin_step(&self) -> Result<()> {
         self.device.begin_step()
     }
