@@ -34,10 +34,10 @@ pub struct StudyArgs {
     /// Seeds (data, initialisation, dropout): 0..N.
     #[arg(long, default_value_t = 3)]
     seeds: u64,
-    /// Iterations per run (default: 200, --quick 6).
+    /// Iterations per run (default: 100, --quick 6).
     #[arg(long)]
     iters: Option<usize>,
-    /// Image size (default: 64, --quick 32).
+    /// Image size (default: 48, --quick 32).
     #[arg(long)]
     size: Option<usize>,
     /// Channel multiplier (default: 0.125, --quick 0.0625).
@@ -46,7 +46,7 @@ pub struct StudyArgs {
     /// Images per dataset per iteration.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// Held-out images per dataset (default: 32, --quick 4); fog's precise BN uses as many
+    /// Held-out images per dataset (default: 16, --quick 4); fog's precise BN uses as many
     /// training images times four.
     #[arg(long)]
     eval_images: Option<usize>,
@@ -190,11 +190,11 @@ fn cell(v: &[f64]) -> String {
 fn study<B: Backend>(args: &StudyArgs, backend: B, command: &str) -> Result<()> {
     let q = args.quick;
     let s = Setup {
-        iters: args.iters.unwrap_or(if q { 6 } else { 200 }),
-        size: args.size.unwrap_or(if q { 32 } else { 64 }),
+        iters: args.iters.unwrap_or(if q { 6 } else { 100 }),
+        size: args.size.unwrap_or(if q { 32 } else { 48 }),
         width: args.width.unwrap_or(if q { 0.0625 } else { 0.125 }),
         batch: args.batch,
-        eval_images: args.eval_images.unwrap_or(if q { 4 } else { 32 }),
+        eval_images: args.eval_images.unwrap_or(if q { 4 } else { 16 }),
         lr: args.lr,
     };
     if args.seeds == 0 || s.iters < 2 || s.batch == 0 || s.eval_images == 0 {
