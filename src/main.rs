@@ -227,6 +227,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
         args.size,
         args.size
     );
+    if args.profile {
+        CpuBackend::set_op_timing(true);
+    }
     let bar = ProgressBar::new(args.iters as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -234,6 +237,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     );
     bar.set_position(trainer.iteration() as u64);
     let start = Instant::now();
+    let first_iter = trainer.iteration();
     // Each iteration's batches are a pure function of (seed, iteration): resume draws the same.
     while trainer.iteration() < args.iters {
         let it = trainer.iteration();
@@ -271,6 +275,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B) -> cdcl::Result<()> {
     bar.finish();
     let secs = start.elapsed().as_secs_f64();
     eprintln!("trained in {secs:.1} s");
+    if args.profile {
+        cli::profile::print_cpu_op_times(trainer.iteration() - first_iter);
+    }
     session.finish(&trainer)?;
     // Held-out images: indices far from any training index. Only the datasets the mode has a
     // head for are evaluated, each as the mode defines (the line says what it means).

@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 
 use super::tensor::{CpuBn, CpuBnSaved, CpuTensor};
+use super::timing::timed;
 use super::{conv, dsbn, layout, pool, CpuBackend};
 use crate::backend::{
     DabForward, DabGrads, DabInput, DabOptions, DabSaved, PpmBranchGrads, PpmBranchMut, PpmBranchRef, PpmGrads,
@@ -26,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::ops::check::nhwc_dims;
 use crate::ops::conv::ConvGeometry;
 use crate::ops::ppm::PpmOptions;
+use crate::tensor::DType;
 
 type Opts<'a> = DabOptions<'a, CpuBackend>;
 
@@ -50,13 +52,16 @@ pub(crate) fn forward_train(
     if opts.residual.is_some() && !opts.materialize {
         return Err(Error::InvalidArgument("a residual block must materialise its output".into()));
     }
-    let a = conv_input(input.x, input.datasets, opts.prologue.as_ref())?;
-    let conv_out = conv::conv2d(&a, input.weight, None, &opts.geometry)?;
+    let a = timed("dab_forward_train: prologue", || conv_input(input.x, input.datasets, opts.prologue.as_ref()))?;
+    let conv_out = timed("dab_forward_train: convolution", || conv::conv2d(&a, input.weight, None, &opts.geometry))?;
     // Every check before anything moves: a bad residual leaves the running statistics alone.
     dsbn::check_residual(opts.residual, &conv_out)?;
-    let stats = dsbn::batch_statistics(&conv_out, input.datasets, bn, &opts.dsbn)?;
+    let stats =
+        timed("dab_forward_train: statistics", || dsbn::batch_statistics(&conv_out, input.datasets, bn, &opts.dsbn))?;
     let output = if opts.materialize {
-        Some(dsbn::apply_saved(&conv_out, opts.residual, input.datasets, bn, &stats.saved, opts.dsbn.relu)?)
+        Some(timed("dab_forward_train: apply", || {
+            dsbn::apply_saved(&conv_out, opts.residual, input.datasets, bn, &stats.saved, opts.dsbn.relu)
+        })?)
     } else {
         None
     };
@@ -69,6 +74,11 @@ pub(crate) fn forward_infer(input: DabInput<'_, CpuBackend>, bn: &CpuBn, opts: &
         return Err(Error::InvalidArgument("the inference DAB takes no prologue".into()));
     }
     let dtype = input.x.dtype();
+    if dtype == DType::F32 {
+        // Nothing to round: the composition as it is.
+        let conv_out = conv::conv2d(input.x, input.weight, None, &opts.geometry)?;
+        return dsbn::forward_infer(&conv_out, input.datasets, bn, &opts.dsbn, opts.residual);
+    }
     let wide =
         |t: &CpuTensor| -> Result<CpuTensor> { CpuTensor::from_f32(t.shape(), t.as_f32().unwrap_or(&[]).to_vec()) };
     // The convolution's f32 result is not rounded before the normalisation (one kernel on the
@@ -91,7 +101,9 @@ pub(crate) fn backward(
     saved: DabSaved<'_, CpuBackend>,
     opts: &Opts<'_>,
 ) -> Result<DabGrads<CpuTensor>> {
-    let g = dsbn::backward_train(dy, saved.conv_out, opts.residual, input.datasets, bn, saved.stats, &opts.dsbn)?;
+    let g = timed("dab_backward: DSBN backward", || {
+        dsbn::backward_train(dy, saved.conv_out, opts.residual, input.datasets, bn, saved.stats, &opts.dsbn)
+    })?;
     let [_, h, w, _] = nhwc_dims("DAB input", input.x.shape())?;
     let ws = input.weight.shape();
     if ws.len() != 4 {
@@ -99,10 +111,14 @@ pub(crate) fn backward(
     }
     let dx = match opts.skip_input_grad {
         true => None,
-        false => Some(conv::backward_data(&g.dx, input.weight, (h, w), &opts.geometry)?),
+        false => Some(timed("dab_backward: conv data gradient", || {
+            conv::backward_data(&g.dx, input.weight, (h, w), &opts.geometry)
+        })?),
     };
-    let a = conv_input(input.x, input.datasets, opts.prologue.as_ref())?;
-    let (dweight, _) = conv::backward_filter(&g.dx, &a, (ws[0], ws[1], ws[2]), false, &opts.geometry)?;
+    let a = timed("dab_backward: prologue", || conv_input(input.x, input.datasets, opts.prologue.as_ref()))?;
+    let (dweight, _) = timed("dab_backward: conv filter gradient", || {
+        conv::backward_filter(&g.dx, &a, (ws[0], ws[1], ws[2]), false, &opts.geometry)
+    })?;
     Ok(DabGrads { dx, dweight, dgamma: g.dgamma, dbeta: g.dbeta, dresidual: g.dresidual })
 }
 
