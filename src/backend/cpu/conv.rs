@@ -6,8 +6,8 @@
 //! channels each, in the weight's `(r, s, c)` order, so `y[M, K] = col[M, R·S·C] · Wᵀ`.
 //!
 //! - **Forward**: tiles of output pixels in parallel; each tile gathers its im2col rows into a
-//!   per-thread buffer (about 1 MiB) and runs one GEMM into its rows of `y`. A 1×1 convolution
-//!   with stride 1 and no padding is one GEMM per tile on the input itself.
+//!   per-thread buffer (about 1 MiB, at least 256 rows) and runs one GEMM into its rows of `y`.
+//!   A 1×1 convolution with stride 1 and no padding is one GEMM per tile on the input itself.
 //! - **Data gradient**: with stride 1 (and padding at most the dilated filter's reach) it is the
 //!   forward convolution of `dy` with the filter flipped in (r, s) and transposed in (k, c), so
 //!   it runs through the forward's tiles; otherwise `dcol = dy · W` per sample followed by a
@@ -141,11 +141,12 @@ fn tile_rows(kdim: usize, budget: usize) -> usize {
     (budget / kdim.max(1)).clamp(32, 512)
 }
 
-/// Rows of a forward tile: [`tile_rows`], but at most a quarter of the output pixels (rounded
-/// up to 16) so that small images still give every core work, and at least 64 so that the
-/// filter's packing stays small beside each GEMM.
+/// Rows of a forward tile: [`tile_rows`], but at least 256 (each GEMM call packs the whole
+/// filter, R·S·C × K values: with 32-row tiles of a 3×3 convolution of 1024 channels the packing
+/// costs as much as the multiplication), at most a quarter of the output pixels (rounded up to
+/// 16) so that small images still give every core work, and at least 64.
 fn forward_rows(m: usize, kdim: usize) -> usize {
-    tile_rows(kdim, 1 << 18).min(m.div_ceil(4).next_multiple_of(16)).max(64)
+    tile_rows(kdim, 1 << 18).max(256).min(m.div_ceil(4).next_multiple_of(16)).max(64)
 }
 
 /// `y[M, K] = col · Wᵀ` for convolution `cv` of `x` with the KRSC filter `w`, tile by tile;
