@@ -290,6 +290,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> 
             args.size
         );
     }
+    if args.profile {
+        CpuBackend::set_op_timing(true);
+    }
     let bar = if par.writes() { ProgressBar::new(args.iters as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -298,6 +301,7 @@ fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> 
     bar.set_position(trainer.iteration() as u64);
     let start = Instant::now();
     let mut entropies = Vec::new();
+    let first_iter = trainer.iteration();
     // Each iteration's batches are a pure function of (seed, iteration): resume draws the same.
     while trainer.iteration() < args.iters {
         let it = trainer.iteration();
@@ -358,6 +362,9 @@ fn run<B: Backend>(args: &TrainArgs, backend: B, par: cli::launch::Parallel) -> 
         return Ok(());
     }
     eprintln!("trained in {secs:.1} s");
+    if args.profile {
+        cli::profile::print_cpu_op_times(trainer.iteration() - first_iter);
+    }
     if let Some(line) = entropy_summary(&entropies) {
         eprintln!("{line}");
     }

@@ -31,3 +31,27 @@ impl StepProfile {
         line
     }
 }
+
+/// The CPU backend's time per op over the `iterations` just run (nothing when no CPU backend
+/// op was timed): one line per op, the most expensive first, with its share of the ops' total.
+pub fn print_cpu_op_times(iterations: usize) {
+    let times = cdcl::backend::CpuBackend::op_times();
+    // "op: part" entries are parts of "op", already in its time.
+    let total: f64 = times.iter().filter(|t| !t.0.contains(':')).map(|t| t.1).sum();
+    if times.is_empty() || iterations == 0 || total <= 0.0 {
+        return;
+    }
+    let per = iterations as f64;
+    eprintln!(
+        "profile: CPU backend ops, per iteration over {iterations} iterations ({:.1} ms in ops):",
+        1e3 * total / per
+    );
+    for (op, secs, calls) in times {
+        eprintln!(
+            "profile:   {op:<28} {:>8.2} ms {:>5.1} % {:>6.1} calls",
+            1e3 * secs / per,
+            100.0 * secs / total,
+            calls as f64 / per
+        );
+    }
+}

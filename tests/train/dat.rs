@@ -324,3 +324,38 @@ fn resnet50_deep_stem_builds_and_steps() {
     assert!(out.aux.is_none(), "no auxiliary head in evaluation");
     assert!(matches!(Depth::parse("resnet152"), Err(cdcl::Error::InvalidArgument(_))));
 }
+
+/// The CPU backend's work split depends on the shapes only: two DAT steps give the same bits —
+/// losses, every parameter, gradient and running statistic — with 1, 2 and 4 rayon threads.
+/// The 40×40 images make the stem's and layer1's convolutions span several GEMM tiles.
+#[test]
+fn cpu_steps_same_bits_for_1_2_and_4_threads() {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let be = CpuBackend::new();
+            let cfg = TrainConfig { max_iters: 10, ..TrainConfig::default() };
+            let mut t = Trainer::new(&be, tiny_model(vec![3, 2], 0.1), cfg).unwrap();
+            let fixed = vec![quadrant_batch(0, 2, 40, 3, 5), quadrant_batch(1, 3, 40, 2, 6)];
+            let losses: Vec<u32> = (0..2).map(|_| t.step(&fixed).unwrap().total.to_bits()).collect();
+            let params: Vec<(String, Vec<u32>)> = snapshot(&t.store)
+                .into_iter()
+                .flat_map(|(name, v, g)| {
+                    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+                    let grad = g.map(|g| (format!("{name}.grad"), bits(g)));
+                    std::iter::once((name, bits(v))).chain(grad)
+                })
+                .collect();
+            (losses, params)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 4] {
+        let other = run(threads);
+        assert_eq!(one.0, other.0, "losses differ between 1 and {threads} threads");
+        assert_eq!(one.1.len(), other.1.len());
+        for ((name, a), (_, b)) in one.1.iter().zip(&other.1) {
+            assert!(a == b, "{name} differs between 1 and {threads} threads");
+        }
+    }
+}

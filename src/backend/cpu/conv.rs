@@ -1,13 +1,25 @@
-//! Convolution on the CPU backend: im2col + GEMM.
+//! Convolution on the CPU backend: GEMMs on blocks of an im2col matrix that is never
+//! materialised whole.
 //!
 //! With NHWC activations and KRSC weights both operands are plain row-major matrices: the
 //! im2col row of output pixel `(n, p, q)` is the `R·S` input pixels it reads, `C` contiguous
-//! channels each, in the weight's `(r, s, c)` order, so `y[M, K] = col[M, R·S·C] · Wᵀ`. A 1×1
-//! convolution with stride 1 and no padding uses the input itself as `col`. The data gradient is
-//! `dcol = dy · W` followed by a gather of every input pixel's taps (col2im); the filter gradient
-//! is `dWᵀ = colᵀ · dy`, one tile of output pixels at a time, each tile's f32 product accumulated
-//! into an f64 sum. Outputs are rounded once to the input's storage type (the bias gradient
-//! stays f32), where the tensor-core kernels round theirs.
+//! channels each, in the weight's `(r, s, c)` order, so `y[M, K] = col[M, R·S·C] · Wᵀ`.
+//!
+//! - **Forward**: tiles of output pixels in parallel; each tile gathers its im2col rows into a
+//!   per-thread buffer (about 1 MiB, at least 256 rows) and runs one GEMM into its rows of `y`.
+//!   A 1×1 convolution with stride 1 and no padding is one GEMM per tile on the input itself.
+//! - **Data gradient**: with stride 1 (and padding at most the dilated filter's reach) it is the
+//!   forward convolution of `dy` with the filter flipped in (r, s) and transposed in (k, c), so
+//!   it runs through the forward's tiles; otherwise `dcol = dy · W` per sample followed by a
+//!   gather of every input pixel's taps (col2im). A pointwise convolution is `dx = dy · W`.
+//! - **Filter gradient**: `dWᵀ = colᵀ · dy`, in blocks of (tile of output pixels × range of
+//!   im2col columns), each block one GEMM into its own f32 partial; partials are summed in f64
+//!   in tile order, a fixed number of tiles at a time (bounding the partials' memory).
+//!
+//! Every block size is a function of the shapes only and every output element is written by
+//! one GEMM call (or one ordered f64 sum), so the bits do not depend on the thread count.
+//! Outputs are rounded once to the input's storage type (the bias gradient stays f32), where
+//! the tensor-core kernels round theirs.
 
 use rayon::prelude::*;
 
@@ -19,11 +31,12 @@ use crate::ops::conv::ConvGeometry;
 
 /// The sizes of one convolution.
 #[derive(Clone, Copy)]
-struct Conv {
+pub(crate) struct Conv {
     n: usize,
     h: usize,
     w: usize,
     c: usize,
+    k: usize,
     r: usize,
     s: usize,
     p: usize,
@@ -43,7 +56,7 @@ impl Conv {
         }
         // The largest buffers: the output (N·P·Q·K) and the data gradient's dcol (P·Q·R·S·C).
         numel_of(&[n, p, q, r * s * c.max(k)])?;
-        Ok(Conv { n, h, w, c, r, s, p, q, g: *g })
+        Ok(Conv { n, h, w, c, k, r, s, p, q, g: *g })
     }
 
     /// Columns of the im2col matrix: R·S·C.
@@ -67,26 +80,31 @@ impl Conv {
         (pos < len).then_some(pos)
     }
 
-    /// Writes im2col rows `row0 ..` (as many as `col` holds) of `x`: each row the R·S·C input
-    /// values output pixel (n, p, q) reads, zeros for taps in the padding.
-    fn im2col(&self, x: &[f32], row0: usize, col: &mut [f32]) {
-        let (c, kdim, pq) = (self.c, self.kdim(), self.p * self.q);
+    /// Writes columns `j0 .. j0 + width` of im2col rows `row0 ..` (as many as `col` holds,
+    /// `width` values each) of `x`: the input values output pixel (n, p, q) reads, in (r, s, c)
+    /// order, zeros for taps in the padding.
+    fn im2col(&self, x: &[f32], row0: usize, j0: usize, width: usize, col: &mut [f32]) {
+        let (c, pq) = (self.c, self.p * self.q);
         let g = &self.g;
-        for (i, row) in col.chunks_exact_mut(kdim).enumerate() {
+        let (t0, t1) = (j0 / c, (j0 + width).div_ceil(c));
+        for (i, row) in col.chunks_exact_mut(width).enumerate() {
             let m = row0 + i;
             let (ni, rem) = (m / pq, m % pq);
             let (pi, qi) = (rem / self.q, rem % self.q);
             let plane = &x[ni * self.h * self.w * c..(ni + 1) * self.h * self.w * c];
-            for (ri, taps) in row.chunks_exact_mut(self.s * c).enumerate() {
-                let Some(hi) = Conv::source(pi, ri, g.stride.0, g.padding.0, g.dilation.0, self.h) else {
-                    taps.fill(0.0);
-                    continue;
-                };
-                for (si, dst) in taps.chunks_exact_mut(c).enumerate() {
-                    match Conv::source(qi, si, g.stride.1, g.padding.1, g.dilation.1, self.w) {
-                        Some(wi) => dst.copy_from_slice(&plane[(hi * self.w + wi) * c..(hi * self.w + wi + 1) * c]),
-                        None => dst.fill(0.0),
+            for t in t0..t1 {
+                // The part of tap t's C channels inside the column range.
+                let (lo, hi) = (j0.max(t * c), (j0 + width).min((t + 1) * c));
+                let dst = &mut row[lo - j0..hi - j0];
+                let (ri, si) = (t / self.s, t % self.s);
+                let hi_src = Conv::source(pi, ri, g.stride.0, g.padding.0, g.dilation.0, self.h);
+                let wi_src = Conv::source(qi, si, g.stride.1, g.padding.1, g.dilation.1, self.w);
+                match (hi_src, wi_src) {
+                    (Some(y), Some(xw)) => {
+                        let at = (y * self.w + xw) * c;
+                        dst.copy_from_slice(&plane[at + lo - t * c..at + hi - t * c]);
                     }
+                    _ => dst.fill(0.0),
                 }
             }
         }
@@ -101,12 +119,60 @@ impl Conv {
             })
             .collect()
     }
+
+    /// The data gradient as a forward convolution (stride 1, padding within the dilated
+    /// filter's reach on both axes): of `dy` (K channels) with the flipped, transposed filter and
+    /// padding `dil·(taps − 1) − pad`, whose output is the input's size.
+    fn transposed(&self) -> Option<Conv> {
+        if self.g.stride != (1, 1) {
+            return None;
+        }
+        let pad0 = (self.g.dilation.0 * (self.r - 1)).checked_sub(self.g.padding.0)?;
+        let pad1 = (self.g.dilation.1 * (self.s - 1)).checked_sub(self.g.padding.1)?;
+        let g = ConvGeometry { stride: (1, 1), padding: (pad0, pad1), dilation: self.g.dilation };
+        let t = Conv::new(self.n, self.p, self.q, self.k, self.c, self.r, self.s, &g).ok()?;
+        ((t.p, t.q) == (self.h, self.w)).then_some(t)
+    }
 }
 
 /// Rows of one im2col tile: about 1 MiB of f32, at least 32 rows, at most 512. A function of
 /// the shapes only, so the work split never depends on the thread count.
 fn tile_rows(kdim: usize, budget: usize) -> usize {
     (budget / kdim.max(1)).clamp(32, 512)
+}
+
+/// Rows of a forward tile: [`tile_rows`], but at least 256 (each GEMM call packs the whole
+/// filter, R·S·C × K values: with 32-row tiles of a 3×3 convolution of 1024 channels the packing
+/// costs as much as the multiplication), at most a quarter of the output pixels (rounded up to
+/// 16) so that small images still give every core work, and at least 64.
+fn forward_rows(m: usize, kdim: usize) -> usize {
+    tile_rows(kdim, 1 << 18).max(256).min(m.div_ceil(4).next_multiple_of(16)).max(64)
+}
+
+/// `y[M, K] = col · Wᵀ` for convolution `cv` of `x` with the KRSC filter `w`, tile by tile;
+/// `epilogue(row0, tile)` runs on each tile of rows right after its GEMM, while it is in cache.
+pub(crate) fn forward_into(
+    cv: &Conv,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let (k, kdim) = (cv.k, cv.kdim());
+    let rows = forward_rows(cv.m(), kdim);
+    let wt = Mat::transposed(w, k, kdim);
+    y.par_chunks_mut(rows * k).enumerate().for_each_init(Vec::new, |col, (t, out)| {
+        let (row0, nrows) = (t * rows, out.len() / k);
+        let a = if cv.pointwise() {
+            Mat::row_major(&x[row0 * kdim..(row0 + nrows) * kdim], nrows, kdim)
+        } else {
+            col.resize(nrows * kdim, 0.0);
+            cv.im2col(x, row0, 0, kdim, &mut col[..nrows * kdim]);
+            Mat::row_major(&col[..nrows * kdim], nrows, kdim)
+        };
+        gemm(a, wt, out);
+        epilogue(row0, out);
+    });
 }
 
 fn filter_shape(w: &CpuTensor) -> Result<[usize; 4]> {
@@ -121,12 +187,12 @@ fn filter_shape(w: &CpuTensor) -> Result<[usize; 4]> {
     Ok([s[0], s[1], s[2], s[3]])
 }
 
-pub(crate) fn conv2d(
-    x: &CpuTensor,
-    w: &CpuTensor,
-    bias: Option<&CpuTensor>,
+/// The checked problem of a forward convolution of `x` with `w`, and both operands' values.
+pub(crate) fn forward_problem<'a>(
+    x: &'a CpuTensor,
+    w: &'a CpuTensor,
     geometry: &ConvGeometry,
-) -> Result<CpuTensor> {
+) -> Result<(Conv, &'a [f32], &'a [f32])> {
     let [n, h, wd, c] = nhwc("convolution input", x)?;
     let [k, r, s, wc] = filter_shape(w)?;
     let xv = float_of("convolution input", x)?;
@@ -138,6 +204,24 @@ pub(crate) fn conv2d(
             got: w.shape().to_vec(),
         });
     }
+    Ok((Conv::new(n, h, wd, c, k, r, s, geometry)?, xv, wv))
+}
+
+impl Conv {
+    /// The output's NHWC shape.
+    pub(crate) fn out_shape(&self) -> Vec<usize> {
+        vec![self.n, self.p, self.q, self.k]
+    }
+}
+
+pub(crate) fn conv2d(
+    x: &CpuTensor,
+    w: &CpuTensor,
+    bias: Option<&CpuTensor>,
+    geometry: &ConvGeometry,
+) -> Result<CpuTensor> {
+    let (cv, xv, wv) = forward_problem(x, w, geometry)?;
+    let k = cv.k;
     let bv = match bias {
         Some(b) => {
             let v = f32_of("convolution bias", b)?;
@@ -146,28 +230,15 @@ pub(crate) fn conv2d(
         }
         None => None,
     };
-    let cv = Conv::new(n, h, wd, c, k, r, s, geometry)?;
-    let kdim = cv.kdim();
-    let rows = tile_rows(kdim, 1 << 18);
     let mut y = vec![0.0f32; cv.m() * k];
-    let wt = Mat::transposed(wv, k, kdim);
-    y.par_chunks_mut(rows * k).enumerate().for_each_init(Vec::new, |col, (t, out)| {
-        let (row0, nrows) = (t * rows, out.len() / k);
-        let a = if cv.pointwise() {
-            Mat::row_major(&xv[row0 * kdim..(row0 + nrows) * kdim], nrows, kdim)
-        } else {
-            col.resize(nrows * kdim, 0.0);
-            cv.im2col(xv, row0, &mut col[..nrows * kdim]);
-            Mat::row_major(&col[..nrows * kdim], nrows, kdim)
-        };
-        gemm(a, wt, out);
+    forward_into(&cv, xv, wv, &mut y, &|_, out| {
         if let Some(b) = bv {
             for row in out.chunks_exact_mut(k) {
                 row.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
             }
         }
     });
-    Ok(CpuTensor::float(vec![n, cv.p, cv.q, k], y, x.dtype()))
+    Ok(CpuTensor::float(cv.out_shape(), y, x.dtype()))
 }
 
 pub(crate) fn backward_data(
@@ -205,9 +276,9 @@ pub(crate) fn backward_data(
     }
     let kdim = cv.kdim();
     let wm = Mat::row_major(wv, k, kdim);
-    let mut dx = vec![0.0f32; n * h * wd * c];
     if cv.pointwise() {
         // dx rows are dcol rows: dx = dy · W, tile by tile.
+        let mut dx = vec![0.0f32; n * h * wd * c];
         let rows = tile_rows(kdim, 1 << 18);
         dx.par_chunks_mut(rows * c).enumerate().for_each(|(t, out)| {
             let nrows = out.len() / c;
@@ -215,8 +286,22 @@ pub(crate) fn backward_data(
         });
         return Ok(CpuTensor::float(vec![n, h, wd, c], dx, dy.dtype()));
     }
+    if let Some(tc) = cv.transposed() {
+        // W'[c, r', s', k] = W[k, R−1−r', S−1−s', c].
+        let mut wt = vec![0.0f32; k * r * s * c];
+        for (ci, row) in wt.chunks_exact_mut(r * s * k).enumerate() {
+            for (t, taps) in row.chunks_exact_mut(k).enumerate() {
+                let src = r * s - 1 - t;
+                taps.iter_mut().enumerate().for_each(|(ki, o)| *o = wv[(ki * r * s + src) * c + ci]);
+            }
+        }
+        let mut dx = vec![0.0f32; n * h * wd * c];
+        forward_into(&tc, dyv, &wt, &mut dx, &|_, _| {});
+        return Ok(CpuTensor::float(vec![n, h, wd, c], dx, dy.dtype()));
+    }
     // Per sample: dcol = dy_n · W (tiles in parallel), then every input pixel gathers its
     // taps from dcol in (r, s) order (rows of the image in parallel).
+    let mut dx = vec![0.0f32; n * h * wd * c];
     let pq = cv.p * cv.q;
     let rows = tile_rows(kdim, 1 << 18);
     let g = cv.g;
@@ -244,6 +329,13 @@ pub(crate) fn backward_data(
     }
     Ok(CpuTensor::float(vec![n, h, wd, c], dx, dy.dtype()))
 }
+
+/// Output pixels per filter-gradient tile (the GEMM's inner dimension).
+const FILTER_ROWS: usize = 256;
+/// im2col columns per filter-gradient block.
+const FILTER_COLS: usize = 256;
+/// f32 elements of the partials held at once (16 MiB): tiles are summed in groups this bounds.
+const FILTER_PARTIALS: usize = 1 << 22;
 
 pub(crate) fn backward_filter(
     dy: &CpuTensor,
@@ -273,29 +365,36 @@ pub(crate) fn backward_filter(
         });
     }
     let (kdim, m) = (cv.kdim(), cv.m());
-    // dWᵀ [kdim, K] = colᵀ · dy, over tiles of output pixels in order; within a tile the
-    // kdim rows are split in fixed blocks, each owning its rows of the f64 sum.
-    let rows = tile_rows(kdim, 1 << 21);
-    const JB: usize = 64;
+    // dWᵀ [kdim, K] = colᵀ · dy: blocks (tile of FILTER_ROWS pixels, FILTER_COLS columns),
+    // each one GEMM into its own partial; a group of tiles at a time, summed in tile order.
+    let tiles = m.div_ceil(FILTER_ROWS);
+    let blocks = kdim.div_ceil(FILTER_COLS);
+    let group = (FILTER_PARTIALS / (kdim * k)).clamp(1, tiles);
     let mut acc = vec![0.0f64; kdim * k];
-    let mut col = if cv.pointwise() { Vec::new() } else { vec![0.0f32; rows * kdim] };
-    for row0 in (0..m).step_by(rows) {
-        let nrows = rows.min(m - row0);
-        let col_t: &[f32] = if cv.pointwise() {
-            &xv[row0 * kdim..(row0 + nrows) * kdim]
-        } else {
-            let buf = &mut col[..nrows * kdim];
-            buf.par_chunks_mut(16 * kdim).enumerate().for_each(|(i, part)| cv.im2col(xv, row0 + 16 * i, part));
-            buf
-        };
-        let dy_t = Mat::row_major(&dyv[row0 * k..(row0 + nrows) * k], nrows, k);
-        acc.par_chunks_mut(JB * k).enumerate().for_each_init(Vec::new, |part, (jb, acc)| {
-            let (j0, jn) = (jb * JB, acc.len() / k);
+    let mut parts: Vec<Vec<f32>> = Vec::new();
+    for g0 in (0..tiles).step_by(group) {
+        let gn = group.min(tiles - g0);
+        parts.resize_with(gn * blocks, Vec::new);
+        parts[..gn * blocks].par_iter_mut().enumerate().for_each_init(Vec::new, |col, (i, part)| {
+            let (tile, jb) = (g0 + i / blocks, i % blocks);
+            let (row0, j0) = (tile * FILTER_ROWS, jb * FILTER_COLS);
+            let (nrows, jn) = (FILTER_ROWS.min(m - row0), FILTER_COLS.min(kdim - j0));
+            // Columns j0 .. j0 + jn of the tile, transposed: jn × nrows.
+            let a = if cv.pointwise() {
+                Mat { data: &xv[row0 * kdim + j0..], rows: jn, cols: nrows, rs: 1, cs: kdim }
+            } else {
+                col.resize(nrows * jn, 0.0);
+                cv.im2col(xv, row0, j0, jn, &mut col[..nrows * jn]);
+                Mat { data: &col[..nrows * jn], rows: jn, cols: nrows, rs: 1, cs: jn }
+            };
             part.resize(jn * k, 0.0);
-            // Columns j0 .. j0 + jn of the tile, transposed: jn × nrows, strides (1, kdim).
-            let a = Mat { data: &col_t[j0..], rows: jn, cols: nrows, rs: 1, cs: kdim };
-            gemm(a, dy_t, &mut part[..jn * k]);
-            acc.iter_mut().zip(part.iter()).for_each(|(s, &v)| *s += v as f64);
+            gemm(a, Mat::row_major(&dyv[row0 * k..(row0 + nrows) * k], nrows, k), part);
+        });
+        // Column blocks own disjoint rows of the sum; within one, tiles are added in order.
+        acc.par_chunks_mut(FILTER_COLS * k).enumerate().for_each(|(jb, acc)| {
+            for t in 0..gn {
+                acc.iter_mut().zip(&parts[t * blocks + jb]).for_each(|(s, &v)| *s += v as f64);
+            }
         });
     }
     let mut dw = vec![0.0f32; k * kdim];

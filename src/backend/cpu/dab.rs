@@ -8,7 +8,9 @@
 //!   storage type as the tensor-core kernels round it, convolved, and dropped; the backward
 //!   computes it again for the filter gradient, as the device's filter gradient recomputes it.
 //! - The **inference** block convolves without rounding its output, normalises, adds the
-//!   residual, applies the ReLU and rounds once, as the one-kernel inference DAB does.
+//!   residual, applies the ReLU and rounds once, as the one-kernel inference DAB does; in f32
+//!   the normalisation runs in the convolution's epilogue, tile by tile (one pass, no
+//!   intermediate tensor).
 //! - The **PPM** runs its branches in increasing bin size (where bad data shows first, before
 //!   any other branch moved its running statistics), concatenates `[x, branches…]`, and sums its
 //!   input gradient (identity slice and every branch's pooling backward) in f64 with one
@@ -16,7 +18,10 @@
 
 use std::borrow::Cow;
 
+use super::check::{dataset_indices, f32_of, i32_of, relu};
+use super::tensor::numel_of;
 use super::tensor::{CpuBn, CpuBnSaved, CpuTensor};
+use super::timing::timed;
 use super::{conv, dsbn, layout, pool, CpuBackend};
 use crate::backend::{
     DabForward, DabGrads, DabInput, DabOptions, DabSaved, PpmBranchGrads, PpmBranchMut, PpmBranchRef, PpmGrads,
@@ -26,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::ops::check::nhwc_dims;
 use crate::ops::conv::ConvGeometry;
 use crate::ops::ppm::PpmOptions;
+use crate::tensor::DType;
 
 type Opts<'a> = DabOptions<'a, CpuBackend>;
 
@@ -50,13 +56,16 @@ pub(crate) fn forward_train(
     if opts.residual.is_some() && !opts.materialize {
         return Err(Error::InvalidArgument("a residual block must materialise its output".into()));
     }
-    let a = conv_input(input.x, input.datasets, opts.prologue.as_ref())?;
-    let conv_out = conv::conv2d(&a, input.weight, None, &opts.geometry)?;
+    let a = timed("dab_forward_train: prologue", || conv_input(input.x, input.datasets, opts.prologue.as_ref()))?;
+    let conv_out = timed("dab_forward_train: convolution", || conv::conv2d(&a, input.weight, None, &opts.geometry))?;
     // Every check before anything moves: a bad residual leaves the running statistics alone.
     dsbn::check_residual(opts.residual, &conv_out)?;
-    let stats = dsbn::batch_statistics(&conv_out, input.datasets, bn, &opts.dsbn)?;
+    let stats =
+        timed("dab_forward_train: statistics", || dsbn::batch_statistics(&conv_out, input.datasets, bn, &opts.dsbn))?;
     let output = if opts.materialize {
-        Some(dsbn::apply_saved(&conv_out, opts.residual, input.datasets, bn, &stats.saved, opts.dsbn.relu)?)
+        Some(timed("dab_forward_train: apply", || {
+            dsbn::apply_saved(&conv_out, opts.residual, input.datasets, bn, &stats.saved, opts.dsbn.relu)
+        })?)
     } else {
         None
     };
@@ -69,6 +78,9 @@ pub(crate) fn forward_infer(input: DabInput<'_, CpuBackend>, bn: &CpuBn, opts: &
         return Err(Error::InvalidArgument("the inference DAB takes no prologue".into()));
     }
     let dtype = input.x.dtype();
+    if dtype == DType::F32 {
+        return forward_infer_f32(input, bn, opts);
+    }
     let wide =
         |t: &CpuTensor| -> Result<CpuTensor> { CpuTensor::from_f32(t.shape(), t.as_f32().unwrap_or(&[]).to_vec()) };
     // The convolution's f32 result is not rounded before the normalisation (one kernel on the
@@ -84,6 +96,48 @@ pub(crate) fn forward_infer(input: DabInput<'_, CpuBackend>, bn: &CpuBn, opts: &
     CpuTensor::from_float(y.shape(), y.as_f32().unwrap_or(&[]).to_vec(), dtype)
 }
 
+/// The inference block in f32 storage, in one pass: each tile of the convolution's output is
+/// normalised with the running statistics, residual-added and ReLU'd right after its GEMM,
+/// while it is in cache, with no intermediate tensor — the device's one-kernel inference DAB.
+/// The arithmetic is `dsbn::forward_infer`'s (its f64 `1/sqrt(var + eps)` and
+/// `(x − μ)·invstd·γ + β`), so the bits equal the composition's (a test holds them equal).
+fn forward_infer_f32(input: DabInput<'_, CpuBackend>, bn: &CpuBn, opts: &Opts<'_>) -> Result<CpuTensor> {
+    let (cv, xv, wv) = conv::forward_problem(input.x, input.weight, &opts.geometry)?;
+    let shape = cv.out_shape();
+    let (k, pq) = (shape[3], shape[1] * shape[2]);
+    let len = numel_of(&shape)?;
+    let mut out = CpuTensor::f32_unchecked(shape, vec![0.0; len]);
+    dsbn::check_bn(&out, input.datasets, bn, &opts.dsbn)?;
+    let res = dsbn::check_residual(opts.residual, &out)?;
+    let d = bn.gamma.shape()[0];
+    let ds = dataset_indices(i32_of("dataset indices", input.datasets)?, d)?;
+    let mean = f32_of("DSBN running_mean", &bn.running_mean)?;
+    let var = f32_of("DSBN running_var", &bn.running_var)?;
+    let gamma = f32_of("DSBN gamma", &bn.gamma)?;
+    let beta = f32_of("DSBN beta", &bn.beta)?;
+    let eps = opts.dsbn.eps as f64;
+    let invstd: Vec<f64> = var.iter().map(|&v| 1.0 / (v as f64 + eps).sqrt()).collect();
+    let relu_on = opts.dsbn.relu;
+    let Some(y) = out.as_f32_mut() else {
+        return Err(Error::InvalidArgument("the inference DAB output is not f32".into()));
+    };
+    conv::forward_into(&cv, xv, wv, y, &|row0, tile| {
+        for (i, px) in tile.chunks_exact_mut(k).enumerate() {
+            let pix = row0 + i;
+            let off = ds[pix / pq] * k;
+            for (ci, o) in px.iter_mut().enumerate() {
+                let s = off + ci;
+                let mut v = (*o as f64 - mean[s] as f64) * invstd[s] * gamma[s] as f64 + beta[s] as f64;
+                if let Some(r) = res {
+                    v += r[pix * k + ci] as f64;
+                }
+                *o = (if relu_on { relu(v) } else { v }) as f32;
+            }
+        }
+    });
+    Ok(out)
+}
+
 pub(crate) fn backward(
     dy: &CpuTensor,
     input: DabInput<'_, CpuBackend>,
@@ -91,7 +145,9 @@ pub(crate) fn backward(
     saved: DabSaved<'_, CpuBackend>,
     opts: &Opts<'_>,
 ) -> Result<DabGrads<CpuTensor>> {
-    let g = dsbn::backward_train(dy, saved.conv_out, opts.residual, input.datasets, bn, saved.stats, &opts.dsbn)?;
+    let g = timed("dab_backward: DSBN backward", || {
+        dsbn::backward_train(dy, saved.conv_out, opts.residual, input.datasets, bn, saved.stats, &opts.dsbn)
+    })?;
     let [_, h, w, _] = nhwc_dims("DAB input", input.x.shape())?;
     let ws = input.weight.shape();
     if ws.len() != 4 {
@@ -99,10 +155,14 @@ pub(crate) fn backward(
     }
     let dx = match opts.skip_input_grad {
         true => None,
-        false => Some(conv::backward_data(&g.dx, input.weight, (h, w), &opts.geometry)?),
+        false => Some(timed("dab_backward: conv data gradient", || {
+            conv::backward_data(&g.dx, input.weight, (h, w), &opts.geometry)
+        })?),
     };
-    let a = conv_input(input.x, input.datasets, opts.prologue.as_ref())?;
-    let (dweight, _) = conv::backward_filter(&g.dx, &a, (ws[0], ws[1], ws[2]), false, &opts.geometry)?;
+    let a = timed("dab_backward: prologue", || conv_input(input.x, input.datasets, opts.prologue.as_ref()))?;
+    let (dweight, _) = timed("dab_backward: conv filter gradient", || {
+        conv::backward_filter(&g.dx, &a, (ws[0], ws[1], ws[2]), false, &opts.geometry)
+    })?;
     Ok(DabGrads { dx, dweight, dgamma: g.dgamma, dbeta: g.dbeta, dresidual: g.dresidual })
 }
 

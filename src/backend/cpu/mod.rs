@@ -5,7 +5,7 @@
 //! | file | ops |
 //! |---|---|
 //! | `tensor.rs` | [`CpuTensor`] (f32 values in f32 / f16 / bf16 storage, or i32), DSBN tables |
-//! | `conv.rs`, `gemm.rs` | convolution forward, data and filter gradients (im2col + GEMM) |
+//! | `conv.rs`, `gemm.rs` | convolution forward, data and filter gradients (blocked im2col + GEMM) |
 //! | `dsbn.rs` | dataset-specific BatchNorm: statistics, apply, inference, backward |
 //! | `dsbn_sync.rs` | its synchronised form (data-parallel SyncBN): partial sums out, the group's in |
 //! | `dab.rs` | the dataset-aware block and the pyramid pooling module, composed from the above |
@@ -16,8 +16,9 @@
 //! | `sgd.rs` | SGD with 16-bit copies, scaled gradient sums |
 //! | `usss.rs` | the USSS entropy loss against class prototypes and its gradient |
 //!
-//! - Convolutions are im2col + GEMM (`matrixmultiply`'s f32 `sgemm` through ndarray's safe
-//!   `general_mat_mul`), the filter gradient accumulated over tiles in f64.
+//! - Convolutions are GEMMs (the `gemm` crate's packed f32 kernels, one single-threaded call
+//!   per output block) on tiles of an im2col matrix that is never materialised whole; 1×1
+//!   convolutions multiply the input itself; the filter gradient's partials are summed in f64.
 //! - Reductions over pixels (DSBN statistics and gradients, bias gradients, average pooling,
 //!   resize gradients, the cross-entropy sums) accumulate in f64.
 //! - **Mixed precision** follows the kernels' rounding points: an op reads f16 / bf16 values as
@@ -27,8 +28,11 @@
 //! - Work is spread over cores with rayon. Results are bitwise identical whatever the thread
 //!   count: every output element is computed by exactly one task, work is cut into pieces whose
 //!   size depends on the shapes only, and partial sums (per sample, or per fixed chunk of a
-//!   sample's pixels) are merged in a fixed order. The f32 GEMM kernel `matrixmultiply` picks at
-//!   run time (AVX, FMA, ...) may differ between machines, so bits are reproducible per machine.
+//!   sample's pixels) are merged in a fixed order. The f32 GEMM kernel the `gemm` crate picks at
+//!   run time (AVX2 + FMA, AVX-512, ...) may differ between machines, so bits are reproducible
+//!   per machine.
+//! - `timing.rs` accumulates each op's wall time when profiling asks for it
+//!   ([`CpuBackend::set_op_timing`]).
 //!
 //! Semantics, validation and error variants follow the `ops` function each trait method names.
 //! Where this backend cannot mirror the device exactly it says so on the method.
@@ -45,6 +49,7 @@ mod loss;
 mod pool;
 mod sgd;
 mod tensor;
+mod timing;
 mod usss;
 
 pub use dab::CpuPpmSaved;
@@ -73,6 +78,18 @@ impl CpuBackend {
     /// The backend (it holds no state: threads come from rayon's current pool).
     pub fn new() -> Self {
         CpuBackend
+    }
+
+    /// Starts (or stops) accumulating the wall time of every op of every CPU backend in this
+    /// process (off by default; `cdcl train --profile` turns it on).
+    pub fn set_op_timing(on: bool) {
+        timing::enable(on)
+    }
+
+    /// (op, total seconds, calls) of the ops timed since [`set_op_timing`](Self::set_op_timing)
+    /// turned timing on, the most expensive first.
+    pub fn op_times() -> Vec<(&'static str, f64, u64)> {
+        timing::totals()
     }
 }
 
@@ -139,21 +156,21 @@ impl Backend for CpuBackend {
     // ---- element-wise ---------------------------------------------------------------------------
 
     fn add(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::add(a, b)
+        timing::timed("add", || elementwise::add(a, b))
     }
 
     fn relu(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::relu(x)
+        timing::timed("relu", || elementwise::relu(x))
     }
 
     fn relu_backward(&self, dy: &CpuTensor, y: &CpuTensor) -> Result<CpuTensor> {
-        elementwise::relu_backward(dy, y)
+        timing::timed("relu_backward", || elementwise::relu_backward(dy, y))
     }
 
     // ---- convolution ----------------------------------------------------------------------------
 
     fn conv2d(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>, g: &ConvGeometry) -> Result<CpuTensor> {
-        conv::conv2d(x, w, bias, g)
+        timing::timed("conv2d", || conv::conv2d(x, w, bias, g))
     }
 
     fn conv2d_backward_data(
@@ -163,7 +180,7 @@ impl Backend for CpuBackend {
         input_hw: (usize, usize),
         g: &ConvGeometry,
     ) -> Result<CpuTensor> {
-        conv::backward_data(dy, w, input_hw, g)
+        timing::timed("conv2d_backward_data", || conv::backward_data(dy, w, input_hw, g))
     }
 
     fn conv2d_backward_filter(
@@ -174,13 +191,13 @@ impl Backend for CpuBackend {
         with_bias: bool,
         g: &ConvGeometry,
     ) -> Result<(CpuTensor, Option<CpuTensor>)> {
-        conv::backward_filter(dy, x, filter_krs, with_bias, g)
+        timing::timed("conv2d_backward_filter", || conv::backward_filter(dy, x, filter_krs, with_bias, g))
     }
 
     // ---- DSBN -----------------------------------------------------------------------------------
 
     fn bn_new(&self, num_datasets: usize, channels: usize) -> Result<CpuBn> {
-        dsbn::bn_new(num_datasets, channels)
+        timing::timed("bn_new", || dsbn::bn_new(num_datasets, channels))
     }
 
     fn dsbn_forward_train(
@@ -191,7 +208,7 @@ impl Backend for CpuBackend {
         opts: &DsbnOptions,
         residual: Option<&CpuTensor>,
     ) -> Result<(CpuTensor, CpuBnSaved)> {
-        dsbn::forward_train(x, datasets, bn, opts, residual)
+        timing::timed("dsbn_forward_train", || dsbn::forward_train(x, datasets, bn, opts, residual))
     }
 
     fn dsbn_forward_infer(
@@ -202,7 +219,7 @@ impl Backend for CpuBackend {
         opts: &DsbnOptions,
         residual: Option<&CpuTensor>,
     ) -> Result<CpuTensor> {
-        dsbn::forward_infer(x, datasets, bn, opts, residual)
+        timing::timed("dsbn_forward_infer", || dsbn::forward_infer(x, datasets, bn, opts, residual))
     }
 
     fn dsbn_backward_train(
@@ -215,7 +232,7 @@ impl Backend for CpuBackend {
         saved: &CpuBnSaved,
         opts: &DsbnOptions,
     ) -> Result<BnGrads<CpuTensor>> {
-        dsbn::backward_train(dy, x, residual, datasets, bn, saved, opts)
+        timing::timed("dsbn_backward_train", || dsbn::backward_train(dy, x, residual, datasets, bn, saved, opts))
     }
 
     fn dsbn_forward_train_synced(
@@ -252,7 +269,7 @@ impl Backend for CpuBackend {
         bn: &mut CpuBn,
         opts: &DabOptions<'_, Self>,
     ) -> Result<DabForward<Self>> {
-        dab::forward_train(input, bn, opts)
+        timing::timed("dab_forward_train", || dab::forward_train(input, bn, opts))
     }
 
     fn dab_forward_infer(
@@ -261,7 +278,7 @@ impl Backend for CpuBackend {
         bn: &CpuBn,
         opts: &DabOptions<'_, Self>,
     ) -> Result<CpuTensor> {
-        dab::forward_infer(input, bn, opts)
+        timing::timed("dab_forward_infer", || dab::forward_infer(input, bn, opts))
     }
 
     fn dab_backward(
@@ -272,7 +289,7 @@ impl Backend for CpuBackend {
         saved: DabSaved<'_, Self>,
         opts: &DabOptions<'_, Self>,
     ) -> Result<DabGrads<CpuTensor>> {
-        dab::backward(dy, input, bn, saved, opts)
+        timing::timed("dab_backward", || dab::backward(dy, input, bn, saved, opts))
     }
 
     fn ppm_forward_train(
@@ -282,7 +299,7 @@ impl Backend for CpuBackend {
         branches: &mut [PpmBranchMut<'_, Self>],
         opts: &PpmOptions,
     ) -> Result<(CpuTensor, CpuPpmSaved)> {
-        dab::ppm_forward_train(x, datasets, branches, opts)
+        timing::timed("ppm_forward_train", || dab::ppm_forward_train(x, datasets, branches, opts))
     }
 
     fn ppm_forward_infer(
@@ -292,7 +309,7 @@ impl Backend for CpuBackend {
         branches: &[PpmBranchRef<'_, Self>],
         opts: &PpmOptions,
     ) -> Result<CpuTensor> {
-        dab::ppm_forward_infer(x, datasets, branches, opts)
+        timing::timed("ppm_forward_infer", || dab::ppm_forward_infer(x, datasets, branches, opts))
     }
 
     fn ppm_backward(
@@ -303,13 +320,13 @@ impl Backend for CpuBackend {
         saved: &CpuPpmSaved,
         opts: &PpmOptions,
     ) -> Result<PpmGrads<CpuTensor>> {
-        dab::ppm_backward(dy, datasets, branches, saved, opts)
+        timing::timed("ppm_backward", || dab::ppm_backward(dy, datasets, branches, saved, opts))
     }
 
     // ---- pooling, resizing, slices --------------------------------------------------------------
 
     fn max_pool2d(&self, x: &CpuTensor, geometry: &PoolGeometry) -> Result<(CpuTensor, CpuTensor)> {
-        pool::max_pool2d(x, geometry)
+        timing::timed("max_pool2d", || pool::max_pool2d(x, geometry))
     }
 
     fn max_pool2d_backward(
@@ -319,19 +336,19 @@ impl Backend for CpuBackend {
         input_hw: (usize, usize),
         geometry: &PoolGeometry,
     ) -> Result<CpuTensor> {
-        pool::max_pool2d_backward(dy, indices, input_hw, geometry)
+        timing::timed("max_pool2d_backward", || pool::max_pool2d_backward(dy, indices, input_hw, geometry))
     }
 
     fn adaptive_avg_pool(&self, x: &CpuTensor, out_h: usize, out_w: usize) -> Result<CpuTensor> {
-        pool::adaptive_avg_pool(x, out_h, out_w)
+        timing::timed("adaptive_avg_pool", || pool::adaptive_avg_pool(x, out_h, out_w))
     }
 
     fn adaptive_avg_pool_backward(&self, dy: &CpuTensor, input_hw: (usize, usize)) -> Result<CpuTensor> {
-        pool::adaptive_avg_pool_backward(dy, input_hw)
+        timing::timed("adaptive_avg_pool_backward", || pool::adaptive_avg_pool_backward(dy, input_hw))
     }
 
     fn resize_bilinear(&self, x: &CpuTensor, out_h: usize, out_w: usize, align_corners: bool) -> Result<CpuTensor> {
-        pool::resize_bilinear(x, out_h, out_w, align_corners)
+        timing::timed("resize_bilinear", || pool::resize_bilinear(x, out_h, out_w, align_corners))
     }
 
     fn resize_bilinear_backward(
@@ -340,33 +357,33 @@ impl Backend for CpuBackend {
         input_hw: (usize, usize),
         align_corners: bool,
     ) -> Result<CpuTensor> {
-        pool::resize_bilinear_backward(dy, input_hw, align_corners)
+        timing::timed("resize_bilinear_backward", || pool::resize_bilinear_backward(dy, input_hw, align_corners))
     }
 
     fn concat_channels(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
-        layout::concat_channels(parts)
+        timing::timed("concat_channels", || layout::concat_channels(parts))
     }
 
     fn slice_channels(&self, x: &CpuTensor, offset: usize, len: usize) -> Result<CpuTensor> {
-        layout::slice_channels(x, offset, len)
+        timing::timed("slice_channels", || layout::slice_channels(x, offset, len))
     }
 
     fn slice_batch(&self, x: &CpuTensor, start: usize, len: usize) -> Result<CpuTensor> {
-        layout::slice_batch(x, start, len)
+        timing::timed("slice_batch", || layout::slice_batch(x, start, len))
     }
 
     fn concat_batch(&self, parts: &[&CpuTensor]) -> Result<CpuTensor> {
-        layout::concat_batch(parts)
+        timing::timed("concat_batch", || layout::concat_batch(parts))
     }
 
     // ---- regularisation, loss, metrics, optimiser -----------------------------------------------
 
     fn dropout2d(&self, x: &CpuTensor, opts: &Dropout2dOptions) -> Result<CpuTensor> {
-        elementwise::dropout("dropout input", x, opts)
+        timing::timed("dropout2d", || elementwise::dropout("dropout input", x, opts))
     }
 
     fn dropout2d_backward(&self, dy: &CpuTensor, opts: &Dropout2dOptions) -> Result<CpuTensor> {
-        elementwise::dropout("dropout output gradient", dy, opts)
+        timing::timed("dropout2d_backward", || elementwise::dropout("dropout output gradient", dy, opts))
     }
 
     fn cross_entropy(
@@ -377,11 +394,11 @@ impl Backend for CpuBackend {
         num_classes: &[usize],
         opts: &LossOptions,
     ) -> Result<(CpuTensor, Option<CpuTensor>)> {
-        loss::cross_entropy(logits, labels, datasets, num_classes, opts)
+        timing::timed("cross_entropy", || loss::cross_entropy(logits, labels, datasets, num_classes, opts))
     }
 
     fn argmax(&self, logits: &CpuTensor, datasets: &CpuTensor, num_classes: &[usize]) -> Result<CpuTensor> {
-        loss::argmax(logits, datasets, num_classes)
+        timing::timed("argmax", || loss::argmax(logits, datasets, num_classes))
     }
 
     fn usss_entropy(
@@ -397,7 +414,7 @@ impl Backend for CpuBackend {
     }
 
     fn sum_scaled(&self, groups: &[&[&CpuTensor]], scale: f32) -> Result<(Vec<CpuTensor>, CpuTensor)> {
-        sgd::sum_scaled(groups, scale)
+        timing::timed("sum_scaled", || sgd::sum_scaled(groups, scale))
     }
 
     fn sgd_step(
@@ -407,6 +424,6 @@ impl Backend for CpuBackend {
         first_step: bool,
         skip_if: Option<&CpuTensor>,
     ) -> Result<()> {
-        sgd::sgd_step(params, opts, first_step, skip_if)
+        timing::timed("sgd_step", || sgd::sgd_step(params, opts, first_step, skip_if))
     }
 }
