@@ -9,5 +9,9 @@
 mod bindings;
 pub use bindings::*;
 
+/// The CPU backend's GEMM: the `gemm` crate takes raw pointers, so its checked wrapper lives
+/// here with the crate's other `unsafe` calls into foreign code.
+pub(crate) mod gemm;
+
 /// An untouched slot of a [`cdcl_error_record`] (C: `CDCL_NO_ERROR`).
 pub const NO_ERROR: u64 = u64::MAX;

@@ -24,9 +24,9 @@
 use rayon::prelude::*;
 
 use super::check::{f32_of, float_as, float_of, nhwc, shape_is};
-use super::gemm::{gemm, Mat};
 use super::tensor::{numel_of, CpuTensor};
 use crate::error::{Error, Result};
+use crate::ffi::gemm::{gemm, Mat};
 use crate::ops::conv::ConvGeometry;
 
 /// The sizes of one convolution.

@@ -43,7 +43,6 @@ mod dab;
 mod dsbn;
 mod dsbn_sync;
 mod elementwise;
-mod gemm;
 mod layout;
 mod loss;
 mod pool;
