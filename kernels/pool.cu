@@ -204,6 +204,22 @@ __global__ void resize_bilinear_fwd(const cdcl_pool_params p) {
 
 // dx[h, w] = sum over output rows oh touching h of wh(oh) * (sum over output columns ow touching
 // w of ww(ow) * dy[oh, ow]), rows and columns in increasing order.
+// One candidate output row's contribution to input column w of channel c: the gradient of the
+// row's columns ow0..ow1 that read w, weighted by their horizontal taps, summed in column order
+// (shared by the serial and the wide backward so both sum alike).
+template <typename T>
+__device__ __forceinline__ float resize_row_sum(const cdcl_pool_params& p, const T* dy, int n, int oh, int w, int c,
+                                                int ow0, int ow1, float sw) {
+    float row = 0.0f;
+    for (int ow = ow0; ow <= ow1; ++ow) {
+        const Tap tw = resize_tap(ow, p.in_w, sw, p.align_corners);
+        if (tw.lo != w && tw.hi != w) continue;
+        const float g = to_f32(dy[nhwc_index(n, oh, ow, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]);
+        row = fmaf(tap_weight(tw, w), g, row);
+    }
+    return row;
+}
+
 template <typename T>
 __global__ void resize_bilinear_bwd(const cdcl_pool_params p) {
     const T* dy = static_cast<const T*>(p.dy);
@@ -226,14 +242,7 @@ __global__ void resize_bilinear_bwd(const cdcl_pool_params p) {
         for (int oh = oh0; oh <= oh1; ++oh) {
             const Tap th = resize_tap(oh, p.in_h, sh, p.align_corners);
             if (th.lo != h && th.hi != h) continue;
-            float row = 0.0f;
-            for (int ow = ow0; ow <= ow1; ++ow) {
-                const Tap tw = resize_tap(ow, p.in_w, sw, p.align_corners);
-                if (tw.lo != w && tw.hi != w) continue;
-                const float g = to_f32(dy[nhwc_index(n, oh, ow, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]);
-                row = fmaf(tap_weight(tw, w), g, row);
-            }
-            acc = fmaf(tap_weight(th, h), row, acc);
+            acc = fmaf(tap_weight(th, h), resize_row_sum(p, dy, n, oh, w, c, ow0, ow1, sw), acc);
         }
         dx[e] = from_f32<T>(acc);
     }
@@ -264,14 +273,7 @@ __global__ void resize_bilinear_bwd_wide(const cdcl_pool_params p) {
         for (int oh = oh0 + (int)threadIdx.y; oh <= oh1; oh += kResizeLanes) {
             const Tap th = resize_tap(oh, p.in_h, sh, p.align_corners);
             if (th.lo != h && th.hi != h) continue;
-            float row = 0.0f;
-            for (int ow = ow0; ow <= ow1; ++ow) {
-                const Tap tw = resize_tap(ow, p.in_w, sw, p.align_corners);
-                if (tw.lo != w && tw.hi != w) continue;
-                const float g = to_f32(dy[nhwc_index(n, oh, ow, p.out_c_offset + c, p.out_h, p.out_w, p.out_c_total)]);
-                row = fmaf(tap_weight(tw, w), g, row);
-            }
-            acc = fmaf(tap_weight(th, h), row, acc);
+            acc = fmaf(tap_weight(th, h), resize_row_sum(p, dy, n, oh, w, c, ow0, ow1, sw), acc);
         }
     }
     CDCL_SHARED(float, part, [kResizeLanes][32]);
